@@ -1,0 +1,126 @@
+"""Strict JSON decoding and canonical encoding for every payload on the wire.
+
+Invariants kept here, before any message logic sees a payload:
+
+* the payload is at most ``max_bytes`` long (checked before parsing);
+* it is UTF-8 and one JSON value;
+* no object repeats a key (``{"a": 1, "a": 2}`` could mean two things to two parsers);
+* no ``NaN``, ``Infinity`` or float that overflows to infinity;
+* every integer fits in a signed 64-bit range;
+* nesting is at most ``max_depth`` containers deep.
+
+Any violation raises :class:`~shared.errors.DecodeError` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from shared.errors import DecodeError
+
+__all__ = [
+    "DEFAULT_MAX_DEPTH",
+    "DEFAULT_MAX_PAYLOAD_BYTES",
+    "INT64_MAX",
+    "INT64_MIN",
+    "decode_json",
+    "encode_json",
+]
+
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024  # bytes; a result batch or an artifact chunk fits
+DEFAULT_MAX_DEPTH = 32  # containers
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+def _reject_constant(name: str) -> Any:
+    raise DecodeError(f"non-finite number {name} is not allowed")
+
+
+def _parse_int(text: str) -> int:
+    # Bound the digits first: int() of a megabyte of digits is quadratic.
+    if len(text.lstrip("-")) > 19:
+        raise DecodeError(f"integer {text[:24]}... exceeds 64 bits")
+    value = int(text)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise DecodeError(f"integer {text} exceeds 64 bits")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise DecodeError(f"number {text[:24]} overflows a 64-bit float")
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise DecodeError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            depth += 1
+            stack.extend((child, depth) for child in item.values())
+        elif isinstance(item, list):
+            depth += 1
+            stack.extend((child, depth) for child in item)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def decode_json(
+    payload: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> Any:
+    """Parse ``payload`` as strict JSON.
+
+    Raises:
+        DecodeError: for any of the violations listed in the module docstring.
+    """
+    if len(payload) > max_bytes:
+        raise DecodeError(f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        value = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+        )
+    except RecursionError:
+        raise DecodeError(f"nesting deeper than {max_depth} levels") from None
+    except json.JSONDecodeError as exc:
+        raise DecodeError(
+            f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except ValueError as exc:  # e.g. int() digit limits
+        raise DecodeError(f"invalid JSON number: {exc}") from None
+    if _depth(value) > max_depth:
+        raise DecodeError(f"nesting deeper than {max_depth} levels")
+    return value
+
+
+def encode_json(value: Any) -> bytes:
+    """Compact, key-sorted UTF-8 JSON. Refuses NaN and Infinity."""
+    return json.dumps(
+        value, separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")

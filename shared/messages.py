@@ -1,0 +1,474 @@
+"""Typed, frozen models of every payload on the wire, and their strict decoder.
+
+Every message has ``v`` (schema version, now 1) and ``type`` (its kind), so a
+payload on the wrong topic fails to decode instead of being misread. Unknown
+fields are refused (``extra="forbid"``), numbers must be finite, and every list,
+map and string is bounded. :func:`decode` is the only way bytes become a
+message: size limit first, then strict JSON (:mod:`shared.codec`), then the
+model. It raises :class:`~shared.errors.DecodeError` and nothing else.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.codec import DEFAULT_MAX_PAYLOAD_BYTES, decode_json, encode_json
+from shared.envelope import Envelope
+from shared.errors import DecodeError
+from shared.version import SEMVER_PATTERN
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "Ack",
+    "ArtifactChunk",
+    "ArtifactRequest",
+    "CancelAction",
+    "Capabilities",
+    "Command",
+    "ControllerState",
+    "DType",
+    "DeployAction",
+    "InferReply",
+    "InferRequest",
+    "InferenceResult",
+    "LatencyStats",
+    "Message",
+    "ModelManifest",
+    "ModelRef",
+    "NodeRolloutState",
+    "NodeState",
+    "NodeStatus",
+    "NodeTarget",
+    "OperatorReply",
+    "OperatorRequest",
+    "ResultBatch",
+    "RollbackAction",
+    "RolloutState",
+    "Telemetry",
+    "TensorData",
+    "TensorSpec",
+    "TopK",
+    "TrustUpdateAction",
+    "WarmupInput",
+    "WaveTarget",
+    "decode",
+    "encode",
+]
+
+SCHEMA_VERSION: Literal[1] = 1
+
+Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Version = Annotated[str, Field(pattern=SEMVER_PATTERN, max_length=128)]
+Name = Annotated[str, Field(min_length=1, max_length=128)]
+Text = Annotated[str, Field(max_length=512)]
+Count = Annotated[int, Field(ge=0)]
+Seq = Annotated[int, Field(ge=1)]
+Timestamp = Annotated[float, Field(ge=0, description="UNIX seconds")]
+Labels = Annotated[dict[Id, Id], Field(max_length=64)]
+Dim = int | Annotated[str, Field(max_length=64)] | None
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class Message(_Frozen):
+    """Base of every top-level payload."""
+
+    v: Literal[1] = SCHEMA_VERSION
+
+
+# ----- models ---------------------------------------------------------------
+
+
+class DType(StrEnum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    FLOAT64 = "float64"
+    INT8 = "int8"
+    INT16 = "int16"
+    INT32 = "int32"
+    INT64 = "int64"
+    UINT8 = "uint8"
+    BOOL = "bool"
+
+
+class TensorSpec(_Frozen):
+    """An input or output of a model. Symbolic dimensions are strings or null."""
+
+    name: Name
+    dtype: DType
+    shape: tuple[Dim, ...] = Field(max_length=16)
+
+
+class WarmupInput(_Frozen):
+    """A warm-up value for one input: ``values`` (row-major) or every element ``fill``."""
+
+    name: Name
+    shape: tuple[Annotated[int, Field(ge=0, le=1_000_000)], ...] = Field(max_length=16)
+    fill: float = 0.0
+    values: tuple[float, ...] | None = Field(default=None, max_length=65_536)
+
+
+class ModelRef(_Frozen):
+    name: Name
+    version: Version
+    sha256: Sha256
+
+
+class ModelManifest(Message):
+    """What the release role vouches for; signed as a DSSE envelope."""
+
+    type: Literal["manifest"] = "manifest"
+    name: Name
+    version: Version
+    sha256: Sha256
+    size: int = Field(ge=1, le=2**40, description="bytes")
+    inputs: tuple[TensorSpec, ...] = Field(min_length=1, max_length=64)
+    outputs: tuple[TensorSpec, ...] = Field(min_length=1, max_length=64)
+    warmup: tuple[WarmupInput, ...] = Field(default=(), max_length=64)
+    providers: tuple[Name, ...] = Field(default=("CPUExecutionProvider",), max_length=8)
+    class_labels: tuple[Text, ...] = Field(default=(), max_length=10_000)
+    created_at: Timestamp
+    created_by: Text = ""
+    metadata: dict[Name, Text] = Field(default_factory=dict, max_length=64)
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(name=self.name, version=self.version, sha256=self.sha256)
+
+
+# ----- node state (birth and death) ------------------------------------------
+
+
+class Capabilities(_Frozen):
+    providers: tuple[Name, ...] = Field(max_length=16)
+    cpus: Count
+    memory_bytes: Count
+    disk_free_bytes: Count
+    swap_modes: tuple[Literal["availability", "resource"], ...] = ("availability", "resource")
+
+
+class NodeState(Message):
+    """Retained on ``node/{node}/state``: birth on connect, death as the Will.
+
+    ``session`` grows with every connect; a death whose session is older than
+    the newest birth seen is stale and ignored.
+    """
+
+    type: Literal["state"] = "state"
+    node: Id
+    online: bool
+    session: Count
+    agent_version: Text = ""
+    model: ModelRef | None = None
+    previous_model: ModelRef | None = None
+    labels: Labels = Field(default_factory=dict)
+    capabilities: Capabilities | None = None
+    ts: Timestamp
+
+
+# ----- commands (signed by the rollout role) --------------------------------
+
+
+class NodeTarget(_Frozen):
+    kind: Literal["node"] = "node"
+    node: Id
+
+
+class WaveTarget(_Frozen):
+    """Every node matching ``selector`` whose bucket is below ``bucket_limit``."""
+
+    kind: Literal["wave"] = "wave"
+    selector: Labels = Field(default_factory=dict)
+    bucket_limit: int = Field(ge=0, le=10_000)
+    wave: int = Field(ge=0, le=64)
+
+
+class DeployAction(_Frozen):
+    """Download (unless present), verify, load and activate the manifest's model."""
+
+    action: Literal["deploy"] = "deploy"
+    manifest: Envelope
+    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)] | None = None
+    activate_at: Timestamp | None = None
+    health_window_s: float = Field(default=0.0, ge=0, le=86_400)
+
+
+class RollbackAction(_Frozen):
+    """Activate the (release-signed) previous model; a signed downgrade."""
+
+    action: Literal["rollback"] = "rollback"
+    manifest: Envelope
+    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)] | None = None
+    reason: Text = ""
+
+
+class TrustUpdateAction(_Frozen):
+    """A new root-signed trust list to rotate to."""
+
+    action: Literal["trust_update"] = "trust_update"
+    trust: Envelope
+
+
+class CancelAction(_Frozen):
+    """Stop work on ``rollout_id`` that has not been activated yet."""
+
+    action: Literal["cancel"] = "cancel"
+
+
+class Command(Message):
+    """The signed payload of a command envelope (rollout role).
+
+    ``seq`` comes from one counter in the controller's store; a node applies a
+    command only when its ``seq`` is above the highest it has applied.
+    """
+
+    type: Literal["command"] = "command"
+    command_id: Id
+    seq: Seq
+    fleet: Id
+    rollout_id: Id | None = None
+    issued_at: Timestamp
+    expires_at: Timestamp
+    target: NodeTarget | WaveTarget = Field(discriminator="kind")
+    body: DeployAction | RollbackAction | TrustUpdateAction | CancelAction = Field(
+        discriminator="action"
+    )
+
+
+# ----- node → controller ----------------------------------------------------
+
+
+class NodeRolloutState(StrEnum):
+    QUEUED = "queued"
+    DOWNLOADING = "downloading"
+    DOWNLOADED = "downloaded"
+    VERIFYING = "verifying"
+    LOADING = "loading"
+    ACTIVATED = "activated"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    TIMED_OUT = "timed_out"
+    CANCELED = "canceled"
+    ROLLED_BACK = "rolled_back"
+
+
+class RolloutState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ABORTED = "aborted"
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+
+
+class NodeStatus(Message):
+    """Progress of one command on one node (through the outbox: ``seq`` is its slot)."""
+
+    type: Literal["status"] = "status"
+    node: Id
+    seq: Seq
+    command_id: Id | None = None
+    rollout_id: Id | None = None
+    state: NodeRolloutState
+    code: Text | None = None
+    reason: Text | None = None
+    progress: float | None = Field(default=None, ge=0, le=100)
+    model: ModelRef | None = None
+    duplicate: bool = False
+    ts: Timestamp
+
+
+class LatencyStats(_Frozen):
+    p50_ms: float = Field(ge=0)
+    p95_ms: float = Field(ge=0)
+    p99_ms: float = Field(ge=0)
+
+
+class Telemetry(Message):
+    """Periodic metrics; counters are totals since the agent started."""
+
+    type: Literal["telemetry"] = "telemetry"
+    node: Id
+    ts: Timestamp
+    uptime_s: float = Field(ge=0)
+    inferences: Count
+    errors: Count
+    skips: Count
+    queue_depth: Count
+    outbox_depth: Count
+    latency: LatencyStats
+    cpu_percent: float = Field(ge=0)
+    memory_bytes: Count
+    model: ModelRef | None = None
+
+
+class TopK(_Frozen):
+    index: Count
+    label: Text | None = None
+    score: float
+
+
+class TensorData(_Frozen):
+    """A small tensor, row-major."""
+
+    name: Name
+    dtype: DType = DType.FLOAT32
+    shape: tuple[Annotated[int, Field(ge=0)], ...] = Field(max_length=16)
+    data: tuple[float, ...] = Field(max_length=65_536)
+
+
+class InferenceResult(_Frozen):
+    seq: Seq
+    model: ModelRef
+    input_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{16,64}$")]
+    latency_ms: float = Field(ge=0)
+    ts: Timestamp
+    topk: tuple[TopK, ...] | None = Field(default=None, max_length=100)
+    tensors: tuple[TensorData, ...] | None = Field(default=None, max_length=16)
+    corner_case: bool = False
+    source: Text | None = None
+
+
+class ResultBatch(Message):
+    """Results in per-node ``InferenceResult.seq`` order; ``seq`` is the outbox slot."""
+
+    type: Literal["results"] = "results"
+    node: Id
+    seq: Seq
+    results: tuple[InferenceResult, ...] = Field(min_length=1, max_length=1000)
+
+
+class Ack(Message):
+    """Controller → node: every outbox slot up to ``seq`` is durably stored."""
+
+    type: Literal["ack"] = "ack"
+    node: Id
+    seq: Count
+    ts: Timestamp
+
+
+class InferRequest(Message):
+    """A local application asks the node to infer; the reply goes to ``client``."""
+
+    type: Literal["infer_request"] = "infer_request"
+    id: Id
+    client: Id
+    inputs: tuple[TensorData, ...] = Field(min_length=1, max_length=64)
+
+
+class InferReply(Message):
+    type: Literal["infer_reply"] = "infer_reply"
+    id: Id
+    ok: bool
+    result: InferenceResult | None = None
+    error: Text | None = None
+
+
+# ----- artifacts ------------------------------------------------------------
+
+
+class ArtifactRequest(Message):
+    """Ask for ``length`` bytes of blob ``sha256`` starting at ``offset``."""
+
+    type: Literal["artifact_request"] = "artifact_request"
+    node: Id
+    sha256: Sha256
+    request_id: Id
+    offset: Count
+    length: int = Field(ge=1, le=512 * 1024, description="bytes")
+
+
+class ArtifactChunk(Message):
+    """One chunk (``data`` base64) or an ``error`` when the blob is unknown."""
+
+    type: Literal["artifact_chunk"] = "artifact_chunk"
+    sha256: Sha256
+    request_id: Id
+    offset: Count
+    size: Count = Field(description="total blob size in bytes")
+    data: str = Field(default="", max_length=700_000)
+    error: Text | None = None
+
+
+# ----- controller and operator API ------------------------------------------
+
+
+class ControllerState(Message):
+    type: Literal["controller_state"] = "controller_state"
+    controller_id: Id
+    online: bool
+    session: Count
+    version: Text = ""
+    ts: Timestamp
+
+
+class OperatorRequest(Message):
+    """``fleetctl`` → controller; the reply goes to ``ctl/reply/{client}``."""
+
+    type: Literal["ctl_request"] = "ctl_request"
+    id: Id
+    client: Id
+    operator: Name
+    op: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
+    args: dict[Name, Any] = Field(default_factory=dict, max_length=64)
+    expires_at: Timestamp
+
+
+class OperatorReply(Message):
+    """``code`` follows the CLI: 0 ok, 1 operation failed, 2 usage or input error."""
+
+    type: Literal["ctl_reply"] = "ctl_reply"
+    id: Id
+    ok: bool
+    code: Literal[0, 1, 2] = 0
+    error: Text | None = None
+    result: Any = None
+
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    ModelManifest,
+    NodeState,
+    Command,
+    NodeStatus,
+    Telemetry,
+    ResultBatch,
+    Ack,
+    InferRequest,
+    InferReply,
+    ArtifactRequest,
+    ArtifactChunk,
+    ControllerState,
+    OperatorRequest,
+    OperatorReply,
+)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def decode(model: type[M], payload: bytes, *, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> M:
+    """Decode ``payload`` strictly into ``model``.
+
+    Raises:
+        DecodeError: the payload is too big, not strict JSON, or not a valid ``model``.
+    """
+    value = decode_json(payload, max_bytes=max_bytes)
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        raise DecodeError(f"invalid {model.__name__}: {where}: {first['msg']}") from None
+
+
+def encode(message: BaseModel) -> bytes:
+    """Compact, key-sorted JSON of ``message`` (what gets signed or published)."""
+    return encode_json(message.model_dump(mode="json", exclude_none=False))

@@ -1,0 +1,279 @@
+"""TUF-style trust: a root-signed trust list naming the keys of each role.
+
+Roles:
+
+* ``root`` — offline; signs trust lists (this document).
+* ``release`` — signs model manifests; held by operators, never by the controller.
+* ``rollout`` — online, held by the controller; signs commands.
+
+Invariants:
+
+* A :class:`TrustStore` only ever holds a trust list that verified: the first
+  one against its own root keys (trust on first use, shipped with the node),
+  every later one against a threshold of the current root keys *and* of its own
+  root keys, with a strictly higher version and an expiry in the future.
+* :meth:`TrustStore.open` returns payload bytes only if a threshold of distinct
+  keys of the requested role signed exactly those bytes under the payload type
+  that role signs. Keys of other roles, unknown keys and bad signatures never
+  count.
+* An expired trust list refuses every document (but can still be replaced by a
+  rotation, as TUF allows for root).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.codec import decode_json, encode_json
+from shared.envelope import (
+    PAYLOAD_COMMAND,
+    PAYLOAD_MANIFEST,
+    PAYLOAD_TRUST,
+    Envelope,
+    SigningKey,
+    key_id,
+    public_key_from_b64,
+    sign_envelope,
+    verify_signature,
+)
+from shared.errors import (
+    BadSignatureError,
+    DecodeError,
+    ExpiredError,
+    ThresholdError,
+    TrustFileError,
+    UnknownKeyError,
+    VersionRollbackError,
+    WrongRoleError,
+)
+
+__all__ = [
+    "ROLE_PAYLOAD_TYPES",
+    "KeyEntry",
+    "Role",
+    "RoleEntry",
+    "TrustList",
+    "TrustStore",
+    "sign_trust_list",
+]
+
+
+class Role(StrEnum):
+    ROOT = "root"
+    RELEASE = "release"
+    ROLLOUT = "rollout"
+
+
+ROLE_PAYLOAD_TYPES: dict[Role, str] = {
+    Role.ROOT: PAYLOAD_TRUST,
+    Role.RELEASE: PAYLOAD_MANIFEST,
+    Role.ROLLOUT: PAYLOAD_COMMAND,
+}
+
+_KEYID = r"^[0-9a-f]{64}$"
+
+
+class KeyEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    keytype: Literal["ed25519"] = "ed25519"
+    public: str = Field(max_length=64, description="raw 32-byte public key, base64")
+
+
+class RoleEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    keyids: tuple[str, ...] = Field(min_length=1, max_length=16)
+    threshold: int = Field(ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _threshold_reachable(self) -> Self:
+        if len(set(self.keyids)) < self.threshold:
+            raise ValueError("threshold exceeds the number of distinct keys")
+        return self
+
+
+class TrustList(BaseModel):
+    """The signed payload of ``trust.json``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[1] = 1
+    type: Literal["trust"] = "trust"
+    version: int = Field(ge=1)
+    expires_at: float = Field(description="UNIX seconds")
+    keys: dict[str, KeyEntry] = Field(max_length=64)
+    roles: dict[Role, RoleEntry]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        missing = set(Role) - set(self.roles)
+        if missing:
+            raise ValueError(f"roles missing: {', '.join(sorted(missing))}")
+        for keyid, entry in self.keys.items():
+            if key_id(public_key_from_b64(entry.public)) != keyid:
+                raise ValueError(f"key id {keyid[:12]} does not match its public key")
+        for role, role_entry in self.roles.items():
+            unknown = [k for k in role_entry.keyids if k not in self.keys]
+            if unknown:
+                raise ValueError(f"role {role} names unknown key {unknown[0][:12]}")
+        return self
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        version: int,
+        expires_at: float,
+        roles: dict[Role, list[SigningKey]],
+        thresholds: dict[Role, int] | None = None,
+    ) -> TrustList:
+        """A trust list naming the public halves of ``roles``' keys."""
+        keys = {k.keyid: KeyEntry(public=k.public_b64()) for ks in roles.values() for k in ks}
+        return cls(
+            version=version,
+            expires_at=expires_at,
+            keys=keys,
+            roles={
+                role: RoleEntry(
+                    keyids=tuple(k.keyid for k in ks),
+                    threshold=(thresholds or {}).get(role, 1),
+                )
+                for role, ks in roles.items()
+            },
+        )
+
+    def to_bytes(self) -> bytes:
+        return encode_json(self.model_dump(mode="json"))
+
+
+def sign_trust_list(trust: TrustList, root_keys: list[SigningKey]) -> Envelope:
+    return sign_envelope(trust.to_bytes(), PAYLOAD_TRUST, root_keys)
+
+
+def _verify(trust: TrustList, envelope: Envelope, role: Role) -> bytes:
+    expected_type = ROLE_PAYLOAD_TYPES[role]
+    if envelope.payloadType != expected_type:
+        raise WrongRoleError(
+            f"payload type {envelope.payloadType!r} is not signed by the {role} role"
+        )
+    payload = envelope.payload_bytes()
+    role_entry = trust.roles[role]
+    valid: set[str] = set()
+    bad = wrong_role = unknown = 0
+    for signature in envelope.signatures:
+        if signature.keyid in valid:
+            continue
+        if signature.keyid not in trust.keys:
+            unknown += 1
+            continue
+        if signature.keyid not in role_entry.keyids:
+            wrong_role += 1
+            continue
+        public = public_key_from_b64(trust.keys[signature.keyid].public)
+        try:
+            verify_signature(public, envelope.payloadType, payload, signature)
+        except BadSignatureError:
+            bad += 1
+            continue
+        valid.add(signature.keyid)
+    if len(valid) >= role_entry.threshold:
+        return payload
+    if bad:
+        raise BadSignatureError(f"bad signature on {role} document")
+    if valid:
+        raise ThresholdError(
+            f"{role} document has {len(valid)} of {role_entry.threshold} required signatures"
+        )
+    if wrong_role:
+        raise WrongRoleError(f"document signed by a key that does not hold the {role} role")
+    if unknown:
+        raise UnknownKeyError(f"document signed by a key unknown to trust v{trust.version}")
+    raise ThresholdError(f"{role} document carries no signature")
+
+
+def _parse_trust(payload: bytes) -> TrustList:
+    try:
+        return TrustList.model_validate(decode_json(payload))
+    except ValueError as exc:
+        raise DecodeError(f"malformed trust list: {exc}".splitlines()[0]) from None
+
+
+class TrustStore:
+    """The trust list a node or controller currently believes."""
+
+    def __init__(self, trust: TrustList, envelope: Envelope) -> None:
+        """Use :meth:`bootstrap` or :meth:`rotate`; this trusts its argument blindly."""
+        self._trust = trust
+        self._envelope = envelope
+
+    @property
+    def trust(self) -> TrustList:
+        return self._trust
+
+    @property
+    def version(self) -> int:
+        return self._trust.version
+
+    def envelope_bytes(self) -> bytes:
+        """The envelope to persist as ``trust.json``."""
+        return self._envelope.to_bytes()
+
+    @classmethod
+    def bootstrap(cls, data: bytes | None, *, now: float) -> TrustStore:
+        """Trust a shipped ``trust.json`` (its own root keys must sign it).
+
+        ``data`` is ``None`` when the file is missing or unreadable.
+
+        Raises:
+            TrustFileError: no data, or the data is not a trust envelope.
+            TrustError: signatures do not verify or the list has expired.
+        """
+        if data is None:
+            raise TrustFileError("trust file is missing or unreadable: refusing every command")
+        try:
+            envelope = Envelope.from_bytes(data)
+            if envelope.payloadType != PAYLOAD_TRUST:
+                raise TrustFileError("trust file does not hold a trust list")
+            trust = _parse_trust(envelope.payload_bytes())
+        except DecodeError as exc:
+            raise TrustFileError(f"trust file is unreadable: {exc}") from None
+        _verify(trust, envelope, Role.ROOT)
+        if trust.expires_at <= now:
+            raise ExpiredError(f"trust list v{trust.version} has expired")
+        return cls(trust, envelope)
+
+    def open(self, envelope: Envelope, role: Role, *, now: float) -> bytes:
+        """Verify ``envelope`` for ``role`` and return its payload bytes.
+
+        Raises:
+            ExpiredError: the trust list itself has expired.
+            WrongRoleError, UnknownKeyError, BadSignatureError, ThresholdError:
+                the signatures do not satisfy ``role``.
+            DecodeError: the payload is not base64.
+        """
+        if self._trust.expires_at <= now:
+            raise ExpiredError(f"trust list v{self._trust.version} has expired")
+        return _verify(self._trust, envelope, role)
+
+    def rotate(self, envelope: Envelope, *, now: float) -> TrustStore:
+        """Accept a newer trust list signed by the current and the new root.
+
+        Raises:
+            TrustError subclasses: a signature threshold is not met, the version
+                does not go up, or the new list has already expired.
+            DecodeError: the payload is not a trust list.
+        """
+        payload = _verify(self._trust, envelope, Role.ROOT)
+        new = _parse_trust(payload)
+        _verify(new, envelope, Role.ROOT)
+        if new.version <= self._trust.version:
+            raise VersionRollbackError(
+                f"trust list v{new.version} is not newer than v{self._trust.version}"
+            )
+        if new.expires_at <= now:
+            raise ExpiredError(f"trust list v{new.version} has expired")
+        return TrustStore(new, envelope)
