@@ -1,0 +1,206 @@
+"""The node's command verifier: every decision about a command, and no I/O.
+
+``verify_command`` takes the exact bytes received, the node's trust store, its
+identity, its persisted :class:`VerifierState` and an explicit ``now``, and
+returns one outcome:
+
+* :class:`Accepted` — act on it, then persist :func:`record` of it *before*
+  acting, so a restart cannot apply it twice;
+* :class:`Duplicate` — already attempted (QoS 1 redelivery, a retained wave
+  command seen again on reconnect, a later wave of a rollout this node took
+  part in): acknowledge, do not re-run;
+* :class:`Ignored` — a broadcast not meant for this node (outside the wave or
+  the selector, or superseded by a newer command): nothing is reported;
+* :class:`Rejected` — refused with a machine-readable ``code``; nothing changes.
+
+Rules, in order: a well-formed DSSE envelope; a threshold of rollout-role
+signatures; a well-formed command for this fleet; addressed to this node
+(explicit id, or the wave's selector and hash bucket); not expired; a
+release-role signature on the embedded manifest; not already attempted; a
+``seq`` above the highest applied (replay); no downgrade unless it is a signed
+rollback; a trust update must rotate (newer, signed by old and new root).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from shared.envelope import Envelope
+from shared.errors import (
+    DecodeError,
+    DowngradeError,
+    ExpiredError,
+    NotAddressedError,
+    ReplayError,
+    TrustError,
+)
+from shared.messages import (
+    Command,
+    DeployAction,
+    ModelManifest,
+    ModelRef,
+    RollbackAction,
+    TrustUpdateAction,
+    WaveTarget,
+    decode,
+)
+from shared.trust import Role, TrustStore
+from shared.version import SemVer
+from shared.waves import in_wave, matches
+
+__all__ = [
+    "MAX_REMEMBERED_KEYS",
+    "Accepted",
+    "Duplicate",
+    "Ignored",
+    "NodeIdentity",
+    "Outcome",
+    "Rejected",
+    "VerifierState",
+    "record",
+    "verify_command",
+]
+
+MAX_REMEMBERED_KEYS = 512
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    node_id: str
+    fleet: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifierState:
+    """What the node persists between commands (and across restarts)."""
+
+    last_seq: int = 0
+    attempted: tuple[str, ...] = ()
+    active: ModelRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    command: Command
+    manifest: ModelManifest | None
+    keys: tuple[str, ...]
+    new_trust: TrustStore | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    command: Command
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    error: TrustError | DecodeError
+    command: Command | None = None
+
+    @property
+    def code(self) -> str:
+        return self.error.code if isinstance(self.error, TrustError) else "malformed"
+
+
+Outcome = Accepted | Duplicate | Ignored | Rejected
+
+
+def _keys(command: Command, manifest: ModelManifest | None) -> tuple[str, ...]:
+    """Dedupe keys: the command itself, and its rollout step for wave commands."""
+    keys = [f"c:{command.command_id}"]
+    if command.rollout_id is not None:
+        sha = manifest.sha256 if manifest is not None else "-"
+        keys.append(f"r:{command.rollout_id}:{command.body.action}:{sha}")
+    return tuple(keys)
+
+
+def _addressed(command: Command, me: NodeIdentity) -> Ignored | Rejected | None:
+    target = command.target
+    if command.fleet != me.fleet:
+        return Rejected(NotAddressedError(f"command is for fleet {command.fleet}"), command)
+    if isinstance(target, WaveTarget):
+        if command.rollout_id is None:
+            return Rejected(NotAddressedError("wave command without a rollout id"), command)
+        if not matches(target.selector, me.labels):
+            return Ignored("labels do not match the rollout's selector")
+        if not in_wave(command.rollout_id, me.node_id, target.bucket_limit):
+            return Ignored(f"not in wave {target.wave}")
+        return None
+    if target.node != me.node_id:
+        return Rejected(NotAddressedError(f"command is addressed to node {target.node}"), command)
+    return None
+
+
+def _open_manifest(envelope: Envelope, trust: TrustStore, now: float) -> ModelManifest:
+    return decode(ModelManifest, trust.open(envelope, Role.RELEASE, now=now))
+
+
+def verify_command(
+    data: bytes,
+    *,
+    trust: TrustStore,
+    me: NodeIdentity,
+    state: VerifierState,
+    now: float,
+) -> Outcome:
+    """Decide what to do with a command envelope received as ``data``. Never raises."""
+    command: Command | None = None
+    try:
+        envelope = Envelope.from_bytes(data)
+        command = decode(Command, trust.open(envelope, Role.ROLLOUT, now=now))
+        not_for_me = _addressed(command, me)
+        if not_for_me is not None:
+            return not_for_me
+        if command.expires_at <= now:
+            raise ExpiredError(f"command {command.command_id} expired")
+        body = command.body
+        manifest: ModelManifest | None = None
+        if isinstance(body, DeployAction | RollbackAction):
+            manifest = _open_manifest(body.manifest, trust, now)
+        keys = _keys(command, manifest)
+        seen = next((k for k in keys if k in state.attempted), None)
+        if seen is not None:
+            return Duplicate(command, f"already attempted ({seen})")
+        if command.seq <= state.last_seq:
+            if isinstance(command.target, WaveTarget):
+                return Ignored(f"wave command seq {command.seq} superseded")
+            raise ReplayError(
+                f"command seq {command.seq} is not above the last applied {state.last_seq}"
+            )
+        if isinstance(body, DeployAction) and manifest is not None:
+            _check_upgrade(manifest, state.active)
+        new_trust = None
+        if isinstance(body, TrustUpdateAction):
+            new_trust = trust.rotate(body.trust, now=now)
+        return Accepted(command, manifest, keys, new_trust)
+    except (TrustError, DecodeError) as exc:
+        return Rejected(exc, command)
+
+
+def _check_upgrade(manifest: ModelManifest, active: ModelRef | None) -> None:
+    """A deploy must move forward: a newer version, or the very model already active."""
+    if active is None or manifest.sha256 == active.sha256:
+        return
+    if SemVer.parse(manifest.version) <= SemVer.parse(active.version):
+        raise DowngradeError(
+            f"{manifest.name} {manifest.version} is not newer than active {active.version}; "
+            "a downgrade must be a signed rollback"
+        )
+
+
+def record(state: VerifierState, accepted: Accepted) -> VerifierState:
+    """The state to persist once ``accepted`` is about to be acted on."""
+    attempted = (state.attempted + accepted.keys)[-MAX_REMEMBERED_KEYS:]
+    return VerifierState(
+        last_seq=max(state.last_seq, accepted.command.seq),
+        attempted=attempted,
+        active=state.active,
+    )
