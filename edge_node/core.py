@@ -93,6 +93,7 @@ class Accepted:
 class Duplicate:
     command: Command
     reason: str
+    manifest: ModelManifest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +169,7 @@ def verify_command(
         keys = _keys(command, manifest)
         seen = next((k for k in keys if k in state.attempted), None)
         if seen is not None:
-            return Duplicate(command, f"already attempted ({seen})")
+            return Duplicate(command, f"already attempted ({seen})", manifest)
         if command.seq <= state.last_seq:
             if isinstance(command.target, WaveTarget):
                 return Ignored(f"wave command seq {command.seq} superseded")

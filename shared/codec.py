@@ -4,6 +4,8 @@ Invariants kept here, before any message logic sees a payload:
 
 * the payload is at most ``max_bytes`` long (checked before parsing);
 * it is UTF-8 and one JSON value;
+* no string or key holds a lone surrogate (``"\\ud800"`` is valid JSON but no
+  UTF-8 text, so :func:`encode_json` could not write it back);
 * no object repeats a key (``{"a": 1, "a": 2}`` could mean two things to two parsers);
 * no ``NaN``, ``Infinity`` or float that overflows to infinity;
 * every integer fits in a signed 64-bit range;
@@ -65,14 +67,25 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DecodeError("string holds a lone UTF-16 surrogate") from None
+
+
 def _depth(value: Any) -> int:
-    """Nesting depth of a parsed JSON value, without recursion."""
+    """Nesting depth of a parsed JSON value, without recursion; checks every string."""
     deepest = 0
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
+        if isinstance(item, str):
+            _check_text(item)
+        elif isinstance(item, dict):
             depth += 1
+            for key in item:
+                _check_text(key)
             stack.extend((child, depth) for child in item.values())
         elif isinstance(item, list):
             depth += 1

@@ -101,9 +101,15 @@ def b64decode(text: str, what: str = "value") -> bytes:
         DecodeError: ``text`` is not canonical base64.
     """
     try:
-        return base64.b64decode(text.encode("ascii"), validate=True)
+        encoded = text.encode("ascii")
+        raw = base64.b64decode(encoded, validate=True)
     except (binascii.Error, UnicodeEncodeError):
         raise DecodeError(f"{what} is not valid base64") from None
+    # b64decode ignores the unused low bits of the last character ("QR==" reads
+    # as "QQ=="), so several texts would carry one value: allow only the one.
+    if base64.b64encode(raw) != encoded:
+        raise DecodeError(f"{what} is not canonical base64")
+    return raw
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:

@@ -13,12 +13,12 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from shared.codec import DEFAULT_MAX_PAYLOAD_BYTES, decode_json, encode_json
 from shared.envelope import Envelope
 from shared.errors import DecodeError
-from shared.version import SEMVER_PATTERN
+from shared.version import SEMVER_PATTERN, SemVer, VersionError
 
 __all__ = [
     "MESSAGE_TYPES",
@@ -60,9 +60,22 @@ __all__ = [
 
 SCHEMA_VERSION: Literal[1] = 1
 
+
+def _semver(text: str) -> str:
+    # The pattern alone (a Rust regex here) lets Unicode digits and leading-zero
+    # pre-release numbers through; accept exactly what SemVer.parse accepts.
+    try:
+        SemVer.parse(text)
+    except VersionError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
 Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-Version = Annotated[str, Field(pattern=SEMVER_PATTERN, max_length=128)]
+Version = Annotated[
+    str, Field(pattern=SEMVER_PATTERN, max_length=128), AfterValidator(_semver)
+]
 Name = Annotated[str, Field(min_length=1, max_length=128)]
 Text = Annotated[str, Field(max_length=512)]
 Count = Annotated[int, Field(ge=0)]

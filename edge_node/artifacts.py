@@ -1,0 +1,373 @@
+"""The edge node's content-addressed model store.
+
+Layout under ``root/models``::
+
+    <sha256>                a complete blob whose bytes hash to <sha256>
+    <sha256>.part           a partial download (unverified prefix; resumable)
+    <sha256>.manifest.json  the signed manifest envelope, bytes as received
+
+Invariants:
+
+* A file named ``<sha256>`` only ever appears by ``os.replace`` of a ``.part``
+  whose full content was hashed while streaming, matched the manifest's digest
+  and size, and was fsynced (the directory is fsynced after the rename). A
+  crash leaves at worst a ``.part``.
+* A ``.part`` is never longer than the declared size. Its bytes are not
+  trusted: on resume they are hashed again and the final digest covers them.
+* At most declared size + 1 bytes are read from a source; the extra byte proves
+  the blob is oversize and the ``.part`` is deleted.
+* A transfer failure (:class:`~shared.errors.TransferError`, cancellation, a
+  stream that ends early) keeps the ``.part`` for resume; a digest or size
+  mismatch deletes it.
+* One download per digest at a time in a store; :meth:`ArtifactStore.retain`
+  never deletes a digest that is being downloaded.
+* Hashing files and hashing/writing chunks of 64 KiB or more run in worker
+  threads, never on the event loop.
+* Digests are checked to be 64 lowercase hex characters before they become a
+  file name, so no path can escape the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import AsyncGenerator, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from edge_node.fetchers import Fetcher
+from shared.errors import DigestMismatchError, EdgeFleetError, TransferError
+from shared.messages import ModelManifest
+from shared.topics import check_sha256
+
+__all__ = [
+    "ArtifactError",
+    "ArtifactStore",
+    "InsufficientSpaceError",
+    "Progress",
+]
+
+_log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+"""``progress(bytes_done, bytes_total)``."""
+
+_THREAD_MIN_BYTES = 64 * 1024  # chunks at least this big are hashed/written off the loop
+_READ_BLOCK_BYTES = 1024 * 1024
+_PROGRESS_INTERVAL_S = 1.0
+_PART = ".part"
+_MANIFEST = ".manifest.json"
+_NAME = re.compile(r"([0-9a-f]{64})(\.part|\.manifest\.json|\.manifest\.json\.tmp)?")
+
+
+class ArtifactError(EdgeFleetError):
+    """The model store cannot hold or write an artifact."""
+
+    code = "artifact_error"
+
+
+class InsufficientSpaceError(ArtifactError):
+    """Not enough free disk for the rest of a download plus the reserve."""
+
+    code = "insufficient_space"
+
+
+@dataclass(slots=True)
+class _Lock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+class ArtifactStore:
+    """Blobs by sha256 under ``root/models``, downloaded through a :class:`Fetcher`.
+
+    ``monotonic`` is the clock used to throttle progress callbacks (injectable
+    for tests).
+    """
+
+    def __init__(self, root: Path, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+        """Create ``root/models`` if needed.
+
+        Raises:
+            OSError: the directory cannot be created.
+        """
+        self._dir = root / "models"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._monotonic = monotonic
+        self._locks: dict[str, _Lock] = {}
+
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
+    # ----- queries ---------------------------------------------------------
+
+    def path(self, sha: str) -> Path:
+        """Where the complete blob ``sha`` lives (whether or not it exists).
+
+        Raises:
+            TopicError: ``sha`` is not 64 lowercase hex characters.
+        """
+        return self._dir / check_sha256(sha)
+
+    def _part(self, sha: str) -> Path:
+        return self._dir / (check_sha256(sha) + _PART)
+
+    def has(self, sha: str, size: int | None = None) -> bool:
+        """True if blob ``sha`` is complete (and ``size`` bytes long, when given).
+
+        Cheap: no hashing. Use :meth:`verify` to re-hash.
+        """
+        try:
+            actual = self.path(sha).stat().st_size
+        except FileNotFoundError:
+            return False
+        return size is None or actual == size
+
+    def partial_bytes(self, sha: str) -> int:
+        """Length of the ``.part`` file of ``sha``, 0 when there is none."""
+        try:
+            return self._part(sha).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    async def verify(self, sha: str) -> bool:
+        """Re-hash blob ``sha`` in a worker thread; False if missing or different."""
+        path = self.path(sha)
+
+        def digest() -> str | None:
+            hasher = hashlib.sha256()
+            try:
+                _hash_file(path, hasher)
+            except FileNotFoundError:
+                return None
+            return hasher.hexdigest()
+
+        return await asyncio.to_thread(digest) == sha
+
+    # ----- manifests -------------------------------------------------------
+
+    def save_manifest(self, sha: str, envelope_bytes: bytes) -> Path:
+        """Store the signed manifest envelope of ``sha`` atomically (temp, fsync, rename).
+
+        Raises:
+            ArtifactError: it cannot be written.
+        """
+        target = self._dir / (check_sha256(sha) + _MANIFEST)
+        temp = target.with_name(target.name + ".tmp")
+        try:
+            with temp.open("wb") as f:
+                f.write(envelope_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, target)
+            _fsync_dir(self._dir)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise ArtifactError(f"cannot save manifest {sha[:12]}: {exc.strerror or exc}") from exc
+        return target
+
+    def load_manifest_bytes(self, sha: str) -> bytes | None:
+        """The envelope bytes saved for ``sha``, or None when there are none."""
+        try:
+            return (self._dir / (check_sha256(sha) + _MANIFEST)).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    # ----- housekeeping ----------------------------------------------------
+
+    def remove(self, sha: str) -> None:
+        """Delete blob, ``.part`` and manifest of ``sha`` (missing files are fine)."""
+        check_sha256(sha)
+        for suffix in ("", _PART, _MANIFEST, _MANIFEST + ".tmp"):
+            (self._dir / (sha + suffix)).unlink(missing_ok=True)
+
+    def retain(self, keep: Iterable[str]) -> list[str]:
+        """Delete every blob, ``.part`` and manifest whose digest is not in ``keep``.
+
+        Digests being downloaded right now are kept too. Files that are not
+        named like store entries are left alone. Returns the digests removed,
+        sorted.
+        """
+        keep_set = set(keep) | set(self._locks)
+        removed: set[str] = set()
+        for entry in self._dir.iterdir():
+            match = _NAME.fullmatch(entry.name)
+            if match is None or match[1] in keep_set or not entry.is_file():
+                continue
+            entry.unlink(missing_ok=True)
+            removed.add(match[1])
+        if removed:
+            _log.info("removed %d artifact(s) not retained", len(removed))
+        return sorted(removed)
+
+    # ----- download --------------------------------------------------------
+
+    async def download(
+        self,
+        manifest: ModelManifest,
+        fetcher: Fetcher,
+        *,
+        progress: Progress | None = None,
+        min_free_bytes: int = 64 * 1024 * 1024,
+    ) -> Path:
+        """Make blob ``manifest.sha256`` present and return its path.
+
+        Resumes from an existing ``.part``. ``progress`` is called at most once
+        per second while streaming and once at the end with ``(size, size)``.
+
+        Raises:
+            InsufficientSpaceError: free disk < remaining bytes + ``min_free_bytes``
+                (checked before anything is requested).
+            DigestMismatchError: the source sent more than the declared size, or
+                the bytes hash differently; the ``.part`` is deleted.
+            TransferError: from the fetcher, or the stream ended early; the
+                ``.part`` is kept for resume.
+            ArtifactError: the ``.part`` cannot be read or written.
+        """
+        sha = check_sha256(manifest.sha256)
+        entry = self._locks.setdefault(sha, _Lock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                return await self._download(manifest, fetcher, progress, min_free_bytes)
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[sha]
+
+    async def _download(
+        self,
+        manifest: ModelManifest,
+        fetcher: Fetcher,
+        progress: Progress | None,
+        min_free_bytes: int,
+    ) -> Path:
+        sha, size = manifest.sha256, manifest.size
+        final, part = self.path(sha), self._part(sha)
+        if self.has(sha, size):
+            if progress is not None:
+                progress(size, size)
+            return final
+        if final.exists():
+            _log.warning("blob %s has the wrong size; downloading it again", sha[:12])
+            final.unlink()
+
+        have = self.partial_bytes(sha)
+        if have > size:
+            _log.warning("partial %s is larger than declared; restarting", sha[:12])
+            part.unlink()
+            have = 0
+        free = shutil.disk_usage(self._dir).free
+        needed = size - have + min_free_bytes
+        if free < needed:
+            raise InsufficientSpaceError(
+                f"need {needed} bytes free for {manifest.name} {manifest.version} "
+                f"({size - have} to download + {min_free_bytes} reserve), have {free}"
+            )
+
+        hasher = hashlib.sha256()
+        try:
+            if have:
+                have = await asyncio.to_thread(_hash_file, part, hasher)
+            file = part.open("ab")
+        except OSError as exc:
+            raise ArtifactError(f"cannot open {part.name}: {exc.strerror or exc}") from exc
+
+        received = have
+        oversize = False
+        last_report = float("-inf")
+        with file:
+            if received < size:
+                chunks = fetcher.stream(sha, size, received)
+                try:
+                    async for data in chunks:
+                        if received + len(data) > size:
+                            oversize = True  # stop at declared size + 1 byte
+                            break
+                        await _append(file, hasher, data, part)
+                        received += len(data)
+                        now = self._monotonic()
+                        if (
+                            progress is not None
+                            and received < size
+                            and now - last_report >= _PROGRESS_INTERVAL_S
+                        ):
+                            last_report = now
+                            progress(received, size)
+                finally:
+                    if isinstance(chunks, AsyncGenerator):
+                        await chunks.aclose()
+            if oversize:
+                file.close()
+                part.unlink(missing_ok=True)
+                raise DigestMismatchError(
+                    f"artifact larger than declared size ({size} bytes) for {sha[:12]}"
+                )
+            if received < size:
+                raise TransferError(f"transfer of {sha[:12]} ended at {received} of {size} bytes")
+            actual = hasher.hexdigest()
+            if actual != sha:
+                file.close()
+                part.unlink(missing_ok=True)
+                raise DigestMismatchError(
+                    f"artifact sha256 {actual[:12]}… does not match manifest {sha[:12]}…"
+                )
+            try:
+                await asyncio.to_thread(_commit, file, part, final)
+            except OSError as exc:
+                raise ArtifactError(f"cannot store {sha[:12]}: {exc.strerror or exc}") from exc
+        if progress is not None:
+            progress(size, size)
+        _log.info("stored artifact %s (%d bytes)", sha[:12], size)
+        return final
+
+
+# ----- blocking helpers (run in worker threads where noted) -------------------
+
+
+def _hash_file(path: Path, hasher: hashlib._Hash) -> int:
+    """Feed ``path`` into ``hasher``; return the number of bytes read."""
+    count = 0
+    with path.open("rb") as f:
+        while block := f.read(_READ_BLOCK_BYTES):
+            hasher.update(block)
+            count += len(block)
+    return count
+
+
+def _write_and_hash(file: IO[bytes], hasher: hashlib._Hash, data: bytes) -> None:
+    file.write(data)
+    hasher.update(data)
+
+
+async def _append(file: IO[bytes], hasher: hashlib._Hash, data: bytes, part: Path) -> None:
+    try:
+        if len(data) >= _THREAD_MIN_BYTES:
+            await asyncio.to_thread(_write_and_hash, file, hasher, data)
+        else:
+            _write_and_hash(file, hasher, data)
+    except OSError as exc:
+        raise ArtifactError(f"cannot write {part.name}: {exc.strerror or exc}") from exc
+
+
+def _commit(file: IO[bytes], part: Path, final: Path) -> None:
+    file.flush()
+    os.fsync(file.fileno())
+    file.close()
+    os.replace(part, final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

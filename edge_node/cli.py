@@ -1,0 +1,291 @@
+"""``edge-node``: run a node, inspect its data directory, or simulate many nodes.
+
+Settings come from flags, then a TOML file (``--config``), then the environment
+(``FLEET_BROKER``, ``FLEET_FLEET``), then defaults. Exit codes: 0 ok, 1 the
+operation failed, 2 usage or input error; errors are one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sqlite3
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from rich.console import Console
+from rich.table import Table
+
+from edge_node.agent import AgentConfig, NodeAgent, SourceKind
+from edge_node.runtime import SessionOptionsConfig
+from edge_node.simulate import run_simulation
+from edge_node.sources import parse_source
+from edge_node.state import NodeStore
+from shared import __version__
+from shared.broker import DEFAULT_BROKER_URL, parse_broker_url
+from shared.errors import DecodeError, EdgeFleetError
+from shared.topics import check_id
+from shared.waves import parse_selector
+
+__all__ = ["main"]
+
+_RUN_KEYS = {
+    "id", "trust", "data", "broker", "fleet", "labels", "source", "rate", "concurrency",
+    "swap_mode", "threads", "graph_optimization", "change_threshold", "corner_threshold",
+    "topk", "batch_max", "batch_interval", "telemetry_interval", "resend_after",
+    "chunk_bytes", "ca_file", "log_level",
+}  # fmt: skip
+
+
+class UsageError(DecodeError):
+    """Bad flags or configuration."""
+
+
+def _load_toml(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with Path(path).open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config {path} is not valid TOML: {exc}") from None
+    settings = cast(dict[str, Any], data.get("node", data))
+    unknown = sorted(set(settings) - _RUN_KEYS)
+    if unknown:
+        raise UsageError(f"config {path}: unknown setting {unknown[0]!r}")
+    return settings
+
+
+def _labels(values: Sequence[str] | dict[str, str] | None) -> dict[str, str]:
+    if values is None:
+        return {}
+    if isinstance(values, dict):
+        return {
+            check_id(str(k), "label key"): check_id(str(v), "label value")
+            for k, v in values.items()
+        }
+    return parse_selector(",".join(values))
+
+
+def _setting(args: argparse.Namespace, toml: dict[str, Any], name: str, default: Any) -> Any:
+    value = getattr(args, name, None)
+    if value is not None:
+        return value
+    return toml.get(name, default)
+
+
+def build_config(args: argparse.Namespace) -> AgentConfig:
+    """Merge flags, the TOML file and the environment into an :class:`AgentConfig`.
+
+    Raises:
+        UsageError / DecodeError: a setting is missing or invalid.
+    """
+    toml = _load_toml(args.config)
+    node_id = _setting(args, toml, "id", None)
+    data = _setting(args, toml, "data", None)
+    if node_id is None or data is None:
+        raise UsageError("--id and --data are required (flags or config file)")
+    trust = _setting(args, toml, "trust", None)
+    source_kind, source_dir = parse_source(str(_setting(args, toml, "source", "synthetic")))
+    broker_url = _setting(args, toml, "broker", os.environ.get("FLEET_BROKER", DEFAULT_BROKER_URL))
+    fleet = _setting(args, toml, "fleet", os.environ.get("FLEET_FLEET", "default"))
+    labels = _labels(args.label) if args.label else _labels(toml.get("labels"))
+    graph = _setting(args, toml, "graph_optimization", "extended")
+    if graph not in ("disable", "basic", "extended", "all"):
+        raise UsageError(f"graph optimization {graph!r}: use disable, basic, extended or all")
+    rate = float(_setting(args, toml, "rate", 10.0))
+    swap_mode = _setting(args, toml, "swap_mode", "availability")
+    if swap_mode not in ("availability", "resource"):
+        raise UsageError(f"swap mode {swap_mode!r}: use availability or resource")
+    return AgentConfig(
+        node_id=check_id(str(node_id), "node id"),
+        data_dir=Path(data),
+        trust_file=Path(trust) if trust else None,
+        broker=parse_broker_url(str(broker_url)),
+        fleet=check_id(str(fleet), "fleet"),
+        labels=labels,
+        source=cast(SourceKind, source_kind),
+        source_dir=source_dir,
+        rate_hz=rate if rate > 0 else None,
+        concurrency=int(_setting(args, toml, "concurrency", 1)),
+        swap_mode=cast(Literal["availability", "resource"], swap_mode),
+        session_options=SessionOptionsConfig(
+            intra_op_threads=int(_setting(args, toml, "threads", 0)),
+            graph_optimization=graph,
+        ),
+        change_threshold=float(_setting(args, toml, "change_threshold", 0.0)),
+        corner_threshold=float(_setting(args, toml, "corner_threshold", 0.5)),
+        topk=int(_setting(args, toml, "topk", 3)),
+        batch_max=int(_setting(args, toml, "batch_max", 100)),
+        batch_interval_s=float(_setting(args, toml, "batch_interval", 1.0)),
+        telemetry_interval_s=float(_setting(args, toml, "telemetry_interval", 10.0)),
+        resend_after_s=float(_setting(args, toml, "resend_after", 15.0)),
+        chunk_bytes=int(_setting(args, toml, "chunk_bytes", 256 * 1024)),
+        ca_file=_setting(args, toml, "ca_file", None),
+    )
+
+
+async def _run_agent(config: AgentConfig) -> None:
+    agent = NodeAgent(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop)
+    await agent.run()
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    toml = _load_toml(args.config)
+    _setup_logging(str(_setting(args, toml, "log_level", "info")))
+    asyncio.run(_run_agent(config))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    data = Path(args.data)
+    if not data.is_dir():
+        raise UsageError(f"{data} is not a node data directory")
+    state = NodeStore(data).load()
+    outbox_depth, telemetry_depth = _outbox_depths(data / "outbox.db")
+    report = {
+        "data": str(data),
+        "active": state.active.model_dump() if state.active else None,
+        "previous": state.previous.model_dump() if state.previous else None,
+        "last_command_seq": state.last_seq,
+        "sessions": state.session,
+        "outbox_depth": outbox_depth,
+        "telemetry_queued": telemetry_depth,
+    }
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    table = Table(title=f"edge node in {data}", show_header=False)
+    for label, ref in (("active model", state.active), ("previous model", state.previous)):
+        table.add_row(label, f"{ref.name} {ref.version} ({ref.sha256[:12]})" if ref else "-")
+    table.add_row("last command seq", str(state.last_seq))
+    table.add_row("outbox (unacknowledged)", str(outbox_depth))
+    table.add_row("telemetry queued", str(telemetry_depth))
+    Console().print(table)
+    return 0
+
+
+def _outbox_depths(path: Path) -> tuple[int, int]:
+    """Read-only look at the outbox without taking it over from a running node."""
+    if not path.exists():
+        return 0, 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            depth = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+            telemetry = db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0]
+    except sqlite3.Error as exc:
+        raise EdgeFleetError(f"cannot read outbox {path}: {exc}") from None
+    return int(depth), int(telemetry)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    broker = parse_broker_url(args.broker or os.environ.get("FLEET_BROKER", DEFAULT_BROKER_URL))
+    fleet = check_id(args.fleet or os.environ.get("FLEET_FLEET", "default"), "fleet")
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
+    source, _ = parse_source(args.source)
+    if source not in ("synthetic", "none"):
+        raise UsageError("simulated nodes take --source synthetic or none")
+    asyncio.run(
+        run_simulation(
+            count=args.count,
+            prefix=check_id(args.prefix, "prefix"),
+            base_dir=Path(args.data),
+            trust_file=Path(args.trust) if args.trust else None,
+            broker=broker,
+            fleet=fleet,
+            labels=_labels(args.label),
+            source=cast(SourceKind, source),
+            rate_hz=args.rate if args.rate > 0 else None,
+        )
+    )
+    return 0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-node", description="EdgeFleet edge node agent.")
+    parser.add_argument("--version", action="version", version=f"edge-node {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the node daemon")
+    run.add_argument("--config", help="TOML file with the same settings (a [node] table)")
+    run.add_argument("--id", help="node id ([A-Za-z0-9_.-]{1,64})")
+    run.add_argument("--trust", help="root-signed trust.json shipped with the node")
+    run.add_argument("--data", help="data directory (models, outbox, state)")
+    run.add_argument(
+        "--broker", help=f"broker URL (env FLEET_BROKER, default {DEFAULT_BROKER_URL})"
+    )
+    run.add_argument("--fleet", help="fleet name (env FLEET_FLEET, default 'default')")
+    run.add_argument("--label", action="append", metavar="K=V", help="node label (repeatable)")
+    run.add_argument("--source", help="synthetic (default), dir:PATH, mqtt or none")
+    run.add_argument("--rate", type=float, help="synthetic inputs per second (0: flat out)")
+    run.add_argument("--concurrency", type=int, help="parallel inference requests")
+    run.add_argument("--swap-mode", help="availability (default) or resource (unload first)")
+    run.add_argument("--threads", type=int, help="onnxruntime intra-op threads (0: all cores)")
+    run.add_argument("--graph-optimization", help="disable, basic, extended (default) or all")
+    run.add_argument("--change-threshold", type=float, help="skip inputs that barely changed")
+    run.add_argument("--corner-threshold", type=float, help="flag results below this score")
+    run.add_argument("--topk", type=int, help="top-k classes kept per result")
+    run.add_argument("--batch-max", type=int, help="results per message")
+    run.add_argument("--batch-interval", type=float, help="seconds between result messages")
+    run.add_argument("--telemetry-interval", type=float, help="seconds between telemetry")
+    run.add_argument("--resend-after", type=float, help="re-send unacknowledged after seconds")
+    run.add_argument("--chunk-bytes", type=int, help="artifact chunk size for MQTT transfer")
+    run.add_argument("--ca-file", help="CA bundle for mqtts://")
+    run.add_argument("--log-level", help="debug, info (default), warning, error")
+    run.set_defaults(handler=_cmd_run)
+
+    status = commands.add_parser("status", help="show a node's models and outbox")
+    status.add_argument("--data", required=True, help="the node's data directory")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.set_defaults(handler=_cmd_status)
+
+    simulate = commands.add_parser("simulate", help="run many nodes in one process")
+    simulate.add_argument("--count", type=int, required=True, help="number of nodes")
+    simulate.add_argument("--prefix", default="sim", help="node id prefix (ids PREFIX-0001...)")
+    simulate.add_argument("--data", required=True, help="base directory for the nodes' data")
+    simulate.add_argument("--trust", help="trust.json given to every node")
+    simulate.add_argument("--broker", help="broker URL (env FLEET_BROKER)")
+    simulate.add_argument("--fleet", help="fleet name (env FLEET_FLEET)")
+    simulate.add_argument("--label", action="append", metavar="K=V", help="label for every node")
+    simulate.add_argument("--source", default="none", help="none (default) or synthetic")
+    simulate.add_argument("--rate", type=float, default=1.0, help="inputs per second per node")
+    simulate.add_argument("--log-level", default="warning")
+    simulate.set_defaults(handler=_cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except (DecodeError, ValueError) as exc:
+        print(f"edge-node: {exc}", file=sys.stderr)
+        return 2
+    except EdgeFleetError as exc:
+        print(f"edge-node: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 1

@@ -1,0 +1,641 @@
+"""The node's disk-backed outbox: statuses and result batches wait here until acked.
+
+Storage is one SQLite file in the node's data directory (WAL journal,
+``synchronous=FULL``; see :func:`_configure`). One process owns the file; the
+:class:`Outbox` object is used from one thread at a time (an asyncio agent calls
+it through :func:`asyncio.to_thread`), and a lock serializes calls anyway.
+
+Invariants
+----------
+* **One sequence.** Statuses and result batches share a per-node sequence
+  ``seq`` = 1, 2, 3, ... The last assigned value lives in the database, so it
+  survives restarts and keeps counting after every entry has been acked and
+  deleted: a ``seq`` is never assigned twice and never skipped. :meth:`put`
+  assigns it, calls ``make_payload(seq)`` (the caller embeds it in the JSON),
+  stores the entry and commits in ONE transaction; a ``put`` that fails for any
+  reason (payload callback raised, outbox full, I/O error) stores nothing and
+  consumes no ``seq``, so the controller never waits for a gap.
+* **Durable on return.** Once :meth:`put` returns, the entry survives a process
+  crash and a power loss (the WAL is fsynced at every commit).
+* **Leaves only on ack.** A broker PUBACK proves nothing (Mosquitto drops queued
+  messages for slow consumers), so entries are deleted only by :meth:`ack`,
+  which the controller sends with the highest *contiguous* ``seq`` it has
+  durably stored. Acking is idempotent; an ack above the last assigned ``seq``
+  is clamped to it and logged, so a future ``seq`` can never count as acked.
+* **Resent in order.** :meth:`due` lists, in ``seq`` order, the entries never
+  sent plus those sent more than ``resend_after_s`` ago and still unacked.
+  :meth:`mark_sent` records a send (time, attempt count); :meth:`requeue_all`
+  (call it after every reconnect) marks everything unsent so all unacked entries
+  go out again, in order. Delivery is at-least-once; the controller dedups by
+  ``seq``.
+* **Telemetry is best-effort and unsequenced.** It lives in its own table with
+  its own ids, so dropping it never opens a gap in the acked sequence.
+* **Bounded, results never dropped.** ``max_bytes`` caps the stored payload and
+  topic bytes of both tables together (SQLite's own overhead comes on top) and
+  ``max_entries`` their row count. When a ``put`` would go over either cap the
+  OLDEST telemetry is dropped first; if dropping all of it would not make
+  room, ``put`` raises :class:`OutboxFullError` and changes nothing: the caller
+  applies back-pressure until acks free space. :meth:`put_telemetry` never
+  raises for the cap: it drops the oldest telemetry, or the new entry when
+  results alone fill the cap. Every dropped telemetry entry is counted in
+  ``dropped_telemetry``, which is persisted.
+* **No silent data loss on a bad file.** A corrupt, foreign or unreadable
+  database raises :class:`OutboxError` naming the path; nothing is deleted or
+  recreated.
+
+Sending loop, in short::
+
+    outbox.requeue_all()                      # after (re)connect
+    entries = outbox.due(now, resend_after_s=30.0, limit=window)
+    ...publish each entry.payload on entry.topic...
+    outbox.mark_sent([e.seq for e in entries], now)
+    outbox.ack(ack_message.seq)               # on the controller's Ack
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self
+
+from shared.errors import EdgeFleetError
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_ENTRIES",
+    "Kind",
+    "Outbox",
+    "OutboxEntry",
+    "OutboxError",
+    "OutboxFullError",
+    "OutboxStats",
+    "TelemetryEntry",
+]
+
+_log = logging.getLogger(__name__)
+
+Kind = Literal["status", "results"]
+_KINDS: dict[str, Kind] = {"status": "status", "results": "results"}
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # payload + topic bytes, both tables together
+DEFAULT_MAX_ENTRIES = 1_000_000  # rows, both tables together
+
+_SCHEMA_VERSION = 1  # kept in PRAGMA user_version
+# Columns are ordered so the small ones come before ``payload``: summing ``size``
+# at open then never reads a payload's overflow pages.
+_SCHEMA = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO meta (key, value) VALUES ('last_seq', 0), ('dropped_telemetry', 0);
+CREATE TABLE entries (
+    seq        INTEGER PRIMARY KEY CHECK (seq >= 1),
+    kind       TEXT    NOT NULL CHECK (kind IN ('status', 'results')),
+    size       INTEGER NOT NULL,
+    created_at REAL    NOT NULL,
+    sent_at    REAL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    topic      TEXT    NOT NULL,
+    payload    BLOB    NOT NULL
+);
+-- AUTOINCREMENT: an id handed out by telemetry_due() is never reused by a later
+-- row, so telemetry_sent() cannot delete an entry that was never sent.
+CREATE TABLE telemetry (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    size       INTEGER NOT NULL,
+    created_at REAL    NOT NULL,
+    topic      TEXT    NOT NULL,
+    payload    BLOB    NOT NULL
+);
+"""
+_TABLES = frozenset({"meta", "entries", "telemetry"})
+
+
+class OutboxError(EdgeFleetError):
+    """The outbox database is corrupt, foreign, unreadable, closed, or I/O failed."""
+
+
+class OutboxFullError(EdgeFleetError):
+    """No room for a sequenced entry (cap reached or disk full); retry after acks.
+
+    Deliberately not an :class:`OutboxError`: "wait and retry" and "storage is
+    broken" must not be caught by the same ``except``.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A sequenced entry waiting for the controller's ack."""
+
+    seq: int
+    kind: Kind
+    topic: str
+    payload: bytes
+    attempts: int  # sends recorded by mark_sent()
+    created_at: float  # seconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryEntry:
+    """A best-effort telemetry message; ``id`` is not a sequence number."""
+
+    id: int
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    depth: int  # sequenced entries pending (not yet acked)
+    telemetry_depth: int
+    bytes: int  # payload + topic bytes stored, both tables
+    last_seq: int  # 0 before the first put
+    dropped_telemetry: int  # since the database was created
+
+
+def _configure(conn: sqlite3.Connection, path: Path) -> None:
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        # Durability still holds (FULL syncs the rollback journal too); only
+        # concurrency and write speed suffer, e.g. on a filesystem without mmap.
+        _log.warning("outbox %s: WAL unavailable, using journal_mode=%s", path, mode)
+    # FULL, not NORMAL: in WAL mode NORMAL fsyncs only at checkpoints, so a power
+    # loss can roll back transactions that had already committed -- i.e. a put()
+    # that returned. The contract is "accepted means survives power loss", so
+    # every commit fsyncs the WAL. Cost: one fsync per put(), which is why the
+    # agent batches many results into one ResultBatch entry.
+    conn.execute("PRAGMA synchronous=FULL")
+    # macOS fsync() does not flush the drive cache; F_FULLFSYNC does. No-op elsewhere.
+    conn.execute("PRAGMA fullfsync=ON")
+    # Bound the WAL file left after a checkpoint (bytes); the cap above is logical.
+    conn.execute("PRAGMA journal_size_limit=16777216")
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT; ROLLBACK on any exception, then re-raise."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    if row is None:
+        raise sqlite3.DatabaseError(f"meta row {key!r} is missing")
+    return int(row[0])
+
+
+def _as_kind(value: object) -> Kind:
+    kind = _KINDS.get(str(value))
+    if kind is None:
+        raise sqlite3.DatabaseError(f"unknown entry kind {value!r}")
+    return kind
+
+
+class Outbox:
+    """Disk-backed queue of sequenced statuses/results and best-effort telemetry.
+
+    ``path`` is the SQLite file (created if missing; its directory must exist).
+    ``max_bytes`` and ``max_entries`` cap both tables together (see the module
+    docstring for the policy). ``clock`` stamps ``created_at`` (seconds).
+
+    Raises:
+        OutboxError: the file cannot be opened, is not an outbox database, is
+            from a newer schema, or is corrupt.
+        ValueError: a cap is below 1.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_bytes < 1 or max_entries < 1:
+            raise ValueError("outbox max_bytes and max_entries must be at least 1")
+        self._path = Path(path)
+        self._max_bytes = max_bytes
+        self._max_entries = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Counters mirror the database (loaded at open, updated after each
+        # successful commit) so depth/bytes checks cost no query.
+        self._n_entries = 0
+        self._entry_bytes = 0
+        self._n_tel = 0
+        self._tel_bytes = 0
+        self._last_seq = 0
+        self._dropped = 0
+        self._conn: sqlite3.Connection | None = self._open()
+
+    # ----- opening -----------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+            conn = sqlite3.connect(
+                str(self._path), isolation_level=None, check_same_thread=False, timeout=10.0
+            )
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot open outbox database {self._path}: {exc}") from exc
+        try:
+            _configure(conn, self._path)
+            self._ensure_schema(conn)
+            self._load_counters(conn)
+        except OutboxError:
+            conn.close()
+            raise
+        except sqlite3.Error as exc:
+            conn.close()
+            raise OutboxError(
+                f"outbox database {self._path} is corrupt or unreadable: {exc}"
+            ) from exc
+        return conn
+
+    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+        with _transaction(conn):
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            tables = {
+                str(row[0])
+                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            } - {"sqlite_sequence"}
+            if version == 0 and not tables:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                return
+        if version == 0:
+            raise OutboxError(
+                f"{self._path} is an SQLite database but not an outbox "
+                f"(tables: {', '.join(sorted(tables))}); refusing to touch it"
+            )
+        if version != _SCHEMA_VERSION:
+            raise OutboxError(
+                f"outbox database {self._path} has schema version {version}; "
+                f"this agent understands {_SCHEMA_VERSION}"
+            )
+        if missing := _TABLES - tables:
+            raise OutboxError(
+                f"outbox database {self._path} is damaged: missing tables "
+                f"{', '.join(sorted(missing))}"
+            )
+
+    def _load_counters(self, conn: sqlite3.Connection) -> None:
+        # A full scan of the small columns: a cheap integrity probe that also
+        # rebuilds the in-memory counters. (PRAGMA quick_check would read every
+        # payload page too, seconds on a full outbox on an SD card.)
+        n, size, top = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(seq), 0) FROM entries"
+        ).fetchone()
+        n_tel, tel_size = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM telemetry"
+        ).fetchone()
+        last_seq = _meta(conn, "last_seq")
+        if int(top) > last_seq:
+            raise OutboxError(
+                f"outbox database {self._path} is damaged: entry seq {top} is above "
+                f"the stored sequence counter {last_seq}"
+            )
+        self._n_entries, self._entry_bytes = int(n), int(size)
+        self._n_tel, self._tel_bytes = int(n_tel), int(tel_size)
+        self._last_seq = last_seq
+        self._dropped = _meta(conn, "dropped_telemetry")
+
+    # ----- plumbing ----------------------------------------------------------
+
+    @contextmanager
+    def _db(self, what: str, *, full_is_backpressure: bool = False) -> Iterator[sqlite3.Connection]:
+        """Hold the lock, yield the connection, translate sqlite3 errors."""
+        with self._lock:
+            if self._conn is None:
+                raise OutboxError(f"outbox {self._path} is closed ({what})")
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                code = getattr(exc, "sqlite_errorcode", None)
+                if full_is_backpressure and code == sqlite3.SQLITE_FULL:
+                    raise OutboxFullError(f"disk full writing outbox {self._path}") from exc
+                raise OutboxError(f"outbox {self._path}: {what} failed: {exc}") from exc
+
+    def _room_needed(self, size: int) -> tuple[int, int]:
+        """(bytes, rows) that must be freed to add one row of ``size`` bytes."""
+        over_bytes = self._entry_bytes + self._tel_bytes + size - self._max_bytes
+        over_rows = self._n_entries + self._n_tel + 1 - self._max_entries
+        return over_bytes, over_rows
+
+    def _fits_without_telemetry(self, size: int) -> bool:
+        return (
+            self._entry_bytes + size <= self._max_bytes and self._n_entries + 1 <= self._max_entries
+        )
+
+    def _drop_oldest_telemetry(self, conn: sqlite3.Connection, size: int) -> tuple[int, int]:
+        """Delete the oldest telemetry until a row of ``size`` fits; (rows, bytes) freed.
+
+        The caller has checked that dropping all telemetry is enough.
+        """
+        over_bytes, over_rows = self._room_needed(size)
+        if over_bytes <= 0 and over_rows <= 0:
+            return 0, 0
+        freed_rows = freed_bytes = last_id = 0
+        cursor = conn.execute("SELECT id, size FROM telemetry ORDER BY id")
+        try:
+            for tel_id, tel_size in cursor:
+                freed_rows += 1
+                freed_bytes += int(tel_size)
+                last_id = int(tel_id)
+                if freed_bytes >= over_bytes and freed_rows >= over_rows:
+                    break
+        finally:
+            cursor.close()
+        conn.execute("DELETE FROM telemetry WHERE id <= ?", (last_id,))
+        conn.execute(
+            "UPDATE meta SET value = value + ? WHERE key = 'dropped_telemetry'", (freed_rows,)
+        )
+        _log.debug("outbox %s full: dropped %d oldest telemetry", self._path, freed_rows)
+        return freed_rows, freed_bytes
+
+    # ----- sequenced entries -------------------------------------------------
+
+    def put(self, kind: Kind, topic: str, make_payload: Callable[[int], bytes]) -> int:
+        """Assign the next ``seq``, store ``make_payload(seq)`` durably, return ``seq``.
+
+        ``make_payload`` runs inside the transaction and must not call back into
+        this outbox. If it raises, the exception propagates and nothing is stored.
+
+        Raises:
+            OutboxFullError: results fill the cap (or the disk is full); nothing
+                was stored and no ``seq`` was consumed.
+            ValueError: ``kind`` is unknown, or the entry alone exceeds ``max_bytes``.
+            TypeError: ``make_payload`` did not return bytes.
+            OutboxError: the outbox is closed or the database failed.
+        """
+        if kind not in _KINDS:
+            raise ValueError(f"outbox entry kind must be 'status' or 'results', not {kind!r}")
+        topic_bytes = len(topic.encode("utf-8"))
+        with self._db("put", full_is_backpressure=True) as conn:
+            with _transaction(conn):
+                seq = _meta(conn, "last_seq") + 1
+                payload = make_payload(seq)
+                if not isinstance(payload, bytes):
+                    raise TypeError(f"make_payload returned {type(payload).__name__}, not bytes")
+                size = len(payload) + topic_bytes
+                if size > self._max_bytes:
+                    raise ValueError(
+                        f"outbox entry of {size} bytes can never fit max_bytes={self._max_bytes}"
+                    )
+                if not self._fits_without_telemetry(size):
+                    raise OutboxFullError(
+                        f"outbox {self._path} is full: {self._n_entries} unacked entries, "
+                        f"{self._entry_bytes} bytes (caps: {self._max_entries} entries, "
+                        f"{self._max_bytes} bytes); wait for acks"
+                    )
+                dropped_rows, dropped_bytes = self._drop_oldest_telemetry(conn, size)
+                conn.execute(
+                    "INSERT INTO entries (seq, kind, size, created_at, sent_at, attempts, "
+                    "topic, payload) VALUES (?, ?, ?, ?, NULL, 0, ?, ?)",
+                    (seq, kind, size, self._clock(), topic, payload),
+                )
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (seq,))
+            # Committed: only now do the counters move.
+            self._last_seq = seq
+            self._n_entries += 1
+            self._entry_bytes += size
+            self._n_tel -= dropped_rows
+            self._tel_bytes -= dropped_bytes
+            self._dropped += dropped_rows
+        return seq
+
+    def due(self, now: float, *, resend_after_s: float, limit: int) -> list[OutboxEntry]:
+        """Up to ``limit`` entries, in ``seq`` order, to (re)send at ``now``.
+
+        That is every entry never sent (or requeued) and every entry last sent
+        more than ``resend_after_s`` seconds before ``now``. ``limit`` <= 0
+        returns nothing.
+
+        Raises:
+            OutboxError: the outbox is closed or the database failed.
+        """
+        if limit <= 0:
+            return []
+        with self._db("due") as conn:
+            rows = conn.execute(
+                "SELECT seq, kind, topic, payload, attempts, created_at FROM entries "
+                "WHERE sent_at IS NULL OR sent_at < ? ORDER BY seq LIMIT ?",
+                (now - resend_after_s, limit),
+            ).fetchall()
+            return [
+                OutboxEntry(
+                    seq=int(seq),
+                    kind=_as_kind(kind),
+                    topic=str(topic),
+                    payload=bytes(payload),
+                    attempts=int(attempts),
+                    created_at=float(created_at),
+                )
+                for seq, kind, topic, payload, attempts, created_at in rows
+            ]
+
+    def mark_sent(self, seqs: Iterable[int], now: float) -> None:
+        """Record that ``seqs`` were published at ``now``; unknown (acked) seqs are ignored.
+
+        Raises:
+            OutboxError: the outbox is closed or the database failed.
+        """
+        params = [(now, int(seq)) for seq in seqs]
+        if not params:
+            return
+        with self._db("mark_sent") as conn, _transaction(conn):
+            conn.executemany(
+                "UPDATE entries SET sent_at = ?, attempts = attempts + 1 WHERE seq = ?", params
+            )
+
+    def requeue_all(self) -> int:
+        """Mark every pending entry unsent (after a reconnect); return how many changed.
+
+        Raises:
+            OutboxError: the outbox is closed or the database failed.
+        """
+        with self._db("requeue_all") as conn:
+            with _transaction(conn):
+                cursor = conn.execute("UPDATE entries SET sent_at = NULL WHERE sent_at IS NOT NULL")
+            return cursor.rowcount
+
+    def ack(self, seq: int) -> int:
+        """Delete every entry with ``seq`` at or below the given one; return how many.
+
+        ``seq`` is the controller's highest contiguous durably stored slot. An ack
+        above the last assigned ``seq`` is clamped to it (and logged): it cannot
+        acknowledge an entry that does not exist yet. Idempotent.
+
+        Raises:
+            OutboxError: the outbox is closed or the database failed.
+        """
+        if seq < 1:
+            return 0
+        with self._db("ack") as conn:
+            with _transaction(conn):
+                last_seq = _meta(conn, "last_seq")
+                if seq > last_seq:
+                    _log.warning(
+                        "outbox %s: ack for seq %d above last assigned seq %d; clamped",
+                        self._path,
+                        seq,
+                        last_seq,
+                    )
+                    seq = last_seq
+                n, size = conn.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries WHERE seq <= ?", (seq,)
+                ).fetchone()
+                if n:
+                    conn.execute("DELETE FROM entries WHERE seq <= ?", (seq,))
+            self._n_entries -= int(n)
+            self._entry_bytes -= int(size)
+            return int(n)
+
+    # ----- telemetry ---------------------------------------------------------
+
+    def put_telemetry(self, topic: str, payload: bytes) -> bool:
+        """Store a telemetry message, best effort; return False if it was dropped.
+
+        When the cap is reached the oldest telemetry is dropped to make room; if
+        results alone leave no room, the new message is dropped instead. Either
+        way the drop is counted in ``dropped_telemetry``.
+
+        Raises:
+            OutboxFullError: the disk is full.
+            OutboxError: the outbox is closed or the database failed.
+        """
+        size = len(payload) + len(topic.encode("utf-8"))
+        with self._db("put_telemetry", full_is_backpressure=True) as conn:
+            if not self._fits_without_telemetry(size):
+                with _transaction(conn):
+                    conn.execute(
+                        "UPDATE meta SET value = value + 1 WHERE key = 'dropped_telemetry'"
+                    )
+                self._dropped += 1
+                _log.debug("outbox %s full of results: telemetry dropped", self._path)
+                return False
+            with _transaction(conn):
+                dropped_rows, dropped_bytes = self._drop_oldest_telemetry(conn, size)
+                conn.execute(
+                    "INSERT INTO telemetry (size, created_at, topic, payload) VALUES (?, ?, ?, ?)",
+                    (size, self._clock(), topic, bytes(payload)),
+                )
+            self._n_tel += 1 - dropped_rows
+            self._tel_bytes += size - dropped_bytes
+            self._dropped += dropped_rows
+            return True
+
+    def telemetry_due(self, limit: int) -> list[TelemetryEntry]:
+        """Up to ``limit`` stored telemetry messages, oldest first.
+
+        Raises:
+            OutboxError: the outbox is closed or the database failed.
+        """
+        if limit <= 0:
+            return []
+        with self._db("telemetry_due") as conn:
+            rows = conn.execute(
+                "SELECT id, topic, payload FROM telemetry ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+            return [
+                TelemetryEntry(id=int(tel_id), topic=str(topic), payload=bytes(payload))
+                for tel_id, topic, payload in rows
+            ]
+
+    def telemetry_sent(self, ids: Iterable[int]) -> int:
+        """Delete the telemetry messages ``ids`` (sent); return how many existed.
+
+        Raises:
+            OutboxError: the outbox is closed or the database failed.
+        """
+        wanted = [int(tel_id) for tel_id in ids]
+        if not wanted:
+            return 0
+        removed_rows = removed_bytes = 0
+        with self._db("telemetry_sent") as conn:
+            with _transaction(conn):
+                for tel_id in wanted:
+                    row = conn.execute(
+                        "SELECT size FROM telemetry WHERE id = ?", (tel_id,)
+                    ).fetchone()
+                    if row is not None:
+                        conn.execute("DELETE FROM telemetry WHERE id = ?", (tel_id,))
+                        removed_rows += 1
+                        removed_bytes += int(row[0])
+            self._n_tel -= removed_rows
+            self._tel_bytes -= removed_bytes
+        return removed_rows
+
+    # ----- introspection -----------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def depth(self) -> int:
+        """Sequenced entries pending (stored, not yet acked)."""
+        with self._lock:
+            return self._n_entries
+
+    def telemetry_depth(self) -> int:
+        with self._lock:
+            return self._n_tel
+
+    def bytes_used(self) -> int:
+        """Payload and topic bytes stored in both tables (what ``max_bytes`` caps)."""
+        with self._lock:
+            return self._entry_bytes + self._tel_bytes
+
+    def last_seq(self) -> int:
+        """The last ``seq`` assigned (0 before the first :meth:`put`)."""
+        with self._lock:
+            return self._last_seq
+
+    def stats(self) -> OutboxStats:
+        with self._lock:
+            return OutboxStats(
+                depth=self._n_entries,
+                telemetry_depth=self._n_tel,
+                bytes=self._entry_bytes + self._tel_bytes,
+                last_seq=self._last_seq,
+                dropped_telemetry=self._dropped,
+            )
+
+    # ----- lifetime ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the database; idempotent. Later calls raise :class:`OutboxError`."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,248 @@
+"""Input sources for the inference loop: synthetic, a directory of files, MQTT requests.
+
+Each source yields :class:`SourceItem` objects; ``next()`` returns ``None`` when
+the source is closed. Loading files happens in a worker thread, never on the
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edge_node.inference_core import make_inputs, numpy_dtype
+from shared.messages import InferRequest, ModelManifest, TensorSpec
+
+__all__ = [
+    "DirectorySource",
+    "InputSource",
+    "MqttSource",
+    "SourceItem",
+    "SyntheticSource",
+    "parse_source",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceItem:
+    inputs: dict[str, np.ndarray]
+    source: str
+    request: InferRequest | None = None
+
+
+class InputSource(Protocol):
+    async def next(self) -> SourceItem | None: ...
+
+    def close(self) -> None: ...
+
+    def depth(self) -> int: ...
+
+
+ManifestGetter = Callable[[], ModelManifest | None]
+
+
+class SyntheticSource:
+    """Random inputs shaped like the active model's, at ``rate_hz`` or flat out."""
+
+    def __init__(self, manifest: ManifestGetter, *, rate_hz: float | None, seed: int = 0) -> None:
+        self._manifest = manifest
+        self._interval = 1.0 / rate_hz if rate_hz else 0.0
+        self._rng = np.random.default_rng(seed)
+        self._closed = asyncio.Event()
+        self._model_ready = asyncio.Event()
+        self._next_at = 0.0
+
+    def model_changed(self) -> None:
+        """Called when a model becomes active, to wake a waiting ``next()``."""
+        self._model_ready.set()
+
+    async def next(self) -> SourceItem | None:
+        loop = asyncio.get_running_loop()
+        while not self._closed.is_set():
+            manifest = self._manifest()
+            if manifest is None:
+                self._model_ready.clear()
+                await _first(self._closed.wait(), self._model_ready.wait())
+                continue
+            delay = self._next_at - loop.time()
+            if delay > 0:
+                await _first(self._closed.wait(), asyncio.sleep(delay))
+                continue
+            self._next_at = max(self._next_at, loop.time() - 1.0) + self._interval
+            if not self._interval:
+                await asyncio.sleep(0)  # let the rest of the node run between items
+            base = make_inputs(manifest.inputs, manifest.warmup)
+            inputs = {name: self._randomize(value) for name, value in base.items()}
+            return SourceItem(inputs, "synthetic")
+        return None
+
+    def _randomize(self, value: np.ndarray) -> np.ndarray:
+        if value.dtype.kind == "f":
+            return self._rng.standard_normal(value.shape).astype(value.dtype)
+        return value
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def depth(self) -> int:
+        return 0
+
+
+class DirectorySource:
+    """Every new ``.npy``/``.npz`` (and image, when Pillow is installed) file is an input.
+
+    ``.npy`` feeds the model's first input; ``.npz`` maps array names to inputs.
+    Files are taken in name order; a file that cannot be read is logged and skipped.
+    """
+
+    def __init__(self, directory: Path, manifest: ManifestGetter, *, poll_s: float = 0.5) -> None:
+        self._dir = directory
+        self._manifest = manifest
+        self._poll_s = poll_s
+        self._seen: set[str] = set()
+        self._ready: list[Path] = []
+        self._closed = asyncio.Event()
+
+    async def next(self) -> SourceItem | None:
+        while not self._closed.is_set():
+            manifest = self._manifest()
+            if manifest is not None:
+                if not self._ready:
+                    self._ready = await asyncio.to_thread(self._scan)
+                while self._ready:
+                    path = self._ready.pop(0)
+                    try:
+                        inputs = await asyncio.to_thread(_load_file, path, manifest.inputs)
+                    except (OSError, ValueError) as exc:
+                        log.warning("skipping input file %s: %s", path.name, exc)
+                        continue
+                    return SourceItem(inputs, f"dir:{path.name}")
+            await _first(self._closed.wait(), asyncio.sleep(self._poll_s))
+        return None
+
+    def _scan(self) -> list[Path]:
+        try:
+            names = sorted(p for p in self._dir.iterdir() if p.is_file())
+        except OSError as exc:
+            log.warning("cannot list input directory %s: %s", self._dir, exc)
+            return []
+        fresh = [p for p in names if p.name not in self._seen and not p.name.startswith(".")]
+        self._seen.update(p.name for p in fresh)
+        return fresh
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def depth(self) -> int:
+        return len(self._ready)
+
+
+def _load_file(path: Path, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+        return {specs[0].name: _conform(array, specs[0])}
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            by_name = {spec.name: spec for spec in specs}
+            missing = [name for name in by_name if name not in archive.files]
+            if missing:
+                raise ValueError(f"archive lacks input {missing[0]!r}")
+            return {name: _conform(archive[name], spec) for name, spec in by_name.items()}
+    if suffix in (".png", ".jpg", ".jpeg", ".bmp"):
+        return {specs[0].name: _load_image(path, specs[0])}
+    raise ValueError(f"unsupported input file type {suffix!r}")
+
+
+def _conform(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Cast to the input's dtype and add a leading batch axis when one is missing."""
+    value = array.astype(numpy_dtype(spec.dtype), copy=False)
+    if value.ndim == len(spec.shape) - 1:
+        value = value[np.newaxis, ...]
+    if value.ndim != len(spec.shape):
+        raise ValueError(
+            f"input {spec.name!r} has rank {value.ndim}, model expects {len(spec.shape)}"
+        )
+    return value
+
+
+def _load_image(path: Path, spec: TensorSpec) -> np.ndarray:
+    try:
+        from PIL import Image  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        raise ValueError("reading images needs Pillow (pip install pillow)") from None
+    dims = [d if isinstance(d, int) else None for d in spec.shape]
+    with Image.open(path) as image:
+        if len(dims) == 4 and dims[2] and dims[3]:  # NCHW
+            rgb = image.convert("RGB").resize((dims[3], dims[2]))
+            array = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        else:
+            array = np.asarray(image.convert("L"), dtype=np.float32).reshape(-1) / 255.0
+    return _conform(array, spec)
+
+
+class MqttSource:
+    """Requests from local applications (``node/{id}/infer/request``), bounded."""
+
+    def __init__(self, manifest: ManifestGetter, *, max_queue: int = 1000) -> None:
+        self._manifest = manifest
+        self._queue: asyncio.Queue[InferRequest | None] = asyncio.Queue(max_queue)
+
+    def offer(self, request: InferRequest) -> bool:
+        """Queue a request; False when the queue is full (the caller replies busy)."""
+        try:
+            self._queue.put_nowait(request)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    async def next(self) -> SourceItem | None:
+        while True:
+            request = await self._queue.get()
+            if request is None:
+                self._queue.put_nowait(None)  # wake the next worker too
+                return None
+            inputs = {
+                t.name: np.asarray(t.data, dtype=numpy_dtype(t.dtype)).reshape(t.shape)
+                for t in request.inputs
+            }
+            return SourceItem(inputs, f"mqtt:{request.client}", request)
+
+    def close(self) -> None:
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of ``waits`` (coroutines) finishes; cancel the rest."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def parse_source(text: str) -> tuple[str, Path | None]:
+    """``synthetic``, ``mqtt``, ``none`` or ``dir:PATH``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if text in ("synthetic", "mqtt", "none"):
+        return text, None
+    if text.startswith("dir:") and len(text) > 4:
+        return "dir", Path(text[4:])
+    raise ValueError(f"unknown source {text!r}: use synthetic, mqtt, none or dir:PATH")

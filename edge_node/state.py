@@ -1,0 +1,132 @@
+"""The node's small persistent state: ``state.json`` and its copy of the trust list.
+
+Invariants:
+
+* every write is atomic (temp file, fsync, ``os.replace``) so a crash leaves
+  either the old or the new state, never a torn file;
+* the verifier's ``last_seq`` and attempted keys are written *before* the node
+  acts on a command, so a restart never applies a command twice;
+* result sequence numbers are reserved in blocks (:meth:`NodeStore.reserve_results`):
+  after a restart numbering resumes above every number handed out before, so
+  ``(node, seq)`` stays unique for the controller's store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_node.core import VerifierState
+from shared.errors import EdgeFleetError, TrustFileError
+from shared.messages import ModelRef
+from shared.trust import TrustStore
+
+__all__ = ["NodeStore", "PersistedState", "StateFileError", "atomic_write"]
+
+RESULT_SEQ_BLOCK = 10_000
+
+
+class StateFileError(EdgeFleetError):
+    """``state.json`` exists but cannot be read."""
+
+
+class PersistedState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session: int = 0
+    last_seq: int = 0
+    attempted: list[str] = Field(default_factory=list)
+    active: ModelRef | None = None
+    previous: ModelRef | None = None
+    result_seq_reserved: int = 0
+
+    def verifier_state(self) -> VerifierState:
+        return VerifierState(
+            last_seq=self.last_seq, attempted=tuple(self.attempted), active=self.active
+        )
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class NodeStore:
+    """``DATA/state.json`` and ``DATA/trust.json`` (the rotated trust list)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.state_path = data_dir / "state.json"
+        self.trust_path = data_dir / "trust.json"
+        data_dir.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> PersistedState:
+        """Raises: StateFileError when the file exists but is unreadable."""
+        try:
+            raw = self.state_path.read_bytes()
+        except FileNotFoundError:
+            return PersistedState()
+        except OSError as exc:
+            raise StateFileError(f"cannot read {self.state_path}: {exc.strerror}") from None
+        try:
+            return PersistedState.model_validate(json.loads(raw))
+        except ValueError as exc:
+            first = str(exc).splitlines()[0]
+            raise StateFileError(f"{self.state_path} is corrupt: {first}") from None
+
+    def save(self, state: PersistedState) -> None:
+        atomic_write(self.state_path, state.model_dump_json(indent=2).encode())
+
+    def reserve_results(self, state: PersistedState, next_seq: int) -> PersistedState:
+        """Persist a new block of result numbers when ``next_seq`` reaches the reserve."""
+        if next_seq <= state.result_seq_reserved:
+            return state
+        updated = state.model_copy(update={"result_seq_reserved": next_seq + RESULT_SEQ_BLOCK - 1})
+        self.save(updated)
+        return updated
+
+    def load_trust(self, shipped: Path | None, *, now: float) -> TrustStore:
+        """The newest trust list that verifies: the rotated copy, else the shipped file.
+
+        Raises:
+            TrustFileError: neither file is present and readable (fail closed).
+            TrustError: the shipped file does not verify.
+        """
+        candidates: list[TrustStore] = []
+        errors: list[str] = []
+        for path in (self.trust_path, shipped):
+            if path is None:
+                continue
+            try:
+                data: bytes | None = path.read_bytes()
+            except OSError:
+                continue
+            try:
+                candidates.append(TrustStore.bootstrap(data, now=now))
+            except EdgeFleetError as exc:
+                errors.append(f"{path}: {exc}")
+        if not candidates:
+            detail = "; ".join(errors) or "no trust file found"
+            raise TrustFileError(f"no usable trust list ({detail}): refusing every command")
+        return max(candidates, key=lambda store: store.version)
+
+    def save_trust(self, store: TrustStore) -> None:
+        atomic_write(self.trust_path, store.envelope_bytes())

@@ -1,0 +1,37 @@
+"""JSON Schemas of every wire model, rendered as text (pure: builds strings only).
+
+:func:`render_schemas` is the single source of the files under ``docs/schemas/``:
+one ``<ModelName>.json`` per top-level message in
+:data:`shared.messages.MESSAGE_TYPES`, plus the DSSE :class:`~shared.envelope.Envelope`
+and the signed :class:`~shared.trust.TrustList`. ``scripts/gen_schemas.py`` writes
+them and a unit test checks that the committed files match.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel
+
+from shared.envelope import Envelope
+from shared.messages import MESSAGE_TYPES
+from shared.trust import TrustList
+
+__all__ = ["SCHEMA_MODELS", "render_schema", "render_schemas", "schema_filename"]
+
+SCHEMA_MODELS: tuple[type[BaseModel], ...] = (*MESSAGE_TYPES, Envelope, TrustList)
+
+
+def schema_filename(model: type[BaseModel]) -> str:
+    """The file name of ``model``'s schema, e.g. ``"Command.json"``."""
+    return f"{model.__name__}.json"
+
+
+def render_schema(model: type[BaseModel]) -> str:
+    """``model``'s JSON Schema as stable text: indented, key-sorted, newline-terminated."""
+    return json.dumps(model.model_json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def render_schemas() -> dict[str, str]:
+    """Every schema file's name mapped to its exact text, in a stable order."""
+    return {schema_filename(model): render_schema(model) for model in SCHEMA_MODELS}

@@ -1,0 +1,355 @@
+"""The broker fixtures run a real Mosquitto that real aiomqtt (MQTT 5) clients use.
+
+Also checks broker_config's ACL template against that real broker. Absence of
+a message is shown without sleeping: a marker message published after it on
+the same path arrives first (Mosquitto delivers one client's messages in order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from broker_config import config_path
+from tests.conftest import BrokerFactory
+from tests.support.broker import Broker, BrokerNotInstalledError, find_mosquitto, free_port
+
+pytestmark = pytest.mark.integration
+
+V5 = aiomqtt.ProtocolVersion.V5
+DEADLINE_S = 10.0
+
+
+def client(
+    broker: Broker,
+    *,
+    identifier: str | None = None,
+    username: str | None = None,
+    will: aiomqtt.Will | None = None,
+    clean_start: bool = True,
+    session_expiry_s: int | None = None,
+) -> aiomqtt.Client:
+    """An MQTT 5 client for ``broker`` (call inside a running event loop)."""
+    properties = None
+    if session_expiry_s is not None:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = session_expiry_s
+    return aiomqtt.Client(
+        broker.host,
+        broker.port,
+        identifier=identifier or f"test-{uuid.uuid4().hex[:8]}",
+        username=username,
+        password=f"pw-{username}" if username else None,
+        protocol=V5,
+        will=will,
+        clean_start=clean_start,
+        properties=properties,
+        timeout=DEADLINE_S,
+    )
+
+
+async def next_message(mqtt: aiomqtt.Client) -> aiomqtt.Message:
+    async with asyncio.timeout(DEADLINE_S):
+        return await anext(mqtt.messages)
+
+
+def run(coro_fn: object) -> object:
+    """``asyncio.run`` with an overall deadline, so a hung test fails instead of stalling."""
+
+    async def bounded() -> object:
+        async with asyncio.timeout(4 * DEADLINE_S):
+            return await coro_fn()  # type: ignore[operator]
+
+    return asyncio.run(bounded())
+
+
+# ----- the fixtures ------------------------------------------------------------
+
+
+def test_broker_fixture_listens_on_its_url(broker: Broker) -> None:
+    assert broker.running
+    assert broker.url == f"mqtt://127.0.0.1:{broker.port}"
+    assert broker.host == "127.0.0.1"
+    config = broker.config_file.read_text()
+    assert f"listener {broker.port} 127.0.0.1" in config.splitlines()
+    assert "persistence false" in config.splitlines()
+
+
+def test_publish_and_receive_mqtt5(broker: Broker, topic_prefix: str) -> None:
+    topic = f"{topic_prefix}/node/n1/telemetry"
+
+    async def scenario() -> aiomqtt.Message:
+        async with client(broker) as mqtt:
+            await mqtt.subscribe(topic, qos=1)
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ContentType = "application/json"
+            properties.UserProperty = [("fleet", topic_prefix)]
+            await mqtt.publish(topic, b'{"cpu": 0.5}', qos=1, properties=properties)
+            return await next_message(mqtt)
+
+    message = run(scenario)
+    assert isinstance(message, aiomqtt.Message)
+    assert message.topic.value == topic
+    assert message.payload == b'{"cpu": 0.5}'
+    assert message.qos == 1
+    assert message.properties is not None  # MQTT 5 properties only travel over v5
+    assert message.properties.ContentType == "application/json"
+    assert ("fleet", topic_prefix) in message.properties.UserProperty
+
+
+def test_retained_message_survives_restart_when_persistent(
+    persistent_broker: Broker, topic_prefix: str
+) -> None:
+    topic = f"{topic_prefix}/node/n1/state"
+
+    async def publish() -> None:
+        async with client(persistent_broker) as mqtt:
+            await mqtt.publish(topic, b"online", qos=1, retain=True)
+
+    async def read_back() -> aiomqtt.Message:
+        async with client(persistent_broker) as mqtt:
+            await mqtt.subscribe(topic, qos=1)
+            return await next_message(mqtt)
+
+    run(publish)
+    port = persistent_broker.port
+    persistent_broker.stop()
+    assert not persistent_broker.running
+    persistent_broker.start()
+    assert persistent_broker.port == port
+    message = run(read_back)
+    assert isinstance(message, aiomqtt.Message)
+    assert message.payload == b"online"
+    assert message.retain
+
+
+def test_retained_message_is_gone_after_restart_without_persistence(
+    broker: Broker, topic_prefix: str
+) -> None:
+    topic = f"{topic_prefix}/node/n1/state"
+
+    async def publish() -> None:
+        async with client(broker) as mqtt:
+            await mqtt.publish(topic, b"online", qos=1, retain=True)
+
+    async def first_after_subscribe() -> aiomqtt.Message:
+        async with client(broker) as mqtt:
+            await mqtt.subscribe(topic, qos=1)
+            # A retained message would be delivered before this marker.
+            await mqtt.publish(topic, b"marker", qos=1)
+            return await next_message(mqtt)
+
+    run(publish)
+    broker.kill()
+    broker.start()
+    message = run(first_after_subscribe)
+    assert isinstance(message, aiomqtt.Message)
+    assert message.payload == b"marker"
+    assert not message.retain
+
+
+def test_persistent_session_receives_qos1_sent_while_offline_across_restart(
+    persistent_broker: Broker, topic_prefix: str
+) -> None:
+    topic = f"{topic_prefix}/node/n1/cmd"
+    node_id = f"{topic_prefix.rsplit('/', 1)[-1]}-n1"
+
+    async def subscribe_then_leave() -> None:
+        async with client(
+            persistent_broker, identifier=node_id, clean_start=True, session_expiry_s=3600
+        ) as node:
+            await node.subscribe(topic, qos=1)
+
+    async def publish_while_node_offline() -> None:
+        async with client(persistent_broker) as controller:
+            await controller.publish(topic, b"deploy v2", qos=1)
+
+    async def reconnect() -> aiomqtt.Message:
+        # No subscribe: the restored session still holds the subscription.
+        async with client(
+            persistent_broker, identifier=node_id, clean_start=False, session_expiry_s=3600
+        ) as node:
+            return await next_message(node)
+
+    run(subscribe_then_leave)
+    run(publish_while_node_offline)
+    persistent_broker.restart()
+    message = run(reconnect)
+    assert isinstance(message, aiomqtt.Message)
+    assert message.topic.value == topic
+    assert message.payload == b"deploy v2"
+    assert message.qos == 1
+
+
+def test_restart_after_kill_reuses_the_port(broker: Broker, topic_prefix: str) -> None:
+    url = broker.url
+    broker.kill()
+    assert not broker.running
+    broker.start()
+    assert broker.url == url
+
+    async def echo() -> aiomqtt.Message:
+        async with client(broker) as mqtt:
+            await mqtt.subscribe(f"{topic_prefix}/#", qos=0)
+            await mqtt.publish(f"{topic_prefix}/ping", b"1", qos=0)
+            return await next_message(mqtt)
+
+    message = run(echo)
+    assert isinstance(message, aiomqtt.Message)
+    assert message.payload == b"1"
+
+
+def test_persistence_option_renders_a_private_location(persistent_broker: Broker) -> None:
+    lines = persistent_broker.config_file.read_text().splitlines()
+    assert "persistence true" in lines
+    assert f"persistence_location {persistent_broker.persistence_dir}{os.sep}" in lines
+    persistent_broker.stop()
+    assert (persistent_broker.persistence_dir / "mosquitto.db").is_file()
+
+
+def test_missing_mosquitto_is_a_clear_error(tmp_path: Path) -> None:
+    broker = Broker(tmp_path, executable=str(tmp_path / "no-such-mosquitto"))
+    with pytest.raises(BrokerNotInstalledError, match="no-such-mosquitto"):
+        broker.start()
+    assert not broker.running
+
+
+def test_free_port_is_bindable() -> None:
+    port = free_port()
+    assert 0 < port < 65536
+
+
+# ----- broker_config/acl.template on the real broker ---------------------------
+
+
+def render_acl(operators: Sequence[str]) -> str:
+    """The template plus one operator block per name (the documented contract)."""
+    text = config_path("acl.template").read_text()
+    block = [line[3:] for line in text.splitlines() if line.startswith("#@ ")]
+    assert block, "acl.template lost its operator block"
+    for name in operators:
+        text += "\n" + "\n".join(line.replace("{operator}", name) for line in block) + "\n"
+    return text
+
+
+@pytest.fixture
+def acl_broker(broker_factory: BrokerFactory, tmp_path: Path) -> Broker:
+    users = ["controller", "n1", "n2", "operator-alice", "operator-bob"]
+    passwd = tmp_path / "passwd"
+    mosquitto_passwd = Path(find_mosquitto()).parent.parent / "bin" / "mosquitto_passwd"
+    tool = str(mosquitto_passwd) if mosquitto_passwd.exists() else "mosquitto_passwd"
+    for index, user in enumerate(users):
+        flags = ["-c"] if index == 0 else []
+        subprocess.run([tool, *flags, "-b", str(passwd), user, f"pw-{user}"], check=True)
+    acl = tmp_path / "acl"
+    acl.write_text(render_acl(["operator-alice", "operator-bob"]))
+    return broker_factory(
+        extra_config=[
+            "allow_anonymous false",
+            f"password_file {passwd}",
+            f"acl_file {acl}",
+        ]
+    )
+
+
+def test_acl_template_confines_nodes_and_operators(acl_broker: Broker, fleet_id: str) -> None:
+    base = f"fleet/v1/{fleet_id}"
+
+    async def scenario() -> dict[str, list[tuple[str, bytes]]]:
+        seen: dict[str, list[tuple[str, bytes]]] = {}
+        async with (
+            client(acl_broker, username="controller") as controller,
+            client(acl_broker, username="n1") as n1,
+            client(acl_broker, username="operator-alice") as alice,
+        ):
+            # The controller ingests through shared subscriptions.
+            for leaf in ("node/+/state", "artifact/+/req/+", "ctl/request"):
+                await controller.subscribe(f"$share/controllers/{base}/{leaf}", qos=1)
+            # n1 asks for more than it may read; the broker filters per message.
+            await n1.subscribe(f"{base}/node/+/cmd", qos=1)
+            await n1.subscribe(f"{base}/artifact/+/data/+", qos=1)
+            await alice.subscribe(f"{base}/ctl/reply/+", qos=1)
+            await alice.subscribe(f"{base}/node/+/state", qos=1)
+
+            # Node writes: another node's state and a controller-only leaf are
+            # dropped; its own state gets through.
+            await n1.publish(f"{base}/node/n2/state", b"forged", qos=1)
+            await n1.publish(f"{base}/node/n1/cmd", b"self-command", qos=1)
+            await n1.publish(f"{base}/artifact/{'0' * 64}/req/n2", b"as-n2", qos=1)
+            await n1.publish(f"{base}/artifact/{'0' * 64}/req/n1", b"chunk?", qos=1)
+            await n1.publish(f"{base}/node/n1/state", b"online", qos=1)
+            seen["controller"] = [
+                (m.topic.value, m.payload)  # type: ignore[misc]
+                for m in [await next_message(controller), await next_message(controller)]
+            ]
+            seen["alice-state"] = [
+                (m.topic.value, m.payload)  # type: ignore[misc]
+                for m in [await next_message(alice)]
+            ]
+
+            # Node reads: only its own cmd and artifact data. Operators never
+            # write to nodes (n1 would read this first if they could).
+            await alice.publish(f"{base}/node/n1/cmd", b"operator-command", qos=1)
+            await controller.publish(f"{base}/node/n2/cmd", b"for-n2", qos=1)
+            await controller.publish(f"{base}/artifact/{'0' * 64}/data/n2", b"n2-chunk", qos=1)
+            await controller.publish(f"{base}/artifact/{'0' * 64}/data/n1", b"n1-chunk", qos=1)
+            await controller.publish(f"{base}/node/n1/cmd", b"for-n1", qos=1)
+            seen["n1"] = [
+                (m.topic.value, m.payload)  # type: ignore[misc]
+                for m in [await next_message(n1), await next_message(n1)]
+            ]
+
+            # Operators: requests to the controller, only their own replies.
+            await alice.publish(f"{base}/ctl/request", b"request", qos=1)
+            seen["controller-ctl"] = [
+                (m.topic.value, m.payload)  # type: ignore[misc]
+                for m in [await next_message(controller)]
+            ]
+            await controller.publish(f"{base}/ctl/reply/operator-bob", b"bob's", qos=1)
+            await controller.publish(f"{base}/ctl/reply/operator-alice", b"alice's", qos=1)
+            seen["alice"] = [
+                (m.topic.value, m.payload)  # type: ignore[misc]
+                for m in [await next_message(alice)]
+            ]
+        return seen
+
+    seen = run(scenario)
+    assert isinstance(seen, dict)
+    assert seen["controller"] == [
+        (f"{base}/artifact/{'0' * 64}/req/n1", b"chunk?"),
+        (f"{base}/node/n1/state", b"online"),
+    ]
+    assert seen["alice-state"] == [(f"{base}/node/n1/state", b"online")]
+    assert seen["n1"] == [
+        (f"{base}/artifact/{'0' * 64}/data/n1", b"n1-chunk"),
+        (f"{base}/node/n1/cmd", b"for-n1"),
+    ]
+    assert seen["controller-ctl"] == [(f"{base}/ctl/request", b"request")]
+    assert seen["alice"] == [(f"{base}/ctl/reply/operator-alice", b"alice's")]
+
+
+def test_acl_template_rejects_wrong_password(acl_broker: Broker) -> None:
+    async def connect() -> None:
+        mqtt = aiomqtt.Client(
+            acl_broker.host,
+            acl_broker.port,
+            username="n1",
+            password="wrong",  # noqa: S106
+            protocol=V5,
+            timeout=DEADLINE_S,
+        )
+        async with mqtt:
+            pass
+
+    with pytest.raises(aiomqtt.MqttCodeError) as excinfo:
+        run(connect)
+    assert "authoriz" in str(excinfo.value).lower() or "password" in str(excinfo.value).lower()
