@@ -115,12 +115,26 @@ Outcome = Accepted | Duplicate | Ignored | Rejected
 
 
 def _keys(command: Command, manifest: ModelManifest | None) -> tuple[str, ...]:
-    """Dedupe keys: the command itself, and its rollout step for wave commands."""
+    """Keys recorded for an attempted command: the command, and its rollout step.
+
+    The step key (rollout, action, model) makes every later wave of the same
+    rollout a duplicate, whether this node took part through a wave or through a
+    per-node command (a late joiner or a retry).
+    """
     keys = [f"c:{command.command_id}"]
     if command.rollout_id is not None:
         sha = manifest.sha256 if manifest is not None else "-"
         keys.append(f"r:{command.rollout_id}:{command.body.action}:{sha}")
     return tuple(keys)
+
+
+def _dedupe_key(command: Command, keys: tuple[str, ...]) -> str:
+    """The key that makes ``command`` a duplicate: its step for waves, else its id.
+
+    A per-node command with a new id re-runs the step: that is how the
+    controller retries a node that failed or timed out.
+    """
+    return keys[-1] if isinstance(command.target, WaveTarget) else keys[0]
 
 
 def _addressed(command: Command, me: NodeIdentity) -> Ignored | Rejected | None:
@@ -156,20 +170,26 @@ def verify_command(
     command: Command | None = None
     try:
         envelope = Envelope.from_bytes(data)
-        command = decode(Command, trust.open(envelope, Role.ROLLOUT, now=now))
+        # An expired trust list refuses everything but a root-signed rotation,
+        # so a node that was offline past its list's expiry can still recover.
+        expired = trust.expired(now)
+        command = decode(
+            Command, trust.open(envelope, Role.ROLLOUT, now=now, allow_expired=expired)
+        )
+        if expired and not isinstance(command.body, TrustUpdateAction):
+            raise ExpiredError(f"trust list v{trust.version} has expired")
         not_for_me = _addressed(command, me)
         if not_for_me is not None:
             return not_for_me
-        if command.expires_at <= now:
-            raise ExpiredError(f"command {command.command_id} expired")
         body = command.body
         manifest: ModelManifest | None = None
         if isinstance(body, DeployAction | RollbackAction):
             manifest = _open_manifest(body.manifest, trust, now)
         keys = _keys(command, manifest)
-        seen = next((k for k in keys if k in state.attempted), None)
-        if seen is not None:
-            return Duplicate(command, f"already attempted ({seen})", manifest)
+        if _dedupe_key(command, keys) in state.attempted:
+            return Duplicate(command, f"already attempted ({_dedupe_key(command, keys)})", manifest)
+        if command.expires_at <= now:
+            raise ExpiredError(f"command {command.command_id} expired")
         if command.seq <= state.last_seq:
             if isinstance(command.target, WaveTarget):
                 return Ignored(f"wave command seq {command.seq} superseded")
@@ -187,8 +207,11 @@ def verify_command(
 
 
 def _check_upgrade(manifest: ModelManifest, active: ModelRef | None) -> None:
-    """A deploy must move forward: a newer version, or the very model already active."""
-    if active is None or manifest.sha256 == active.sha256:
+    """A deploy of the active model's name must move forward (or be that very model).
+
+    Deploying a different model name replaces the active one and is no downgrade.
+    """
+    if active is None or manifest.sha256 == active.sha256 or manifest.name != active.name:
         return
     if SemVer.parse(manifest.version) <= SemVer.parse(active.version):
         raise DowngradeError(

@@ -309,6 +309,13 @@ class MqttChunkFetcher:
 
 # ----- HTTP(S) ---------------------------------------------------------------
 
+
+def _close_opened(opening: asyncio.Future[http.client.HTTPResponse]) -> None:
+    """Close the response of an open whose caller was cancelled meanwhile."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
@@ -364,18 +371,31 @@ class HttpFetcher:
             self._url,
             headers={"Range": f"bytes={offset}-", "Accept-Encoding": "identity"},
         )
-        response = await asyncio.to_thread(self._open, request)
+        # Worker threads cannot be interrupted: if we are cancelled while one
+        # opens or reads, it keeps the response and closes it when it returns
+        # (closing under a running read would race with it).
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open, request))
+        try:
+            response = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_opened)
+            raise
+        reading: asyncio.Future[bytes] | None = None
+
+        async def read(amount: int) -> bytes:
+            nonlocal reading
+            reading = asyncio.ensure_future(asyncio.to_thread(self._read, response, amount))
+            return await asyncio.shield(reading)
+
         try:
             skip = self._check(response, offset)
             while skip > 0:
-                dropped = await asyncio.to_thread(
-                    self._read, response, min(self._chunk_bytes, skip)
-                )
+                dropped = await read(min(self._chunk_bytes, skip))
                 if not dropped:
                     raise TransferError(f"{self._where} ended the body before offset {offset}")
                 skip -= len(dropped)
             while budget > 0:
-                data = await asyncio.to_thread(self._read, response, min(self._chunk_bytes, budget))
+                data = await read(min(self._chunk_bytes, budget))
                 if not data:
                     break
                 budget -= len(data)
@@ -386,7 +406,10 @@ class HttpFetcher:
                     f"{self._where} closed the connection with {missing} bytes missing"
                 )
         finally:
-            response.close()
+            if reading is not None and not reading.done():
+                reading.add_done_callback(lambda _: response.close())
+            else:
+                response.close()
 
     def _open(self, request: urllib.request.Request) -> http.client.HTTPResponse:
         try:

@@ -525,9 +525,8 @@ def summarize_output(
 def _classifier_like(arr: np.ndarray) -> bool:
     if arr.dtype.kind != "f":
         return False
-    if arr.ndim == 1:
-        return arr.shape[0] >= 2
-    return arr.ndim == 2 and arr.shape[0] == 1 and arr.shape[1] >= 2
+    rows, cols = (1, arr.shape[0]) if arr.ndim == 1 else arr.shape if arr.ndim == 2 else (0, 0)
+    return int(rows) == 1 and int(cols) >= 2
 
 
 def _topk(

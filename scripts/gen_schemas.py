@@ -52,7 +52,9 @@ def write(directory: Path, expected: dict[str, str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        description="Write the JSON Schema of every EdgeFleet wire model into docs/schemas/."
+    )
     parser.add_argument(
         "--check",
         action="store_true",

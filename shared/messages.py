@@ -474,6 +474,11 @@ def decode(model: type[M], payload: bytes, *, max_bytes: int = DEFAULT_MAX_PAYLO
         DecodeError: the payload is too big, not strict JSON, or not a valid ``model``.
     """
     value = decode_json(payload, max_bytes=max_bytes)
+    if issubclass(model, Message) and isinstance(value, dict):
+        # Senders always write the header; a payload without it could fit several models.
+        missing = [key for key in ("v", "type") if key not in value]
+        if missing:
+            raise DecodeError(f"invalid {model.__name__}: {missing[0]}: field required")
     try:
         return model.model_validate(value)
     except ValidationError as exc:

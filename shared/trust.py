@@ -246,8 +246,14 @@ class TrustStore:
             raise ExpiredError(f"trust list v{trust.version} has expired")
         return cls(trust, envelope)
 
-    def open(self, envelope: Envelope, role: Role, *, now: float) -> bytes:
+    def open(
+        self, envelope: Envelope, role: Role, *, now: float, allow_expired: bool = False
+    ) -> bytes:
         """Verify ``envelope`` for ``role`` and return its payload bytes.
+
+        ``allow_expired`` skips the trust list's own expiry; it is only for
+        carrying a root-signed rotation to a node whose list has expired (the
+        rotation is then checked against the root keys by :meth:`rotate`).
 
         Raises:
             ExpiredError: the trust list itself has expired.
@@ -255,9 +261,12 @@ class TrustStore:
                 the signatures do not satisfy ``role``.
             DecodeError: the payload is not base64.
         """
-        if self._trust.expires_at <= now:
+        if self._trust.expires_at <= now and not allow_expired:
             raise ExpiredError(f"trust list v{self._trust.version} has expired")
         return _verify(self._trust, envelope, role)
+
+    def expired(self, now: float) -> bool:
+        return self._trust.expires_at <= now
 
     def rotate(self, envelope: Envelope, *, now: float) -> TrustStore:
         """Accept a newer trust list signed by the current and the new root.

@@ -164,8 +164,13 @@ def test_persistent_session_receives_qos1_sent_while_offline_across_restart(
     node_id = f"{topic_prefix.rsplit('/', 1)[-1]}-n1"
 
     async def subscribe_then_leave() -> None:
+        # Clean Start = 0 even on this first connect (the client id is new, so the
+        # session is new anyway): Mosquitto 2.0.11 keeps an MQTT 5 session whose
+        # CONNECT had Clean Start = 1 in memory only, and loses it on restart
+        # despite its session expiry interval. aiomqtt's default
+        # (MQTT_CLEAN_START_FIRST_ONLY) sets Clean Start = 1 on a client's first connect.
         async with client(
-            persistent_broker, identifier=node_id, clean_start=True, session_expiry_s=3600
+            persistent_broker, identifier=node_id, clean_start=False, session_expiry_s=3600
         ) as node:
             await node.subscribe(topic, qos=1)
 

@@ -4,12 +4,14 @@ The server (``http.server.ThreadingHTTPServer`` in a thread) serves one blob at
 ``/blob`` and records every ``Range`` header it sees. Modes: ``range`` (206 with
 Content-Range, 416 past the end), ``ignore_range`` (always 200 with the whole
 blob), ``cut`` (honours Range, then closes the connection after ``cut_at`` body
-bytes), ``bad_range`` (206 that always claims to start at 0).
+bytes), ``bad_range`` (206 that always claims to start at 0), ``stall``
+(sends ``cut_at`` body bytes, then waits for ``release`` before the rest).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import re
 import socket
@@ -60,6 +62,8 @@ class BlobServer(ThreadingHTTPServer):
         self.cut_at = 0
         self.ranges: list[str | None] = []
         self.lock = threading.Lock()
+        self.stalled = threading.Event()
+        self.release = threading.Event()
 
     @property
     def url(self) -> str:
@@ -73,7 +77,7 @@ class BlobServer(ThreadingHTTPServer):
 class BlobHandler(BaseHTTPRequestHandler):
     server: BlobServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def do_GET(self) -> None:
@@ -107,6 +111,12 @@ class BlobHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if mode == "cut":
             body = body[: srv.cut_at]
+        if mode == "stall":
+            self.wfile.write(body[: srv.cut_at])
+            self.wfile.flush()
+            srv.stalled.set()
+            srv.release.wait(timeout=10)
+            body = body[srv.cut_at :]
         self.wfile.write(body)
         self.wfile.flush()
 
@@ -121,6 +131,7 @@ def server() -> Iterator[BlobServer]:
     try:
         yield srv
     finally:
+        srv.release.set()
         srv.shutdown()
         srv.server_close()
         thread.join(timeout=5)
@@ -169,6 +180,38 @@ def test_resume_when_server_ignores_range(server: BlobServer, tmp_path: Path) ->
     path = run(store.download(manifest, fetcher_for(server.url)))
     assert path.read_bytes() == BLOB
     assert server.ranges[-1] == "bytes=123457-"
+
+
+def test_cancel_mid_read_keeps_part_and_closes_the_response(
+    server: BlobServer, tmp_path: Path
+) -> None:
+    store = ArtifactStore(tmp_path)
+    manifest = manifest_for(BLOB)
+    server.mode, server.cut_at = "stall", 3 * 16 * 1024 + 100
+
+    async def cancel_while_stalled() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.create_task(store.download(manifest, fetcher_for(server.url)))
+        deadline = loop.time() + 5
+        while not server.stalled.is_set():  # a worker thread now blocks in read()
+            assert loop.time() < deadline, "server never reached the stall"
+            assert not task.done()
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        server.mode = "range"
+        server.release.set()  # the abandoned read returns; its response gets closed
+
+    run(cancel_while_stalled())
+    gc.collect()  # an unclosed socket would surface here as an unraisable ResourceWarning
+    offset = store.partial_bytes(manifest.sha256)
+    part = tmp_path / "models" / f"{manifest.sha256}.part"
+    assert part.read_bytes() == BLOB[:offset]
+
+    path = run(store.download(manifest, fetcher_for(server.url)))
+    assert path.read_bytes() == BLOB
+    assert server.ranges == ["bytes=0-", f"bytes={offset}-"]
 
 
 def test_not_found_is_a_transfer_error(server: BlobServer, tmp_path: Path) -> None:

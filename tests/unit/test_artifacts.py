@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import re
 import shutil
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -261,7 +262,7 @@ def test_progress_is_throttled_to_once_per_second_plus_final(tmp_path: Path) -> 
     assert 4 <= len(periodic) <= 6  # 20 chunks over 6 s
     assert all(total == 20_000 and 0 < done < total for _, done, total in periodic)
     times = [t for t, _, _ in periodic]
-    assert all(b - a >= 1.0 for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a >= 1.0 for a, b in itertools.pairwise(times))
     dones = [d for _, d, _ in periodic]
     assert dones == sorted(set(dones))
 

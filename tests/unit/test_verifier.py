@@ -581,14 +581,6 @@ def test_rejected(
     assert_rejected(outcome, error, code, expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "docs/protocol.md section 6: a deploy's version must not be lower than the active "
-        "model *of the same name*; edge_node/core.py _check_upgrade compares versions "
-        "across different model names"
-    ),
-)
 def test_deploy_of_another_model_is_not_a_downgrade(kit: Kit, store: TrustStore) -> None:
     manifest = sign_envelope(
         encode(make_manifest("1.0.0", SHA_OTHER, name="yolo")), PAYLOAD_MANIFEST, [kit.release]
@@ -700,16 +692,6 @@ def test_different_manifest_in_same_rollout_is_not_a_duplicate(kit: Kit, store: 
     assert isinstance(outcome, Accepted), outcome
 
 
-BUG_RETRY_IS_DUPLICATE = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "edge_node/core.py _keys adds the rollout-step key r:{rollout}:{action}:{sha} for "
-        "every command with a rollout_id, not only wave commands, so a per-node retry of "
-        "the same rollout step is answered Duplicate instead of re-run"
-    ),
-)
-
-
 def node_command_first(k: Kit) -> bytes:
     return k.make_command(command_id="cmd-1", seq=10)
 
@@ -718,7 +700,6 @@ def wave_command_first(k: Kit) -> bytes:
     return k.wave(command_id="cmd-w0", seq=10)
 
 
-@BUG_RETRY_IS_DUPLICATE
 @pytest.mark.parametrize(
     "first",
     [
@@ -738,14 +719,6 @@ def test_node_retry_with_new_command_id_is_accepted(
     assert outcome.command.command_id == "cmd-1-retry"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "docs/protocol.md section 6 checks 'not a duplicate' (step 7) before 'not expired' "
-        "(step 8); edge_node/core.py checks expiry first, so an applied retained wave "
-        "command re-delivered after it expired is Rejected(expired), not Duplicate"
-    ),
-)
 def test_expired_redelivery_of_an_applied_command_is_a_duplicate(
     kit: Kit, store: TrustStore
 ) -> None:
@@ -872,7 +845,6 @@ TRUST_EXPIRES_SOON = NOW + 100
         pytest.param(lambda k: k.make_command(k.rollback("1.5.0")), id="rollback"),
         pytest.param(lambda k: k.make_command(CancelAction()), id="cancel"),
         pytest.param(lambda k: k.wave(), id="wave-deploy"),
-        pytest.param(rotate_same_root, id="trust-update"),
     ],
 )
 @pytest.mark.parametrize("now", [TRUST_EXPIRES_SOON, TRUST_EXPIRES_SOON + 1], ids=["at", "after"])
@@ -885,7 +857,28 @@ def test_expired_trust_list_rejects_every_command(
 
     outcome = Delivery(data, now=now).verify(expiring)
 
-    assert_rejected(outcome, ExpiredError, "expired", None)
+    assert_rejected(outcome, ExpiredError, "expired", command_of(data))
+
+
+def test_expired_trust_list_still_takes_a_root_signed_rotation(kit: Kit) -> None:
+    """A node offline past its list's expiry can recover over the air, via root."""
+    expiring = kit.store(expires_at=TRUST_EXPIRES_SOON)
+
+    outcome = Delivery(rotate_same_root(kit), now=TRUST_EXPIRES_SOON + 1).verify(expiring)
+
+    assert isinstance(outcome, Accepted), outcome
+    assert outcome.new_trust is not None
+    assert outcome.new_trust.version == 2
+
+
+def test_expired_trust_list_refuses_a_rotation_not_signed_by_root(kit: Kit) -> None:
+    expiring = kit.store(expires_at=TRUST_EXPIRES_SOON)
+    update = kit.trust_update(kit.trust_list(version=2), [kit.rollout])
+    data = kit.make_command(update, rollout_id=None)
+
+    outcome = Delivery(data, now=TRUST_EXPIRES_SOON + 1).verify(expiring)
+
+    assert isinstance(outcome, Rejected), outcome
 
 
 # ----- record() -----------------------------------------------------------------

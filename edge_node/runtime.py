@@ -1,0 +1,717 @@
+"""onnxruntime at the edge: load, validate, warm up, hot-swap and run models.
+
+Decisions (signatures, warm-up inputs, providers, batching) live in
+:mod:`edge_node.inference_core`; this module only moves them onto threads and
+sessions.
+
+Invariants:
+
+* Sessions are created and warmed up in a worker thread, never on the event
+  loop, and created one at a time per *process* (a module-wide lock:
+  concurrent session creation is not safe, and ``edge-node simulate`` runs many
+  runtimes in one process).
+* A model is served only after its session's inputs and outputs match its
+  manifest (:func:`~edge_node.inference_core.check_signature`) and a warm-up
+  inference succeeded.
+* Every request acquires one :class:`LoadedModel` before it runs and releases it
+  when ``session.run`` has returned (or was never started); the
+  :class:`~shared.messages.ModelRef` it reports is that model's, so an output is
+  always attributed to the weights that produced it.
+* The active model is replaced by one assignment on the event loop. A retired
+  model takes no new request; its session is dropped exactly once, when its
+  last in-flight request returns.
+* ``availability`` mode (default, as TF Serving): load the new model while the
+  old one serves; memory holds both for the length of a load. A failed load
+  changes nothing. ``resource`` mode (devices that cannot hold two models):
+  retire the old model and wait for its in-flight requests first, then load
+  the new one. Requests arriving in that *gap* wait (they do not fail); the gap
+  costs drain + load + warm-up time of added latency, reported as ``gap_ms``. If
+  the new load fails, the old model is reloaded from its path and the error is
+  raised.
+* All coroutine methods of one :class:`ModelRuntime` are called from one event
+  loop; :class:`LoadedModel` itself is thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal, ParamSpec, TypeVar
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_node.inference_core import (
+    LatencyWindow,
+    ModelMismatchError,
+    check_signature,
+    choose_providers,
+    first_line,
+    has_dynamic_batch,
+    make_inputs,
+    resolve_specs,
+    spec_from_ort,
+    split_outputs,
+    stack_requests,
+)
+from shared.errors import EdgeFleetError, TrustError
+from shared.messages import ModelManifest, ModelRef, TensorSpec
+
+__all__ = [
+    "ActivationResult",
+    "GraphOptimization",
+    "InferenceError",
+    "InferenceOutcome",
+    "LoadedModel",
+    "ModelLoadError",
+    "ModelMismatchError",
+    "ModelRetiredError",
+    "ModelRuntime",
+    "NoModelError",
+    "SessionOptionsConfig",
+    "SwapMode",
+]
+
+log = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+SwapMode = Literal["availability", "resource"]
+
+_GRAPH_LEVELS: Final[Mapping[str, Any]] = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+# Concurrent InferenceSession creation is not safe; this guards every runtime in
+# the process, not just one.
+_SESSION_CREATE_LOCK: Final = threading.Lock()
+
+
+class ModelLoadError(TrustError):
+    """A model could not be loaded or warmed up (corrupt file, bad graph, warm-up failed)."""
+
+    code = "model_invalid"
+
+
+class NoModelError(EdgeFleetError):
+    """No model is active (none activated yet, or the runtime is closed)."""
+
+
+class ModelRetiredError(EdgeFleetError):
+    """A retired model was asked to take a new request (a bug in the caller)."""
+
+
+class InferenceError(EdgeFleetError):
+    """``session.run`` failed on these inputs (wrong names, dtypes or shapes, runtime fault)."""
+
+
+# ----- configuration ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionOptionsConfig:
+    """How sessions are built.
+
+    * ``intra_op_threads`` / ``inter_op_threads``: onnxruntime thread pools; 0
+      lets onnxruntime choose (intra-op: one per physical core). Inter-op
+      threads only matter for models run in parallel execution mode.
+    * ``graph_optimization``: ``"extended"`` (default) applies every
+      optimization that is portable across CPUs. ``"all"`` adds layout
+      transformations specific to the CPU it runs on: fine for a session built
+      in memory on the device, but an optimized model *file* saved with it is
+      tied to that CPU, so never ship one across the fleet.
+    * ``providers``: execution providers in order of preference. ``None`` uses
+      the manifest's ``providers``. Either way only providers this onnxruntime
+      build has are kept (an unknown one would only warn), falling back to
+      ``CPUExecutionProvider``.
+    """
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization: GraphOptimization = "extended"
+    providers: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise ValueError("thread counts must be >= 0 (0 lets onnxruntime choose)")
+        if self.graph_optimization not in _GRAPH_LEVELS:
+            raise ValueError(f"unknown graph_optimization {self.graph_optimization!r}")
+
+    def session_options(self) -> Any:
+        """A fresh ``onnxruntime.SessionOptions`` for these settings."""
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.intra_op_threads
+        opts.inter_op_num_threads = self.inter_op_threads
+        opts.graph_optimization_level = _GRAPH_LEVELS[self.graph_optimization]
+        return opts
+
+    def providers_for(
+        self, manifest: ModelManifest, available: Sequence[str] | None = None
+    ) -> tuple[str, ...]:
+        """The providers to ask for when loading ``manifest``'s model."""
+        preferred = self.providers if self.providers is not None else manifest.providers
+        have = ort.get_available_providers() if available is None else available
+        return choose_providers(preferred, have)
+
+
+# ----- a loaded model --------------------------------------------------------
+
+
+class LoadedModel:
+    """One session and its manifest, shared by the requests that run on it.
+
+    A reference-counted handle: :meth:`acquire` before a request, :meth:`release`
+    after. :meth:`retire` stops new requests; the session is dropped (``closed``
+    becomes true, exactly once) as soon as the handle is retired and its count
+    is zero. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        *,
+        manifest: ModelManifest,
+        path: Path,
+        session: Any,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        providers: tuple[str, ...],
+        load_ms: float,
+        warmup_ms: float,
+    ) -> None:
+        self.manifest = manifest
+        self.path = path
+        self.inputs = inputs
+        self.outputs = outputs
+        self.output_names = tuple(o.name for o in outputs)
+        self.providers = providers
+        self.load_ms = load_ms
+        self.warmup_ms = warmup_ms
+        self.dynamic_batch = has_dynamic_batch(inputs)
+        self._lock = threading.Lock()
+        self._session: Any | None = session
+        self._refcount = 0
+        self._served = 0
+        self._retired = False
+        self._closed = False
+        self._on_closed: list[Callable[[], None]] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"LoadedModel({self.manifest.name} {self.manifest.version}, "
+            f"refcount={self._refcount}, retired={self._retired}, closed={self._closed})"
+        )
+
+    @property
+    def ref(self) -> ModelRef:
+        return self.manifest.ref
+
+    @property
+    def session(self) -> Any:
+        """The ``InferenceSession``; only valid while holding a reference.
+
+        Raises:
+            ModelRetiredError: the session was already closed.
+        """
+        session = self._session
+        if session is None:
+            raise ModelRetiredError(f"{self.ref.name} {self.ref.version} is closed")
+        return session
+
+    @property
+    def refcount(self) -> int:
+        return self._refcount
+
+    @property
+    def served(self) -> int:
+        """How many requests acquired this model (warm-up not included)."""
+        return self._served
+
+    @property
+    def retired(self) -> bool:
+        return self._retired
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def acquire(self) -> None:
+        """Take a reference for one request.
+
+        Raises:
+            ModelRetiredError: the model is retired and takes no new request.
+        """
+        with self._lock:
+            if self._retired:
+                raise ModelRetiredError(f"{self.ref.name} {self.ref.version} is retired")
+            self._refcount += 1
+            self._served += 1
+
+    def release(self) -> None:
+        """Drop one reference; closes the session if retired and this was the last.
+
+        Raises:
+            RuntimeError: more releases than acquires.
+        """
+        with self._lock:
+            if self._refcount <= 0:
+                raise RuntimeError(f"{self!r} released more often than acquired")
+            self._refcount -= 1
+            closing = self._close_locked() if self._retired and self._refcount == 0 else None
+        self._finish_close(closing)
+
+    def retire(self) -> None:
+        """Take no new request; close once the in-flight ones have returned. Idempotent."""
+        with self._lock:
+            if self._retired:
+                return
+            self._retired = True
+            closing = self._close_locked() if self._refcount == 0 else None
+        self._finish_close(closing)
+
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from whichever thread closes it) once closed; now if already."""
+        with self._lock:
+            if not self._closed:
+                self._on_closed.append(callback)
+                return
+        callback()
+
+    def _close_locked(self) -> tuple[Any, list[Callable[[], None]]]:
+        session, self._session = self._session, None
+        self._closed = True
+        callbacks, self._on_closed = self._on_closed, []
+        return session, callbacks
+
+    @staticmethod
+    def _finish_close(closing: tuple[Any, list[Callable[[], None]]] | None) -> None:
+        # Outside the lock: dropping the last reference runs the session's
+        # destructor, and callbacks may take other locks.
+        if closing is None:
+            return
+        session, callbacks = closing
+        del session
+        for callback in callbacks:
+            callback()
+
+
+# ----- results ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ActivationResult:
+    """What an activation did and how long it took (milliseconds).
+
+    ``gap_ms`` is how long no model was active (always 0 in availability mode;
+    drain + load + warm-up in resource mode); ``drain_ms`` how long the old
+    model's in-flight requests took to return in resource mode.
+    """
+
+    model: ModelRef
+    previous: ModelRef | None
+    mode: SwapMode
+    providers: tuple[str, ...]
+    load_ms: float
+    warmup_ms: float
+    gap_ms: float
+    drain_ms: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class InferenceOutcome:
+    """One request's outputs (by name), the model that produced them and ``session.run`` time."""
+
+    outputs: dict[str, np.ndarray]
+    model: ModelRef
+    latency_ms: float
+
+
+# ----- the runtime -----------------------------------------------------------
+
+
+def _default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _elapsed_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+def _run_one(session: Any, feed: dict[str, np.ndarray]) -> tuple[list[np.ndarray], float]:
+    start = time.perf_counter()
+    outputs: list[np.ndarray] = session.run(None, feed)
+    return outputs, _elapsed_ms(start)
+
+
+def _run_many(
+    session: Any, batch: list[dict[str, np.ndarray]], dynamic: bool
+) -> list[tuple[list[np.ndarray], float]]:
+    if dynamic and len(batch) > 1:
+        stacked = stack_requests(batch)
+        if stacked is not None:
+            feed, sizes = stacked
+            outputs, ms = _run_one(session, feed)
+            split = split_outputs(outputs, sizes)
+            if split is not None:
+                # Every request waited for the whole batch: each reports its time.
+                return [(parts, ms) for parts in split]
+    return [_run_one(session, request) for request in batch]
+
+
+class ModelRuntime:
+    """The node's models: one active, hot-swapped without failing a request.
+
+    ``executor`` runs ``session.run`` (onnxruntime releases the GIL); when
+    omitted the runtime owns a small pool and shuts it down in :meth:`close`.
+    Loads always run on the runtime's own single loader thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        options: SessionOptionsConfig,
+        swap_mode: SwapMode = "availability",
+        executor: ThreadPoolExecutor | None = None,
+        latency_capacity: int = 2048,
+    ) -> None:
+        if swap_mode not in ("availability", "resource"):
+            raise ValueError(f"unknown swap_mode {swap_mode!r}")
+        self.options = options
+        self.swap_mode: SwapMode = swap_mode
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=_default_workers(), thread_name_prefix="ort-run"
+        )
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort-load")
+        self._active: LoadedModel | None = None
+        self._gap: asyncio.Event | None = None
+        self._swap_lock = asyncio.Lock()
+        self._closed = False
+        self.latency = LatencyWindow(latency_capacity)
+        self.inferences = 0
+        self.errors = 0
+
+    @property
+    def active(self) -> ModelRef | None:
+        """The model new requests run on; ``None`` before the first activation and in a gap."""
+        return self._active.ref if self._active is not None else None
+
+    @property
+    def handle(self) -> LoadedModel | None:
+        """The active :class:`LoadedModel` (for status and tests; do not retire it)."""
+        return self._active
+
+    # ----- loading -------------------------------------------------------
+
+    async def load(self, path: Path, manifest: ModelManifest) -> LoadedModel:
+        """Create, check and warm up a session for ``path`` on the loader thread.
+
+        The result is not active; :meth:`activate` makes it so.
+
+        Raises:
+            ModelLoadError: onnxruntime refused the file, or the warm-up inputs
+                or the warm-up inference failed (one-line reason).
+            ModelMismatchError: the model's inputs or outputs differ from the manifest's.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._loader, self._load_sync, Path(path), manifest)
+
+    def _load_sync(self, path: Path, manifest: ModelManifest) -> LoadedModel:
+        what = f"{manifest.name} {manifest.version}"
+        providers = self.options.providers_for(manifest)
+        start = time.perf_counter()
+        try:
+            with _SESSION_CREATE_LOCK:
+                session = ort.InferenceSession(
+                    str(path),
+                    sess_options=self.options.session_options(),
+                    providers=list(providers),
+                )
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load {what} from {path.name}: {first_line(exc)}") from exc
+        load_ms = _elapsed_ms(start)
+        inputs = tuple(spec_from_ort(a.name, a.type, a.shape) for a in session.get_inputs())
+        outputs = tuple(spec_from_ort(o.name, o.type, o.shape) for o in session.get_outputs())
+        check_signature(manifest, inputs, outputs)
+        try:
+            feed = make_inputs(resolve_specs(manifest.inputs, inputs), manifest.warmup)
+        except ValueError as exc:
+            raise ModelLoadError(f"warm-up inputs of {what} are invalid: {exc}") from exc
+        start = time.perf_counter()
+        try:
+            session.run(None, feed)
+        except Exception as exc:
+            raise ModelLoadError(f"warm-up inference of {what} failed: {first_line(exc)}") from exc
+        warmup_ms = _elapsed_ms(start)
+        return LoadedModel(
+            manifest=manifest,
+            path=path,
+            session=session,
+            inputs=inputs,
+            outputs=outputs,
+            providers=tuple(session.get_providers()),
+            load_ms=load_ms,
+            warmup_ms=warmup_ms,
+        )
+
+    # ----- swapping ------------------------------------------------------
+
+    async def activate(self, path: Path, manifest: ModelManifest) -> ActivationResult:
+        """Make the model at ``path`` the active one, in this runtime's ``swap_mode``.
+
+        Activations are serialized. See the module docstring for what each mode
+        guarantees.
+
+        Raises:
+            ModelLoadError, ModelMismatchError: the new model was refused; the
+                previous model (if any) is active again (resource mode: reloaded).
+            NoModelError: the runtime is closed.
+        """
+        self._check_open()
+        async with self._swap_lock:
+            self._check_open()
+            if self.swap_mode == "resource":
+                return await self._activate_resource(Path(path), manifest)
+            return await self._activate_availability(Path(path), manifest)
+
+    async def _activate_availability(self, path: Path, manifest: ModelManifest) -> ActivationResult:
+        new = await self.load(path, manifest)  # the old model serves meanwhile
+        old, self._active = self._active, new
+        if old is not None:
+            await self._retire(old)
+        log.info(
+            "activated %s %s (load %.1f ms, warm-up %.1f ms)",
+            manifest.name,
+            manifest.version,
+            new.load_ms,
+            new.warmup_ms,
+        )
+        return ActivationResult(
+            model=new.ref,
+            previous=old.ref if old is not None else None,
+            mode="availability",
+            providers=new.providers,
+            load_ms=new.load_ms,
+            warmup_ms=new.warmup_ms,
+            gap_ms=0.0,
+            drain_ms=0.0,
+        )
+
+    async def _activate_resource(self, path: Path, manifest: ModelManifest) -> ActivationResult:
+        old = self._active
+        gap = asyncio.Event()
+        gap_start = time.perf_counter()
+        self._gap, self._active = gap, None
+        try:
+            if old is not None:
+                await self._retire_and_drain(old)
+            drain_ms = _elapsed_ms(gap_start)
+            try:
+                new = await self.load(path, manifest)
+            except BaseException as exc:
+                if old is not None:
+                    await self._restore(old, exc)
+                raise
+            self._active = new
+        finally:
+            self._gap = None
+            gap.set()
+        gap_ms = _elapsed_ms(gap_start)
+        log.info(
+            "activated %s %s in resource mode (gap %.1f ms: drain %.1f, load %.1f, warm-up %.1f)",
+            manifest.name,
+            manifest.version,
+            gap_ms,
+            drain_ms,
+            new.load_ms,
+            new.warmup_ms,
+        )
+        return ActivationResult(
+            model=new.ref,
+            previous=old.ref if old is not None else None,
+            mode="resource",
+            providers=new.providers,
+            load_ms=new.load_ms,
+            warmup_ms=new.warmup_ms,
+            gap_ms=gap_ms,
+            drain_ms=drain_ms,
+        )
+
+    async def _restore(self, old: LoadedModel, exc: BaseException) -> None:
+        log.warning(
+            "loading the new model failed (%s); reloading %s %s",
+            first_line(exc),
+            old.manifest.name,
+            old.manifest.version,
+        )
+        try:
+            self._active = await self.load(old.path, old.manifest)
+        except Exception as again:
+            log.exception("could not reload %s %s", old.manifest.name, old.manifest.version)
+            exc.add_note(f"reloading the previous model also failed: {first_line(again)}")
+
+    async def _retire(self, handle: LoadedModel) -> None:
+        # On the loader thread: if nothing is in flight, retiring drops the
+        # session right away, and a big session's destructor should not stall
+        # the event loop.
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._loader, handle.retire)
+
+    async def _retire_and_drain(self, handle: LoadedModel) -> None:
+        loop = asyncio.get_running_loop()
+        drained: asyncio.Future[None] = loop.create_future()
+
+        def closed() -> None:
+            # Called from the thread that released the last reference; the loop
+            # may be gone by then if the caller abandoned it.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, drained)
+
+        handle.on_closed(closed)
+        await self._retire(handle)
+        await drained
+
+    # ----- inference -----------------------------------------------------
+
+    async def infer(self, inputs: Mapping[str, np.ndarray]) -> InferenceOutcome:
+        """Run the active model on ``inputs`` in the executor.
+
+        In a resource-mode gap, waits for the new (or restored) model.
+
+        Raises:
+            NoModelError: no model is active, or the runtime is closed.
+            InferenceError: ``session.run`` refused or failed (one-line reason).
+        """
+        handle = await self._acquire()
+        future = self._submit(handle, _run_one, handle.session, dict(inputs))
+        try:
+            outputs, ms = await asyncio.wrap_future(future)
+        except Exception as exc:
+            self.errors += 1
+            raise InferenceError(f"inference failed on {_what(handle)}: {first_line(exc)}") from exc
+        self.inferences += 1
+        self.latency.add(ms)
+        return InferenceOutcome(
+            outputs=dict(zip(handle.output_names, outputs, strict=True)),
+            model=handle.ref,
+            latency_ms=ms,
+        )
+
+    async def infer_batch(
+        self, batch: Sequence[Mapping[str, np.ndarray]]
+    ) -> list[InferenceOutcome]:
+        """Run several requests on one model, in one ``session.run`` when possible.
+
+        With a dynamic first dimension on every input and requests that stack
+        (:func:`~edge_node.inference_core.stack_requests`), the requests are
+        concatenated along axis 0, run once, and the outputs split back; each
+        outcome's ``latency_ms`` is then the whole batch's run time. Otherwise
+        (static first dimension, ragged requests, outputs that do not split)
+        they run one by one on the same model. All outcomes name one model.
+
+        Raises:
+            NoModelError: as :meth:`infer`.
+            InferenceError: any request failed (the whole batch fails).
+        """
+        if not batch:
+            return []
+        handle = await self._acquire()
+        requests = [dict(request) for request in batch]
+        future = self._submit(handle, _run_many, handle.session, requests, handle.dynamic_batch)
+        try:
+            results = await asyncio.wrap_future(future)
+        except Exception as exc:
+            self.errors += len(requests)
+            raise InferenceError(
+                f"batch inference failed on {_what(handle)}: {first_line(exc)}"
+            ) from exc
+        outcomes: list[InferenceOutcome] = []
+        for outputs, ms in results:
+            self.inferences += 1
+            self.latency.add(ms)
+            outcomes.append(
+                InferenceOutcome(
+                    outputs=dict(zip(handle.output_names, outputs, strict=True)),
+                    model=handle.ref,
+                    latency_ms=ms,
+                )
+            )
+        return outcomes
+
+    async def _acquire(self) -> LoadedModel:
+        while True:
+            self._check_open()
+            handle = self._active
+            if handle is not None:
+                # No await between reading _active and acquiring: a swap (which
+                # runs on this loop) cannot retire it in between.
+                handle.acquire()
+                return handle
+            gap = self._gap
+            if gap is None:
+                raise NoModelError("no model is active")
+            await gap.wait()
+
+    def _submit(
+        self,
+        handle: LoadedModel,
+        fn: Callable[_P, _R],
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> Future[_R]:
+        # Release from the future's done-callback rather than after the await:
+        # if the awaiting task is cancelled, session.run still finishes in its
+        # thread, and the reference must be held until it really has (or the
+        # job was cancelled before it started). Registered before wrap_future's
+        # callback, it runs first, so the release has happened by the time the
+        # awaiting coroutine resumes.
+        try:
+            future = self._executor.submit(fn, *args, **kwargs)
+        except BaseException:
+            handle.release()
+            raise
+        future.add_done_callback(lambda _f: handle.release())
+        return future
+
+    # ----- shutdown ------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop taking requests, wait for in-flight ones, drop the session. Idempotent.
+
+        An executor passed in by the caller is left running.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        async with self._swap_lock:
+            old, self._active = self._active, None
+            if old is not None:
+                await self._retire_and_drain(old)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NoModelError("the model runtime is closed")
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _what(handle: LoadedModel) -> str:
+    return f"{handle.ref.name} {handle.ref.version}"
