@@ -154,7 +154,7 @@ class NodeAgent:
         self._trust: TrustStore | None = None
         self._manifest: ModelManifest | None = None
         self._client: aiomqtt.Client | None = None
-        self._connected = asyncio.Event()
+        self.connected = asyncio.Event()
         self._stopping = asyncio.Event()
         self._wake_sender = asyncio.Event()
         self._commands: asyncio.Queue[bytes] = asyncio.Queue(256)
@@ -173,7 +173,7 @@ class NodeAgent:
         self._mqtt_source: MqttSource | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._workers: list[asyncio.Task[None]] = []
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # started: trust and the active model loaded
 
     # ----- lifecycle ---------------------------------------------------------
 
@@ -232,6 +232,9 @@ class NodeAgent:
             return None
         try:
             data = self._artifacts.load_manifest_bytes(sha256)
+            if data is None:
+                log.error("no stored manifest for %s", sha256[:12])
+                return None
             envelope = Envelope.from_bytes(data)
             return decode(
                 ModelManifest, self._trust.open(envelope, Role.RELEASE, now=self._clock())
@@ -339,7 +342,7 @@ class NodeAgent:
                 log.warning("broker connection lost: %s", exc)
             finally:
                 self._client = None
-                self._connected.clear()
+                self.connected.clear()
             await self._sleep_unless_stopping(next(delays))
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
@@ -356,7 +359,7 @@ class NodeAgent:
         await client.subscribe([(t, 1) for t in subscriptions])
         await asyncio.to_thread(self._outbox.requeue_all)
         self._client = client
-        self._connected.set()
+        self.connected.set()
         self._wake_sender.set()
         log.info("connected to %s as %s (session %d)", cfg.broker, cfg.node_id, self._state.session)
 
@@ -601,45 +604,53 @@ class NodeAgent:
     async def _obtain(
         self, command: Command, body: DeployAction | RollbackAction, manifest: ModelManifest
     ) -> Path:
-        """The verified blob on disk: already present, else downloaded with resume."""
-        if self._artifacts.has(manifest.sha256):
+        """The verified blob on disk: already present, else downloaded with resume.
+
+        Progress (throttled by the store to once a second) is reported in order
+        by one reporter task, so no ``downloading`` status overtakes ``downloaded``.
+        """
+        if self._artifacts.has(manifest.sha256, manifest.size):
             return self._artifacts.path(manifest.sha256)
-        loop = asyncio.get_running_loop()
-        last_report = [0.0]
+        updates: asyncio.Queue[float | None] = asyncio.Queue()
 
         def progress(done: int, total: int) -> None:
-            now = loop.time()
-            if now - last_report[0] < 1.0 and done < total:
-                return
-            last_report[0] = now
-            percent = round(100.0 * done / total, 1) if total else 100.0
-            self._spawn(
-                self._status(
+            updates.put_nowait(round(100.0 * done / total, 1) if total else 100.0)
+
+        async def reporter() -> None:
+            while (percent := await updates.get()) is not None:
+                await self._status(
                     NodeRolloutState.DOWNLOADING, command, model=manifest.ref, progress=percent
                 )
-            )
 
         await self._status(NodeRolloutState.DOWNLOADING, command, model=manifest.ref, progress=0.0)
+        reporting = asyncio.get_running_loop().create_task(reporter())
+        try:
+            path = await self._download(manifest, body.url, progress)
+        finally:
+            updates.put_nowait(None)
+            await reporting
+        await self._status(NodeRolloutState.DOWNLOADED, command, model=manifest.ref, progress=100.0)
+        return path
+
+    async def _download(
+        self, manifest: ModelManifest, url: str | None, progress: Callable[[int, int], None]
+    ) -> Path:
+        """Download with resume, retrying transfer failures with back-off."""
         attempts = 0
         while True:
-            if body.url is None:
-                await self._connected.wait()
-            fetcher = self._fetcher(manifest.sha256, body.url)
+            if url is None:
+                await self.connected.wait()
+            fetcher = self._fetcher(manifest.sha256, url)
             try:
-                path = await self._artifacts.download(manifest, fetcher, progress=progress)
+                return await self._artifacts.download(manifest, fetcher, progress=progress)
             except TransferError as exc:
                 attempts += 1
                 if attempts > self.config.download_retries:
                     raise
                 log.warning("download of %s interrupted (%s); resuming", manifest.name, exc)
                 await self._sleep_unless_stopping(min(30.0, 0.5 * 2**attempts))
-                continue
             finally:
                 self._fetchers.pop(manifest.sha256, None)
-            await self._status(
-                NodeRolloutState.DOWNLOADED, command, model=manifest.ref, progress=100.0
-            )
-            return path
 
     def _fetcher(self, sha256: str, url: str | None) -> Fetcher:
         if url is not None:
@@ -754,10 +765,22 @@ class NodeAgent:
             return
         self._counts["inferences"] += 1
         self._latency.add(outcome.latency_ms)
-        labels = manifest.class_labels if manifest is not None else ()
-        topk, tensors, top_score = summarize_output(
-            outcome.outputs, topk=self.config.topk, class_labels=labels
+        # Labels of the model that produced this output (a swap may have happened since).
+        labels = (
+            manifest.class_labels
+            if manifest is not None and manifest.sha256 == outcome.model.sha256
+            else ()
         )
+        try:
+            topk, tensors, top_score = summarize_output(
+                outcome.outputs, topk=self.config.topk, class_labels=labels
+            )
+        except DecodeError as exc:
+            self._counts["errors"] += 1
+            log.warning("output of %s cannot be reported: %s", outcome.model.name, exc)
+            if item.request is not None:
+                await self._reply(item.request, None, str(exc))
+            return
         self._result_seq += 1
         if self._result_seq > self._state.result_seq_reserved:
             self._state = await asyncio.to_thread(

@@ -26,8 +26,9 @@ Invariants:
   retire the old model and wait for its in-flight requests first, then load
   the new one. Requests arriving in that *gap* wait (they do not fail); the gap
   costs drain + load + warm-up time of added latency, reported as ``gap_ms``. If
-  the new load fails, the old model is reloaded from its path and the error is
-  raised.
+  the new load fails (or the activation is cancelled), the old model is
+  reloaded from its path and the error is raised; the requests that waited run
+  on it.
 * All coroutine methods of one :class:`ModelRuntime` are called from one event
   loop; :class:`LoadedModel` itself is thread-safe.
 """
@@ -176,7 +177,9 @@ class LoadedModel:
     A reference-counted handle: :meth:`acquire` before a request, :meth:`release`
     after. :meth:`retire` stops new requests; the session is dropped (``closed``
     becomes true, exactly once) as soon as the handle is retired and its count
-    is zero. Thread-safe.
+    is zero. ``dispose``, when given, receives the session at that moment so the
+    last reference can be dropped on another thread (a big session's destructor
+    takes a while). Thread-safe.
     """
 
     def __init__(
@@ -190,6 +193,7 @@ class LoadedModel:
         providers: tuple[str, ...],
         load_ms: float,
         warmup_ms: float,
+        dispose: Callable[[Any], None] | None = None,
     ) -> None:
         self.manifest = manifest
         self.path = path
@@ -200,6 +204,9 @@ class LoadedModel:
         self.load_ms = load_ms
         self.warmup_ms = warmup_ms
         self.dynamic_batch = has_dynamic_batch(inputs)
+        #: Requests in flight when :meth:`retire` was called (``None`` until then).
+        self.in_flight_at_retire: int | None = None
+        self._dispose = dispose
         self._lock = threading.Lock()
         self._session: Any | None = session
         self._refcount = 0
@@ -278,6 +285,7 @@ class LoadedModel:
             if self._retired:
                 return
             self._retired = True
+            self.in_flight_at_retire = self._refcount
             closing = self._close_locked() if self._refcount == 0 else None
         self._finish_close(closing)
 
@@ -295,13 +303,14 @@ class LoadedModel:
         callbacks, self._on_closed = self._on_closed, []
         return session, callbacks
 
-    @staticmethod
-    def _finish_close(closing: tuple[Any, list[Callable[[], None]]] | None) -> None:
+    def _finish_close(self, closing: tuple[Any, list[Callable[[], None]]] | None) -> None:
         # Outside the lock: dropping the last reference runs the session's
         # destructor, and callbacks may take other locks.
         if closing is None:
             return
         session, callbacks = closing
+        if self._dispose is not None:
+            self._dispose(session)
         del session
         for callback in callbacks:
             callback()
@@ -396,7 +405,8 @@ class ModelRuntime:
         )
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort-load")
         self._active: LoadedModel | None = None
-        self._gap: asyncio.Event | None = None
+        # Requests waiting through a resource-mode gap; None when there is no gap.
+        self._waiters: list[asyncio.Future[LoadedModel]] | None = None
         self._swap_lock = asyncio.Lock()
         self._closed = False
         self.latency = LatencyWindow(latency_capacity)
@@ -464,6 +474,7 @@ class ModelRuntime:
             providers=tuple(session.get_providers()),
             load_ms=load_ms,
             warmup_ms=warmup_ms,
+            dispose=self._dispose,
         )
 
     # ----- swapping ------------------------------------------------------
@@ -488,9 +499,10 @@ class ModelRuntime:
 
     async def _activate_availability(self, path: Path, manifest: ModelManifest) -> ActivationResult:
         new = await self.load(path, manifest)  # the old model serves meanwhile
+        # One step on the loop: no request can see both, or neither.
         old, self._active = self._active, new
         if old is not None:
-            await self._retire(old)
+            old.retire()
         log.info(
             "activated %s %s (load %.1f ms, warm-up %.1f ms)",
             manifest.name,
@@ -511,23 +523,22 @@ class ModelRuntime:
 
     async def _activate_resource(self, path: Path, manifest: ModelManifest) -> ActivationResult:
         old = self._active
-        gap = asyncio.Event()
         gap_start = time.perf_counter()
-        self._gap, self._active = gap, None
+        self._waiters, self._active = [], None
         try:
-            if old is not None:
-                await self._retire_and_drain(old)
-            drain_ms = _elapsed_ms(gap_start)
             try:
+                if old is not None:
+                    await self._retire_and_drain(old)
+                drain_ms = _elapsed_ms(gap_start)
                 new = await self.load(path, manifest)
             except BaseException as exc:
+                # Failed or cancelled (even while draining): bring the old model back.
                 if old is not None:
                     await self._restore(old, exc)
                 raise
             self._active = new
         finally:
-            self._gap = None
-            gap.set()
+            self._end_gap()
         gap_ms = _elapsed_ms(gap_start)
         log.info(
             "activated %s %s in resource mode (gap %.1f ms: drain %.1f, load %.1f, warm-up %.1f)",
@@ -562,12 +573,29 @@ class ModelRuntime:
             log.exception("could not reload %s %s", old.manifest.name, old.manifest.version)
             exc.add_note(f"reloading the previous model also failed: {first_line(again)}")
 
-    async def _retire(self, handle: LoadedModel) -> None:
-        # On the loader thread: if nothing is in flight, retiring drops the
-        # session right away, and a big session's destructor should not stall
-        # the event loop.
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._loader, handle.retire)
+    def _end_gap(self) -> None:
+        # Hand the new (or restored) model to every waiter now, each with its
+        # own reference, rather than waking them to race for it: an activation
+        # that follows at once cannot starve them, and its drain waits for them.
+        waiters, self._waiters = self._waiters or [], None
+        handle = self._active
+        for waiter in waiters:
+            if waiter.done():  # its request was cancelled
+                continue
+            if handle is None:
+                waiter.set_exception(
+                    NoModelError("no model is active: the new model and the previous one failed")
+                )
+            else:
+                handle.acquire()
+                waiter.set_result(handle)
+
+    def _dispose(self, session: Any) -> None:
+        # The loader thread drops the last reference, so a big session's
+        # destructor never stalls the event loop. Once the loader is shut down,
+        # the caller's thread drops it.
+        with contextlib.suppress(RuntimeError):
+            self._loader.submit(_drop, session)
 
     async def _retire_and_drain(self, handle: LoadedModel) -> None:
         loop = asyncio.get_running_loop()
@@ -580,7 +608,7 @@ class ModelRuntime:
                 loop.call_soon_threadsafe(_resolve, drained)
 
         handle.on_closed(closed)
-        await self._retire(handle)
+        handle.retire()
         await drained
 
     # ----- inference -----------------------------------------------------
@@ -651,18 +679,24 @@ class ModelRuntime:
         return outcomes
 
     async def _acquire(self) -> LoadedModel:
-        while True:
-            self._check_open()
-            handle = self._active
-            if handle is not None:
-                # No await between reading _active and acquiring: a swap (which
-                # runs on this loop) cannot retire it in between.
-                handle.acquire()
-                return handle
-            gap = self._gap
-            if gap is None:
-                raise NoModelError("no model is active")
-            await gap.wait()
+        self._check_open()
+        handle = self._active
+        if handle is not None:
+            # No await between reading _active and acquiring: a swap (which
+            # runs on this loop) cannot retire it in between.
+            handle.acquire()
+            return handle
+        if self._waiters is None:
+            raise NoModelError("no model is active")
+        waiter: asyncio.Future[LoadedModel] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            # Cancelled after the handle was handed over: give the reference back.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                waiter.result().release()
+            raise
 
     def _submit(
         self,
@@ -699,13 +733,18 @@ class ModelRuntime:
             old, self._active = self._active, None
             if old is not None:
                 await self._retire_and_drain(old)
-        self._loader.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False)  # queued session drops still run
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _check_open(self) -> None:
         if self._closed:
             raise NoModelError("the model runtime is closed")
+
+
+def _drop(session: Any) -> None:
+    """Run on the loader thread; its work item holds the last reference until it returns."""
+    del session
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -73,13 +73,11 @@ def _semver(text: str) -> str:
 
 Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-Version = Annotated[
-    str, Field(pattern=SEMVER_PATTERN, max_length=128), AfterValidator(_semver)
-]
+Version = Annotated[str, Field(pattern=SEMVER_PATTERN, max_length=128), AfterValidator(_semver)]
 Name = Annotated[str, Field(min_length=1, max_length=128)]
 Text = Annotated[str, Field(max_length=512)]
-Count = Annotated[int, Field(ge=0)]
-Seq = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Seq = Annotated[int, Field(ge=1, le=2**63 - 1)]
 Timestamp = Annotated[float, Field(ge=0, description="UNIX seconds")]
 Labels = Annotated[dict[Id, Id], Field(max_length=64)]
 Dim = int | Annotated[str, Field(max_length=64)] | None

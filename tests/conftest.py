@@ -8,17 +8,15 @@ fails the tests that need it (CI installs it); it is never a silent skip.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from tests.support.broker import Broker, BrokerError, free_port
+from tests.support.broker import Broker, BrokerError, BrokerFactory, free_port
 from tests.support.models import make_classifier
 
-__all__ = ["BrokerFactory", "free_port"]
-
-BrokerFactory = Callable[..., Broker]
+__all__ = ["free_port"]  # re-exported: the helper lives in tests/support/broker.py
 
 
 @pytest.fixture
@@ -45,10 +43,13 @@ def broker_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerF
             template=template,
         )
         brokers.append(broker)
+        error: BrokerError | None = None
         try:
             broker.start()
         except BrokerError as exc:
-            pytest.fail(f"cannot start mosquitto: {exc}", pytrace=False)
+            error = exc
+        if error is not None:  # outside `except`: one clear message, no chained traceback
+            pytest.fail(f"cannot start mosquitto: {error}", pytrace=False)
         return broker
 
     yield start

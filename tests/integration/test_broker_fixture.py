@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import aiomqtt
 import pytest
@@ -20,11 +22,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from broker_config import config_path
-from tests.conftest import BrokerFactory
-from tests.support.broker import Broker, BrokerNotInstalledError, find_mosquitto, free_port
+from tests.support.broker import (
+    Broker,
+    BrokerFactory,
+    BrokerNotInstalledError,
+    find_mosquitto,
+    free_port,
+)
 
 pytestmark = pytest.mark.integration
 
+T = TypeVar("T")
 V5 = aiomqtt.ProtocolVersion.V5
 DEADLINE_S = 10.0
 
@@ -62,12 +70,12 @@ async def next_message(mqtt: aiomqtt.Client) -> aiomqtt.Message:
         return await anext(mqtt.messages)
 
 
-def run(coro_fn: object) -> object:
+def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """``asyncio.run`` with an overall deadline, so a hung test fails instead of stalling."""
 
-    async def bounded() -> object:
+    async def bounded() -> T:
         async with asyncio.timeout(4 * DEADLINE_S):
-            return await coro_fn()  # type: ignore[operator]
+            return await coro_fn()
 
     return asyncio.run(bounded())
 
@@ -97,7 +105,6 @@ def test_publish_and_receive_mqtt5(broker: Broker, topic_prefix: str) -> None:
             return await next_message(mqtt)
 
     message = run(scenario)
-    assert isinstance(message, aiomqtt.Message)
     assert message.topic.value == topic
     assert message.payload == b'{"cpu": 0.5}'
     assert message.qos == 1
@@ -127,7 +134,6 @@ def test_retained_message_survives_restart_when_persistent(
     persistent_broker.start()
     assert persistent_broker.port == port
     message = run(read_back)
-    assert isinstance(message, aiomqtt.Message)
     assert message.payload == b"online"
     assert message.retain
 
@@ -152,7 +158,6 @@ def test_retained_message_is_gone_after_restart_without_persistence(
     broker.kill()
     broker.start()
     message = run(first_after_subscribe)
-    assert isinstance(message, aiomqtt.Message)
     assert message.payload == b"marker"
     assert not message.retain
 
@@ -189,7 +194,6 @@ def test_persistent_session_receives_qos1_sent_while_offline_across_restart(
     run(publish_while_node_offline)
     persistent_broker.restart()
     message = run(reconnect)
-    assert isinstance(message, aiomqtt.Message)
     assert message.topic.value == topic
     assert message.payload == b"deploy v2"
     assert message.qos == 1
@@ -209,7 +213,6 @@ def test_restart_after_kill_reuses_the_port(broker: Broker, topic_prefix: str) -
             return await next_message(mqtt)
 
     message = run(echo)
-    assert isinstance(message, aiomqtt.Message)
     assert message.payload == b"1"
 
 
@@ -250,8 +253,9 @@ def render_acl(operators: Sequence[str]) -> str:
 def acl_broker(broker_factory: BrokerFactory, tmp_path: Path) -> Broker:
     users = ["controller", "n1", "n2", "operator-alice", "operator-bob"]
     passwd = tmp_path / "passwd"
-    mosquitto_passwd = Path(find_mosquitto()).parent.parent / "bin" / "mosquitto_passwd"
-    tool = str(mosquitto_passwd) if mosquitto_passwd.exists() else "mosquitto_passwd"
+    # Debian puts mosquitto in /usr/sbin and mosquitto_passwd in /usr/bin.
+    sibling = Path(find_mosquitto()).parent.parent / "bin" / "mosquitto_passwd"
+    tool = shutil.which("mosquitto_passwd") or str(sibling)
     for index, user in enumerate(users):
         flags = ["-c"] if index == 0 else []
         subprocess.run([tool, *flags, "-b", str(passwd), user, f"pw-{user}"], check=True)
@@ -293,13 +297,10 @@ def test_acl_template_confines_nodes_and_operators(acl_broker: Broker, fleet_id:
             await n1.publish(f"{base}/artifact/{'0' * 64}/req/n1", b"chunk?", qos=1)
             await n1.publish(f"{base}/node/n1/state", b"online", qos=1)
             seen["controller"] = [
-                (m.topic.value, m.payload)  # type: ignore[misc]
+                (m.topic.value, m.payload)
                 for m in [await next_message(controller), await next_message(controller)]
             ]
-            seen["alice-state"] = [
-                (m.topic.value, m.payload)  # type: ignore[misc]
-                for m in [await next_message(alice)]
-            ]
+            seen["alice-state"] = [(m.topic.value, m.payload) for m in [await next_message(alice)]]
 
             # Node reads: only its own cmd and artifact data. Operators never
             # write to nodes (n1 would read this first if they could).
@@ -309,26 +310,20 @@ def test_acl_template_confines_nodes_and_operators(acl_broker: Broker, fleet_id:
             await controller.publish(f"{base}/artifact/{'0' * 64}/data/n1", b"n1-chunk", qos=1)
             await controller.publish(f"{base}/node/n1/cmd", b"for-n1", qos=1)
             seen["n1"] = [
-                (m.topic.value, m.payload)  # type: ignore[misc]
-                for m in [await next_message(n1), await next_message(n1)]
+                (m.topic.value, m.payload) for m in [await next_message(n1), await next_message(n1)]
             ]
 
             # Operators: requests to the controller, only their own replies.
             await alice.publish(f"{base}/ctl/request", b"request", qos=1)
             seen["controller-ctl"] = [
-                (m.topic.value, m.payload)  # type: ignore[misc]
-                for m in [await next_message(controller)]
+                (m.topic.value, m.payload) for m in [await next_message(controller)]
             ]
             await controller.publish(f"{base}/ctl/reply/operator-bob", b"bob's", qos=1)
             await controller.publish(f"{base}/ctl/reply/operator-alice", b"alice's", qos=1)
-            seen["alice"] = [
-                (m.topic.value, m.payload)  # type: ignore[misc]
-                for m in [await next_message(alice)]
-            ]
+            seen["alice"] = [(m.topic.value, m.payload) for m in [await next_message(alice)]]
         return seen
 
     seen = run(scenario)
-    assert isinstance(seen, dict)
     assert seen["controller"] == [
         (f"{base}/artifact/{'0' * 64}/req/n1", b"chunk?"),
         (f"{base}/node/n1/state", b"online"),
@@ -348,7 +343,7 @@ def test_acl_template_rejects_wrong_password(acl_broker: Broker) -> None:
             acl_broker.host,
             acl_broker.port,
             username="n1",
-            password="wrong",  # noqa: S106
+            password="wrong",
             protocol=V5,
             timeout=DEADLINE_S,
         )

@@ -3,9 +3,10 @@
 :class:`Broker` renders ``broker_config/dev.conf`` into its own working
 directory (listener on a free port, optional persistence, optional extra
 lines), runs ``mosquitto -c FILE`` as a child process with its log captured in
-a file, and waits until the port accepts connections, polling against a
-deadline. ``stop``/``kill`` followed by ``start`` reuse the same port and
-configuration, so clients can reconnect to the same URL after an outage; with
+a file, and waits until it has logged that it is running and its port accepts
+connections, polling against a deadline (the port alone could be answered by
+another process). ``stop``/``kill`` followed by ``start`` reuse the same port
+and configuration, so clients can reconnect to the same URL after an outage; with
 ``persistence=True`` sessions, subscriptions, queued and retained messages
 survive a ``stop`` (Mosquitto writes its database on SIGTERM; a ``kill`` loses
 what was not yet saved, like a real crash).
@@ -19,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -34,6 +36,7 @@ from broker_config import config_path
 __all__ = [
     "Broker",
     "BrokerError",
+    "BrokerFactory",
     "BrokerNotInstalledError",
     "find_mosquitto",
     "free_port",
@@ -44,6 +47,8 @@ START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 _POLL_S = 0.01
 _PORT_ATTEMPTS = 5  # first start only: another process may grab a "free" port first
+# Logged at "information" level once the listeners are open: "mosquitto version 2.0.11 running".
+_RUNNING = re.compile(rb"mosquitto version \S+ running")
 _SEARCH_PATH = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 
 
@@ -169,18 +174,27 @@ class Broker:
         lines.append("# --- added by tests/support/broker.py ---")
         lines.append(f"persistence {'true' if self.persistence else 'false'}")
         if self.persistence:
-            # Trailing separator: Mosquitto joins location and file name as strings.
+            # Trailing separator: Mosquitto 1.x glued location and file name together;
+            # 2.0 adds its own "/" (the doubled one in its log is harmless).
             lines.append(f"persistence_location {self.persistence_dir}{os.sep}")
         # Run as whoever runs the tests. Started as root, Mosquitto would otherwise
         # switch to user "mosquitto", which cannot write to a private temp dir.
         lines.append(f"user {pwd.getpwuid(os.geteuid()).pw_name}")
         lines.extend(self.extra_config)
+        # start() waits for the "running" line (information level, stderr): keep it logged.
+        settings = [line.split() for line in lines if line.strip() and not line.startswith("#")]
+        dests = {words[1] for words in settings if words[0] == "log_dest" and len(words) > 1}
+        types = {words[1] for words in settings if words[0] == "log_type" and len(words) > 1}
+        if dests and not dests & {"stderr", "stdout"}:
+            lines.append("log_dest stderr")
+        if types and not types & {"information", "all"}:
+            lines.append("log_type information")  # adds "starting", "running", "Saving ..."
         return "\n".join(lines) + "\n"
 
     # ----- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
-        """Start the broker (again) and return once its port accepts connections.
+        """Start the broker (again); return once it logged "running" and its port accepts.
 
         Raises:
             BrokerNotInstalledError: no mosquitto executable.
@@ -231,7 +245,11 @@ class Broker:
                 return f"mosquitto exited with status {code} on port {self._port}:\n" + (
                     self._log_since(log_offset)
                 )
-            if _port_accepts(self.host, self._port):
+            # Both: the port alone could be answered by some other process, and
+            # Mosquitto logs "running" only once every listener is open.
+            if _RUNNING.search(self._log_bytes_since(log_offset)) and _port_accepts(
+                self.host, self._port
+            ):
                 return None
             time.sleep(_POLL_S)  # polling against the deadline, not synchronization
         self._terminate(signal.SIGKILL)
@@ -293,12 +311,15 @@ class Broker:
             return self.log_file.read_text(encoding="utf-8", errors="replace")
         return ""
 
-    def _log_since(self, offset: int) -> str:
+    def _log_bytes_since(self, offset: int) -> bytes:
         if self._log is not None:
             self._log.flush()
         with self.log_file.open("rb") as log:
             log.seek(offset)
-            return log.read().decode("utf-8", "replace").strip()
+            return log.read()
+
+    def _log_since(self, offset: int) -> str:
+        return self._log_bytes_since(offset).decode("utf-8", "replace").strip()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -315,3 +336,7 @@ class Broker:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+BrokerFactory = Callable[..., Broker]
+"""What the ``broker_factory`` fixture yields: keyword arguments of :class:`Broker`."""

@@ -202,7 +202,7 @@ def make_int64_model(
     16000) or uses ones runs.
     """
     rng = np.random.default_rng(seed)
-    consts = {
+    consts: dict[str, np.ndarray] = {
         "zero": np.array(0, dtype=np.int64),
         "one": np.array(1, dtype=np.int64),
         "reference_rate": np.array(reference_rate, dtype=np.float32),

@@ -443,9 +443,9 @@ def test_mqtt_fetcher_re_requests_a_lost_chunk() -> None:
     fetcher = controller.make(chunk_bytes=1_024, stall_timeout_s=0.05)
 
     assert run(collect(fetcher, controller.sha256, len(blob))) == blob
-    asked = [r for r in controller.requests if r.offset == 2_048]
-    assert len(asked) == 2
-    assert asked[0].request_id != asked[1].request_id
+    asked = [r.request_id for r in controller.requests if r.offset == 2_048]
+    assert len(asked) >= 2  # exactly 2 unless a starved loop outlasts the 50 ms stall again
+    assert len(set(asked)) == len(asked)
 
 
 def test_mqtt_fetcher_gives_up_after_max_retries() -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from shared.codec import INT64_MAX, INT64_MIN
-from shared.envelope import Envelope, Signature
+from shared.envelope import Envelope, Signature, b64encode
 from shared.errors import DecodeError
 from shared.messages import (
     MESSAGE_TYPES,
@@ -50,7 +50,7 @@ from shared.messages import (
     decode,
     encode,
 )
-from tests.unit._trust_kit import NOW, PROPERTY, SHA, command, manifest
+from tests.unit._shared_kit import FUZZ, NOW, PROPERTY, SHA, VERSIONS, command, manifest
 
 # ----- strategies, one per model ------------------------------------------------
 
@@ -76,26 +76,6 @@ def tuples(
 ) -> st.SearchStrategy[Any]:
     return st.lists(strategy, min_size=min_size, max_size=max_size).map(tuple)
 
-
-_PRE_ID = st.one_of(
-    st.just("0"),
-    st.integers(1, 10**9).map(str),
-    st.from_regex(r"[0-9]{0,3}[A-Za-z-][0-9A-Za-z-]{0,8}", fullmatch=True),
-)
-_BUILD_ID = st.from_regex(r"[0-9A-Za-z-]{1,8}", fullmatch=True)
-_CORE = st.integers(0, 999_999_999).map(str)
-VERSIONS = st.builds(
-    lambda major, minor, patch, pre, build: (
-        f"{major}.{minor}.{patch}"
-        + (f"-{'.'.join(pre)}" if pre else "")
-        + (f"+{'.'.join(build)}" if build else "")
-    ),
-    _CORE,
-    _CORE,
-    _CORE,
-    st.lists(_PRE_ID, max_size=3),
-    st.lists(_BUILD_ID, max_size=2),
-).filter(lambda v: len(v) <= 128)
 
 _JSON_SCALARS = st.none() | st.booleans() | st.integers(INT64_MIN, INT64_MAX) | FLOATS | TEXT
 _JSON_SHALLOW = (
@@ -266,7 +246,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
         request_id=IDS,
         offset=COUNTS,
         size=COUNTS,
-        data=st.binary(max_size=64).map(lambda b: __import__("base64").b64encode(b).decode()),
+        data=st.binary(max_size=64).map(b64encode),
         error=optional(TEXT),
     ),
     ControllerState: st.builds(
@@ -340,6 +320,9 @@ DECODE_REJECTIONS: list[Any] = [
     pytest.param(Ack, _ack(v="1"), id="v-as-string"),
     pytest.param(Ack, _ack(v=None), id="v-null"),
     pytest.param(Ack, _ack(extra=1), id="unknown-field"),
+    pytest.param(Ack, _ack(v=...), id="missing-v"),
+    pytest.param(Ack, _ack(type=...), id="missing-type"),
+    pytest.param(Ack, _ack(v=..., type=...), id="missing-header"),
     pytest.param(Ack, _ack(node=...), id="missing-field"),
     pytest.param(Ack, _ack(node="a/b"), id="bad-id"),
     pytest.param(Ack, _ack(node="x" * 65), id="long-id"),
@@ -381,7 +364,7 @@ DECODE_REJECTIONS: list[Any] = [
     pytest.param(ModelManifest, _manifest_dict(name=""), id="empty-name"),
     pytest.param(ModelManifest, _manifest_dict(created_by="x" * 513), id="text-too-long"),
     pytest.param(
-        ModelManifest, _manifest_dict(class_labels=["\\ud800"]), id="escaped-lone-surrogate"
+        ModelManifest, _manifest_dict(class_labels=["\ud800"]), id="escaped-lone-surrogate"
     ),
     pytest.param(
         OperatorRequest,
@@ -468,7 +451,7 @@ def _dumps(value: Any) -> bytes:
 
 
 @pytest.mark.parametrize("model", MESSAGE_TYPES, ids=lambda m: m.__name__)
-@PROPERTY
+@FUZZ
 @given(
     payload=st.binary(max_size=120)
     | st.text(max_size=120).map(lambda t: t.encode("utf-8", "surrogatepass"))
@@ -480,16 +463,16 @@ def test_random_bytes_and_text_only_raise_decode_error(
 
 
 @pytest.mark.parametrize("model", MESSAGE_TYPES, ids=lambda m: m.__name__)
-@PROPERTY
+@FUZZ
 @given(data=st.data())
 def test_json_ish_junk_only_raises_decode_error(model: type[Message], data: st.DataObject) -> None:
-    fields = {name: JUNK for name in model.model_fields}
+    fields = dict.fromkeys(model.model_fields, JUNK)
     document = data.draw(JUNK | st.fixed_dictionaries({}, optional=fields))
     _decode_only_decode_error(model, _dumps(document))
 
 
 @pytest.mark.parametrize("model", MESSAGE_TYPES, ids=lambda m: m.__name__)
-@PROPERTY
+@FUZZ
 @given(data=st.data())
 def test_mutated_valid_message_only_raises_decode_error(
     model: type[Message], data: st.DataObject

@@ -43,7 +43,7 @@ from shared.trust import (
     TrustStore,
     sign_trust_list,
 )
-from tests.unit._trust_kit import (
+from tests.unit._shared_kit import (
     NOW,
     PROPERTY,
     YEAR_S,
@@ -314,6 +314,21 @@ def test_expired_trust_list_refuses_everything() -> None:
     ]:
         with pytest.raises(ExpiredError):
             store.open(envelope, role, now=NOW + 10)  # expiry is exclusive
+
+
+def test_allow_expired_skips_only_the_expiry() -> None:
+    k = Keys()
+    store = TrustStore.bootstrap(trust_bytes(trust_list(k, expires_at=NOW + 10), [k.root]), now=NOW)
+    assert not store.expired(NOW + 9.999)
+    assert store.expired(NOW + 10)
+    later = NOW + 100
+    assert store.open(sign_command([k.rollout]), Role.ROLLOUT, now=later, allow_expired=True)
+    with pytest.raises(UnknownKeyError):
+        store.open(
+            sign_command([SigningKey.generate()]), Role.ROLLOUT, now=later, allow_expired=True
+        )
+    with pytest.raises(WrongRoleError):
+        store.open(sign_command([k.release]), Role.ROLLOUT, now=later, allow_expired=True)
 
 
 def test_expired_trust_list_can_still_be_rotated() -> None:
@@ -703,15 +718,19 @@ def test_any_single_byte_flip_is_refused(
         store.open(Envelope.from_bytes(bytes(flipped)), role, now=NOW)
 
 
-def test_every_signature_byte_flip_is_refused(
+def test_every_byte_flip_of_signature_and_payload_tail_is_refused(
     flip_targets: list[tuple[TrustStore, bytes, Role]],
 ) -> None:
-    # Exhaustive over the signature text (where non-canonical base64 used to slip through).
+    # Exhaustive where non-canonical base64 used to slip through: the last characters
+    # of the signature and of the payload carry unused bits.
     store, original, role = flip_targets[0]
-    sig = json.loads(original)["signatures"][0]["sig"].encode()
-    start = original.index(sig)
-    for position in range(start, start + len(sig)):
-        for mask in (1, 2, 4, 8, 16, 32):
+    document = json.loads(original)
+    positions: list[int] = []
+    for text in (document["signatures"][0]["sig"], document["payload"]):
+        end = original.index(text.encode()) + len(text)
+        positions.extend(range(end - 4, end))
+    for position in positions:
+        for mask in range(1, 256):
             flipped = bytearray(original)
             flipped[position] ^= mask
             with pytest.raises((DecodeError, TrustError)):

@@ -1,10 +1,11 @@
-"""Keys, trust lists and signed documents for the unit tests of ``shared/`` (pure)."""
+"""Keys, trust lists, signed documents and strategies for the unit tests of ``shared/``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from shared.envelope import PAYLOAD_COMMAND, PAYLOAD_MANIFEST, Envelope, SigningKey, sign_envelope
 from shared.messages import (
@@ -21,8 +22,31 @@ NOW = 1_700_000_000.0  # UNIX seconds: every test passes this explicit clock
 YEAR_S = 365 * 86_400.0
 SHA = "ab" * 32
 
-# Modest and deadline-free: the suite runs on a 2-core machine.
-PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Modest and deadline-free: the suite runs on a 2-core machine. FUZZ is for the
+# tests repeated once per message type.
+PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Semantic versions as semver.org §9-10 allow them (no leading zeros in numbers).
+_PRE_ID = st.one_of(
+    st.just("0"),
+    st.integers(1, 10**9).map(str),
+    st.from_regex(r"[0-9]{0,3}[A-Za-z-][0-9A-Za-z-]{0,8}", fullmatch=True),
+)
+_BUILD_ID = st.from_regex(r"[0-9A-Za-z-]{1,8}", fullmatch=True)
+_CORE = st.integers(0, 999_999_999).map(str)
+VERSIONS = st.builds(
+    lambda major, minor, patch, pre, build: (
+        f"{major}.{minor}.{patch}"
+        + (f"-{'.'.join(pre)}" if pre else "")
+        + (f"+{'.'.join(build)}" if build else "")
+    ),
+    _CORE,
+    _CORE,
+    _CORE,
+    st.lists(_PRE_ID, max_size=3),
+    st.lists(_BUILD_ID, max_size=2),
+).filter(lambda v: len(v) <= 128)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,297 @@
+"""Semantic version order (shared.version) and wave membership (shared.waves)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared.errors import DecodeError
+from shared.version import SemVer, VersionError
+from shared.waves import (
+    BUCKETS,
+    bucket,
+    buckets_for_percent,
+    format_selector,
+    in_wave,
+    matches,
+    parse_selector,
+)
+from tests.unit._shared_kit import PROPERTY, VERSIONS
+
+# ----- SemVer -------------------------------------------------------------------
+
+# Strictly increasing (semver.org §11's own example, plus numeric-vs-alphanumeric cases).
+ASCENDING = [
+    "0.9.99",
+    "1.0.0-0",
+    "1.0.0-2",
+    "1.0.0-10",
+    "1.0.0-a",
+    "1.0.0-a.0",
+    "1.0.0-alpha",
+    "1.0.0-alpha.1",
+    "1.0.0-alpha.beta",
+    "1.0.0-beta",
+    "1.0.0-beta.2",
+    "1.0.0-beta.11",
+    "1.0.0-rc.1",
+    "1.0.0",
+    "1.0.1",
+    "1.0.10",
+    "1.1.0",
+    "1.9.0",
+    "1.10.0",
+    "2.0.0-alpha",
+    "2.0.0",
+    "10.0.0",
+]
+
+
+@pytest.mark.parametrize(
+    ("lower", "higher"),
+    [pytest.param(a, b, id=f"{a}<{b}") for a, b in itertools.combinations(ASCENDING, 2)],
+)
+def test_semver_order(lower: str, higher: str) -> None:
+    a, b = SemVer.parse(lower), SemVer.parse(higher)
+    assert a < b
+    assert b > a
+    assert a <= b
+    assert a != b
+    assert not b < a
+
+
+@pytest.mark.parametrize(
+    ("left", "right"),
+    [
+        pytest.param("1.0.0+build.1", "1.0.0", id="build-ignored"),
+        pytest.param("1.0.0+a", "1.0.0+b", id="builds-differ"),
+        pytest.param("1.0.0-alpha+001", "1.0.0-alpha", id="prerelease-build-ignored"),
+        pytest.param("1.0.0+01.x", "1.0.0", id="build-may-have-leading-zeros"),
+    ],
+)
+def test_build_metadata_is_ignored(left: str, right: str) -> None:
+    assert SemVer.parse(left) == SemVer.parse(right)
+    assert not SemVer.parse(left) < SemVer.parse(right)
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed", "printed"),
+    [
+        ("1.2.3", SemVer(1, 2, 3), "1.2.3"),
+        ("0.0.0", SemVer(0, 0, 0), "0.0.0"),
+        ("1.2.3-rc.1+sha.abc", SemVer(1, 2, 3, ("rc", "1")), "1.2.3-rc.1"),
+        ("999999999.0.0", SemVer(999_999_999, 0, 0), "999999999.0.0"),
+    ],
+)
+def test_semver_parse_and_str(text: str, parsed: SemVer, printed: str) -> None:
+    assert SemVer.parse(text) == parsed
+    assert str(parsed) == printed
+
+
+INVALID_VERSIONS: list[Any] = [
+    pytest.param("", id="empty"),
+    pytest.param("1", id="major-only"),
+    pytest.param("1.0", id="no-patch"),
+    pytest.param("1.0.0.0", id="four-parts"),
+    pytest.param("v1.0.0", id="v-prefix"),
+    pytest.param("01.0.0", id="leading-zero-major"),
+    pytest.param("1.01.0", id="leading-zero-minor"),
+    pytest.param("1.0.00", id="leading-zero-patch"),
+    pytest.param("-1.0.0", id="negative"),
+    pytest.param("1.0.0-", id="empty-prerelease"),
+    pytest.param("1.0.0+", id="empty-build"),
+    pytest.param("1.0.0-alpha..1", id="empty-prerelease-identifier"),
+    pytest.param("1.0.0-01", id="leading-zero-prerelease-number"),
+    pytest.param("1.0.0-rc.007", id="leading-zero-inner-prerelease-number"),
+    pytest.param("1.0.0-al_pha", id="underscore"),
+    pytest.param("1.0.0-\u00e9", id="non-ascii-prerelease"),
+    pytest.param("1\u0663.0.0", id="arabic-indic-digit"),
+    pytest.param("\uff11.0.0", id="fullwidth-digit"),
+    pytest.param("1.0.0\n", id="trailing-newline"),
+    pytest.param(" 1.0.0", id="leading-space"),
+    pytest.param("1.0.0 ", id="trailing-space"),
+    pytest.param("1234567890.0.0", id="ten-digit-major"),
+    pytest.param("1.0.0-" + "a" * 123, id="129-chars"),
+]
+
+
+@pytest.mark.parametrize("text", INVALID_VERSIONS)
+def test_invalid_versions(text: str) -> None:
+    with pytest.raises(VersionError):
+        SemVer.parse(text)
+
+
+def test_version_error_is_a_decode_error() -> None:
+    assert issubclass(VersionError, DecodeError)
+
+
+def test_semver_compared_with_other_types() -> None:
+    assert SemVer(1, 0, 0) != "1.0.0"
+    with pytest.raises(TypeError):
+        assert SemVer(1, 0, 0) < "2.0.0"  # type: ignore[operator]
+
+
+SMALL_VERSIONS = st.builds(
+    lambda core, pre: core + (f"-{'.'.join(pre)}" if pre else ""),
+    st.sampled_from(["0.0.0", "1.0.0", "1.0.1", "1.1.0"]),
+    st.lists(st.sampled_from(["0", "1", "2", "10", "a", "b", "rc"]), max_size=2),
+)
+
+
+@PROPERTY
+@given(SMALL_VERSIONS | VERSIONS, SMALL_VERSIONS | VERSIONS, SMALL_VERSIONS | VERSIONS)
+def test_semver_is_a_total_order(x: str, y: str, z: str) -> None:
+    a, b, c = SemVer.parse(x), SemVer.parse(y), SemVer.parse(z)
+    assert [a < b, a == b, a > b].count(True) == 1  # exactly one holds
+    if a <= b <= c:
+        assert a <= c
+    assert SemVer.parse(str(a)) == a
+
+
+# ----- waves --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rollout", "node", "expected"),
+    [("r1", "n1", 2903), ("rollout-42", "node-0007", 2874), ("", "", 3192)],
+)
+def test_bucket_is_pinned(rollout: str, node: str, expected: int) -> None:
+    # Controller and nodes must agree forever: a changed hash would split the fleet.
+    assert bucket(rollout, node) == expected
+
+
+@PROPERTY
+@given(st.text(max_size=64), st.text(max_size=64))
+def test_bucket_is_deterministic_and_in_range(rollout: str, node: str) -> None:
+    value = bucket(rollout, node)
+    assert 0 <= value < BUCKETS
+    assert bucket(rollout, node) == value
+
+
+def test_bucket_separator_prevents_collisions() -> None:
+    assert bucket("ab", "c") != bucket("a", "bc")
+
+
+NODES = [f"node-{i:04d}" for i in range(2000)]
+
+
+@pytest.mark.parametrize("rollout", ["r1", "rollout-2024-06", "x"])
+def test_ten_percent_wave_is_about_ten_percent(rollout: str) -> None:
+    limit = buckets_for_percent(10)
+    members = [n for n in NODES if in_wave(rollout, n, limit)]
+    assert 0.08 * len(NODES) <= len(members) <= 0.12 * len(NODES)
+
+
+def test_waves_of_different_rollouts_differ() -> None:
+    limit = buckets_for_percent(10)
+    first = {n for n in NODES if in_wave("r1", n, limit)}
+    second = {n for n in NODES if in_wave("r2", n, limit)}
+    assert first != second
+    assert len(first & second) < len(first) / 2  # independent draws overlap ~10%
+
+
+@PROPERTY
+@given(
+    st.floats(min_value=0.01, max_value=100),
+    st.floats(min_value=0.01, max_value=100),
+    st.sampled_from(NODES),
+    st.text(max_size=16),
+)
+def test_waves_are_cumulative(p: float, q: float, node: str, rollout: str) -> None:
+    small, large = sorted((p, q))
+    if in_wave(rollout, node, buckets_for_percent(small)):
+        assert in_wave(rollout, node, buckets_for_percent(large))
+
+
+def test_every_node_is_in_the_full_wave() -> None:
+    assert all(in_wave("r1", n, buckets_for_percent(100)) for n in NODES)
+    assert not any(in_wave("r1", n, 0) for n in NODES)
+
+
+@pytest.mark.parametrize(
+    ("percent", "buckets"),
+    [(100, BUCKETS), (50, 5000), (10, 1000), (12.5, 1250), (0.01, 1), (0.001, 0)],
+)
+def test_buckets_for_percent(percent: float, buckets: int) -> None:
+    assert buckets_for_percent(percent) == buckets
+
+
+@pytest.mark.parametrize("percent", [0, -1, 100.01, 1000, math.nan, math.inf, -math.inf])
+def test_buckets_for_percent_rejects(percent: float) -> None:
+    with pytest.raises(DecodeError):
+        buckets_for_percent(percent)
+
+
+# ----- selectors ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("", {}, id="empty-selects-all"),
+        pytest.param("  ", {}, id="blank"),
+        pytest.param("site=berlin", {"site": "berlin"}, id="one"),
+        pytest.param("site=berlin,hw=jetson", {"site": "berlin", "hw": "jetson"}, id="two"),
+        pytest.param(
+            " site = berlin , hw=jetson ", {"site": "berlin", "hw": "jetson"}, id="spaces"
+        ),
+        pytest.param("site=berlin,", {"site": "berlin"}, id="trailing-comma"),
+        pytest.param(",,a=b,,", {"a": "b"}, id="empty-terms"),
+        pytest.param("a.b-c_d=1.2.3", {"a.b-c_d": "1.2.3"}, id="id-characters"),
+    ],
+)
+def test_parse_selector(text: str, expected: dict[str, str]) -> None:
+    assert parse_selector(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("site", id="no-equals"),
+        pytest.param("site=", id="empty-value"),
+        pytest.param("=berlin", id="empty-key"),
+        pytest.param("a=b=c", id="two-equals"),
+        pytest.param("a=b,a=c", id="repeated-key"),
+        pytest.param("a=b, a =b", id="repeated-key-with-spaces"),
+        pytest.param("a/b=c", id="slash-in-key"),
+        pytest.param("a=+", id="wildcard-value"),
+        pytest.param("a=#", id="hash-value"),
+        pytest.param("a=b c", id="space-in-value"),
+        pytest.param("st\u00e4dt=x", id="non-ascii-key"),
+        pytest.param("a=" + "x" * 65, id="long-value"),
+    ],
+)
+def test_parse_selector_rejects(text: str) -> None:
+    with pytest.raises(DecodeError):
+        parse_selector(text)
+
+
+LABEL_IDS = st.from_regex(r"[A-Za-z0-9_.-]{1,16}", fullmatch=True)
+
+
+@PROPERTY
+@given(st.dictionaries(LABEL_IDS, LABEL_IDS, max_size=5))
+def test_format_then_parse_selector(selector: dict[str, str]) -> None:
+    text = format_selector(selector)
+    assert parse_selector(text) == selector
+    assert text == format_selector(dict(reversed(list(selector.items()))))  # canonical
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "expected"),
+    [
+        ({}, {}, True),
+        ({}, {"site": "berlin"}, True),
+        ({"site": "berlin"}, {"site": "berlin", "hw": "jetson"}, True),
+        ({"site": "berlin"}, {"site": "paris"}, False),
+        ({"site": "berlin"}, {}, False),
+        ({"site": "berlin", "hw": "jetson"}, {"site": "berlin"}, False),
+    ],
+)
+def test_matches(selector: dict[str, str], labels: dict[str, str], expected: bool) -> None:
+    assert matches(selector, labels) is expected
