@@ -80,7 +80,11 @@ class Harness:
         trust = TrustList.build(
             version=1,
             expires_at=time.time() + 86_400,
-            roles={Role.ROOT: [self.root], Role.RELEASE: [self.release], Role.ROLLOUT: [self.rollout]},
+            roles={
+                Role.ROOT: [self.root],
+                Role.RELEASE: [self.release],
+                Role.ROLLOUT: [self.rollout],
+            },
         )
         self.trust_file.write_bytes(sign_trust_list(trust, [self.root]).to_bytes())
         self.serving = asyncio.Event()
@@ -190,7 +194,9 @@ class Harness:
         self._seq += 1
         return self._seq
 
-    async def publish_command(self, topic: str, envelope: Envelope, *, retain: bool = False) -> None:
+    async def publish_command(
+        self, topic: str, envelope: Envelope, *, retain: bool = False
+    ) -> None:
         async with asyncio.timeout(20):
             await self._connected.wait()
         assert self._client is not None
