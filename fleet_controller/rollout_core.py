@@ -29,10 +29,10 @@ Rules:
 from __future__ import annotations
 
 import math
-from itertools import pairwise
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from itertools import pairwise
 
 from shared.errors import EdgeFleetError
 from shared.messages import ModelRef, NodeRolloutState, RolloutState
@@ -310,8 +310,8 @@ def evaluate_health(
         limit = baseline.p95_ms * (1 + spec.max_latency_regression)
         if p95 > limit:
             return Health(
-                False,
-                f"p95 latency {p95:.2f} ms exceeds {limit:.2f} ms "
+                healthy=False,
+                reason=f"p95 latency {p95:.2f} ms exceeds {limit:.2f} ms "
                 f"({baseline.p95_ms:.2f} ms before, +{spec.max_latency_regression:.0%} allowed)",
             )
     return Health(healthy=True, reason=f"healthy: {runs} runs, p95 {p95:.2f} ms")
