@@ -51,7 +51,7 @@ from edge_node.inference_core import (
     is_corner_case,
     summarize_output,
 )
-from edge_node.outbox import Outbox, OutboxFullError
+from edge_node.outbox import Outbox, OutboxFullError, OutboxStats
 from edge_node.runtime import ModelRuntime, SessionOptionsConfig
 from edge_node.session import make_client, reconnect_delays
 from edge_node.sources import (
@@ -813,7 +813,9 @@ class NodeAgent:
             await client.publish(topic, encode(reply), qos=1)
 
     async def _batcher(self) -> None:
-        while True:
+        # Ends on stop (the sleep no longer suspends then, so looping would starve
+        # the event loop); _stop_watch does the final flush after draining workers.
+        while not self._stopping.is_set():
             await self._sleep_unless_stopping(self.config.batch_interval_s)
             await self._flush_results()
 
@@ -842,6 +844,8 @@ class NodeAgent:
         last_cpu = (time.monotonic(), time.process_time())
         while True:
             await self._sleep_unless_stopping(cfg.telemetry_interval_s)
+            if self._stopping.is_set():
+                return
             now_mono, now_cpu = time.monotonic(), time.process_time()
             cpu = 100.0 * (now_cpu - last_cpu[1]) / max(1e-6, now_mono - last_cpu[0])
             last_cpu = (now_mono, now_cpu)
@@ -879,6 +883,10 @@ class NodeAgent:
     def stats(self) -> dict[str, int]:
         """Counters for tests and the simulator."""
         return {**self._counts, "skips": self._gate.skipped, "pending": len(self._pending)}
+
+    def outbox_stats(self) -> OutboxStats:
+        """Depth and last ``seq`` of the on-disk outbox (in-memory counters, no I/O)."""
+        return self._outbox.stats()
 
 
 class _Stopping(Exception):  # noqa: N818 - a control-flow signal, not an error

@@ -111,9 +111,12 @@ ROLLOUT_TRANSITIONS: Mapping[tuple[RolloutState, RolloutEvent], RolloutState] = 
 
 # Per-node moves. Progress may skip steps (a node that already holds the blob
 # goes from queued to verifying), statuses of a retried node start again at
-# queued, and a late status may revive a node that timed out.
+# queued, and a late status may revive a node that timed out. A rollback goes
+# by what the node is seen running, not by its last status (which may lag, or
+# say canceled when the cancel came too late): any state but rolled_back may
+# end there.
 _PROGRESS = (N.DOWNLOADING, N.DOWNLOADED, N.VERIFYING, N.LOADING, N.ACTIVATED)
-_ENDINGS = (N.FAILED, N.REJECTED, N.TIMED_OUT, N.CANCELED)
+_ENDINGS = (N.FAILED, N.REJECTED, N.TIMED_OUT, N.CANCELED, N.ROLLED_BACK)
 NODE_TRANSITIONS: Mapping[NodeRolloutState, frozenset[NodeRolloutState]] = {
     N.QUEUED: frozenset({N.QUEUED, *_PROGRESS, N.SUCCEEDED, *_ENDINGS}),
     N.DOWNLOADING: frozenset({*_PROGRESS, *_ENDINGS}),
@@ -125,7 +128,7 @@ NODE_TRANSITIONS: Mapping[NodeRolloutState, frozenset[NodeRolloutState]] = {
     N.FAILED: frozenset({N.QUEUED, N.ROLLED_BACK}),
     N.TIMED_OUT: frozenset({N.QUEUED, *_PROGRESS, N.SUCCEEDED, N.FAILED, N.ROLLED_BACK}),
     N.REJECTED: frozenset({N.ROLLED_BACK}),
-    N.CANCELED: frozenset(),
+    N.CANCELED: frozenset({N.ROLLED_BACK}),
     N.ROLLED_BACK: frozenset(),
 }
 
@@ -288,13 +291,17 @@ def evaluate_health(
     )
     if not window:
         return Health(healthy=True, reason="no telemetry of the new model: healthy on liveness")
-    first, last = window[0], window[-1]
-    runs = max(0, last.inferences - first.inferences) + max(0, last.errors - first.errors)
-    if len(window) == 1:
-        runs = last.inferences + last.errors
-        new_errors = last.errors
+    last = window[-1]
+    # Counters are totals since the agent started. With one sample, count from
+    # the baseline (the node's last sample before the rollout), not from zero,
+    # which would dilute the new model's errors with the old model's history.
+    origin = window[0] if len(window) > 1 else baseline
+    if origin is None or origin.inferences > last.inferences or origin.errors > last.errors:
+        origin_runs, origin_errors = 0, 0  # no origin, or the agent restarted: from zero
     else:
-        new_errors = max(0, last.errors - first.errors)
+        origin_runs, origin_errors = origin.inferences, origin.errors
+    new_errors = last.errors - origin_errors
+    runs = last.inferences - origin_runs + new_errors
     error_rate = new_errors / runs if runs else 0.0
     base_rate = (
         baseline.errors / (baseline.inferences + baseline.errors)
@@ -351,7 +358,7 @@ def apply_node_status(
         node_transition(progress.state, state)
     except IllegalTransitionError:
         return record
-    updated = replace(progress, state=state, code=code, reason=reason)
+    updated = replace(progress, state=state, code=code, reason=reason, retry_at=None)
     if state is N.ACTIVATED:
         updated = replace(updated, activated_at=now)
     return replace(record, nodes={**record.nodes, node_id: updated})
@@ -411,7 +418,9 @@ def tick(
     if record.wave + 1 < len(limits):
         record = replace(record, wave=record.wave + 1, wave_started_at=now)
         actions.append(SendWave(record.wave, limits[record.wave]))
-        return record, actions
+        # Enrol its members now: they get the broadcast, not a per-node command.
+        record, enrol = _enrol(record, fleet, now)
+        return record, actions + enrol
     record = replace(record, state=apply_event(record.state, E.COMPLETE), reason="all waves passed")
     actions.append(ClearBroadcast())
     return record, actions
@@ -465,9 +474,15 @@ def _advance_node(
             return progress, None
         samples = view.samples if view is not None else ()
         health = evaluate_health(spec, progress.baseline, samples, progress.activated_at)
-        if health.healthy:
+        if not health.healthy:
+            return replace(progress, state=N.FAILED, code="unhealthy", reason=health.reason), None
+        if view is not None and view.online:
             return replace(progress, state=N.SUCCEEDED, reason=health.reason), None
-        return replace(progress, state=N.FAILED, code="unhealthy", reason=health.reason), None
+        # Healthy only while live: wait for a node that is away, for at most the wave timeout.
+        if now - progress.activated_at >= spec.health_window_s + spec.wave_timeout_s:
+            reason = "offline since its health window ended"
+            return replace(progress, state=N.TIMED_OUT, code="timeout", reason=reason), None
+        return progress, None
     if state in IN_FLIGHT and progress.sent_at is not None:
         if now - progress.sent_at >= spec.wave_timeout_s:
             return replace(progress, state=N.TIMED_OUT, code="timeout", reason="no progress"), None
@@ -545,10 +560,10 @@ def _tick_rollback(
             )
             if on_previous:
                 nodes[node_id] = replace(progress, state=N.ROLLED_BACK)
-            elif progress.sent_at is not None and now - progress.sent_at >= spec.wave_timeout_s:
+                continue
+            waiting = True  # also while a resend is due: the node is not back yet
+            if progress.sent_at is not None and now - progress.sent_at >= spec.wave_timeout_s:
                 nodes[node_id] = replace(progress, rollback_sent=False)  # resend next tick
-            else:
-                waiting = True
             continue
         if _needs_rollback(progress, spec, view):
             nodes[node_id] = replace(progress, rollback_sent=True, sent_at=now)

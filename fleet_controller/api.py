@@ -1,0 +1,158 @@
+"""The operator API over MQTT: request/response with correlation ids.
+
+``fleetctl`` publishes an :class:`~shared.messages.OperatorRequest` on
+``ctl/request`` and waits for the :class:`~shared.messages.OperatorReply` with
+the same ``id`` on its own ``ctl/reply/{client}``. Pending replies are keyed by
+correlation id and removed in ``finally``. Operations and their arguments are
+listed in :data:`OPERATIONS`; those in :data:`MUTATING` go to the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from types import TracebackType
+from typing import Any, Self
+
+import aiomqtt
+
+from edge_node.session import make_client
+from shared import topics
+from shared.broker import BrokerAddress
+from shared.errors import BrokerUnavailableError, DecodeError, EdgeFleetError, RequestTimeoutError
+from shared.messages import OperatorReply, OperatorRequest, decode, encode
+
+__all__ = ["MUTATING", "OPERATIONS", "CtlClient", "OperationError"]
+
+OPERATIONS = (
+    "model.upload",
+    "model.add",
+    "model.list",
+    "rollout.start",
+    "rollout.status",
+    "rollout.list",
+    "rollout.pause",
+    "rollout.resume",
+    "rollout.abort",
+    "rollout.rollback",
+    "nodes.list",
+    "audit.list",
+    "report",
+)
+MUTATING = frozenset(
+    {
+        "model.add",
+        "rollout.start",
+        "rollout.pause",
+        "rollout.resume",
+        "rollout.abort",
+        "rollout.rollback",
+    }
+)
+
+
+class OperationError(EdgeFleetError):
+    """The controller refused or failed an operation; ``code`` is the CLI exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CtlClient:
+    """One operator connection: ``async with CtlClient(...) as ctl: await ctl.call(...)``."""
+
+    def __init__(
+        self,
+        broker: BrokerAddress,
+        *,
+        fleet: str,
+        operator: str,
+        timeout_s: float = 10.0,
+        ca_file: str | None = None,
+    ) -> None:
+        self._broker = broker
+        self._fleet = fleet
+        self._operator = operator
+        self._timeout_s = timeout_s
+        self._client_id = f"fleetctl-{secrets.token_hex(6)}"
+        self._client = make_client(
+            broker, client_id=self._client_id, persistent=False, ca_file=ca_file
+        )
+        self._pending: dict[str, asyncio.Future[OperatorReply]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._client.__aenter__()
+            await self._client.subscribe(topics.ctl_reply(self._fleet, self._client_id), qos=1)
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnavailableError(
+                f"cannot reach the broker at {self._broker}: {exc}"
+            ) from None
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._client.__aexit__(exc_type, exc, tb)
+
+    async def _read(self) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):
+            async for message in self._client.messages:
+                if not isinstance(message.payload, bytes):
+                    continue
+                try:
+                    reply = decode(OperatorReply, message.payload)
+                except DecodeError:
+                    continue
+                future = self._pending.get(reply.id)
+                if future is not None and not future.done():
+                    future.set_result(reply)
+
+    async def call(self, op: str, args: dict[str, Any] | None = None) -> Any:
+        """Run ``op`` on the controller and return its result.
+
+        Raises:
+            OperationError: the controller answered with an error (``code`` 1 or 2).
+            RequestTimeoutError: no answer in time (is ``fleetctl serve`` running?).
+            BrokerUnavailableError: the broker connection failed.
+        """
+        request_id = secrets.token_hex(8)
+        request = OperatorRequest(
+            id=request_id,
+            client=self._client_id,
+            operator=self._operator,
+            op=op,
+            args=args or {},
+            expires_at=time.time() + self._timeout_s,
+        )
+        future: asyncio.Future[OperatorReply] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            await self._client.publish(topics.ctl_request(self._fleet), encode(request), qos=1)
+            async with asyncio.timeout(self._timeout_s):
+                reply = await future
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"no answer from the controller of fleet {self._fleet!r} within "
+                f"{self._timeout_s:g}s: is `fleetctl serve` running?"
+            ) from None
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnavailableError(f"broker connection failed: {exc}") from None
+        finally:
+            self._pending.pop(request_id, None)
+        if not reply.ok:
+            raise OperationError(reply.error or f"{op} failed", reply.code or 1)
+        return reply.result

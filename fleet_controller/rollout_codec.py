@@ -1,0 +1,313 @@
+"""JSON form of the rollout engine's :class:`~fleet_controller.rollout_core.RolloutRecord`.
+
+The controller persists every record it acts on (``rollouts.record_json``), so a
+restarted controller resumes each rollout exactly where it was. Pure: no I/O.
+
+Invariants:
+
+* **Exact round trip.** ``record_from_json(record_to_json(r)) == r`` for every
+  record: enums travel as their values, ``ModelRef`` as its three fields,
+  tuples as lists (rebuilt as tuples), mappings as objects (rebuilt as dicts),
+  floats as floats (an ``int`` given for a float field comes back as ``float``,
+  which compares equal).
+* **Deterministic.** Compact, key-sorted JSON: equal records give equal text.
+* **Strict.** The text is read with :func:`shared.codec.decode_json` (no
+  duplicate keys, no NaN, 64-bit integers); every object must hold exactly the
+  known keys (a key that is absent takes the field's default, so records written
+  before a field existed still load); every value must have its field's type.
+  Anything else raises :class:`~shared.errors.DecodeError`. ``FORMAT`` is
+  written as ``"format"`` and a record of another format is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, fields
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from fleet_controller.rollout_core import HealthSample, NodeProgress, RolloutRecord, RolloutSpec
+from shared.codec import decode_json
+from shared.errors import DecodeError
+from shared.messages import ModelRef, NodeRolloutState, RolloutState
+
+__all__ = ["FORMAT", "MAX_RECORD_BYTES", "record_from_json", "record_to_json"]
+
+FORMAT = 1
+# A record holds one entry (~0.5 KB) per node of the rollout: room for ~500k nodes.
+MAX_RECORD_BYTES = 256 * 1024 * 1024
+
+T = TypeVar("T")
+
+
+# ----- encoding -------------------------------------------------------------------
+
+
+def _ref(ref: ModelRef | None) -> dict[str, str] | None:
+    if ref is None:
+        return None
+    return {"name": ref.name, "version": ref.version, "sha256": ref.sha256}
+
+
+def _sample(sample: HealthSample | None) -> dict[str, Any] | None:
+    if sample is None:
+        return None
+    return {
+        "ts": sample.ts,
+        "model_sha256": sample.model_sha256,
+        "inferences": sample.inferences,
+        "errors": sample.errors,
+        "p95_ms": sample.p95_ms,
+    }
+
+
+def _spec(spec: RolloutSpec) -> dict[str, Any]:
+    return {
+        "rollout_id": spec.rollout_id,
+        "model": _ref(spec.model),
+        "selector": dict(spec.selector),
+        "waves": list(spec.waves),
+        "max_failures": spec.max_failures,
+        "wave_timeout_s": spec.wave_timeout_s,
+        "health_window_s": spec.health_window_s,
+        "max_latency_regression": spec.max_latency_regression,
+        "max_error_increase": spec.max_error_increase,
+        "auto_rollback": spec.auto_rollback,
+        "activate_at": spec.activate_at,
+        "max_retries": spec.max_retries,
+        "retry_backoff_s": spec.retry_backoff_s,
+    }
+
+
+def _node(progress: NodeProgress) -> dict[str, Any]:
+    return {
+        "node_id": progress.node_id,
+        "wave": progress.wave,
+        "state": progress.state.value,
+        "attempts": progress.attempts,
+        "sent_at": progress.sent_at,
+        "activated_at": progress.activated_at,
+        "retry_at": progress.retry_at,
+        "from_model": _ref(progress.from_model),
+        "code": progress.code,
+        "reason": progress.reason,
+        "baseline": _sample(progress.baseline),
+        "rollback_sent": progress.rollback_sent,
+    }
+
+
+def record_to_json(record: RolloutRecord) -> str:
+    """Compact, key-sorted JSON of ``record``.
+
+    Raises:
+        ValueError: a float of the record is NaN or infinite (JSON cannot hold it).
+    """
+    value = {
+        "format": FORMAT,
+        "spec": _spec(record.spec),
+        "state": record.state.value,
+        "wave": record.wave,
+        "wave_started_at": record.wave_started_at,
+        "nodes": {key: _node(progress) for key, progress in record.nodes.items()},
+        "reason": record.reason,
+    }
+    return json.dumps(
+        value, separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False
+    )
+
+
+# ----- decoding -------------------------------------------------------------------
+
+
+class _Obj:
+    """One JSON object being decoded: typed getters that name the path on error."""
+
+    def __init__(self, value: Any, path: str, known: frozenset[str]) -> None:
+        if not isinstance(value, dict):
+            raise DecodeError(f"rollout record: {path} must be an object")
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise DecodeError(f"rollout record: {path}.{unknown[0]}: unknown field")
+        self.value: dict[str, Any] = value
+        self.path = path
+
+    def has(self, key: str) -> bool:
+        return key in self.value
+
+    def get(self, key: str, check: Callable[[Any, str], T]) -> T:
+        if key not in self.value:
+            raise DecodeError(f"rollout record: {self.path}.{key}: field required")
+        return check(self.value[key], f"{self.path}.{key}")
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise DecodeError(f"rollout record: {where} must be a string")
+    return value
+
+
+def _int(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DecodeError(f"rollout record: {where} must be an integer")
+    return value
+
+
+def _float(value: Any, where: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise DecodeError(f"rollout record: {where} must be a number")
+    return float(value)
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise DecodeError(f"rollout record: {where} must be true or false")
+    return value
+
+
+def _optional(check: Callable[[Any, str], T]) -> Callable[[Any, str], T | None]:
+    def checked(value: Any, where: str) -> T | None:
+        return None if value is None else check(value, where)
+
+    return checked
+
+
+def _enum(kind: Callable[[str], T]) -> Callable[[Any, str], T]:
+    def checked(value: Any, where: str) -> T:
+        try:
+            return kind(_str(value, where))
+        except ValueError:
+            raise DecodeError(f"rollout record: {where}: unknown state {value!r}") from None
+
+    return checked
+
+
+def _model_ref(value: Any, where: str) -> ModelRef:
+    obj = _Obj(value, where, frozenset({"name", "version", "sha256"}))
+    try:
+        return ModelRef(
+            name=obj.get("name", _str),
+            version=obj.get("version", _str),
+            sha256=obj.get("sha256", _str),
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise DecodeError(f"rollout record: {where}.{field}: {first['msg']}") from None
+
+
+def _health_sample(value: Any, where: str) -> HealthSample:
+    obj = _Obj(value, where, _SAMPLE_KEYS)
+    return HealthSample(
+        ts=obj.get("ts", _float),
+        model_sha256=obj.get("model_sha256", _optional(_str)),
+        inferences=obj.get("inferences", _int),
+        errors=obj.get("errors", _int),
+        p95_ms=obj.get("p95_ms", _float),
+    )
+
+
+def _labels(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise DecodeError(f"rollout record: {where} must be an object")
+    return {key: _str(item, f"{where}.{key}") for key, item in value.items()}
+
+
+def _floats(value: Any, where: str) -> tuple[float, ...]:
+    if not isinstance(value, list):
+        raise DecodeError(f"rollout record: {where} must be a list")
+    return tuple(_float(item, f"{where}[{index}]") for index, item in enumerate(value))
+
+
+def _kwargs(
+    obj: _Obj, cls: type[Any], checks: Mapping[str, Callable[[Any, str], Any]]
+) -> dict[str, Any]:
+    """Decode every key ``obj`` holds; absent keys fall back to ``cls``'s defaults."""
+    kwargs: dict[str, Any] = {}
+    for field in fields(cls):
+        if obj.has(field.name):
+            kwargs[field.name] = obj.get(field.name, checks[field.name])
+        elif field.default is MISSING and field.default_factory is MISSING:
+            raise DecodeError(f"rollout record: {obj.path}.{field.name}: field required")
+    return kwargs
+
+
+_SAMPLE_KEYS = frozenset(f.name for f in fields(HealthSample))
+
+_SPEC_CHECKS: Mapping[str, Callable[[Any, str], Any]] = {
+    "rollout_id": _str,
+    "model": _model_ref,
+    "selector": _labels,
+    "waves": _floats,
+    "max_failures": _float,
+    "wave_timeout_s": _float,
+    "health_window_s": _float,
+    "max_latency_regression": _float,
+    "max_error_increase": _float,
+    "auto_rollback": _bool,
+    "activate_at": _optional(_float),
+    "max_retries": _int,
+    "retry_backoff_s": _float,
+}
+
+_NODE_CHECKS: Mapping[str, Callable[[Any, str], Any]] = {
+    "node_id": _str,
+    "wave": _int,
+    "state": _enum(NodeRolloutState),
+    "attempts": _int,
+    "sent_at": _optional(_float),
+    "activated_at": _optional(_float),
+    "retry_at": _optional(_float),
+    "from_model": _optional(_model_ref),
+    "code": _optional(_str),
+    "reason": _optional(_str),
+    "baseline": _optional(_health_sample),
+    "rollback_sent": _bool,
+}
+
+_RECORD_KEYS = frozenset({"format", "spec", "state", "wave", "wave_started_at", "nodes", "reason"})
+
+def _spec_from(value: Any, where: str) -> RolloutSpec:
+    obj = _Obj(value, where, frozenset(_SPEC_CHECKS))
+    return RolloutSpec(**_kwargs(obj, RolloutSpec, _SPEC_CHECKS))
+
+
+def _progress_from(value: Any, where: str) -> NodeProgress:
+    obj = _Obj(value, where, frozenset(_NODE_CHECKS))
+    return NodeProgress(**_kwargs(obj, NodeProgress, _NODE_CHECKS))
+
+
+def _nodes(value: Any, where: str) -> dict[str, NodeProgress]:
+    if not isinstance(value, dict):
+        raise DecodeError(f"rollout record: {where} must be an object")
+    # Key order: sorted, as written; the engine enrols nodes in sorted order too.
+    return {key: _progress_from(item, f"{where}[{key!r}]") for key, item in value.items()}
+
+
+def record_from_json(text: str | bytes) -> RolloutRecord:
+    """Parse what :func:`record_to_json` wrote.
+
+    Raises:
+        DecodeError: the text is not strict JSON, not of format :data:`FORMAT`,
+            has an unknown key, lacks a required key, or holds a value of the
+            wrong type (including an unknown state or an invalid model reference).
+    """
+    payload = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    value = decode_json(payload, max_bytes=MAX_RECORD_BYTES)
+    obj = _Obj(value, "record", _RECORD_KEYS)
+    version = obj.get("format", _int)
+    if version != FORMAT:
+        raise DecodeError(f"rollout record: format {version} is not supported (expected {FORMAT})")
+    kwargs: dict[str, Any] = {"spec": obj.get("spec", _spec_from)}
+    optional: Mapping[str, Callable[[Any, str], Any]] = {
+        "state": _enum(RolloutState),
+        "wave": _int,
+        "wave_started_at": _optional(_float),
+        "nodes": _nodes,
+        "reason": _optional(_str),
+    }
+    for key, check in optional.items():
+        if obj.has(key):
+            kwargs[key] = obj.get(key, check)
+    return RolloutRecord(**kwargs)
