@@ -12,6 +12,11 @@ parts at the edges (outbox, artifact store, runtime). What it guarantees:
   only when the controller's ``ack`` says they are durably stored; after every
   reconnect everything unacknowledged is sent again, in order;
 * a failed download, load or warm-up never replaces the working model;
+* an MQTT download that loses its connection resumes from its ``.part`` as soon
+  as the node is connected again (chunk requests and replies in flight die with
+  the connection, so waiting for them would only stall);
+* an accepted deploy or rollback is persisted (``pending``) with the verifier
+  state and cleared when it ends, so a node stopped mid-job resumes it on start;
 * ``stop()`` finishes in-flight inferences, flushes results to the outbox,
   sends what it can, and publishes its own death before disconnecting.
 """
@@ -31,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiomqtt
+import numpy as np
 import onnxruntime as ort
 
 from edge_node.artifacts import ArtifactError, ArtifactStore
@@ -49,6 +55,7 @@ from edge_node.inference_core import (
     LatencyWindow,
     input_digest,
     is_corner_case,
+    numpy_dtype,
     summarize_output,
 )
 from edge_node.outbox import Outbox, OutboxFullError, OutboxStats
@@ -61,7 +68,7 @@ from edge_node.sources import (
     SourceItem,
     SyntheticSource,
 )
-from edge_node.state import NodeStore, PersistedState
+from edge_node.state import NodeStore, PendingCommand, PersistedState
 from shared import __version__, topics
 from shared.broker import BrokerAddress
 from shared.envelope import Envelope
@@ -155,6 +162,7 @@ class NodeAgent:
         self._manifest: ModelManifest | None = None
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
+        self._link_lost = asyncio.Event()  # set when the current connection ends (one each)
         self._stopping = asyncio.Event()
         self._wake_sender = asyncio.Event()
         self._commands: asyncio.Queue[bytes] = asyncio.Queue(256)
@@ -257,6 +265,9 @@ class NodeAgent:
 
     def _set_manifest(self, manifest: ModelManifest | None) -> None:
         self._manifest = manifest
+        # Telemetry latency describes the active model only, so the controller's
+        # health gate compares the new model with the old, not a mix of both.
+        self._latency = LatencyWindow()
         if self._synthetic is not None:
             self._synthetic.model_changed()
 
@@ -281,8 +292,12 @@ class NodeAgent:
         raise _Stopping
 
     async def _shutdown(self) -> None:
-        if self._job is not None and not self._job.task.done():
-            self._job.task.cancel()
+        self._stopping.set()  # a job cancelled now is interrupted, not canceled: it stays pending
+        job = self._job
+        if job is not None and not job.task.done():
+            job.task.cancel()
+            # Let it close its partial download before run() returns.
+            await asyncio.wait((job.task,), timeout=5.0)
         with contextlib.suppress(EdgeFleetError):
             await self._flush_results()
         await self._runtime.close()
@@ -342,6 +357,7 @@ class NodeAgent:
                 log.warning("broker connection lost: %s", exc)
             finally:
                 self._client = None
+                self._link_lost.set()
                 self.connected.clear()
             await self._sleep_unless_stopping(next(delays))
 
@@ -359,6 +375,7 @@ class NodeAgent:
         await client.subscribe([(t, 1) for t in subscriptions])
         await asyncio.to_thread(self._outbox.requeue_all)
         self._client = client
+        self._link_lost = asyncio.Event()
         self.connected.set()
         self._wake_sender.set()
         log.info("connected to %s as %s (session %d)", cfg.broker, cfg.node_id, self._state.session)
@@ -400,7 +417,9 @@ class NodeAgent:
                     fetcher.deliver(chunk)
             elif kind is topics.TopicKind.INFER_REQUEST and self._mqtt_source is not None:
                 request = decode(InferRequest, data)
-                if not self._mqtt_source.offer(request):
+                if (problem := _tensor_error(request)) is not None:
+                    self._spawn(self._reply(request, None, problem))
+                elif not self._mqtt_source.offer(request):
                     self._spawn(self._reply(request, None, "node busy: request queue full"))
         except DecodeError as exc:
             log.warning("dropping malformed message on %s: %s", message.topic.value, exc)
@@ -447,6 +466,7 @@ class NodeAgent:
     # ----- commands -------------------------------------------------------
 
     async def _command_worker(self) -> None:
+        await self._resume_pending()
         while True:
             data = await self._commands.get()
             await self._handle_command(data)
@@ -485,11 +505,56 @@ class NodeAgent:
             await self._report_duplicate(outcome)
             return
         verifier = record(self._state.verifier_state(), outcome)
-        self._state = self._state.model_copy(
-            update={"last_seq": verifier.last_seq, "attempted": list(verifier.attempted)}
-        )
+        update: dict[str, Any] = {
+            "last_seq": verifier.last_seq,
+            "attempted": list(verifier.attempted),
+        }
+        if isinstance(outcome.command.body, DeployAction | RollbackAction):
+            # In the same write: after a restart the verifier calls this command a
+            # duplicate, so only this record lets the node finish the job.
+            update["pending"] = PendingCommand(
+                command_id=outcome.command.command_id, envelope=data.decode()
+            )
+        self._state = self._state.model_copy(update=update)
         await asyncio.to_thread(self._store.save, self._state)
         await self._act(outcome)
+
+    async def _resume_pending(self) -> None:
+        """Resume the deploy or rollback that a stop or crash interrupted.
+
+        The persisted envelope is verified again with today's trust list (a key
+        rotated out since must not keep acting); its expiry is not checked again,
+        since the command was accepted while valid and this only finishes it.
+        One that no longer verifies ends as ``failed``.
+        """
+        pending = self._state.pending
+        if pending is None:
+            return
+        if self._trust is None:
+            log.error("cannot resume command %s: no trust list", pending.command_id)
+            return
+        try:
+            command, body, manifest = _open_pending(pending, self._trust, now=self._clock())
+        except (TrustError, DecodeError) as exc:
+            log.error("cannot resume command %s: %s", pending.command_id, exc)
+            await self._status(
+                NodeRolloutState.FAILED,
+                None,
+                code=exc.code if isinstance(exc, TrustError) else "malformed",
+                reason=f"command {pending.command_id} was interrupted and cannot resume: {exc}",
+            )
+            await self._clear_pending(pending.command_id)
+            return
+        log.info("resuming command %s after a restart", command.command_id)
+        await self._start_job(command, body, manifest, resumed=True)
+
+    async def _clear_pending(self, command_id: str) -> None:
+        """Forget the persisted job of ``command_id`` (a newer one that replaced it stays)."""
+        pending = self._state.pending
+        if pending is None or pending.command_id != command_id:
+            return
+        self._state = self._state.model_copy(update={"pending": None})
+        await asyncio.to_thread(self._store.save, self._state)
 
     async def _report_duplicate(self, duplicate: Duplicate) -> None:
         """Acknowledge a repeated command with where it stands, without re-running it."""
@@ -539,23 +604,51 @@ class NodeAgent:
                 await self._status(NodeRolloutState.CANCELED, command, reason="nothing to cancel")
             return
         assert accepted.manifest is not None
+        await self._start_job(command, body, accepted.manifest)
+
+    async def _start_job(
+        self,
+        command: Command,
+        body: DeployAction | RollbackAction,
+        manifest: ModelManifest,
+        *,
+        resumed: bool = False,
+    ) -> None:
+        """Make ``command`` the node's one job, superseding one still in progress."""
         if self._job is not None and not self._job.task.done():
             log.info("superseding %s with %s", self._job.command.command_id, command.command_id)
             self._job.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._job.task
         task = asyncio.get_running_loop().create_task(
-            self._run_job(command, body, accepted.manifest), name=f"job-{command.command_id}"
+            self._run_job(command, body, manifest, resumed=resumed),
+            name=f"job-{command.command_id}",
         )
         self._job = _Job(command, task)
 
     async def _run_job(
-        self, command: Command, body: DeployAction | RollbackAction, manifest: ModelManifest
+        self,
+        command: Command,
+        body: DeployAction | RollbackAction,
+        manifest: ModelManifest,
+        *,
+        resumed: bool = False,
     ) -> None:
+        """Carry out a deploy or rollback, reporting each state; never raises but cancellation.
+
+        A ``resumed`` job (interrupted by a restart) does not report ``queued``
+        again, and one whose model was already activated before the restart
+        only runs its health window.
+        """
         job = self._job
-        rollback = isinstance(body, RollbackAction)
+        interrupted = False
         try:
-            await self._status(NodeRolloutState.QUEUED, command, model=manifest.ref)
+            if not resumed:
+                await self._status(NodeRolloutState.QUEUED, command, model=manifest.ref)
+            active = self._state.active
+            if resumed and active is not None and active.sha256 == manifest.sha256:
+                await self._finish_job(command, body, manifest, job)
+                return
             path = await self._obtain(command, body, manifest)
             await self._status(NodeRolloutState.VERIFYING, command, model=manifest.ref)
             await asyncio.to_thread(
@@ -574,16 +667,11 @@ class NodeAgent:
                 keep = [r.sha256 for r in (manifest.ref, previous) if r is not None]
                 await asyncio.to_thread(self._artifacts.retain, keep)
                 self._set_manifest(manifest)
-            if job is not None:
-                job.activated = True
-            await self._announce_model()
-            await self._status(NodeRolloutState.ACTIVATED, command, model=manifest.ref)
-            final = await self._health_window(body, command, manifest)
-            if final is not None:
-                state = NodeRolloutState.ROLLED_BACK if rollback else NodeRolloutState.SUCCEEDED
-                await self._status(state, command, model=manifest.ref, reason=final)
+            await self._finish_job(command, body, manifest, job)
         except asyncio.CancelledError:
-            if not self._stopping.is_set():
+            if self._stopping.is_set():
+                interrupted = True  # stays pending: the next start resumes it
+            else:
                 await self._status(NodeRolloutState.CANCELED, command, model=manifest.ref)
             raise
         except (TrustError, ArtifactError) as exc:
@@ -600,6 +688,26 @@ class NodeAgent:
         finally:
             if self._job is job:
                 self._job = None
+            if not interrupted:
+                await self._clear_pending(command.command_id)
+
+    async def _finish_job(
+        self,
+        command: Command,
+        body: DeployAction | RollbackAction,
+        manifest: ModelManifest,
+        job: _Job | None,
+    ) -> None:
+        """The active ``manifest``'s last steps: ``activated``, health window, final state."""
+        if job is not None:
+            job.activated = True
+        await self._announce_model()
+        await self._status(NodeRolloutState.ACTIVATED, command, model=manifest.ref)
+        final = await self._health_window(body, command, manifest)
+        if final is not None:
+            rollback = isinstance(body, RollbackAction)
+            state = NodeRolloutState.ROLLED_BACK if rollback else NodeRolloutState.SUCCEEDED
+            await self._status(state, command, model=manifest.ref, reason=final)
 
     async def _obtain(
         self, command: Command, body: DeployAction | RollbackAction, manifest: ModelManifest
@@ -635,14 +743,24 @@ class NodeAgent:
     async def _download(
         self, manifest: ModelManifest, url: str | None, progress: Callable[[int, int], None]
     ) -> Path:
-        """Download with resume, retrying transfer failures with back-off."""
+        """Download with resume, retrying transfer failures with back-off.
+
+        An MQTT download is cut short when its connection ends and resumed from
+        the ``.part`` once connected again; that is no failed attempt.
+        """
         attempts = 0
         while True:
             if url is None:
                 await self.connected.wait()
             fetcher = self._fetcher(manifest.sha256, url)
             try:
-                return await self._artifacts.download(manifest, fetcher, progress=progress)
+                download = self._artifacts.download(manifest, fetcher, progress=progress)
+                if url is not None:
+                    return await download
+                path = await self._while_connected(download)
+                if path is not None:
+                    return path
+                log.info("connection lost while downloading %s; resuming", manifest.name)
             except TransferError as exc:
                 attempts += 1
                 if attempts > self.config.download_retries:
@@ -651,6 +769,27 @@ class NodeAgent:
                 await self._sleep_unless_stopping(min(30.0, 0.5 * 2**attempts))
             finally:
                 self._fetchers.pop(manifest.sha256, None)
+
+    async def _while_connected(self, work: Coroutine[Any, Any, Path]) -> Path | None:
+        """``work``'s result, or None when the current connection ends first.
+
+        ``work`` is then cancelled (the store keeps its ``.part``); a transfer
+        error it raised because the connection went is a None too. Other
+        errors propagate.
+        """
+        lost = self._link_lost
+        task = asyncio.get_running_loop().create_task(work)
+        watch = asyncio.get_running_loop().create_task(lost.wait())
+        try:
+            await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait((task,))  # the store closes its .part
+        if task.cancelled() or (lost.is_set() and isinstance(task.exception(), TransferError)):
+            return None
+        return task.result()
 
     def _fetcher(self, sha256: str, url: str | None) -> Fetcher:
         if url is not None:
@@ -887,6 +1026,37 @@ class NodeAgent:
     def outbox_stats(self) -> OutboxStats:
         """Depth and last ``seq`` of the on-disk outbox (in-memory counters, no I/O)."""
         return self._outbox.stats()
+
+
+def _tensor_error(request: InferRequest) -> str | None:
+    """Why a request's tensors cannot become arrays (data not filling the shape, a
+    value out of the dtype's range), else ``None``. Checked before queueing: the
+    source builds the arrays in an inference worker, where the error would end it.
+    """
+    for tensor in request.inputs:
+        try:
+            np.asarray(tensor.data, dtype=numpy_dtype(tensor.dtype)).reshape(tensor.shape)
+        except (ValueError, OverflowError) as exc:
+            return f"input {tensor.name!r}: {exc}"
+    return None
+
+
+def _open_pending(
+    pending: PendingCommand, trust: TrustStore, *, now: float
+) -> tuple[Command, DeployAction | RollbackAction, ModelManifest]:
+    """Verify a persisted command envelope again: command, action and manifest.
+
+    Raises:
+        TrustError: a signature no longer verifies (e.g. a key rotated out).
+        DecodeError: the stored envelope is malformed or holds no deploy or rollback.
+    """
+    envelope = Envelope.from_bytes(pending.envelope.encode())
+    command = decode(Command, trust.open(envelope, Role.ROLLOUT, now=now))
+    body = command.body
+    if not isinstance(body, DeployAction | RollbackAction):
+        raise DecodeError(f"pending command is a {body.action}, not a deploy or rollback")
+    manifest = decode(ModelManifest, trust.open(body.manifest, Role.RELEASE, now=now))
+    return command, body, manifest
 
 
 class _Stopping(Exception):  # noqa: N818 - a control-flow signal, not an error

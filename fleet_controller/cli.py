@@ -1114,6 +1114,7 @@ def _broker_init(args: argparse.Namespace) -> int:
         f"mosquitto_passwd {passwd} controller          # the controller's login",
         *(f"mosquitto_passwd {passwd} {op}" for op in operators),
         f"fleetctl node enroll NODE_ID --passwd-file {passwd}   # one per node",
+        f"chgrp mosquitto {directory} {acl} {passwd}   # the broker drops root and must read them",
         "put ca.crt, broker.crt, broker.key where secure.conf says (or edit those lines)",
         f"mosquitto -c {conf}",
         "after changing the password or ACL file: kill -HUP $(pidof mosquitto)",
@@ -1199,6 +1200,10 @@ def _node_revoke(args: argparse.Namespace) -> int:
     out = _stdout()
     out.print(f"node {node} removed from {passwd}", highlight=False)
     out.print(_RELOAD_HINT, highlight=False, markup=False)
+    out.print(
+        "on reload Mosquitto 2.0 disconnects the node and refuses it from then on",
+        highlight=False,
+    )
     return 0
 
 

@@ -73,6 +73,7 @@ def _spec(spec: RolloutSpec) -> dict[str, Any]:
         "wave_timeout_s": spec.wave_timeout_s,
         "health_window_s": spec.health_window_s,
         "max_latency_regression": spec.max_latency_regression,
+        "min_latency_regression_ms": spec.min_latency_regression_ms,
         "max_error_increase": spec.max_error_increase,
         "auto_rollback": spec.auto_rollback,
         "activate_at": spec.activate_at,
@@ -244,6 +245,7 @@ _SPEC_CHECKS: Mapping[str, Callable[[Any, str], Any]] = {
     "wave_timeout_s": _float,
     "health_window_s": _float,
     "max_latency_regression": _float,
+    "min_latency_regression_ms": _float,
     "max_error_increase": _float,
     "auto_rollback": _bool,
     "activate_at": _optional(_float),
@@ -267,6 +269,7 @@ _NODE_CHECKS: Mapping[str, Callable[[Any, str], Any]] = {
 }
 
 _RECORD_KEYS = frozenset({"format", "spec", "state", "wave", "wave_started_at", "nodes", "reason"})
+
 
 def _spec_from(value: Any, where: str) -> RolloutSpec:
     obj = _Obj(value, where, frozenset(_SPEC_CHECKS))

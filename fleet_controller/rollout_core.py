@@ -29,6 +29,7 @@ Rules:
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -163,6 +164,8 @@ class RolloutSpec:
     wave_timeout_s: float = 300.0
     health_window_s: float = 60.0
     max_latency_regression: float = 0.50
+    # Below this absolute increase a p95 "regression" is scheduling noise, not the model.
+    min_latency_regression_ms: float = 1.0
     max_error_increase: float = 0.01
     auto_rollback: bool = True
     activate_at: float | None = None
@@ -312,9 +315,13 @@ def evaluate_health(
         return Health(
             healthy=False, reason=f"error rate {error_rate:.1%} vs {base_rate:.1%} before"
         )
-    p95 = max(s.p95_ms for s in window)
+    # The median of the window's p95 readings: one noisy telemetry sample is not a verdict.
+    p95 = statistics.median(s.p95_ms for s in window)
     if baseline is not None and baseline.p95_ms > 0 and p95 > 0:
-        limit = baseline.p95_ms * (1 + spec.max_latency_regression)
+        limit = max(
+            baseline.p95_ms * (1 + spec.max_latency_regression),
+            baseline.p95_ms + spec.min_latency_regression_ms,
+        )
         if p95 > limit:
             return Health(
                 healthy=False,

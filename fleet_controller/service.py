@@ -651,6 +651,7 @@ class ControllerService:
             wave_timeout_s=self._arg(args, "wave_timeout_s", float, 300.0),
             health_window_s=self._arg(args, "health_window_s", float, 60.0),
             max_latency_regression=self._arg(args, "max_latency_regression", float, 0.5),
+            min_latency_regression_ms=self._arg(args, "min_latency_regression_ms", float, 1.0),
             auto_rollback=self._arg(args, "auto_rollback", bool, default=True),
             activate_at=self._arg(args, "activate_at", float, None)
             if args.get("activate_at") is not None

@@ -636,16 +636,20 @@ def _rollout_info(row: RolloutRow, counts: Mapping[str, int]) -> RolloutInfo:
     )
 
 
+# Results are the hot path: one reused encoder (the C one), keys in a fixed order.
+_ROW_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _topk_json(topk: Sequence[TopK] | None) -> str | None:
     if topk is None:
         return None
-    return _json([{"index": t.index, "label": t.label, "score": t.score} for t in topk])
+    return _ROW_JSON.encode([{"index": t.index, "label": t.label, "score": t.score} for t in topk])
 
 
 def _tensors_json(tensors: Sequence[TensorData] | None) -> str | None:
     if tensors is None:
         return None
-    return _json(
+    return _ROW_JSON.encode(
         [
             {"name": t.name, "dtype": t.dtype.value, "shape": list(t.shape), "data": list(t.data)}
             for t in tensors
@@ -743,9 +747,14 @@ class Store:
         Raises:
             StoreError: malformed or unsupported URL, unreachable server, bad
                 credentials, a file that is not a database, a ``schema`` that is
-                not a plain identifier or given for SQLite, or a database whose
-                schema version is newer than :data:`SCHEMA_VERSION`.
+                not a plain identifier or given for SQLite, a database whose
+                schema version is newer than :data:`SCHEMA_VERSION`, or a bad
+                ``sqlite_synchronous``.
         """
+        if sqlite_synchronous not in ("FULL", "NORMAL"):
+            raise StoreError(
+                f"sqlite_synchronous must be FULL or NORMAL, not {sqlite_synchronous!r}"
+            )
         parsed = _normalize_url(url)
         self._display = parsed.render_as_string(hide_password=True)
         self.dialect: str = "postgresql" if parsed.get_backend_name() == "postgresql" else "sqlite"
@@ -1326,6 +1335,7 @@ class Store:
                     select(col(NodeRow.node_id), col(NodeRow.acked_seq))
                     .where(col(NodeRow.node_id).in_(touched))
                     .order_by(col(NodeRow.node_id))
+                    .with_for_update()
                 ).all()
             )
             held: dict[str, set[int]] = defaultdict(set)
@@ -1596,7 +1606,9 @@ class Store:
         with self._session(write=False) as s:
             conn = s.connection()
             return {
-                table.name: int(conn.execute(sa_select(func.count()).select_from(table)).scalar_one())
+                table.name: int(
+                    conn.execute(sa_select(func.count()).select_from(table)).scalar_one()
+                )
                 for table in _TABLES
             }
 

@@ -111,7 +111,12 @@ def ids_in_wave(spec: RolloutSpec, wave: int, count: int) -> list[str]:
 
 
 def fold(
-    record: RolloutRecord, node_ids: Iterable[str], state: NodeRolloutState, *, now: float, **kw: Any
+    record: RolloutRecord,
+    node_ids: Iterable[str],
+    state: NodeRolloutState,
+    *,
+    now: float,
+    **kw: Any,
 ) -> RolloutRecord:
     for node_id in node_ids:
         record = apply_node_status(record, node_id, state, now=now, **kw)
@@ -450,10 +455,20 @@ def test_activated_node_waits_for_its_health_window() -> None:
             id="p95-at-limit",
         ),
         pytest.param(
-            [sample(NOW + 20, NEW, 1100, 0, 12.0), sample(NOW + 50, NEW, 1200, 0, 15.5)],
+            [sample(NOW + 20, NEW, 1100, 0, 16.0), sample(NOW + 50, NEW, 1200, 0, 15.5)],
             N.FAILED,
             "unhealthy",
             id="p95-regression",
+        ),
+        pytest.param(
+            [
+                sample(NOW + 20, NEW, 1100, 0, 11.0),
+                sample(NOW + 35, NEW, 1150, 0, 40.0),
+                sample(NOW + 50, NEW, 1200, 0, 11.5),
+            ],
+            N.SUCCEEDED,
+            None,
+            id="one-noisy-p95-reading-is-not-a-verdict",
         ),
         pytest.param(
             [sample(NOW + 20, NEW, 1100, 0), sample(NOW + 50, NEW, 1200, 3)],
@@ -546,15 +561,21 @@ ACTIVATED_AT = NOW
         ),
         pytest.param(
             BASELINE,
-            [sample(NOW + 1, NEW, 1100, 0, 9.0), sample(NOW + 2, NEW, 1200, 0, 15.1)],
+            [sample(NOW + 1, NEW, 1100, 0, 15.2), sample(NOW + 2, NEW, 1200, 0, 15.1)],
             False,
             id="p95-over",
         ),
         pytest.param(
             BASELINE,
-            [sample(NOW + 2, NEW, 1200, 0, 15.1), sample(NOW + 1, NEW, 1100, 0, 9.0)],
+            [sample(NOW + 2, NEW, 1200, 0, 15.1), sample(NOW + 1, NEW, 1100, 0, 15.3)],
             False,
             id="p95-over-unsorted",
+        ),
+        pytest.param(
+            sample(NOW - 5, OLD, inferences=1000, errors=0, p95_ms=0.02),
+            [sample(NOW + 1, NEW, 1100, 0, 0.05), sample(NOW + 2, NEW, 1200, 0, 0.06)],
+            True,
+            id="tiny-latencies-within-absolute-floor",
         ),
         pytest.param(None, [sample(NOW + 1, NEW, 10, 0, 500.0)], True, id="p95-no-baseline"),
         pytest.param(
