@@ -286,6 +286,12 @@ class NodeAgent:
             try:
                 async with asyncio.timeout(2.0):
                     await self._send_due(client)
+            except (TimeoutError, aiomqtt.MqttError) as exc:
+                log.warning("outbox not fully sent before stopping (kept on disk): %r", exc)
+            # Its own budget: a backlog that used up the first must not cost the
+            # death (a clean disconnect sends no Will, so the node would stay online).
+            try:
+                async with asyncio.timeout(2.0):
                     await self._publish_state(client, online=False)
             except (TimeoutError, aiomqtt.MqttError) as exc:
                 log.warning("could not say goodbye to the broker: %s", exc)
@@ -300,6 +306,9 @@ class NodeAgent:
             await asyncio.wait((job.task,), timeout=5.0)
         with contextlib.suppress(EdgeFleetError):
             await self._flush_results()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self._runtime.close()
         self._outbox.close()
 
@@ -655,7 +664,9 @@ class NodeAgent:
                 self._artifacts.save_manifest, manifest.sha256, body.manifest.to_bytes()
             )
             if isinstance(body, DeployAction) and body.activate_at is not None:
-                await self._sleep_unless_stopping(max(0.0, body.activate_at - self._clock()))
+                # A plain sleep: a stop cancels the job (it stays pending) rather
+                # than cutting the wait short and activating early.
+                await asyncio.sleep(max(0.0, body.activate_at - self._clock()))
             await self._status(NodeRolloutState.LOADING, command, model=manifest.ref)
             if self._state.active is None or self._state.active.sha256 != manifest.sha256:
                 await self._runtime.activate(path, manifest)
@@ -822,7 +833,9 @@ class NodeAgent:
         if window <= 0:
             return "activated"
         errors_before = self._counts["errors"]
-        await self._sleep_unless_stopping(window)
+        # A plain sleep: a stop cancels the job (it stays pending and the window
+        # runs again after the restart) instead of ending it as a false success.
+        await asyncio.sleep(window)
         new_errors = self._counts["errors"] - errors_before
         if new_errors:
             await self._status(

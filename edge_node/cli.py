@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sqlite3
+import ssl
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -49,6 +50,7 @@ class UsageError(DecodeError):
 
 
 def _load_toml(path: str | None) -> dict[str, Any]:
+    """The ``[node]`` table (or the top level when there is none); keys may use - or _."""
     if path is None:
         return {}
     try:
@@ -58,14 +60,18 @@ def _load_toml(path: str | None) -> dict[str, Any]:
         raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config {path} is not valid TOML: {exc}") from None
-    settings = cast(dict[str, Any], data.get("node", data))
+    table = data.get("node", data)
+    if not isinstance(table, dict):
+        raise UsageError(f"config {path}: [node] must be a table")
+    settings = {str(key).replace("-", "_"): value for key, value in table.items()}
     unknown = sorted(set(settings) - _RUN_KEYS)
     if unknown:
         raise UsageError(f"config {path}: unknown setting {unknown[0]!r}")
     return settings
 
 
-def _labels(values: Sequence[str] | dict[str, str] | None) -> dict[str, str]:
+def _labels(values: object) -> dict[str, str]:
+    """``--label k=v`` flags, or the config's ``labels`` table or list of ``"k=v"``."""
     if values is None:
         return {}
     if isinstance(values, dict):
@@ -73,6 +79,8 @@ def _labels(values: Sequence[str] | dict[str, str] | None) -> dict[str, str]:
             check_id(str(k), "label key"): check_id(str(v), "label value")
             for k, v in values.items()
         }
+    if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+        raise UsageError('labels: use a table (labels = {k = "v"}) or a list of "k=v"')
     return parse_selector(",".join(values))
 
 
@@ -83,54 +91,114 @@ def _setting(args: argparse.Namespace, toml: dict[str, Any], name: str, default:
     return toml.get(name, default)
 
 
-def build_config(args: argparse.Namespace) -> AgentConfig:
+def _float(
+    args: argparse.Namespace,
+    toml: dict[str, Any],
+    name: str,
+    default: float,
+    *,
+    positive: bool = False,
+) -> float:
+    """A numeric setting; a string, list or bool from the TOML file is a usage error."""
+    value = _setting(args, toml, name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UsageError(f"{name}: expected a number, got {value!r}")
+    if positive and not value > 0:
+        raise UsageError(f"{name} must be positive, got {value!r}")
+    return float(value)
+
+
+def _int(
+    args: argparse.Namespace,
+    toml: dict[str, Any],
+    name: str,
+    default: int,
+    *,
+    minimum: int | None = None,
+) -> int:
+    value = _setting(args, toml, name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{name}: expected a whole number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise UsageError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _text(args: argparse.Namespace, toml: dict[str, Any], name: str, default: Any) -> Any:
+    """A string setting (``None`` stays ``None``)."""
+    value = _setting(args, toml, name, default)
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def _check_data_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"data directory {path} is not a directory")
+    return path
+
+
+def _check_ca_file(ca_file: str | None) -> str | None:
+    """Load the CA bundle once now, so a bad path is a usage error, not a crash later."""
+    if ca_file is None:
+        return None
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        reason = getattr(exc, "strerror", None) or exc
+        raise UsageError(f"CA file {ca_file}: {reason}") from None
+    return ca_file
+
+
+def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -> AgentConfig:
     """Merge flags, the TOML file and the environment into an :class:`AgentConfig`.
+
+    ``toml`` is the already loaded ``--config`` table (loaded here when ``None``).
 
     Raises:
         UsageError / DecodeError: a setting is missing or invalid.
     """
-    toml = _load_toml(args.config)
-    node_id = _setting(args, toml, "id", None)
-    data = _setting(args, toml, "data", None)
+    if toml is None:
+        toml = _load_toml(args.config)
+    node_id = _text(args, toml, "id", None)
+    data = _text(args, toml, "data", None)
     if node_id is None or data is None:
         raise UsageError("--id and --data are required (flags or config file)")
-    trust = _setting(args, toml, "trust", None)
-    source_kind, source_dir = parse_source(str(_setting(args, toml, "source", "synthetic")))
-    broker_url = _setting(args, toml, "broker", os.environ.get("FLEET_BROKER", DEFAULT_BROKER_URL))
-    fleet = _setting(args, toml, "fleet", os.environ.get("FLEET_FLEET", "default"))
+    trust = _text(args, toml, "trust", None)
+    source_kind, source_dir = parse_source(_text(args, toml, "source", "synthetic"))
+    broker_url = _text(args, toml, "broker", os.environ.get("FLEET_BROKER", DEFAULT_BROKER_URL))
+    fleet = _text(args, toml, "fleet", os.environ.get("FLEET_FLEET", "default"))
     labels = _labels(args.label) if args.label else _labels(toml.get("labels"))
-    graph = _setting(args, toml, "graph_optimization", "extended")
+    graph = _text(args, toml, "graph_optimization", "extended")
     if graph not in ("disable", "basic", "extended", "all"):
         raise UsageError(f"graph optimization {graph!r}: use disable, basic, extended or all")
-    rate = float(_setting(args, toml, "rate", 10.0))
-    swap_mode = _setting(args, toml, "swap_mode", "availability")
+    rate = _float(args, toml, "rate", 10.0)
+    swap_mode = _text(args, toml, "swap_mode", "availability")
     if swap_mode not in ("availability", "resource"):
         raise UsageError(f"swap mode {swap_mode!r}: use availability or resource")
+    threads = _int(args, toml, "threads", 0, minimum=0)
     return AgentConfig(
-        node_id=check_id(str(node_id), "node id"),
-        data_dir=Path(data),
+        node_id=check_id(node_id, "node id"),
+        data_dir=_check_data_dir(Path(data)),
         trust_file=Path(trust) if trust else None,
-        broker=parse_broker_url(str(broker_url)),
-        fleet=check_id(str(fleet), "fleet"),
+        broker=parse_broker_url(broker_url),
+        fleet=check_id(fleet, "fleet"),
         labels=labels,
         source=cast(SourceKind, source_kind),
         source_dir=source_dir,
         rate_hz=rate if rate > 0 else None,
-        concurrency=int(_setting(args, toml, "concurrency", 1)),
+        concurrency=_int(args, toml, "concurrency", 1, minimum=1),
         swap_mode=cast(Literal["availability", "resource"], swap_mode),
-        session_options=SessionOptionsConfig(
-            intra_op_threads=int(_setting(args, toml, "threads", 0)),
-            graph_optimization=graph,
-        ),
-        change_threshold=float(_setting(args, toml, "change_threshold", 0.0)),
-        corner_threshold=float(_setting(args, toml, "corner_threshold", 0.5)),
-        topk=int(_setting(args, toml, "topk", 3)),
-        batch_max=int(_setting(args, toml, "batch_max", 100)),
-        batch_interval_s=float(_setting(args, toml, "batch_interval", 1.0)),
-        telemetry_interval_s=float(_setting(args, toml, "telemetry_interval", 10.0)),
-        resend_after_s=float(_setting(args, toml, "resend_after", 15.0)),
-        chunk_bytes=int(_setting(args, toml, "chunk_bytes", 256 * 1024)),
-        ca_file=_setting(args, toml, "ca_file", None),
+        session_options=SessionOptionsConfig(intra_op_threads=threads, graph_optimization=graph),
+        change_threshold=_float(args, toml, "change_threshold", 0.0),
+        corner_threshold=_float(args, toml, "corner_threshold", 0.5),
+        topk=_int(args, toml, "topk", 3, minimum=1),
+        batch_max=_int(args, toml, "batch_max", 100, minimum=1),
+        batch_interval_s=_float(args, toml, "batch_interval", 1.0, positive=True),
+        telemetry_interval_s=_float(args, toml, "telemetry_interval", 10.0, positive=True),
+        resend_after_s=_float(args, toml, "resend_after", 15.0, positive=True),
+        chunk_bytes=_int(args, toml, "chunk_bytes", 256 * 1024, minimum=1),
+        ca_file=_check_ca_file(_text(args, toml, "ca_file", None)),
     )
 
 
@@ -143,9 +211,9 @@ async def _run_agent(config: AgentConfig) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    config = build_config(args)
     toml = _load_toml(args.config)
-    _setup_logging(str(_setting(args, toml, "log_level", "info")))
+    config = build_config(args, toml)
+    _setup_logging(str(_text(args, toml, "log_level", "info")))
     asyncio.run(_run_agent(config))
     return 0
 
@@ -197,6 +265,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     fleet = check_id(args.fleet or os.environ.get("FLEET_FLEET", "default"), "fleet")
     if args.count < 1:
         raise UsageError("--count must be at least 1")
+    base_dir = _check_data_dir(Path(args.data))
     source, _ = parse_source(args.source)
     if source not in ("synthetic", "none"):
         raise UsageError("simulated nodes take --source synthetic or none")
@@ -204,7 +273,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         run_simulation(
             count=args.count,
             prefix=check_id(args.prefix, "prefix"),
-            base_dir=Path(args.data),
+            base_dir=base_dir,
             trust_file=Path(args.trust) if args.trust else None,
             broker=broker,
             fleet=fleet,
@@ -222,6 +291,9 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # aiomqtt warns whenever more than ten publishes await their PUBACK; serving
+    # chunks and acks to many nodes does that by design.
+    logging.getLogger("mqtt").setLevel(max(logging.ERROR, logging.getLogger().level))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,5 +359,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgeFleetError as exc:
         print(f"edge-node: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the data directory or a file in it is unusable
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"edge-node: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 1
+    except Exception as exc:  # the contract: one line, never a traceback
+        logging.getLogger(__name__).debug("unexpected error", exc_info=True)
+        print(f"edge-node: unexpected error: {_first_leaf(exc)!r}", file=sys.stderr)
+        return 1
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups from task groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

@@ -6,6 +6,10 @@ Invariants:
   either the old or the new state, never a torn file;
 * the verifier's ``last_seq`` and attempted keys are written *before* the node
   acts on a command, so a restart never applies a command twice;
+* an accepted deploy or rollback is written as ``pending`` in that same write
+  and cleared once it ends (terminal status), so a node restarted mid-job
+  resumes it instead of forgetting it (the verifier would now call it a
+  duplicate);
 * result sequence numbers are reserved in blocks (:meth:`NodeStore.reserve_results`):
   after a restart numbering resumes above every number handed out before, so
   ``(node, seq)`` stays unique for the controller's store.
@@ -25,13 +29,23 @@ from shared.errors import EdgeFleetError, TrustFileError
 from shared.messages import ModelRef
 from shared.trust import TrustStore
 
-__all__ = ["NodeStore", "PersistedState", "StateFileError", "atomic_write"]
+__all__ = ["NodeStore", "PendingCommand", "PersistedState", "StateFileError", "atomic_write"]
 
 RESULT_SEQ_BLOCK = 10_000
 
 
 class StateFileError(EdgeFleetError):
     """``state.json`` exists but cannot be read."""
+
+
+class PendingCommand(BaseModel):
+    """An accepted deploy or rollback whose job has not ended yet."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command_id: str
+    envelope: str
+    """The signed command envelope exactly as received (UTF-8 JSON): verified again on resume."""
 
 
 class PersistedState(BaseModel):
@@ -43,6 +57,7 @@ class PersistedState(BaseModel):
     active: ModelRef | None = None
     previous: ModelRef | None = None
     result_seq_reserved: int = 0
+    pending: PendingCommand | None = None
 
     def verifier_state(self) -> VerifierState:
         return VerifierState(

@@ -78,6 +78,9 @@ class CtlClient:
         self._operator = operator
         self._timeout_s = timeout_s
         self._client_id = f"fleetctl-{secrets.token_hex(6)}"
+        # Replies go to ctl/reply/<username> where the broker ACL allows an operator
+        # to read only that topic; correlation ids keep concurrent sessions apart.
+        self._reply_to = broker.username or self._client_id
         self._client = make_client(
             broker, client_id=self._client_id, persistent=False, ca_file=ca_file
         )
@@ -87,7 +90,7 @@ class CtlClient:
     async def __aenter__(self) -> Self:
         try:
             await self._client.__aenter__()
-            await self._client.subscribe(topics.ctl_reply(self._fleet, self._client_id), qos=1)
+            await self._client.subscribe(topics.ctl_reply(self._fleet, self._reply_to), qos=1)
         except aiomqtt.MqttError as exc:
             raise BrokerUnavailableError(
                 f"cannot reach the broker at {self._broker}: {exc}"
@@ -132,7 +135,7 @@ class CtlClient:
         request_id = secrets.token_hex(8)
         request = OperatorRequest(
             id=request_id,
-            client=self._client_id,
+            client=self._reply_to,
             operator=self._operator,
             op=op,
             args=args or {},

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -45,7 +44,14 @@ from rich.table import Table
 
 from fleet_controller import console as view
 from fleet_controller.api import CtlClient, OperationError
-from fleet_controller.keys import DEFAULT_TRUST_DAYS, init_keys, key_path, rotate_key, trust_path
+from fleet_controller.keys import (
+    DEFAULT_TRUST_DAYS,
+    init_keys,
+    key_path,
+    load_key,
+    rotate_key,
+    trust_path,
+)
 from shared import __version__
 from shared.broker import DEFAULT_BROKER_URL, BrokerAddress, parse_broker_url
 from shared.errors import DecodeError, EdgeFleetError, TransportError
@@ -80,10 +86,9 @@ __all__ = [
 PASSPHRASE_ENV = "FLEET_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 KEYS_ENV = "FLEET_KEYS"
 DB_ENV = "FLEET_DB"
+DEBUG_ENV = "FLEET_DEBUG"  # set: unexpected errors show their traceback
 DEFAULT_DB_URL = "sqlite:///fleet-data/fleet.db"
 DEFAULT_TIMEOUT_S = 10.0
-UPLOAD_CHUNK_BYTES = 512 * 1024  # raw bytes per model.upload call (~700 kB as base64)
-_UPLOAD_STALLS_MAX = 3  # answers in a row that do not move the upload forward
 _ENDED_OK = "succeeded"
 _ACTIVE_ROLLOUT_STATES = frozenset({"pending", "running", "paused", "rolling_back"})
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -152,15 +157,11 @@ def parse_waves(text: str) -> list[float]:
         if not 0 < percent <= 100:
             raise UsageError(f"wave {raw.strip()} must be in (0, 100] percent")
         if waves and percent <= waves[-1]:
-            raise UsageError(f"waves must grow: {format_percent(percent)} after {waves[-1]:g}")
+            raise UsageError(f"waves must grow: {percent:g}% after {waves[-1]:g}%")
         waves.append(percent)
     if len(waves) > 64:
         raise UsageError("at most 64 waves")
     return waves
-
-
-def format_percent(value: float) -> str:
-    return f"{value:g}%"
 
 
 def parse_select(text: str) -> str:
@@ -441,6 +442,9 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # aiomqtt warns whenever more than ten publishes await their PUBACK; serving
+    # chunks and acks to many nodes does that by design.
+    logging.getLogger("mqtt").setLevel(max(logging.ERROR, logging.getLogger().level))
 
 
 # ----- keys ---------------------------------------------------------------------------
@@ -530,7 +534,11 @@ def _database_url(url: str) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    db_url = _database_url(args.db or os.environ.get(DB_ENV) or DEFAULT_DB_URL)
+    tick_s = parse_duration(args.tick)
+    if tick_s <= 0:
+        raise UsageError("--tick must be above zero")
+    if not math.isfinite(args.retention_days) or args.retention_days <= 0:
+        raise UsageError("--retention-days must be above zero")
     keys_dir = _keys_dir(args.keys)
     for needed in (key_path(keys_dir, Role.ROLLOUT), trust_path(keys_dir)):
         if not needed.is_file():
@@ -538,11 +546,7 @@ def _serve(args: argparse.Namespace) -> int:
                 f"{needed} is missing: create keys with `fleetctl keys init --dir {keys_dir}` "
                 f"or point --keys / {KEYS_ENV} at them"
             )
-    tick_s = parse_duration(args.tick)
-    if tick_s <= 0:
-        raise UsageError("--tick must be above zero")
-    if not math.isfinite(args.retention_days) or args.retention_days <= 0:
-        raise UsageError("--retention-days must be above zero")
+    db_url = _database_url(args.db or os.environ.get(DB_ENV) or DEFAULT_DB_URL)
     _setup_logging(args.log_level)
 
     from fleet_controller.service import ControllerConfig  # noqa: PLC0415 - heavy imports
@@ -584,13 +588,6 @@ def _first_line(exc: BaseException) -> str:
 # ----- models -------------------------------------------------------------------------
 
 _MODEL_COLUMNS = ("name", "version", "sha256", "size", "added_by", "added_at")
-
-
-@dataclass(frozen=True, slots=True)
-class _Release:
-    path: Path
-    manifest: ModelManifest
-    envelope_text: str
 
 
 def _load_sample(path: Path) -> list[WarmupInput]:
@@ -673,42 +670,6 @@ def _quiet_onnxruntime() -> None:
     ort.set_default_logger_severity(4)  # fatal only
 
 
-async def _prepare_release(
-    path: Path,
-    *,
-    name: str,
-    version: str,
-    warmup: Sequence[WarmupInput],
-    labels: Sequence[str],
-    operator: str,
-    now: float,
-) -> ModelManifest:
-    """Inspect and warm up ``path`` exactly as a node will (no signing yet).
-
-    Raises:
-        ModelFileError: onnxruntime cannot open it.
-        DecodeError: the warm-up declarations or labels do not fit a manifest.
-        EdgeFleetError: the model fails to load or warm up as a node would.
-    """
-    from fleet_controller.registry import describe_model, validate_model  # noqa: PLC0415
-
-    manifest = await asyncio.to_thread(
-        describe_model,
-        path,
-        name=name,
-        version=version,
-        now=now,
-        warmup=warmup,
-        class_labels=labels,
-        created_by=operator,
-    )
-    try:
-        await validate_model(path, manifest)
-    except EdgeFleetError as exc:
-        raise EdgeFleetError(f"validation failed (nodes would refuse it): {exc}") from None
-    return manifest
-
-
 def _progress(total_bytes: int) -> Progress:
     from rich.progress import (  # noqa: PLC0415
         BarColumn,
@@ -730,97 +691,69 @@ def _progress(total_bytes: int) -> Progress:
     )
 
 
-async def _upload(ctl: CtlClient, release: _Release, progress: Progress, task: TaskID) -> None:
-    """Send the blob in ``model.upload`` chunks, resuming where the controller is.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _ModelAdd:
+    """A checked ``model add`` request (``int8_path`` set with ``--quantize``)."""
+
+    path: Path
+    name: str
+    version: str
+    warmup: tuple[WarmupInput, ...]
+    labels: tuple[str, ...]
+    keys_dir: Path
+    int8_path: Path | None
+
+
+async def _model_add_async(request: _ModelAdd, settings: Settings) -> list[dict[str, Any]]:
+    """Validate everything locally, then upload and register (the broker comes last).
 
     Raises:
-        EdgeFleetError: the controller's answers make no progress or make no sense.
+        EdgeFleetError / DecodeError: a local check failed, or the controller refused.
     """
-    manifest = release.manifest
-    sha, size = manifest.sha256, manifest.size
-    # An empty first chunk asks how much the controller already holds (resume).
-    answer = await ctl.call("model.upload", {"sha256": sha, "offset": 0, "size": size, "data": ""})
-    stalls = 0
-    with release.path.open("rb") as handle:
-        while True:
-            received, complete = _upload_answer(answer, size)
-            progress.update(task, completed=received)
-            if complete:
-                return
-            handle.seek(received)
-            chunk = await asyncio.to_thread(handle.read, UPLOAD_CHUNK_BYTES)
-            if not chunk:
-                raise EdgeFleetError(f"{release.path} is shorter than when it was hashed")
-            answer = await ctl.call(
-                "model.upload",
-                {
-                    "sha256": sha,
-                    "offset": received,
-                    "size": size,
-                    "data": base64.b64encode(chunk).decode("ascii"),
-                },
-            )
-            stalls = stalls + 1 if _upload_answer(answer, size)[0] <= received else 0
-            if stalls >= _UPLOAD_STALLS_MAX:
-                raise EdgeFleetError(
-                    f"upload of {sha[:12]} makes no progress: is another upload of it running?"
-                )
-
-
-def _upload_answer(answer: Any, size: int) -> tuple[int, bool]:
-    if (
-        not isinstance(answer, dict)
-        or not isinstance(answer.get("received"), int)
-        or not 0 <= answer["received"] <= size
-    ):
-        raise EdgeFleetError("unexpected answer from the controller to model.upload")
-    return answer["received"], bool(answer.get("complete"))
-
-
-async def _model_add_async(
-    args: argparse.Namespace,
-    settings: Settings,
-    *,
-    releases: list[tuple[Path, str]],
-    warmup: Sequence[WarmupInput],
-    labels: Sequence[str],
-    keys_dir: Path,
-) -> list[dict[str, Any]]:
-    from fleet_controller.keys import load_key  # noqa: PLC0415
-    from fleet_controller.registry import sign_manifest  # noqa: PLC0415
+    from fleet_controller.publish import (  # noqa: PLC0415 - loads onnxruntime
+        prepare_manifest,
+        sign_release,
+        upload_blob,
+    )
 
     now = time.time()
-    manifests = [
-        await _prepare_release(
+
+    async def prepare(path: Path, name: str) -> ModelManifest:
+        return await prepare_manifest(
             path,
             name=name,
-            version=args.version,
-            warmup=warmup,
-            labels=labels,
+            version=request.version,
+            warmup=request.warmup,
+            labels=request.labels,
             operator=settings.operator,
             now=now,
         )
-        for path, name in releases
-    ]
+
+    releases = [(request.path, await prepare(request.path, request.name))]
+    if request.int8_path is not None:
+        int8 = await asyncio.to_thread(_quantize, request.path, request.int8_path)
+        releases.append((int8, await prepare(int8, f"{request.name}-int8")))
     # The release key is the operator's; the controller never sees it.
-    release_key = load_key(keys_dir, Role.RELEASE, _passphrase())
-    signed = [
-        _Release(path, m, sign_manifest(m, release_key).to_bytes().decode())
-        for (path, _), m in zip(releases, manifests, strict=True)
-    ]
+    if not key_path(request.keys_dir, Role.RELEASE).is_file():
+        raise UsageError(
+            f"no release key {key_path(request.keys_dir, Role.RELEASE)}: pass --keys DIR "
+            f"(env {KEYS_ENV}) or create keys with `fleetctl keys init`"
+        )
+    release_key = load_key(request.keys_dir, Role.RELEASE, _passphrase())
+    signed = [sign_release(path, m, release_key) for path, m in releases]
     rows = []
     async with _controller(settings) as ctl:
         with _progress(sum(r.manifest.size for r in signed)) as progress:
             for release in signed:
                 m = release.manifest
                 task = progress.add_task(f"{m.name} {m.version}", total=m.size)
-                await _upload(ctl, release, progress, task)
-                rows.append(
-                    _mapping(
-                        await ctl.call("model.add", {"envelope": release.envelope_text}),
-                        "model.add",
-                    )
-                )
+
+                def advance(received: int, task: TaskID = task) -> None:
+                    progress.update(task, completed=received)
+
+                await upload_blob(ctl, release.path, m, advance)
+                answer = await ctl.call("model.add", {"envelope": release.envelope_text})
+                rows.append(_mapping(answer, "model.add"))
     return rows
 
 
@@ -839,23 +772,20 @@ def _model_add(args: argparse.Namespace) -> int:
     if repeated:
         raise UsageError(f"warm-up input {repeated[0]!r} is given twice")
     labels = _read_labels(Path(args.label_file)) if args.label_file else []
-    keys_dir = _keys_dir(args.keys)
-    if not key_path(keys_dir, Role.RELEASE).is_file():
-        raise UsageError(
-            f"no release key {key_path(keys_dir, Role.RELEASE)}: pass --keys DIR "
-            f"(env {KEYS_ENV}) or create keys with `fleetctl keys init`"
-        )
+    if args.quantize:
+        check_id(f"{name}-int8", "model name")
     _quiet_onnxruntime()
     with tempfile.TemporaryDirectory(prefix="fleetctl-") as tmp:
-        releases = [(path, name)]
-        if args.quantize:
-            int8_name = check_id(f"{name}-int8", "model name")
-            releases.append((_quantize(path, Path(tmp) / f"{int8_name}.onnx"), int8_name))
-        rows = asyncio.run(
-            _model_add_async(
-                args, settings, releases=releases, warmup=warmup, labels=labels, keys_dir=keys_dir
-            )
+        request = _ModelAdd(
+            path=path,
+            name=name,
+            version=args.version,
+            warmup=tuple(warmup),
+            labels=tuple(labels),
+            keys_dir=_keys_dir(args.keys),
+            int8_path=Path(tmp) / f"{name}-int8.onnx" if args.quantize else None,
         )
+        rows = asyncio.run(_model_add_async(request, settings))
     _emit(
         args,
         rows if args.quantize else rows[0],
@@ -1018,6 +948,18 @@ def _audit(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     report = _mapping(asyncio.run(_call(_settings(args), "report")), "report")
     _emit(args, report, view.report_view)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fleet_controller.demo import run_demo  # noqa: PLC0415 - builds models with onnx
+
+    if args.nodes < 1 or args.nodes > 200:
+        raise UsageError("--nodes must be between 1 and 200")
+    _setup_logging(args.log_level)
+    _quiet_onnxruntime()
+    keep = Path(args.dir) if args.dir else None
+    asyncio.run(run_demo(nodes=args.nodes, broker_url=args.demo_broker, keep=keep))
     return 0
 
 
@@ -1402,6 +1344,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval", default="2s", metavar="DURATION", help="refresh period / --once wait (2s)"
     )
 
+    demo = commands.add_parser(
+        "demo",
+        help="run a whole fleet on this machine: rollouts, waves, an automatic rollback",
+        description="Starts Mosquitto (unless --broker), a controller and simulated nodes "
+        "in this process, then rolls out three model versions.",
+    )
+    demo.add_argument("--nodes", type=int, default=12, help="simulated nodes (12)")
+    demo.add_argument(
+        "--broker", dest="demo_broker", help="use this broker instead of starting one"
+    )
+    demo.add_argument("--dir", help="keep the demo's files here instead of a temporary folder")
+    demo.add_argument("--log-level", default="warning", choices=_LOG_LEVELS)
+    demo.set_defaults(handler=_demo)
+
     # broker, node credentials
     broker = commands.add_parser("broker", help="secure Mosquitto configuration")
     broker_commands = broker.add_subparsers(dest="broker_command", required=True, metavar="ACTION")
@@ -1438,7 +1394,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``fleetctl`` with ``argv``; returns the exit code (never raises, never a traceback)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (2, one line printed), --help or --version (0)
+        return exc.code if isinstance(exc.code, int) else 2
     handler: Handler = args.handler
     try:
         return handler(args)
@@ -1456,4 +1416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("fleetctl: interrupted", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(
+            f"fleetctl: unexpected {type(exc).__name__}: {_first_line(exc)} "
+            f"(a bug: set {DEBUG_ENV}=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1

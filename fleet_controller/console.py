@@ -455,6 +455,8 @@ _NODE_COLUMNS = ("node", "wave", "state", "attempts", "from", "code", "reason")
 def rollout_view(status: Mapping[str, Any], *, note: str | None = None) -> RenderableType:
     """A rollout (``rollout.status``/``rollout.start`` answer) and, if given, its nodes."""
     summary: dict[str, Any] = {k: status.get(k) for k in _ROLLOUT_FIELDS if k in status}
+    if summary.get("selector") == "":
+        summary["selector"] = "(all nodes)"
     waves = status.get("waves")
     if isinstance(waves, list) and "wave" in summary:
         summary["wave"] = f"{status['wave']} of {len(waves)}"

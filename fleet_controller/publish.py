@@ -20,7 +20,14 @@ from shared.envelope import SigningKey
 from shared.errors import EdgeFleetError
 from shared.messages import ModelManifest, WarmupInput
 
-__all__ = ["UPLOAD_CHUNK_BYTES", "Release", "prepare_release", "publish", "upload_blob"]
+__all__ = [
+    "UPLOAD_CHUNK_BYTES",
+    "Release",
+    "prepare_manifest",
+    "publish",
+    "sign_release",
+    "upload_blob",
+]
 
 UPLOAD_CHUNK_BYTES = 512 * 1024  # raw bytes per model.upload call (~700 kB as base64)
 _UPLOAD_STALLS_MAX = 3  # answers in a row that do not move the upload forward
@@ -37,18 +44,17 @@ class Release:
     envelope_text: str
 
 
-async def prepare_release(
+async def prepare_manifest(
     path: Path,
     *,
     name: str,
     version: str,
-    release_key: SigningKey,
     now: float,
     warmup: Sequence[WarmupInput] = (),
     labels: Sequence[str] = (),
     operator: str = "",
-) -> Release:
-    """Inspect, warm up exactly as a node will, and sign ``path``.
+) -> ModelManifest:
+    """Inspect ``path`` and warm it up exactly as a node will (nothing is signed yet).
 
     Raises:
         ModelFileError: onnxruntime cannot open it.
@@ -69,8 +75,12 @@ async def prepare_release(
         await validate_model(path, manifest)
     except EdgeFleetError as exc:
         raise EdgeFleetError(f"validation failed (nodes would refuse it): {exc}") from None
-    envelope = sign_manifest(manifest, release_key)
-    return Release(path, manifest, envelope.to_bytes().decode())
+    return manifest
+
+
+def sign_release(path: Path, manifest: ModelManifest, release_key: SigningKey) -> Release:
+    """Sign ``manifest`` with the operator's release key."""
+    return Release(path, manifest, sign_manifest(manifest, release_key).to_bytes().decode())
 
 
 def _received(answer: Any, size: int) -> tuple[int, bool]:

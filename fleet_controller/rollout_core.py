@@ -355,6 +355,14 @@ def apply_node_status(
         return record
     if duplicate and state is N.FAILED and progress.state is not N.FAILED:
         return record  # "already attempted" echo of an earlier failure: not news
+    if progress.rollback_sent:
+        # From here on the node reports the rollback command (queued, loading,
+        # activated, ...), which is no retry of this rollout: only its end counts,
+        # and the node keeps the code and reason of why it was rolled back.
+        if state is not N.ROLLED_BACK or progress.state is N.ROLLED_BACK:
+            return record
+        updated = replace(progress, state=N.ROLLED_BACK, retry_at=None)
+        return replace(record, nodes={**record.nodes, node_id: updated})
     if state is N.SUCCEEDED and progress.state is not N.SUCCEEDED:
         state = N.ACTIVATED
     if state is N.ACTIVATED and progress.state is N.ACTIVATED:

@@ -404,11 +404,11 @@ class ControllerService:
     # ----- rollouts ----------------------------------------------------------------
 
     async def _ticker(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.tick_s):
                     await self._stopping.wait()
-            if self._client is None:
+            if self._client is None or self._stopping.is_set():
                 continue
             try:
                 await self._tick_all()
@@ -515,10 +515,12 @@ class ControllerService:
         return Envelope.from_bytes(info.envelope.encode())
 
     async def _pruner(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(3600):
                     await self._stopping.wait()
+            if self._stopping.is_set():
+                return
             cutoff = self._clock() - self.config.retention_days * 86_400
             telemetry, results = await asyncio.to_thread(self.store.prune, cutoff, cutoff)
             if telemetry or results:
@@ -606,6 +608,12 @@ class ControllerService:
         envelope = Envelope.from_bytes(envelope_text.encode())
         payload = self._trust.open(envelope, Role.RELEASE, now=self._clock())
         manifest = decode(ModelManifest, payload)
+        same = await asyncio.to_thread(self.store.get_model_by_sha, manifest.sha256)
+        if same is not None:
+            raise EdgeFleetError(
+                f"this file is registered already as {same.name}@{same.version}; "
+                "a new version must be a new file"
+            )
         if not self.blobs.has(manifest.sha256) or self.blobs.size(manifest.sha256) != manifest.size:
             raise EdgeFleetError(f"blob {manifest.sha256[:12]} has not been uploaded")
         info = await asyncio.to_thread(
@@ -680,7 +688,8 @@ class ControllerService:
     async def _op_rollout_list(self, args: dict[str, Any], operator: str) -> Any:
         active = self._arg(args, "active_only", bool, default=False)
         infos = await asyncio.to_thread(self.store.list_rollouts, active)
-        return [i.to_dict() for i in infos]
+        # Waves count from 1 for operators, as in rollout.status.
+        return [{**i.to_dict(), "wave": i.wave + 1} for i in infos]
 
     async def _change(self, args: dict[str, Any], event: core.RolloutEvent) -> Any:
         async with self._rollout_lock:

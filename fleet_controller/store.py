@@ -701,14 +701,13 @@ def _normalize_url(url: str) -> URL:
         raise StoreError(f"invalid database URL: {_describe(exc)}") from None
     except ValueError as exc:  # e.g. a port that is not a number
         raise StoreError(f"invalid database URL: {_first_line(str(exc))}") from None
-    backend = parsed.get_backend_name()
+    # Split the name ourselves: URL.get_driver_name() loads the dialect to find its default.
+    backend, _, driver = parsed.drivername.partition("+")
     if backend == "postgres":
         backend = "postgresql"
-    if backend == "postgresql" and parsed.get_driver_name() in ("", "psycopg2", "postgres"):
-        # psycopg (3) is the driver we ship; "postgresql://" would ask for psycopg2.
-        return parsed.set(drivername="postgresql+psycopg")
     if backend == "postgresql":
-        return parsed
+        # psycopg (3) is the driver we ship; "postgresql://" alone would ask for psycopg2.
+        return parsed.set(drivername=f"postgresql+{driver or 'psycopg'}")
     if backend == "sqlite":
         if parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed):
             raise StoreError("an in-memory SQLite database is not supported: give a file path")
