@@ -371,8 +371,8 @@ class NodeAgent:
             await self._sleep_unless_stopping(next(delays))
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
+        """Subscribe first and announce last: a birth means commands can be received."""
         cfg = self.config
-        await self._publish_state(client, online=True)
         subscriptions = [
             topics.node_cmd(cfg.fleet, cfg.node_id),
             topics.rollout_cmd_filter(cfg.fleet),
@@ -385,6 +385,7 @@ class NodeAgent:
         await asyncio.to_thread(self._outbox.requeue_all)
         self._client = client
         self._link_lost = asyncio.Event()
+        await self._publish_state(client, online=True)
         self.connected.set()
         self._wake_sender.set()
         log.info("connected to %s as %s (session %d)", cfg.broker, cfg.node_id, self._state.session)
