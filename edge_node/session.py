@@ -9,6 +9,7 @@ reused but not re-entered). ``aiomqtt.MqttError`` is translated to
 from __future__ import annotations
 
 import random
+import socket
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,6 +65,8 @@ def make_client(
         timeout=10,
         max_concurrent_outgoing_calls=32,
         max_queued_incoming_messages=max_queued_incoming,
+        # Small QoS 1 messages (chunk requests, acks) must not wait for Nagle's 40 ms.
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
     )
 
 

@@ -7,12 +7,21 @@ requests, records every status, result and state, and acknowledges outbox
 slots the way the controller does: the highest contiguous ``seq`` it has
 stored per node. Switches let a test pause chunk serving, corrupt chunks or
 stop acknowledging.
+
+Pausing (``serving`` cleared, or ``pause_after_chunks`` reached) holds back
+chunk answers only: each request that arrives meanwhile is still recorded in
+``chunk_requests`` and waits in its own task, so statuses, results and states
+keep being recorded and acknowledged. Held answers go out on whatever
+connection is current when serving resumes; after a broker restart the node
+no longer waits for them and drops them (unknown request ids), as it would a
+real controller's late replies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -66,6 +75,9 @@ class Harness:
     rollout: SigningKey = field(default_factory=SigningKey.generate)
     acking: bool = True
     corrupt_chunks: bool = False
+    pause_after_chunks: int | None = None
+    """Clear ``serving`` once this many chunks have been answered (then reset to None)."""
+    chunks_answered: int = 0
     statuses: list[NodeStatus] = field(default_factory=list)
     results: dict[str, dict[int, InferenceResult]] = field(default_factory=dict)
     result_order: dict[str, list[int]] = field(default_factory=dict)
@@ -73,6 +85,8 @@ class Harness:
     states: list[NodeState] = field(default_factory=list)
     chunk_requests: list[ArtifactRequest] = field(default_factory=list)
     acked: dict[str, int] = field(default_factory=dict)
+    commands: dict[str, Envelope] = field(default_factory=dict)
+    """Every command envelope published by the helpers below, by command id."""
 
     def __post_init__(self) -> None:
         self.blobs = BlobStore(self.workdir / "blobs")
@@ -95,6 +109,7 @@ class Harness:
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        self._held: set[asyncio.Task[None]] = set()
 
     # ----- lifecycle ---------------------------------------------------------
 
@@ -106,9 +121,9 @@ class Harness:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        for task in [*self._held, self._task]:
+            task.cancel()
+        await asyncio.gather(*self._held, self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         address = parse_broker_url(self.broker_url)
@@ -118,6 +133,9 @@ class Harness:
                 address.port,
                 identifier=f"harness-{self.fleet}",
                 protocol=aiomqtt.ProtocolVersion.V5,
+                # paho leaves Nagle on: each multi-segment chunk answer would then
+                # wait ~40 ms for the broker's delayed ACK (4 s for a 1.5 MB blob).
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             )
             try:
                 async with client:
@@ -147,15 +165,18 @@ class Harness:
         if parsed.kind is topics.TopicKind.ARTIFACT_REQUEST:
             request = decode(ArtifactRequest, message.payload)
             self.chunk_requests.append(request)
-            await self.serving.wait()
-            chunk = answer_chunk(self.blobs, request)
-            if self.corrupt_chunks and chunk.data:
-                raw = bytearray(b64decode(chunk.data))
-                raw[len(raw) // 2] ^= 0xFF
-                chunk = chunk.model_copy(update={"data": b64encode(bytes(raw))})
-            await client.publish(
-                topics.artifact_data(self.fleet, request.sha256, node), encode(chunk), qos=1
-            )
+            if (
+                self.pause_after_chunks is not None
+                and self.chunks_answered >= self.pause_after_chunks
+            ):
+                self.pause_after_chunks = None
+                self.serving.clear()
+            if self.serving.is_set():
+                await self._answer(client, node, request)
+            else:
+                task = asyncio.get_running_loop().create_task(self._answer_later(node, request))
+                self._held.add(task)
+                task.add_done_callback(self._held.discard)
         elif parsed.kind is topics.TopicKind.STATUS:
             status = decode(NodeStatus, message.payload)
             self.statuses.append(status)
@@ -172,6 +193,26 @@ class Harness:
             self.states.append(decode(NodeState, message.payload))
         async with self._changed:
             self._changed.notify_all()
+
+    async def _answer(self, client: aiomqtt.Client, node: str, request: ArtifactRequest) -> None:
+        chunk = answer_chunk(self.blobs, request)
+        if self.corrupt_chunks and chunk.data:
+            raw = bytearray(b64decode(chunk.data))
+            raw[len(raw) // 2] ^= 0xFF
+            chunk = chunk.model_copy(update={"data": b64encode(bytes(raw))})
+        await client.publish(
+            topics.artifact_data(self.fleet, request.sha256, node), encode(chunk), qos=1
+        )
+        self.chunks_answered += 1
+
+    async def _answer_later(self, node: str, request: ArtifactRequest) -> None:
+        """Answer a request held by a pause once serving resumes, if still connected."""
+        await self.serving.wait()
+        client = self._client
+        if client is None:
+            return  # the broker went away: the node re-requests what it still needs
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._answer(client, node, request)
 
     async def _stored_slot(self, client: aiomqtt.Client, node: str, seq: int) -> None:
         self._stored[node].add(seq)
@@ -220,6 +261,7 @@ class Harness:
             now=time.time(),
             rollout_id=rollout_id,
         )
+        self.commands[command.command_id] = envelope
         await self.publish_command(topics.node_cmd(self.fleet, node), envelope)
         return command.command_id
 
@@ -233,6 +275,7 @@ class Harness:
             now=time.time(),
             rollout_id=rollout_id,
         )
+        self.commands[command.command_id] = envelope
         await self.publish_command(topics.node_cmd(self.fleet, node), envelope)
         return command.command_id
 
@@ -248,6 +291,7 @@ class Harness:
             now=time.time(),
             rollout_id=rollout_id,
         )
+        self.commands[command.command_id] = envelope
         await self.publish_command(
             topics.rollout_cmd(self.fleet, rollout_id), envelope, retain=True
         )
