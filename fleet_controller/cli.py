@@ -840,6 +840,8 @@ def _rollout_start(args: argparse.Namespace) -> int:
             lambda t: parse_fraction(t, maximum=None),
             args.max_latency_regression,
         ),
+        "min_latency_regression_ms": 1000.0
+        * _flag("--min-latency-regression", parse_duration, args.min_latency_regression),
         "auto_rollback": args.auto_rollback,
         "activate_at": _flag(
             "--activate-at", lambda t: parse_activate_at(t, now=time.time()), args.activate_at
@@ -1289,6 +1291,12 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--wave-timeout", default="5m", metavar="DURATION")
     start.add_argument("--health-window", default="60s", metavar="DURATION")
     start.add_argument("--max-latency-regression", default="50%", help="p95 growth allowed")
+    start.add_argument(
+        "--min-latency-regression",
+        default="1ms",
+        metavar="DURATION",
+        help="p95 growth below this is noise, never a regression (1ms)",
+    )
     start.add_argument(
         "--auto-rollback",
         action=argparse.BooleanOptionalAction,
