@@ -12,8 +12,9 @@ pure rollout engine (:mod:`fleet_controller.rollout_core`). What it keeps:
   and dropped) and queued; a bounded queue that is full drops the message
   *unacknowledged*, so the node sends it again later: nothing is lost and the
   MQTT loop never blocks;
-* a writer stores queued messages in batches off the event loop and only then
-  publishes ``node/{id}/ack`` with each node's highest contiguous stored slot;
+* a writer stores queued messages in batches off the event loop, folds node
+  statuses into their saved rollouts, and only then publishes
+  ``node/{id}/ack`` with each node's highest contiguous stored slot;
 * rollouts tick once a second: the new record is saved *before* its commands
   are published, so a restart resumes every rollout and never sends a node the
   same step twice;
@@ -361,9 +362,17 @@ class ControllerService:
             log.error("storing a batch failed (nodes will re-send): %s", exc)
             return
         self.metrics["stored"] += len(batch)
-        await self._publish_acks(acks)
         if batch.statuses:
-            await self._apply_statuses(batch.statuses)
+            # Folded into the saved rollout records *before* the ack: a status
+            # acknowledged (and so deleted from the node's outbox) by a
+            # controller that died before applying it would be lost to its
+            # rollout, which would then time the node out and deploy it again.
+            try:
+                await self._apply_statuses(batch.statuses)
+            except EdgeFleetError as exc:
+                log.error("applying statuses failed (nodes will re-send): %s", exc)
+                return
+        await self._publish_acks(acks)
 
     async def _publish_acks(self, acks: dict[str, int]) -> None:
         client = self._client
@@ -464,7 +473,7 @@ class ControllerService:
                 await client.publish(rollout_topic, b"", qos=1, retain=True)
                 return
             manifest_env = await asyncio.to_thread(self._manifest_envelope, spec.model.sha256)
-            seq = await asyncio.to_thread(self.store.next_command_seq)
+            seq = await asyncio.to_thread(self.store.next_command_seq, int(now * 1000))
             if isinstance(action, core.SendWave):
                 _, envelope = sign_command(
                     self._rollout_key,

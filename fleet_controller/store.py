@@ -67,6 +67,7 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    literal,
     text,
     update,
 )
@@ -901,18 +902,22 @@ class Store:
 
     # ----- meta ------------------------------------------------------------------------
 
-    def next_command_seq(self) -> int:
-        """The next command sequence number (1, 2, ...), unique across controllers.
+    def next_command_seq(self, floor: int = 0) -> int:
+        """The next command sequence number, unique across controllers and above ``floor``.
 
         One ``UPDATE ... RETURNING`` (a row lock on PostgreSQL; ``BEGIN
-        IMMEDIATE`` on SQLite): two controllers never draw the same number.
+        IMMEDIATE`` on SQLite): two controllers never draw the same number. The
+        service passes the clock in milliseconds as ``floor``, so a controller
+        whose database was lost still numbers above what nodes have applied.
 
         Raises: StoreError.
         """
+        following = cast(_META.c.value, BigInteger) + 1
+        chosen = case((following > floor, following), else_=literal(floor, BigInteger))
         statement = (
             update(_META)
             .where(_META.c.key == "command_seq")
-            .values(value=cast(cast(_META.c.value, BigInteger) + 1, String))
+            .values(value=cast(chosen, String))
             .returning(_META.c.value)
         )
         with self._session(write=True) as s:

@@ -534,6 +534,11 @@ def test_schema_is_refused_for_sqlite(db_path: Path) -> None:
         Store.open(str(db_path), schema="s1")
 
 
+def test_bad_sqlite_synchronous_is_refused(db_path: Path) -> None:
+    with pytest.raises(StoreError, match="FULL or NORMAL"):
+        Store.open(str(db_path), sqlite_synchronous="OFF")  # type: ignore[arg-type]
+
+
 def test_newer_schema_version_is_refused(db_path: Path) -> None:
     Store.open(str(db_path)).close()
     with sqlite3.connect(db_path) as conn:
@@ -606,3 +611,14 @@ def test_corrupt_stored_record_is_a_store_error(db_path: Path, store: Store) -> 
     conn.close()
     with pytest.raises(StoreError, match="rollout r1: stored record unreadable"):
         store.load_rollout("r1")
+
+
+def test_command_seq_never_falls_below_the_floor(tmp_path: Path) -> None:
+    """A controller whose database was lost still numbers above what nodes applied."""
+    store = Store.open(str(tmp_path / "fresh.db"))
+    try:
+        assert store.next_command_seq() == 1
+        assert store.next_command_seq(floor=1_000) == 1_000
+        assert store.next_command_seq(floor=10) == 1_001
+    finally:
+        store.close()
