@@ -46,7 +46,7 @@ from fleet_controller.api import MUTATING, OPERATIONS
 from fleet_controller.blobs import BlobStore, answer_chunk
 from fleet_controller.keys import load_key, load_trust
 from fleet_controller.signing import sign_command
-from fleet_controller.store import Store
+from fleet_controller.store import PendingStatus, Store
 from shared import __version__, topics
 from shared.broker import BrokerAddress
 from shared.envelope import Envelope, SigningKey, b64decode
@@ -138,8 +138,6 @@ class ControllerService:
         self._client: aiomqtt.Client | None = None
         self._stopping = asyncio.Event()
         self.connected = asyncio.Event()
-        self._rollouts: dict[str, core.RolloutRecord] = {}
-        self._rollout_lock = asyncio.Lock()
         self._chunk_slots = asyncio.Semaphore(16)
         self._uploads: dict[str, Path] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -159,10 +157,10 @@ class ControllerService:
     # ----- lifecycle -----------------------------------------------------------
 
     async def run(self) -> None:
-        for record in await asyncio.to_thread(self._load_active):
-            self._rollouts[record.spec.rollout_id] = record
-        if self._rollouts:
-            log.info("resuming %d rollout(s): %s", len(self._rollouts), ", ".join(self._rollouts))
+        active = await asyncio.to_thread(self.store.list_rollouts, active_only=True)
+        if active:
+            names = ", ".join(info.rollout_id for info in active)
+            log.info("resuming %d rollout(s): %s", len(active), names)
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._connection_loop(), name="connection")
@@ -174,14 +172,6 @@ class ControllerService:
             pass
         finally:
             await asyncio.to_thread(self.store.close)
-
-    def _load_active(self) -> list[core.RolloutRecord]:
-        records = []
-        for info in self.store.list_rollouts(active_only=True):
-            record = self.store.load_rollout(info.rollout_id)
-            if record is not None:
-                records.append(record)
-        return records
 
     async def _stop_watch(self) -> None:
         await self._stopping.wait()
@@ -362,16 +352,9 @@ class ControllerService:
             log.error("storing a batch failed (nodes will re-send): %s", exc)
             return
         self.metrics["stored"] += len(batch)
-        if batch.statuses:
-            # Folded into the saved rollout records *before* the ack: a status
-            # acknowledged (and so deleted from the node's outbox) by a
-            # controller that died before applying it would be lost to its
-            # rollout, which would then time the node out and deploy it again.
-            try:
-                await self._apply_statuses(batch.statuses)
-            except EdgeFleetError as exc:
-                log.error("applying statuses failed (nodes will re-send): %s", exc)
-                return
+        # Stored statuses are folded into their rollouts from the database by
+        # the ticker (Store.step_rollout), so acknowledging them now loses
+        # nothing even if this controller dies before the next tick.
         await self._publish_acks(acks)
 
     async def _publish_acks(self, acks: dict[str, int]) -> None:
@@ -386,29 +369,6 @@ class ControllerService:
                     encode(Ack(node=node_id, seq=seq, ts=now)),
                     qos=1,
                 )
-
-    async def _apply_statuses(self, statuses: list[NodeStatus]) -> None:
-        async with self._rollout_lock:
-            changed: dict[str, core.RolloutRecord] = {}
-            for status in statuses:
-                if status.rollout_id is None:
-                    continue
-                record = changed.get(status.rollout_id) or self._rollouts.get(status.rollout_id)
-                if record is None:
-                    continue
-                changed[status.rollout_id] = core.apply_node_status(
-                    record,
-                    status.node,
-                    status.state,
-                    now=self._clock(),
-                    code=status.code,
-                    reason=status.reason,
-                    duplicate=status.duplicate,
-                )
-            for rollout_id, record in changed.items():
-                if record is not self._rollouts.get(rollout_id):
-                    await asyncio.to_thread(self.store.save_rollout, record, self._clock())
-                    self._rollouts[rollout_id] = record
 
     # ----- rollouts ----------------------------------------------------------------
 
@@ -425,24 +385,33 @@ class ControllerService:
                 log.error("rollout tick failed: %s", exc)
 
     async def _tick_all(self) -> None:
-        async with self._rollout_lock:
-            for rollout_id in list(self._rollouts):
-                await self._tick_one(rollout_id)
+        for info in await asyncio.to_thread(self.store.list_rollouts, active_only=True):
+            await self._tick_one(info.rollout_id)
 
     async def _tick_one(self, rollout_id: str) -> None:
-        record = self._rollouts[rollout_id]
+        """Fold new statuses and advance one rollout, atomically in the store.
+
+        Several controllers may tick the same rollout: the store serialises the
+        steps, and each action comes from a state change saved by exactly one
+        step, so no node gets the same step twice.
+        """
+        record = await asyncio.to_thread(self.store.load_rollout, rollout_id)
+        if record is None:
+            return
         now = self._clock()
         since = (record.nodes and min((p.sent_at or now) for p in record.nodes.values())) or now
         fleet = await asyncio.to_thread(self._fleet_view, record.spec, since - 600)
-        new, actions = core.tick(record, fleet, now=now)
-        if new != record:
-            await asyncio.to_thread(self.store.save_rollout, new, now)
-        self._rollouts[rollout_id] = new
+
+        def fold(
+            current: core.RolloutRecord, pending: list[PendingStatus]
+        ) -> tuple[core.RolloutRecord, list[core.RolloutAction]]:
+            return core.tick(_fold_statuses(current, pending, now), fleet, now=now)
+
+        new, actions = await asyncio.to_thread(self.store.step_rollout, rollout_id, fold, now)
         for action in actions:
             await self._execute(new, action, now)
-        if new.state not in ACTIVE_STATES:
+        if new.state not in ACTIVE_STATES and record.state in ACTIVE_STATES:
             log.info("rollout %s ended: %s (%s)", rollout_id, new.state.value, new.reason)
-            del self._rollouts[rollout_id]
 
     def _fleet_view(self, spec: core.RolloutSpec, since: float) -> dict[str, core.NodeView]:
         nodes = self.store.list_nodes(dict(spec.selector) or None)
@@ -677,16 +646,12 @@ class ControllerService:
             retry_backoff_s=self._arg(args, "retry_backoff_s", float, 10.0),
         )
         record = core.RolloutRecord(spec=spec)
-        async with self._rollout_lock:
-            await asyncio.to_thread(self.store.create_rollout, record, operator, self._clock())
-            self._rollouts[rollout_id] = record
+        await asyncio.to_thread(self.store.create_rollout, record, operator, self._clock())
         return _rollout_dict(record)
 
     async def _rollout(self, args: dict[str, Any]) -> core.RolloutRecord:
         rollout_id = self._arg(args, "rollout_id", str)
-        record = self._rollouts.get(rollout_id) or await asyncio.to_thread(
-            self.store.load_rollout, rollout_id
-        )
+        record = await asyncio.to_thread(self.store.load_rollout, rollout_id)
         if record is None:
             raise EdgeFleetError(f"unknown rollout {rollout_id}")
         return record
@@ -701,27 +666,28 @@ class ControllerService:
         return [{**i.to_dict(), "wave": i.wave + 1} for i in infos]
 
     async def _change(self, args: dict[str, Any], event: core.RolloutEvent) -> Any:
-        async with self._rollout_lock:
-            record = await self._rollout(args)
-            try:
-                if event is core.RolloutEvent.ROLLBACK:
-                    new = core.start_rollback(record)
-                else:
-                    new = replace(record, state=core.apply_event(record.state, event))
-            except core.IllegalTransitionError as exc:
-                raise EdgeFleetError(str(exc)) from None
-            now = self._clock()
-            new = replace(new, reason=f"{event.value} by operator")
-            await asyncio.to_thread(self.store.save_rollout, new, now)
-            rollout_id = new.spec.rollout_id
-            if new.state in ACTIVE_STATES:
-                self._rollouts[rollout_id] = new
+        rollout_id = (await self._rollout(args)).spec.rollout_id
+        now = self._clock()
+
+        def fold(
+            current: core.RolloutRecord, pending: list[PendingStatus]
+        ) -> tuple[core.RolloutRecord, None]:
+            record = _fold_statuses(current, pending, now)
+            if event is core.RolloutEvent.ROLLBACK:
+                new = core.start_rollback(record)
             else:
-                self._rollouts.pop(rollout_id, None)
-                await self._execute(new, core.ClearBroadcast(), now)
-                for progress in new.nodes.values():
-                    if progress.state in core.IN_FLIGHT:
-                        await self._execute(new, core.SendNode(progress.node_id, "cancel"), now)
+                new = replace(record, state=core.apply_event(record.state, event))
+            return replace(new, reason=f"{event.value} by operator"), None
+
+        try:
+            new, _ = await asyncio.to_thread(self.store.step_rollout, rollout_id, fold, now)
+        except core.IllegalTransitionError as exc:
+            raise EdgeFleetError(str(exc)) from None
+        if new.state not in ACTIVE_STATES:
+            await self._execute(new, core.ClearBroadcast(), now)
+            for progress in new.nodes.values():
+                if progress.state in core.IN_FLIGHT:
+                    await self._execute(new, core.SendNode(progress.node_id, "cancel"), now)
         return _rollout_dict(new)
 
     async def _op_rollout_pause(self, args: dict[str, Any], operator: str) -> Any:
@@ -760,6 +726,22 @@ class ControllerService:
 
 class _Stopping(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised inside the task group to unwind every loop on stop."""
+
+
+def _fold_statuses(
+    record: core.RolloutRecord, pending: list[PendingStatus], now: float
+) -> core.RolloutRecord:
+    for status in pending:
+        record = core.apply_node_status(
+            record,
+            status.node_id,
+            status.state,
+            now=now,
+            code=status.code,
+            reason=status.reason,
+            duplicate=status.duplicate,
+        )
+    return record
 
 
 def _rollout_dict(record: core.RolloutRecord, *, nodes: bool = False) -> dict[str, Any]:

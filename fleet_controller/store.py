@@ -42,12 +42,12 @@ import json
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy import (
@@ -112,6 +112,7 @@ __all__ = [
     "ModelRow",
     "NodeInfo",
     "NodeRow",
+    "PendingStatus",
     "ResultInfo",
     "ResultRow",
     "RolloutEventInfo",
@@ -128,6 +129,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 ACTIVE_ROLLOUT_STATES = frozenset(
@@ -311,6 +314,9 @@ class StatusRow(SQLModel, table=True):
     code: str | None = None
     reason: str | None = Field(default=None, sa_type=Text)
     progress: float | None = None
+    duplicate: bool = False
+    # Folded into its rollout's record (in the transaction that saved the record).
+    applied: bool = Field(default=False, index=True)
     ts: float
 
 
@@ -364,6 +370,18 @@ _TABLES = (
 
 def _ref_dict(ref: ModelRef | None) -> dict[str, str] | None:
     return None if ref is None else ref.model_dump(mode="json")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PendingStatus:
+    """A stored node status not yet folded into its rollout's record."""
+
+    node_id: str
+    seq: int
+    state: NodeRolloutState
+    code: str | None
+    reason: str | None
+    duplicate: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1140,43 +1158,117 @@ class Store:
             UnknownRolloutError: no rollout with that id (use create_rollout).
             StoreError: the database failed or the record cannot be encoded.
         """
+        with self._session(write=True) as s:
+            self._lock_rollout(s, record.spec.rollout_id)
+            self._save_locked(s, record, now)
+
+    def step_rollout(
+        self,
+        rollout_id: str,
+        fold: Callable[[RolloutRecord, list[PendingStatus]], tuple[RolloutRecord, T]],
+        now: float,
+    ) -> tuple[RolloutRecord, T]:
+        """Advance one rollout atomically: lock it, load it with the node statuses
+        not yet folded into it, let ``fold`` (pure) compute the new record, save
+        it and mark those statuses applied, in one transaction.
+
+        Only statuses at or below their node's contiguous ``acked_seq`` are
+        handed over, in ``(node, seq)`` order: with several controllers ingesting,
+        a status is folded only once every earlier slot of its node is stored,
+        and exactly once, whichever controller ingested it.
+
+        Raises:
+            UnknownRolloutError: no rollout with that id.
+            StoreError: the database failed or the stored record is unreadable.
+        """
+        with self._session(write=True) as s:
+            self._lock_rollout(s, rollout_id)
+            text_ = s.exec(
+                select(col(RolloutRow.record_json)).where(col(RolloutRow.rollout_id) == rollout_id)
+            ).one()
+            try:
+                record = record_from_json(text_)
+            except DecodeError as exc:
+                raise StoreError(f"rollout {rollout_id}: stored record unreadable: {exc}") from None
+            rows = s.connection().execute(
+                sa_select(
+                    _STATUSES.c.id,
+                    _STATUSES.c.node_id,
+                    _STATUSES.c.seq,
+                    _STATUSES.c.state,
+                    _STATUSES.c.code,
+                    _STATUSES.c.reason,
+                    _STATUSES.c.duplicate,
+                )
+                .join(_NODES, _NODES.c.node_id == _STATUSES.c.node_id)
+                .where(
+                    _STATUSES.c.rollout_id == rollout_id,
+                    _STATUSES.c.applied.is_(False),
+                    _STATUSES.c.seq <= _NODES.c.acked_seq,
+                )
+                .order_by(_STATUSES.c.node_id, _STATUSES.c.seq)
+            ).all()
+            pending = [
+                PendingStatus(
+                    node_id=r.node_id,
+                    seq=r.seq,
+                    state=NodeRolloutState(r.state),
+                    code=r.code,
+                    reason=r.reason,
+                    duplicate=bool(r.duplicate),
+                )
+                for r in rows
+            ]
+            new, extra = fold(record, pending)
+            if new != record:
+                self._save_locked(s, new, now)
+            if rows:
+                s.exec(
+                    update(_STATUSES)
+                    .where(_STATUSES.c.id.in_([r.id for r in rows]))
+                    .values(applied=True)
+                )
+            return new, extra
+
+    def _lock_rollout(self, s: Session, rollout_id: str) -> None:
+        found = s.exec(
+            select(col(RolloutRow.rollout_id))
+            .where(col(RolloutRow.rollout_id) == rollout_id)
+            .with_for_update()
+        ).first()
+        if found is None:
+            raise UnknownRolloutError(f"unknown rollout {rollout_id}")
+
+    def _save_locked(self, s: Session, record: RolloutRecord, now: float) -> None:
         rollout_id = record.spec.rollout_id
         record_json = _encode_record(record)
-        with self._session(write=True) as s:
-            found = s.exec(
-                select(col(RolloutRow.rollout_id))
-                .where(col(RolloutRow.rollout_id) == rollout_id)
-                .with_for_update()
-            ).first()
-            if found is None:
-                raise UnknownRolloutError(f"unknown rollout {rollout_id}")
-            s.exec(
-                update(_ROLLOUTS)
-                .where(_ROLLOUTS.c.rollout_id == rollout_id)
-                .values(
-                    state=record.state.value,
-                    wave=record.wave,
-                    reason=record.reason,
-                    record_json=record_json,
-                    updated_at=now,
-                )
+        s.exec(
+            update(_ROLLOUTS)
+            .where(_ROLLOUTS.c.rollout_id == rollout_id)
+            .values(
+                state=record.state.value,
+                wave=record.wave,
+                reason=record.reason,
+                record_json=record_json,
+                updated_at=now,
             )
-            stored = {
-                node_id: (state, wave, attempts, code, reason)
-                for node_id, state, wave, attempts, code, reason in s.connection()
-                .execute(
-                    sa_select(
-                        col(RolloutNodeRow.node_id),
-                        col(RolloutNodeRow.state),
-                        col(RolloutNodeRow.wave),
-                        col(RolloutNodeRow.attempts),
-                        col(RolloutNodeRow.code),
-                        col(RolloutNodeRow.reason),
-                    ).where(col(RolloutNodeRow.rollout_id) == rollout_id)
-                )
-                .all()
-            }
-            self._write_rollout_nodes(s, record, stored, now)
+        )
+        stored = {
+            node_id: (state, wave, attempts, code, reason)
+            for node_id, state, wave, attempts, code, reason in s.connection()
+            .execute(
+                sa_select(
+                    col(RolloutNodeRow.node_id),
+                    col(RolloutNodeRow.state),
+                    col(RolloutNodeRow.wave),
+                    col(RolloutNodeRow.attempts),
+                    col(RolloutNodeRow.code),
+                    col(RolloutNodeRow.reason),
+                ).where(col(RolloutNodeRow.rollout_id) == rollout_id)
+            )
+            .all()
+        }
+        self._write_rollout_nodes(s, record, stored, now)
 
     def _write_rollout_nodes(
         self,
@@ -1643,6 +1735,8 @@ def _status_row(m: NodeStatus) -> dict[str, Any]:
         "code": m.code,
         "reason": m.reason,
         "progress": m.progress,
+        "duplicate": m.duplicate,
+        "applied": False,
         "ts": m.ts,
     }
 

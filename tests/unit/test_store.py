@@ -22,6 +22,7 @@ from fleet_controller.store import (
     DuplicateModelError,
     DuplicateRolloutError,
     NodeInfo,
+    PendingStatus,
     RolloutInfo,
     Store,
     StoreError,
@@ -441,7 +442,28 @@ def check_report(store: Store) -> None:
     assert [(m["version"], m["results"]) for m in report["models"]] == [("1.0.0", 3), ("1.1.0", 1)]
 
 
+def check_step_rollout_folds_each_stored_status_once(store: Store) -> None:
+    """Statuses reach the rollout only up to the node's contiguous slot, exactly once."""
+    store.create_rollout(record({"n1": NodeProgress(node_id="n1", wave=0)}), "op", NOW)
+    store.ingest([status("n1", 1), status("n1", 3, N.ACTIVATED)], [], [], NOW)
+    seen: list[list[tuple[int, NodeRolloutState]]] = []
+
+    def fold(current: RolloutRecord, pending: list[PendingStatus]) -> tuple[RolloutRecord, int]:
+        seen.append([(p.seq, p.state) for p in pending])
+        return replace(current, reason=f"step {len(seen)}"), len(pending)
+
+    assert store.step_rollout("r1", fold, NOW)[1] == 1  # slot 3 waits for slot 2
+    store.ingest([status("n1", 2)], [], [], NOW + 1)
+    assert store.step_rollout("r1", fold, NOW + 1)[1] == 2
+    assert store.step_rollout("r1", fold, NOW + 2)[1] == 0
+    assert seen == [[(1, N.DOWNLOADING)], [(2, N.DOWNLOADING), (3, N.ACTIVATED)], []]
+    loaded = store.load_rollout("r1")
+    assert loaded is not None
+    assert loaded.reason == "step 3"
+
+
 CORE_CHECKS: list[Callable[[Store], None]] = [
+    check_step_rollout_folds_each_stored_status_once,
     check_command_seq_increments,
     check_results_stored_once,
     check_statuses_stored_once,
