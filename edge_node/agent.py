@@ -59,7 +59,7 @@ from edge_node.inference_core import (
     summarize_output,
 )
 from edge_node.outbox import Outbox, OutboxFullError, OutboxStats
-from edge_node.runtime import ModelRuntime, SessionOptionsConfig
+from edge_node.runtime import InferenceOutcome, ModelRuntime, SessionOptionsConfig
 from edge_node.session import make_client, reconnect_delays
 from edge_node.sources import (
     DirectorySource,
@@ -118,6 +118,7 @@ class AgentConfig:
     source_dir: Path | None = None
     rate_hz: float | None = 10.0
     concurrency: int = 1
+    micro_batch: int = 1  # >1: run up to this many queued inputs as one batch
     swap_mode: Literal["availability", "resource"] = "availability"
     session_options: SessionOptionsConfig = field(default_factory=SessionOptionsConfig)
     change_threshold: float = 0.0
@@ -180,6 +181,9 @@ class NodeAgent:
         self._synthetic: SyntheticSource | None = None
         self._mqtt_source: MqttSource | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._inputs: asyncio.Queue[SourceItem | None] = asyncio.Queue(
+            2 * max(1, config.micro_batch) * max(1, config.concurrency)
+        )
         self._workers: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()  # started: trust and the active model loaded
 
@@ -206,6 +210,7 @@ class NodeAgent:
                     group.create_task(self._inference_worker(), name=f"inference-{index}")
                     for index in range(max(1, self.config.concurrency))
                 ]
+                self._workers.append(group.create_task(self._reader(), name="source"))
                 group.create_task(self._stop_watch(), name="stop-watch")
         except* _Stopping:
             pass
@@ -893,29 +898,54 @@ class NodeAgent:
 
     # ----- inference ------------------------------------------------------
 
-    async def _inference_worker(self) -> None:
+    async def _reader(self) -> None:
+        """Take inputs from the source, gate them, and queue them for the workers.
+
+        The bounded queue is the back-pressure: a full outbox stops the reader,
+        so inputs wait at their source instead of piling up in memory.
+        """
         source = self._source
-        if source is None:
-            return
-        while True:
+        while source is not None:
             await self._outbox_space.wait()
             item = await source.next()
             if item is None:
-                return
-            if not self._gate.should_infer(item.inputs):
-                continue
-            await self._infer(item)
+                break
+            if self._gate.should_infer(item.inputs):
+                await self._inputs.put(item)
+        for _ in range(max(1, self.config.concurrency)):
+            await self._inputs.put(None)  # one end marker per worker
 
-    async def _infer(self, item: SourceItem) -> None:
-        manifest = self._manifest
+    async def _inference_worker(self) -> None:
+        """Run queued inputs; with ``micro_batch`` > 1, whatever is queued runs as one batch."""
+        while (item := await self._inputs.get()) is not None:
+            batch = [item]
+            while len(batch) < self.config.micro_batch and not self._inputs.empty():
+                following = self._inputs.get_nowait()
+                if following is None:
+                    self._inputs.put_nowait(None)  # leave the end marker for this loop
+                    break
+                batch.append(following)
+            await self._infer(batch)
+
+    async def _infer(self, items: list[SourceItem]) -> None:
         try:
-            outcome = await self._runtime.infer(item.inputs)
+            if len(items) == 1:
+                outcomes = [await self._runtime.infer(items[0].inputs)]
+            else:
+                outcomes = await self._runtime.infer_batch([i.inputs for i in items])
         except EdgeFleetError as exc:
-            self._counts["errors"] += 1
+            self._counts["errors"] += len(items)
             log.warning("inference failed: %s", exc)
-            if item.request is not None:
-                await self._reply(item.request, None, str(exc))
+            for item in items:
+                if item.request is not None:
+                    await self._reply(item.request, None, str(exc))
             return
+        for item, outcome in zip(items, outcomes, strict=True):
+            await self._record(item, outcome)
+
+    async def _record(self, item: SourceItem, outcome: InferenceOutcome) -> None:
+        """Turn one outcome into a result (queued for the outbox) and any reply."""
+        manifest = self._manifest
         self._counts["inferences"] += 1
         self._latency.add(outcome.latency_ms)
         # Labels of the model that produced this output (a swap may have happened since).
@@ -1010,7 +1040,7 @@ class NodeAgent:
                 inferences=self._counts["inferences"],
                 errors=self._counts["errors"],
                 skips=self._gate.skipped,
-                queue_depth=self._source.depth() if self._source else 0,
+                queue_depth=(self._source.depth() if self._source else 0) + self._inputs.qsize(),
                 outbox_depth=stats.depth,
                 latency=self._latency.stats(),
                 cpu_percent=max(0.0, cpu),

@@ -39,6 +39,7 @@ __all__ = ["main"]
 
 _RUN_KEYS = {
     "id", "trust", "data", "broker", "fleet", "labels", "source", "rate", "concurrency",
+    "micro_batch",
     "swap_mode", "threads", "graph_optimization", "change_threshold", "corner_threshold",
     "topk", "batch_max", "batch_interval", "telemetry_interval", "resend_after",
     "chunk_bytes", "ca_file", "log_level",
@@ -188,6 +189,7 @@ def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -
         source_dir=source_dir,
         rate_hz=rate if rate > 0 else None,
         concurrency=_int(args, toml, "concurrency", 1, minimum=1),
+        micro_batch=_int(args, toml, "micro_batch", 1, minimum=1),
         swap_mode=cast(Literal["availability", "resource"], swap_mode),
         session_options=SessionOptionsConfig(intra_op_threads=threads, graph_optimization=graph),
         change_threshold=_float(args, toml, "change_threshold", 0.0),
@@ -314,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source", help="synthetic (default), dir:PATH, mqtt or none")
     run.add_argument("--rate", type=float, help="synthetic inputs per second (0: flat out)")
     run.add_argument("--concurrency", type=int, help="parallel inference requests")
+    run.add_argument(
+        "--micro-batch", type=int, help="run up to N queued inputs as one batch (dynamic batch)"
+    )
     run.add_argument("--swap-mode", help="availability (default) or resource (unload first)")
     run.add_argument("--threads", type=int, help="onnxruntime intra-op threads (0: all cores)")
     run.add_argument("--graph-optimization", help="disable, basic, extended (default) or all")
