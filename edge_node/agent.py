@@ -1065,7 +1065,12 @@ class NodeAgent:
 
     def stats(self) -> dict[str, int]:
         """Counters for tests and the simulator."""
-        return {**self._counts, "skips": self._gate.skipped, "pending": len(self._pending)}
+        return {
+            **self._counts,
+            "skips": self._gate.skipped,
+            "pending": len(self._pending),
+            "stacked_runs": self._runtime.stacked_runs,
+        }
 
     def outbox_stats(self) -> OutboxStats:
         """Depth and last ``seq`` of the on-disk outbox (in-memory counters, no I/O)."""

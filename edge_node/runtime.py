@@ -366,7 +366,8 @@ def _run_one(session: Any, feed: dict[str, np.ndarray]) -> tuple[list[np.ndarray
 
 def _run_many(
     session: Any, batch: list[dict[str, np.ndarray]], dynamic: bool
-) -> list[tuple[list[np.ndarray], float]]:
+) -> tuple[list[tuple[list[np.ndarray], float]], bool]:
+    """Outcomes of ``batch``, and whether they came from one stacked ``session.run``."""
     if dynamic and len(batch) > 1:
         stacked = stack_requests(batch)
         if stacked is not None:
@@ -375,8 +376,8 @@ def _run_many(
             split = split_outputs(outputs, sizes)
             if split is not None:
                 # Every request waited for the whole batch: each reports its time.
-                return [(parts, ms) for parts in split]
-    return [_run_one(session, request) for request in batch]
+                return [(parts, ms) for parts in split], True
+    return [_run_one(session, request) for request in batch], False
 
 
 class ModelRuntime:
@@ -411,6 +412,7 @@ class ModelRuntime:
         self._closed = False
         self.latency = LatencyWindow(latency_capacity)
         self.inferences = 0
+        self.stacked_runs = 0  # batches that ran as one session.run
         self.errors = 0
 
     @property
@@ -659,12 +661,13 @@ class ModelRuntime:
         requests = [dict(request) for request in batch]
         future = self._submit(handle, _run_many, handle.session, requests, handle.dynamic_batch)
         try:
-            results = await asyncio.wrap_future(future)
+            results, stacked = await asyncio.wrap_future(future)
         except Exception as exc:
             self.errors += len(requests)
             raise InferenceError(
                 f"batch inference failed on {_what(handle)}: {first_line(exc)}"
             ) from exc
+        self.stacked_runs += stacked
         outcomes: list[InferenceOutcome] = []
         for outputs, ms in results:
             self.inferences += 1

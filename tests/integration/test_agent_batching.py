@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -32,11 +31,9 @@ def test_micro_batches_run_together_and_every_result_arrives(
                 await node.stop()
             stats = node.agent.stats()
             assert stats["errors"] == 0
+            assert stats["stacked_runs"] > 0
             results = harness.results["n1"]
             assert all(r.model == model.manifest.ref for r in results.values())
-            # Outcomes of one batch share the batch's run time: some latencies repeat.
-            repeats = Counter(r.latency_ms for r in results.values())
-            assert max(repeats.values()) > 1
             seqs = sorted(results)
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
 
