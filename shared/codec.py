@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from shared.errors import DecodeError
@@ -74,23 +75,40 @@ def _check_text(text: str) -> None:
         raise DecodeError("string holds a lone UTF-16 surrogate") from None
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of a parsed JSON value, without recursion; checks every string."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 0)]
+def _check_strings(value: Any) -> None:
+    """Refuse lone surrogates anywhere in a parsed value (iteratively, no recursion)."""
+    stack: list[Any] = [value]
     while stack:
-        item, depth = stack.pop()
+        item = stack.pop()
         if isinstance(item, str):
             _check_text(item)
         elif isinstance(item, dict):
-            depth += 1
             for key in item:
                 _check_text(key)
-            stack.extend((child, depth) for child in item.values())
+            stack.extend(item.values())
         elif isinstance(item, list):
+            stack.extend(item)
+
+
+# Scans of the raw text, at C speed, that keep per-value Python work off the
+# common path: string literals are blanked before brackets and digits are read.
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+# Numbers that may leave int64 or overflow a float: 19+ digits in a row or a
+# three-digit exponent. Only then are numbers parsed one by one with checks.
+_RISKY_NUMBER = re.compile(r"\d{19,}|[eE][+-]?\d{3,}")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _depth(stripped: str) -> int:
+    """Deepest bracket nesting of JSON text whose strings were blanked."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(stripped):
+        if bracket in "[{":
             depth += 1
-            stack.extend((child, depth) for child in item)
-        deepest = max(deepest, depth)
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
     return deepest
 
 
@@ -111,13 +129,20 @@ def decode_json(
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DecodeError(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    stripped = _STRING.sub('""', text)
+    if _depth(stripped) > max_depth:
+        raise DecodeError(f"nesting deeper than {max_depth} levels")
+    risky_numbers = _RISKY_NUMBER.search(stripped) is not None
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    checked: dict[str, Any] = (
+        {"parse_int": _parse_int, "parse_float": _parse_float} if risky_numbers else {}
+    )
     try:
         value = json.loads(
             text,
             object_pairs_hook=_no_duplicates,
             parse_constant=_reject_constant,
-            parse_int=_parse_int,
-            parse_float=_parse_float,
+            **checked,
         )
     except RecursionError:
         raise DecodeError(f"nesting deeper than {max_depth} levels") from None
@@ -127,8 +152,8 @@ def decode_json(
         ) from None
     except ValueError as exc:  # e.g. int() digit limits
         raise DecodeError(f"invalid JSON number: {exc}") from None
-    if _depth(value) > max_depth:
-        raise DecodeError(f"nesting deeper than {max_depth} levels")
+    if surrogates:
+        _check_strings(value)
     return value
 
 

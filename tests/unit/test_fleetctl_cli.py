@@ -448,6 +448,7 @@ def test_rollout_start_sends_parsed_arguments(
         "wave_timeout_s": 120.0,
         "health_window_s": 30.0,
         "max_latency_regression": pytest.approx(1.5),
+        "min_latency_regression_ms": 1.0,
         "auto_rollback": False,
         "max_retries": 3,
         "retry_backoff_s": 5.0,
