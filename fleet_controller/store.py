@@ -1190,24 +1190,28 @@ class Store:
                 record = record_from_json(text_)
             except DecodeError as exc:
                 raise StoreError(f"rollout {rollout_id}: stored record unreadable: {exc}") from None
-            rows = s.connection().execute(
-                sa_select(
-                    _STATUSES.c.id,
-                    _STATUSES.c.node_id,
-                    _STATUSES.c.seq,
-                    _STATUSES.c.state,
-                    _STATUSES.c.code,
-                    _STATUSES.c.reason,
-                    _STATUSES.c.duplicate,
+            rows = (
+                s.connection()
+                .execute(
+                    sa_select(
+                        _STATUSES.c.id,
+                        _STATUSES.c.node_id,
+                        _STATUSES.c.seq,
+                        _STATUSES.c.state,
+                        _STATUSES.c.code,
+                        _STATUSES.c.reason,
+                        _STATUSES.c.duplicate,
+                    )
+                    .join(_NODES, _NODES.c.node_id == _STATUSES.c.node_id)
+                    .where(
+                        _STATUSES.c.rollout_id == rollout_id,
+                        _STATUSES.c.applied.is_(False),
+                        _STATUSES.c.seq <= _NODES.c.acked_seq,
+                    )
+                    .order_by(_STATUSES.c.node_id, _STATUSES.c.seq)
                 )
-                .join(_NODES, _NODES.c.node_id == _STATUSES.c.node_id)
-                .where(
-                    _STATUSES.c.rollout_id == rollout_id,
-                    _STATUSES.c.applied.is_(False),
-                    _STATUSES.c.seq <= _NODES.c.acked_seq,
-                )
-                .order_by(_STATUSES.c.node_id, _STATUSES.c.seq)
-            ).all()
+                .all()
+            )
             pending = [
                 PendingStatus(
                     node_id=r.node_id,
