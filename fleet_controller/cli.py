@@ -547,6 +547,7 @@ def _serve(args: argparse.Namespace) -> int:
                 f"or point --keys / {KEYS_ENV} at them"
             )
     db_url = _database_url(args.db or os.environ.get(DB_ENV) or DEFAULT_DB_URL)
+    http_listen, http_url = _http_settings(args.http, args.http_url)
     _setup_logging(args.log_level)
 
     from fleet_controller.service import ControllerConfig  # noqa: PLC0415 - heavy imports
@@ -560,9 +561,31 @@ def _serve(args: argparse.Namespace) -> int:
         retention_days=args.retention_days,
         ca_file=settings.ca_file,
         passphrase=_passphrase(),
+        http_listen=http_listen,
+        http_url=http_url,
     )
     asyncio.run(_run_service(config))
     return 0
+
+
+def _http_settings(
+    listen: str | None, url: str | None
+) -> tuple[tuple[str, int] | None, str | None]:
+    """``--http HOST:PORT`` and ``--http-url``. Raises: UsageError."""
+    if listen is None:
+        if url is not None:
+            raise UsageError("--http-url needs --http HOST:PORT")
+        return None, None
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UsageError(f"--http {listen!r}: expected HOST:PORT, e.g. 0.0.0.0:8080")
+    if url is None:
+        if host in ("0.0.0.0", "::"):  # noqa: S104 - a check, not a bind
+            raise UsageError("--http on all interfaces needs --http-url (how nodes reach it)")
+        url = f"http://{host}:{port_text}"
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise UsageError(f"--http-url {url!r}: expected http(s)://host[:port]")
+    return (host, int(port_text)), url
 
 
 async def _run_service(config: Any) -> None:
@@ -1246,6 +1269,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tick", default="1s", metavar="DURATION", help="rollout tick (1s)")
     serve.add_argument(
         "--retention-days", type=float, default=30.0, help="keep telemetry and results (30)"
+    )
+    serve.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="also serve artifacts over HTTP with Range (off by default)",
+    )
+    serve.add_argument(
+        "--http-url", help="base URL nodes use for --http (default http://HOST:PORT)"
     )
     serve.add_argument("--log-level", default="info", choices=_LOG_LEVELS)
 

@@ -44,6 +44,7 @@ from edge_node.session import make_client, reconnect_delays
 from fleet_controller import rollout_core as core
 from fleet_controller.api import MUTATING, OPERATIONS
 from fleet_controller.blobs import BlobStore, answer_chunk
+from fleet_controller.http_artifacts import ArtifactHttpServer
 from fleet_controller.keys import load_key, load_trust
 from fleet_controller.signing import sign_command
 from fleet_controller.store import PendingStatus, Store
@@ -102,6 +103,9 @@ class ControllerConfig:
     retention_days: float = 30.0
     ca_file: str | None = None
     passphrase: bytes | None = None
+    # Optional HTTP artifact server: where it listens, and the base URL nodes use.
+    http_listen: tuple[str, int] | None = None
+    http_url: str | None = None
 
 
 @dataclass
@@ -161,6 +165,12 @@ class ControllerService:
         if active:
             names = ", ".join(info.rollout_id for info in active)
             log.info("resuming %d rollout(s): %s", len(active), names)
+        http = None
+        if self.config.http_listen is not None:
+            host, port = self.config.http_listen
+            http = ArtifactHttpServer(self.blobs, host=host, port=port)
+            http.start()
+            log.info("serving artifacts over HTTP on %s:%d", host, http.port)
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._connection_loop(), name="connection")
@@ -171,6 +181,8 @@ class ControllerService:
         except* _Stopping:
             pass
         finally:
+            if http is not None:
+                await asyncio.to_thread(http.close)
             await asyncio.to_thread(self.store.close)
 
     async def _stop_watch(self) -> None:
@@ -453,7 +465,11 @@ class ControllerService:
                         bucket_limit=action.bucket_limit,
                         wave=action.wave,
                     ),
-                    body=DeployAction(manifest=manifest_env, activate_at=spec.activate_at),
+                    body=DeployAction(
+                        manifest=manifest_env,
+                        activate_at=spec.activate_at,
+                        url=self._artifact_url(spec.model.sha256),
+                    ),
                     now=now,
                     rollout_id=spec.rollout_id,
                 )
@@ -463,14 +479,22 @@ class ControllerService:
             target = NodeTarget(node=action.node_id)
             body: DeployAction | RollbackAction | CancelAction
             if action.kind == "deploy":
-                body = DeployAction(manifest=manifest_env, activate_at=spec.activate_at)
+                body = DeployAction(
+                    manifest=manifest_env,
+                    activate_at=spec.activate_at,
+                    url=self._artifact_url(spec.model.sha256),
+                )
             elif action.kind == "cancel":
                 body = CancelAction()
             else:
                 if action.target is None:
                     return
                 previous = await asyncio.to_thread(self._manifest_envelope, action.target.sha256)
-                body = RollbackAction(manifest=previous, reason=record.reason or "rollback")
+                body = RollbackAction(
+                    manifest=previous,
+                    reason=record.reason or "rollback",
+                    url=self._artifact_url(action.target.sha256),
+                )
             _, envelope = sign_command(
                 self._rollout_key,
                 fleet=fleet,
@@ -485,6 +509,11 @@ class ControllerService:
             log.error("rollout %s: cannot send %s: %s", spec.rollout_id, action, exc)
         except aiomqtt.MqttError as exc:
             log.warning("rollout %s: publish failed (%s); the engine retries", spec.rollout_id, exc)
+
+    def _artifact_url(self, sha256: str) -> str | None:
+        """The HTTP URL of a blob when the HTTP server is on (else nodes use MQTT)."""
+        base = self.config.http_url
+        return f"{base.rstrip('/')}/artifacts/{sha256}" if base else None
 
     def _manifest_envelope(self, sha256: str) -> Envelope:
         info = self.store.get_model_by_sha(sha256)
