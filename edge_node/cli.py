@@ -39,8 +39,8 @@ __all__ = ["main"]
 
 _RUN_KEYS = {
     "id", "trust", "data", "broker", "fleet", "labels", "source", "rate", "concurrency",
-    "micro_batch",
-    "swap_mode", "threads", "graph_optimization", "change_threshold", "corner_threshold",
+    "micro_batch", "swap_mode", "threads", "providers", "graph_optimization",
+    "change_threshold", "corner_threshold",
     "topk", "batch_max", "batch_interval", "telemetry_interval", "resend_after",
     "chunk_bytes", "ca_file", "log_level",
 }  # fmt: skip
@@ -178,6 +178,12 @@ def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -
     if swap_mode not in ("availability", "resource"):
         raise UsageError(f"swap mode {swap_mode!r}: use availability or resource")
     threads = _int(args, toml, "threads", 0, minimum=0)
+    provider_text = _setting(args, toml, "providers", None)
+    providers = (
+        tuple(p.strip() for p in str(provider_text).split(",") if p.strip())
+        if provider_text
+        else None
+    )
     return AgentConfig(
         node_id=check_id(node_id, "node id"),
         data_dir=_check_data_dir(Path(data)),
@@ -191,7 +197,9 @@ def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -
         concurrency=_int(args, toml, "concurrency", 1, minimum=1),
         micro_batch=_int(args, toml, "micro_batch", 1, minimum=1),
         swap_mode=cast(Literal["availability", "resource"], swap_mode),
-        session_options=SessionOptionsConfig(intra_op_threads=threads, graph_optimization=graph),
+        session_options=SessionOptionsConfig(
+            intra_op_threads=threads, graph_optimization=graph, providers=providers
+        ),
         change_threshold=_float(args, toml, "change_threshold", 0.0),
         corner_threshold=_float(args, toml, "corner_threshold", 0.5),
         topk=_int(args, toml, "topk", 3, minimum=1),
@@ -316,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source", help="synthetic (default), dir:PATH, mqtt or none")
     run.add_argument("--rate", type=float, help="synthetic inputs per second (0: flat out)")
     run.add_argument("--concurrency", type=int, help="parallel inference requests")
+    run.add_argument(
+        "--providers",
+        help="onnxruntime execution providers in order, e.g. CUDAExecutionProvider,"
+        "CPUExecutionProvider (default: the manifest's, among those installed)",
+    )
     run.add_argument(
         "--micro-batch", type=int, help="run up to N queued inputs as one batch (dynamic batch)"
     )
