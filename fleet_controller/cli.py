@@ -509,7 +509,7 @@ def _keys_rotate(args: argparse.Namespace) -> int:
 
 
 def _database_url(url: str) -> str:
-    """Check ``url`` and create a SQLite file's folder.
+    """Check ``url`` (a plain path means a SQLite file) and create a SQLite file's folder.
 
     Raises:
         UsageError: not a database URL SQLAlchemy understands.
@@ -517,12 +517,18 @@ def _database_url(url: str) -> str:
     from sqlalchemy.engine import make_url  # noqa: PLC0415 - only `serve` needs SQLAlchemy
     from sqlalchemy.exc import ArgumentError  # noqa: PLC0415
 
+    if "://" not in url:  # a plain path names a SQLite file
+        url = f"sqlite:///{Path(url).resolve()}"
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise UsageError(
             f"invalid database URL {url[:80]!r}: use sqlite:///PATH or postgresql+psycopg://..."
         ) from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise UsageError(
+            f"invalid database URL {url[:80]!r}: use sqlite:///PATH or postgresql+psycopg://..."
+        )
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         folder = Path(str(parsed.database)).parent
         try:

@@ -353,6 +353,10 @@ def apply_node_status(
     progress = record.nodes.get(node_id)
     if progress is None:
         return record
+    if state is N.CANCELED and record.state is R.RUNNING:
+        # The controller cancels only when a rollout halts or ends; while it runs,
+        # "canceled" is a node superseding its old job with a retry of this step.
+        return record
     if duplicate and state is N.FAILED and progress.state is not N.FAILED:
         return record  # "already attempted" echo of an earlier failure: not news
     if progress.rollback_sent:
@@ -499,7 +503,10 @@ def _advance_node(
             return replace(progress, state=N.TIMED_OUT, code="timeout", reason=reason), None
         return progress, None
     if state in IN_FLIGHT and progress.sent_at is not None:
-        if now - progress.sent_at >= spec.wave_timeout_s:
+        # A node holding the model until its activation window is not silent:
+        # its clock starts at the later of sending and the activation time.
+        started = max(progress.sent_at, spec.activate_at or 0.0)
+        if now - started >= spec.wave_timeout_s:
             return replace(progress, state=N.TIMED_OUT, code="timeout", reason="no progress"), None
         return progress, None
     if state in (N.FAILED, N.TIMED_OUT) and not _settled(progress, spec):

@@ -357,7 +357,7 @@ def test_serve_without_keys_exits_2(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--db", "not a url"], "invalid database URL"),
+        (["--db", "nosuchdriver+x:///db"], "invalid database URL"),
         (["--tick", "0"], "--tick must be above zero"),
         (["--tick", "soon"], "invalid duration"),
         (["--retention-days", "0"], "--retention-days must be above zero"),

@@ -1172,3 +1172,24 @@ def test_random_statuses_and_ticks_follow_the_tables(
                 case _:
                     raise AssertionError(step)
             assert_follows_tables(before, record, spy.call_args_list, spec)
+
+
+def test_a_node_waiting_for_its_activation_window_does_not_time_out() -> None:
+    spec = make_spec(wave_timeout_s=60.0, activate_at=NOW + 600)
+    fleet = fleet_of("a")
+    record, _ = tick(RolloutRecord(spec=spec), fleet, now=NOW)
+    record = apply_node_status(record, "a", N.DOWNLOADED, now=NOW + 5)
+    record, _ = tick(record, fleet, now=NOW + 300)  # past sent_at + timeout
+    assert record.nodes["a"].state is N.DOWNLOADED
+    record, _ = tick(record, fleet, now=NOW + 600 + 60)  # past activation + timeout
+    assert record.nodes["a"].state is N.TIMED_OUT
+
+
+def test_a_superseded_job_reported_canceled_does_not_settle_the_node() -> None:
+    """A retry replaces the node's old job, which reports canceled: not news."""
+    spec = make_spec()
+    record, _ = tick(RolloutRecord(spec=spec), fleet_of("a"), now=NOW)
+    record = apply_node_status(record, "a", N.DOWNLOADING, now=NOW + 1)
+    record = apply_node_status(record, "a", N.CANCELED, now=NOW + 2)
+    assert record.nodes["a"].state is N.DOWNLOADING
+    assert record.state is R.RUNNING
