@@ -173,6 +173,7 @@ class NodeAgent:
         self._outbox_space = asyncio.Event()
         self._outbox_space.set()
         self._result_seq = self._state.result_seq_reserved
+        self._reserving = asyncio.Lock()  # one result-number reservation at a time
         self._started = time.monotonic()
         self._latency = LatencyWindow()
         self._gate = ChangeGate(config.change_threshold)
@@ -191,7 +192,13 @@ class NodeAgent:
 
     @property
     def active(self) -> ModelRef | None:
+        """The model this node has installed (``state.json``)."""
         return self._state.active
+
+    @property
+    def serving(self) -> ModelRef | None:
+        """The model new inference requests run on right now."""
+        return self._runtime.active
 
     def stop(self) -> None:
         self._stopping.set()
@@ -228,9 +235,10 @@ class NodeAgent:
         self.ready.set()
 
     async def _restore_active(self, ref: ModelRef) -> None:
+        """Load the active model again after a restart, re-hashing its blob first."""
         manifest = self._stored_manifest(ref.sha256)
-        if manifest is None or not self._artifacts.has(ref.sha256):
-            log.error("active model %s %s is missing on disk", ref.name, ref.version)
+        if manifest is None or not await self._artifacts.verify(ref.sha256):
+            log.error("active model %s %s is missing or damaged on disk", ref.name, ref.version)
             return
         try:
             await self._runtime.activate(self._artifacts.path(ref.sha256), manifest)
@@ -240,7 +248,13 @@ class NodeAgent:
         self._set_manifest(manifest)
 
     def _stored_manifest(self, sha256: str) -> ModelManifest | None:
-        """The release-signed manifest saved with a blob, verified again."""
+        """The release-signed manifest saved with a blob, verified again.
+
+        A manifest whose release key has since been rotated out no longer
+        verifies; for the models this node itself verified and installed (its
+        active and previous ones, recorded in ``state.json``) it is still used,
+        and the blob's digest is checked again by the caller's load.
+        """
         if self._trust is None:
             return None
         try:
@@ -249,12 +263,22 @@ class NodeAgent:
                 log.error("no stored manifest for %s", sha256[:12])
                 return None
             envelope = Envelope.from_bytes(data)
-            return decode(
-                ModelManifest, self._trust.open(envelope, Role.RELEASE, now=self._clock())
-            )
+            try:
+                payload = self._trust.open(envelope, Role.RELEASE, now=self._clock())
+            except TrustError as exc:
+                installed = {r.sha256 for r in (self._state.active, self._state.previous) if r}
+                if sha256 not in installed:
+                    raise
+                log.warning("manifest of installed model %s: %s; kept", sha256[:12], exc)
+                payload = envelope.payload_bytes()
+            manifest = decode(ModelManifest, payload)
         except (OSError, EdgeFleetError) as exc:
             log.error("stored manifest for %s is unusable: %s", sha256[:12], exc)
             return None
+        if manifest.sha256 != sha256:
+            log.error("stored manifest for %s names another blob", sha256[:12])
+            return None
+        return manifest
 
     def _make_source(self) -> None:
         kind = self.config.source
@@ -326,7 +350,7 @@ class NodeAgent:
                 online=online,
                 session=self._state.session,
                 agent_version=__version__,
-                model=self._state.active,
+                model=self._state.active if self._manifest is not None else None,
                 previous_model=self._state.previous,
                 labels=dict(self.config.labels),
                 capabilities=self._capabilities() if online else None,
@@ -447,7 +471,10 @@ class NodeAgent:
     async def _sender(self) -> None:
         """Send due outbox entries in order; re-send unacknowledged ones periodically."""
         cfg = self.config
-        while True:
+        # Not `while True`: on Python 3.11 a cancel that lands as a PUBACK arrives is
+        # swallowed by asyncio.wait_for inside aiomqtt's publish, and the stop's
+        # TaskGroup would then wait for this loop forever.
+        while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(cfg.resend_after_s, 5.0)):
                     await self._wake_sender.wait()
@@ -482,7 +509,7 @@ class NodeAgent:
 
     async def _command_worker(self) -> None:
         await self._resume_pending()
-        while True:
+        while not self._stopping.is_set():  # see _sender: a cancel may be swallowed
             data = await self._commands.get()
             await self._handle_command(data)
 
@@ -964,13 +991,19 @@ class NodeAgent:
             if item.request is not None:
                 await self._reply(item.request, None, str(exc))
             return
-        self._result_seq += 1
-        if self._result_seq > self._state.result_seq_reserved:
-            self._state = await asyncio.to_thread(
-                self._store.reserve_results, self._state, self._result_seq
-            )
+        async with self._reserving:
+            # Reserve durably before numbering, and number only after the await, so
+            # results reach _pending in seq order even with several workers.
+            seq = self._result_seq + 1
+            if seq > self._state.result_seq_reserved:
+                reserved = await asyncio.to_thread(self._store.reserve_results, self._state, seq)
+                # Merge only the reservation: a job may have replaced _state meanwhile.
+                self._state = self._state.model_copy(
+                    update={"result_seq_reserved": reserved.result_seq_reserved}
+                )
+            self._result_seq = seq
         result = InferenceResult(
-            seq=self._result_seq,
+            seq=seq,
             model=outcome.model,
             input_digest=input_digest(item.inputs),
             latency_ms=outcome.latency_ms,
