@@ -38,6 +38,7 @@ OPERATIONS = (
     "rollout.abort",
     "rollout.rollback",
     "nodes.list",
+    "node.revoke",
     "audit.list",
     "report",
 )
@@ -49,6 +50,7 @@ MUTATING = frozenset(
         "rollout.resume",
         "rollout.abort",
         "rollout.rollback",
+        "node.revoke",
     }
 )
 

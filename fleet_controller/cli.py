@@ -1167,11 +1167,20 @@ def _node_revoke(args: argparse.Namespace) -> int:
     if not _enrolled(passwd, node):
         raise EdgeFleetError(f"node {node} is not enrolled in {passwd}")
     _mosquitto_passwd(["-D", str(passwd), node])
+    # Also tell the controller, so rollouts stop selecting the node.
+    try:
+        asyncio.run(_call(_settings(args), "node.revoke", {"node_id": node}))
+        told = True
+    except EdgeFleetError as exc:
+        told = False
+        print(f"fleetctl: warning: the controller was not told ({exc})", file=sys.stderr)
     if args.json:
-        print(json.dumps({"node": node, "revoked": True}))
+        print(json.dumps({"node": node, "revoked": True, "controller_told": told}))
         return 0
     out = _stdout()
     out.print(f"node {node} removed from {passwd}", highlight=False)
+    if told:
+        out.print("the controller marked it revoked: rollouts no longer select it")
     out.print(_RELOAD_HINT, highlight=False, markup=False)
     out.print(
         "on reload Mosquitto 2.0 disconnects the node and refuses it from then on",

@@ -736,6 +736,11 @@ class ControllerService:
         nodes = await asyncio.to_thread(self.store.list_nodes, selector or None)
         return [n.to_dict() for n in nodes]
 
+    async def _op_node_revoke(self, args: dict[str, Any], operator: str) -> Any:
+        node_id = topics.check_id(self._arg(args, "node_id", str), "node id")
+        await asyncio.to_thread(self.store.set_revoked, node_id, True)  # noqa: FBT003
+        return {"node_id": node_id, "revoked": True}
+
     async def _op_audit_list(self, args: dict[str, Any], operator: str) -> Any:
         limit = self._arg(args, "limit", int, 100)
         entries = await asyncio.to_thread(self.store.list_audit, limit)
