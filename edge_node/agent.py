@@ -92,6 +92,7 @@ from shared.messages import (
     RollbackAction,
     Telemetry,
     TrustUpdateAction,
+    WaveTarget,
     decode,
     encode,
 )
@@ -604,6 +605,8 @@ class NodeAgent:
         job = self._job
         if job is not None and job.command.rollout_id == command.rollout_id and manifest:
             return  # still in progress: that job reports its own states
+        if isinstance(command.body, TrustUpdateAction) and isinstance(command.target, WaveTarget):
+            return  # a pushed trust list stays retained: seen again on every reconnect
         active = self._state.active
         if manifest is not None and active is not None and active.sha256 == manifest.sha256:
             state = (

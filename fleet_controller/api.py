@@ -39,6 +39,7 @@ OPERATIONS = (
     "rollout.rollback",
     "nodes.list",
     "node.revoke",
+    "trust.push",
     "audit.list",
     "report",
 )
@@ -51,6 +52,7 @@ MUTATING = frozenset(
         "rollout.abort",
         "rollout.rollback",
         "node.revoke",
+        "trust.push",
     }
 )
 

@@ -505,6 +505,26 @@ def _keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_push(args: argparse.Namespace) -> int:
+    directory = _keys_dir(args.dir)
+    try:
+        text = trust_path(directory).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {trust_path(directory)}: {exc.strerror}") from None
+    result = _mapping(
+        asyncio.run(_call(_settings(args), "trust.push", {"trust": text})), "trust.push"
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _stdout().print(
+            f"trust v{result['version']} sent to the fleet as {result['rollout_id']} "
+            "(retained: nodes offline now take it when they return)",
+            highlight=False,
+        )
+    return 0
+
+
 # ----- serve --------------------------------------------------------------------------
 
 
@@ -1269,6 +1289,13 @@ def build_parser() -> argparse.ArgumentParser:
         [common, as_json, key_options],
     )
     rotate.add_argument("--role", required=True, choices=[r.value for r in Role])
+    leaf(
+        key_commands,
+        "push",
+        _keys_push,
+        "send trust.json (after a rotation) to every node over the air",
+        [common, as_json, key_options],
+    )
 
     # serve
     serve = leaf(

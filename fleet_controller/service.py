@@ -69,6 +69,7 @@ from shared.messages import (
     RollbackAction,
     RolloutState,
     Telemetry,
+    TrustUpdateAction,
     WaveTarget,
     decode,
     encode,
@@ -740,6 +741,38 @@ class ControllerService:
         node_id = topics.check_id(self._arg(args, "node_id", str), "node id")
         await asyncio.to_thread(self.store.set_revoked, node_id, True)  # noqa: FBT003
         return {"node_id": node_id, "revoked": True}
+
+    async def _op_trust_push(self, args: dict[str, Any], operator: str) -> Any:
+        """Adopt a rotated trust list and broadcast it (retained) to every node.
+
+        The list must be a valid rotation of the controller's own (signed by the
+        current and the new root, newer, not expired), exactly as nodes check it.
+        """
+        envelope = Envelope.from_bytes(self._arg(args, "trust", str).encode())
+        now = self._clock()
+        rotated = self._trust.rotate(envelope, now=now)
+        client = self._client
+        if client is None:
+            raise EdgeFleetError("not connected to the broker; try again")
+        rollout_id = f"trust-v{rotated.version}"
+        seq = await asyncio.to_thread(self.store.next_command_seq, int(now * 1000))
+        _, command = sign_command(
+            self._rollout_key,
+            fleet=self.config.fleet,
+            seq=seq,
+            target=WaveTarget(bucket_limit=10_000, wave=0),
+            body=TrustUpdateAction(trust=envelope),
+            now=now,
+            rollout_id=rollout_id,
+        )
+        await client.publish(
+            topics.rollout_cmd(self.config.fleet, rollout_id),
+            command.to_bytes(),
+            qos=1,
+            retain=True,
+        )
+        self._trust = rotated
+        return {"version": rotated.version, "rollout_id": rollout_id}
 
     async def _op_audit_list(self, args: dict[str, Any], operator: str) -> Any:
         limit = self._arg(args, "limit", int, 100)
