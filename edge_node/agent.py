@@ -68,7 +68,7 @@ from edge_node.sources import (
     SourceItem,
     SyntheticSource,
 )
-from edge_node.state import NodeStore, PendingCommand, PersistedState
+from edge_node.state import RESULT_SEQ_BLOCK, NodeStore, PendingCommand, PersistedState
 from shared import __version__, topics
 from shared.broker import BrokerAddress
 from shared.envelope import Envelope
@@ -183,6 +183,7 @@ class NodeAgent:
         self._synthetic: SyntheticSource | None = None
         self._mqtt_source: MqttSource | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._state_lock = asyncio.Lock()
         self._inputs: asyncio.Queue[SourceItem | None] = asyncio.Queue(
             2 * max(1, config.micro_batch) * max(1, config.concurrency)
         )
@@ -375,7 +376,7 @@ class NodeAgent:
         while not self._stopping.is_set():
             # One session number per connection, shared by its birth and its Will.
             self._state = self._state.model_copy(update={"session": self._state.session + 1})
-            await asyncio.to_thread(self._store.save, self._state)
+            await self._save_state()
             will = aiomqtt.Will(state_topic, self._state_message(online=False), qos=1, retain=True)
             client = make_client(
                 cfg.broker,
@@ -559,7 +560,7 @@ class NodeAgent:
                 command_id=outcome.command.command_id, envelope=data.decode()
             )
         self._state = self._state.model_copy(update=update)
-        await asyncio.to_thread(self._store.save, self._state)
+        await self._save_state()
         await self._act(outcome)
 
     async def _resume_pending(self) -> None:
@@ -597,7 +598,7 @@ class NodeAgent:
         if pending is None or pending.command_id != command_id:
             return
         self._state = self._state.model_copy(update={"pending": None})
-        await asyncio.to_thread(self._store.save, self._state)
+        await self._save_state()
 
     async def _report_duplicate(self, duplicate: Duplicate) -> None:
         """Acknowledge a repeated command with where it stands, without re-running it."""
@@ -710,7 +711,7 @@ class NodeAgent:
                 self._state = self._state.model_copy(
                     update={"active": manifest.ref, "previous": previous}
                 )
-                await asyncio.to_thread(self._store.save, self._state)
+                await self._save_state()
                 keep = [r.sha256 for r in (manifest.ref, previous) if r is not None]
                 await asyncio.to_thread(self._artifacts.retain, keep)
                 self._set_manifest(manifest)
@@ -999,11 +1000,11 @@ class NodeAgent:
             # results reach _pending in seq order even with several workers.
             seq = self._result_seq + 1
             if seq > self._state.result_seq_reserved:
-                reserved = await asyncio.to_thread(self._store.reserve_results, self._state, seq)
-                # Merge only the reservation: a job may have replaced _state meanwhile.
-                self._state = self._state.model_copy(
-                    update={"result_seq_reserved": reserved.result_seq_reserved}
-                )
+                # Reserve a block on disk before using any number in it, so numbers
+                # stay unique across restarts.
+                reserved = seq + RESULT_SEQ_BLOCK - 1
+                self._state = self._state.model_copy(update={"result_seq_reserved": reserved})
+                await self._save_state()
             self._result_seq = seq
         result = InferenceResult(
             seq=seq,
@@ -1087,6 +1088,11 @@ class NodeAgent:
             self._wake_sender.set()
 
     # ----- helpers --------------------------------------------------------
+
+    async def _save_state(self) -> None:
+        """Write the current state; saves run one at a time, each writing the latest."""
+        async with self._state_lock:
+            await asyncio.to_thread(self._store.save, self._state)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` in the background, keeping a reference until it finishes."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zipfile
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +122,7 @@ class DirectorySource:
                     path = self._ready.pop(0)
                     try:
                         inputs = await asyncio.to_thread(_load_file, path, manifest.inputs)
-                    except (OSError, ValueError) as exc:
+                    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
                         log.warning("skipping input file %s: %s", path.name, exc)
                         continue
                     return SourceItem(inputs, f"dir:{path.name}")

@@ -10,7 +10,8 @@ Invariants:
   and cleared once it ends (terminal status), so a node restarted mid-job
   resumes it instead of forgetting it (the verifier would now call it a
   duplicate);
-* result sequence numbers are reserved in blocks (:meth:`NodeStore.reserve_results`):
+* result sequence numbers are reserved in blocks of :data:`RESULT_SEQ_BLOCK`
+  (``result_seq_reserved`` is saved before a number of a new block is used):
   after a restart numbering resumes above every number handed out before, so
   ``(node, seq)`` stays unique for the controller's store.
 """
@@ -29,7 +30,14 @@ from shared.errors import EdgeFleetError, TrustFileError
 from shared.messages import ModelRef
 from shared.trust import TrustStore
 
-__all__ = ["NodeStore", "PendingCommand", "PersistedState", "StateFileError", "atomic_write"]
+__all__ = [
+    "RESULT_SEQ_BLOCK",
+    "NodeStore",
+    "PendingCommand",
+    "PersistedState",
+    "StateFileError",
+    "atomic_write",
+]
 
 RESULT_SEQ_BLOCK = 10_000
 
@@ -109,14 +117,6 @@ class NodeStore:
 
     def save(self, state: PersistedState) -> None:
         atomic_write(self.state_path, state.model_dump_json(indent=2).encode())
-
-    def reserve_results(self, state: PersistedState, next_seq: int) -> PersistedState:
-        """Persist a new block of result numbers when ``next_seq`` reaches the reserve."""
-        if next_seq <= state.result_seq_reserved:
-            return state
-        updated = state.model_copy(update={"result_seq_reserved": next_seq + RESULT_SEQ_BLOCK - 1})
-        self.save(updated)
-        return updated
 
     def load_trust(self, shipped: Path | None, *, now: float) -> TrustStore:
         """The newest trust list that verifies: the rotated copy, else the shipped file.

@@ -58,6 +58,27 @@ async def poll_until(
         await asyncio.sleep(every_s)
 
 
+async def wait_drained(node: RunningNode, *, what: str) -> tuple[int, int]:
+    """Poll until the node's outbox is empty: every slot written so far is acknowledged.
+
+    Returns ``(results, last_slot)`` read in the same step as the depth: how many
+    results had reached the outbox by then, and the last slot assigned. (A node's
+    stop only sends what it can, so tests check delivery on a running node.)
+    """
+    seen: list[tuple[int, int]] = []
+
+    def drained() -> bool:
+        outbox = node.agent.outbox_stats()
+        if outbox.depth:
+            return False
+        stats = node.agent.stats()
+        seen.append((stats["inferences"] - stats["pending"], outbox.last_seq))
+        return True
+
+    await poll_until(drained, what=what)
+    return seen[-1]
+
+
 async def deploy_and_wait(harness: Harness, model: Registered, *, rollout_id: str) -> None:
     command = await harness.deploy(NODE, model, rollout_id=rollout_id)
     await harness.wait_state(command, "succeeded")
@@ -120,7 +141,9 @@ class SlotObserver:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
-        self._task.cancel()
+        while not self._task.done():  # again if a cancel was swallowed (see Harness)
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=0.1)
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
@@ -195,9 +218,10 @@ def test_hot_swap_under_load_fails_no_request(
         assert served == set(range(swaps + 1)), f"models that served no request: {served}"
 
         # Along increasing result seq the active version never goes back, except for
-        # a request already running on the old model when a swap happened (it
-        # finishes there, and can complete after a request on the new model): at
-        # most one per other worker, and only one version back.
+        # a request already running on the old model when a swap happened: it
+        # finishes there and may complete (and take its seq) after the other worker
+        # ran one on the new model. So at most one per other worker (micro_batch is
+        # 1), and only one version back. (Seen in about half of the runs.)
         newest = 0
         late: Counter[int] = Counter()
         for seq in sorted(results):
@@ -224,52 +248,55 @@ def test_outbox_keeps_order_and_loses_nothing_across_a_broker_outage(
             SlotObserver(persistent_broker.url, fleet_id) as observer,
         ):
             model = harness.register(classifier_v1, "clf", "1.0.0")
-            config = node_config(
-                harness, NODE, tmp_path / NODE, source="synthetic", rate_hz=200.0
-            )
+            config = node_config(harness, NODE, tmp_path / NODE, source="synthetic", rate_hz=200.0)
             async with RunningNode(config) as node:
                 await deploy_and_wait(harness, model, rollout_id="r1")
                 await harness.wait_for(
-                    lambda: len(harness.slots_seen.get(NODE, [])) >= 3
-                    and harness.acked.get(NODE, 0) >= harness.slots_seen[NODE][2],
+                    lambda: (
+                        len(harness.slots_seen.get(NODE, [])) >= 3
+                        and harness.acked.get(NODE, 0) >= harness.slots_seen[NODE][2]
+                    ),
                     what="result batches stored and acknowledged",
                 )
                 await asyncio.to_thread(persistent_broker.stop)
-                depth_at_outage = node.agent.outbox_stats().depth
                 await poll_until(
-                    lambda: node.agent.outbox_stats().depth >= depth_at_outage + 5,
-                    what="the outbox to grow while the broker is down",
+                    lambda: not node.agent.connected.is_set(), what="the node to notice"
                 )
+                written_before = node.agent.outbox_stats().last_seq
+                await poll_until(
+                    lambda: node.agent.outbox_stats().last_seq >= written_before + 5,
+                    what="result batches written while the broker is down",
+                )
+                assert not node.agent.connected.is_set()
                 written_offline = node.agent.outbox_stats().last_seq
+                assert node.agent.outbox_stats().depth >= written_offline - written_before
                 await asyncio.to_thread(persistent_broker.start)
                 await harness.wait_for(
                     lambda: harness.acked.get(NODE, 0) >= written_offline,
                     what=f"acks to reach slot {written_offline} after the restart",
                 )
-                await node.stop()
-                inferences = node.agent.stats()["inferences"]
-                last_slot = node.agent.outbox_stats().last_seq
-                await harness.wait_for(
-                    lambda: len(results_of(harness)) == inferences
-                    and harness.acked.get(NODE, 0) == last_slot,
-                    what=f"all {inferences} results and slots up to {last_slot}",
+                flushed, last_slot = await wait_drained(node, what="the outbox to drain")
+                result_slots = {s for s in harness.slots_seen[NODE] if s <= last_slot}
+                await poll_until(
+                    lambda: set(observer.slots) >= result_slots,
+                    what="the observer to see every result batch",
                 )
-            result_slots = set(harness.slots_seen[NODE])
-            await poll_until(
-                lambda: set(observer.slots) >= result_slots,
-                what="the observer to see every result batch",
-            )
+                await node.stop()
 
         assert node.agent.stats()["errors"] == 0
-        # Nothing lost: result numbers are gap-free within one run of the node.
-        assert_contiguous(list(results_of(harness)), "result seqs")
-        # Every outbox slot, statuses and result batches together, was stored.
+        # Nothing lost: a fresh node numbers results from 1, without gaps, and every
+        # result that reached the outbox before it drained was stored.
+        seqs = sorted(results_of(harness))
+        assert seqs[0] == 1
+        assert_contiguous(seqs, "result seqs")
+        assert len(seqs) >= flushed
+        # Every outbox slot up to the drained one, statuses and result batches, was stored.
         status_slots = {s.seq for s in harness.statuses if s.node == NODE}
-        assert result_slots | status_slots == set(range(1, last_slot + 1))
+        assert result_slots | status_slots >= set(range(1, last_slot + 1))
         # Order kept: the node published its outbox in slot order, across the outage.
         sent = first_arrivals(observer.slots)
         assert sent == sorted(sent), f"slots out of order: {sent}"
-        assert set(sent) == result_slots
+        assert set(sent) >= result_slots
 
     asyncio.run(scenario())
 
@@ -316,18 +343,14 @@ def test_unacknowledged_entries_are_resent_until_acked(
                 await harness.wait_for(
                     lambda: harness.acked[NODE] >= pending, what=f"acks to reach slot {pending}"
                 )
-                await poll_until(
-                    lambda: node.agent.outbox_stats().depth == 0,
-                    what="the outbox to drain",
-                )
+                flushed, _ = await wait_drained(node, what="the outbox to drain")
                 await node.stop()
-                inferences = node.agent.stats()["inferences"]
-                await harness.wait_for(
-                    lambda: len(results_of(harness)) == inferences,
-                    what=f"all {inferences} results",
-                )
 
-        assert_contiguous(list(results_of(harness)), "result seqs")
+        assert node.agent.stats()["errors"] == 0
+        seqs = sorted(results_of(harness))
+        assert seqs[0] == 1
+        assert_contiguous(seqs, "result seqs")
+        assert len(seqs) >= flushed
 
     asyncio.run(scenario())
 
@@ -341,13 +364,12 @@ def test_node_restart_resends_unacknowledged_results(
     async def scenario() -> None:
         async with Harness(broker.url, fleet_id, tmp_path) as harness:
             model = harness.register(classifier_v1, "clf", "1.0.0")
-            config = node_config(
-                harness, NODE, tmp_path / NODE, source="synthetic", rate_hz=100.0
-            )
+            config = node_config(harness, NODE, tmp_path / NODE, source="synthetic", rate_hz=100.0)
             async with RunningNode(config) as first:
                 await deploy_and_wait(harness, model, rollout_id="r1")
+                status_slot = max(s.seq for s in harness.statuses if s.node == NODE)
                 await harness.wait_for(
-                    lambda: harness.acked.get(NODE, 0) == first.agent.outbox_stats().last_seq,
+                    lambda: harness.acked.get(NODE, 0) >= status_slot,
                     what="the deploy statuses acknowledged",
                 )
                 harness.acking = False
@@ -358,29 +380,29 @@ def test_node_restart_resends_unacknowledged_results(
                 await first.stop()
             first_run = first.agent.stats()["inferences"]
             unacked = set(range(acked_before + 1, first.agent.outbox_stats().last_seq + 1))
-            assert first_run > 0 and unacked
+            assert first_run > 0
+            assert unacked
             seen_before_restart = len(harness.slots_seen[NODE])
 
             harness.acking = True
             async with RunningNode(config) as second:
                 assert second.agent.active == model.manifest.ref
                 await harness.wait_for(
-                    lambda: harness.acked[NODE] >= max(unacked)
-                    and len(results_of(harness)) >= first_run + 10,
+                    lambda: (
+                        harness.acked[NODE] >= max(unacked)
+                        and len(results_of(harness)) >= first_run + 10
+                    ),
                     what="first-run results re-sent and acknowledged, new ones flowing",
                 )
                 await second.stop()
-            second_run = second.agent.stats()["inferences"]
-            await harness.wait_for(
-                lambda: len(results_of(harness)) == first_run + second_run,
-                what=f"{first_run} + {second_run} results",
-            )
 
         # Every unacknowledged slot went out again from disk after the restart.
         resent = set(harness.slots_seen[NODE][seen_before_restart:])
         assert unacked <= resent, sorted(unacked - resent)
+        # All first-run results (numbered from 1) arrived; the second run's come after.
         seqs = sorted(results_of(harness))
         run1, run2 = seqs[:first_run], seqs[first_run:]
+        assert run1[0] == 1
         assert_contiguous(run1, "first-run result seqs")
         assert_contiguous(run2, "second-run result seqs")
         assert run2[0] > run1[-1]  # numbering resumes above everything handed out
@@ -439,13 +461,17 @@ def test_mqtt_source_replies_and_survives_malformed_requests(
                     # Well-formed JSON whose tensor cannot run: answered with an error.
                     short = TensorData(name=spec.name, shape=(1, 8), data=(1.0, 2.0))
                     bad = await ask(short)
-                    assert not bad.ok and bad.error and bad.result is None
+                    assert not bad.ok
+                    assert bad.error
+                    assert bad.result is None
                     unknown = TensorData(name="nope", shape=(1, 8), data=(0.0,) * 8)
                     bad = await ask(unknown)
-                    assert not bad.ok and bad.error
+                    assert not bad.ok
+                    assert bad.error
 
                     again = await ask(good)
-                    assert again.ok and again.result is not None
+                    assert again.ok
+                    assert again.result is not None
                     assert not node.task.done()
                 await node.stop()
 
@@ -517,8 +543,10 @@ def test_change_gating_skips_unchanged_inputs(
             async with RunningNode(config) as node:
                 await deploy_and_wait(harness, model, rollout_id="r1")
                 await harness.wait_for(
-                    lambda: {r.source for r in results_of(harness).values()}
-                    >= {"dir:f0.npy", "dir:f5.npy"},
+                    lambda: (
+                        {r.source for r in results_of(harness).values()}
+                        >= {"dir:f0.npy", "dir:f5.npy"}
+                    ),
                     what="the first frame and the changed one",
                 )
                 await node.stop()

@@ -121,9 +121,14 @@ class Harness:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
-        for task in [*self._held, self._task]:
-            task.cancel()
-        await asyncio.gather(*self._held, self._task, return_exceptions=True)
+        tasks = [*self._held, self._task]
+        # Cancel until they end: on Python 3.11, asyncio.wait_for inside aiomqtt's
+        # publish swallows a cancel that lands as the PUBACK arrives.
+        while not all(task.done() for task in tasks):
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=0.1)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
         address = parse_broker_url(self.broker_url)
