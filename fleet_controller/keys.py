@@ -13,10 +13,10 @@ Invariants:
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_node.state import atomic_write
 from shared.envelope import SigningKey
 from shared.errors import EdgeFleetError, TrustError
 from shared.trust import Role, TrustList, TrustStore, sign_trust_list
@@ -53,21 +53,6 @@ def key_path(directory: Path, role: Role) -> Path:
 
 def trust_path(directory: Path) -> Path:
     return directory / "trust.json"
-
-
-def _write_private(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_key(directory: Path, role: Role, passphrase: bytes | None) -> SigningKey:
@@ -115,10 +100,9 @@ def init_keys(
         roles={role: [key] for role, key in keys.items()},
     )
     for role, key in keys.items():
-        _write_private(key_path(directory, role), key.to_pem(passphrase), 0o600)
-    _write_private(
-        trust_path(directory), sign_trust_list(trust, [keys[Role.ROOT]]).to_bytes(), 0o644
-    )
+        atomic_write(key_path(directory, role), key.to_pem(passphrase), mode=0o600)
+    envelope = sign_trust_list(trust, [keys[Role.ROOT]])
+    atomic_write(trust_path(directory), envelope.to_bytes(), mode=0o644)
     return KeySet(directory, trust)
 
 
@@ -154,6 +138,6 @@ def rotate_key(
     current.rotate(envelope, now=now)  # proves a node holding the old list accepts it
     old = key_path(directory, role)
     os.replace(old, old.with_name(f"{old.name}.v{current.version}"))
-    _write_private(old, keys[role].to_pem(passphrase), 0o600)
-    _write_private(trust_path(directory), envelope.to_bytes(), 0o644)
+    atomic_write(old, keys[role].to_pem(passphrase), mode=0o600)
+    atomic_write(trust_path(directory), envelope.to_bytes(), mode=0o644)
     return KeySet(directory, trust)
