@@ -55,7 +55,7 @@ async def poll_until(
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(every_s)  # poll against the deadline
 
 
 async def wait_drained(node: RunningNode, *, what: str) -> tuple[int, int]:
@@ -164,7 +164,7 @@ class SlotObserver:
                         self.slots.append(decode(ResultBatch, message.payload).seq)
             except aiomqtt.MqttError:
                 self.connected.clear()
-                await asyncio.sleep(0.2)  # reconnect back-off while the broker is down
+                await asyncio.sleep(0.2)  # reconnect back-off (not a wait: polls no state)
 
 
 # ----- 1. hot-swap under load ---------------------------------------------------

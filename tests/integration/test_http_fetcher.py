@@ -193,7 +193,7 @@ def test_cancel_mid_read_keeps_a_resumable_part(server: BlobServer, tmp_path: Pa
         while not server.stalled.is_set():  # a worker thread now blocks in read()
             assert loop.time() < deadline, "server never reached the stall"
             assert not task.done()
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # poll against the deadline above
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

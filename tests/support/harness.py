@@ -160,7 +160,7 @@ class Harness:
             except aiomqtt.MqttError:
                 self._client = None
                 self._connected.clear()
-                await asyncio.sleep(0.2)  # reconnect back-off while the test restarts the broker
+                await asyncio.sleep(0.2)  # reconnect back-off (not a wait: polls no state)
 
     async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         assert isinstance(message.payload, bytes)
