@@ -228,7 +228,7 @@ def staged_rollout(fleet: Fleet, db_url: str, models: ModelFiles) -> str:
 
 
 def test_staged_rollout_over_24_nodes_succeeds(fleet: Fleet, e2e_models: ModelFiles) -> None:
-    staged_rollout(fleet, sqlite_url(fleet), e2e_models)
+    assert staged_rollout(fleet, sqlite_url(fleet), e2e_models).startswith("r-staged")
 
 
 # ----- 2. bad versions halt in the first wave and roll back -------------------------------

@@ -185,7 +185,8 @@ def test_encode_json_has_no_whitespace_outside_strings(value: Any) -> None:
 
 def _decode_or_decode_error(payload: bytes) -> None:
     with contextlib.suppress(DecodeError):
-        decode_json(payload)
+        value = decode_json(payload)
+        assert json.loads(payload) == value  # what decodes strictly is plain JSON
 
 
 @PROPERTY
