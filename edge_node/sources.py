@@ -60,6 +60,7 @@ class SyntheticSource:
         self._closed = asyncio.Event()
         self._model_ready = asyncio.Event()
         self._next_at = 0.0
+        self._template: tuple[str, dict[str, np.ndarray]] | None = None  # per model sha
 
     def model_changed(self) -> None:
         """Called when a model becomes active, to wake a waiting ``next()``."""
@@ -80,8 +81,9 @@ class SyntheticSource:
             self._next_at = max(self._next_at, loop.time() - 1.0) + self._interval
             if not self._interval:
                 await asyncio.sleep(0)  # let the rest of the node run between items
-            base = make_inputs(manifest.inputs, manifest.warmup)
-            inputs = {name: self._randomize(value) for name, value in base.items()}
+            if self._template is None or self._template[0] != manifest.sha256:
+                self._template = (manifest.sha256, make_inputs(manifest.inputs, manifest.warmup))
+            inputs = {name: self._randomize(value) for name, value in self._template[1].items()}
             return SourceItem(inputs, "synthetic")
         return None
 
