@@ -171,7 +171,11 @@ def bare_rate(model: Model, threads: int, seconds: float) -> float:
 
 
 def agent_for(
-    root: Path, broker: BrokerAddress, concurrency: int, args: argparse.Namespace
+    root: Path,
+    broker: BrokerAddress,
+    concurrency: int,
+    args: argparse.Namespace,
+    micro_batch: int = 1,
 ) -> NodeAgent:
     return NodeAgent(
         AgentConfig(
@@ -183,6 +187,7 @@ def agent_for(
             source="synthetic",
             rate_hz=None,
             concurrency=concurrency,
+            micro_batch=micro_batch,
             batch_max=args.batch_max,
             batch_interval_s=args.batch_interval,
         )
@@ -237,7 +242,11 @@ async def node_run(
     node_rate = (inferences1 - inferences0) / elapsed
     stored_rate = (rows1 - rows0) / elapsed
     bare = await asyncio.to_thread(bare_rate, model, concurrency, args.seconds)
-    print(f"\n== node concurrency {concurrency} ({elapsed:.1f} s, this process {cpu:.0%} CPU)")
+    batch = agent.config.micro_batch
+    print(
+        f"\n== node concurrency {concurrency}, micro-batch {batch} "
+        f"({elapsed:.1f} s, this process {cpu:.0%} CPU)"
+    )
     print(f"node inferences              {node_rate:10,.0f} /s")
     print(
         f"results stored (controller)  {stored_rate:10,.0f} /s  "
@@ -337,8 +346,8 @@ async def bench(root: Path, broker: BrokerAddress, args: argparse.Namespace) -> 
         async with CtlClient(broker, fleet=FLEET, operator="bench") as ctl:
             first = models[0]
             await publish(ctl, sign_release(first.path, first.manifest, release_key))
-            for concurrency in (1, 2):
-                agent = agent_for(root, broker, concurrency, args)
+            for concurrency, micro_batch in ((1, 1), (2, 1), (1, 16)):
+                agent = agent_for(root, broker, concurrency, args, micro_batch)
                 await node_run(
                     agent, controller=controller, clock=clock, ctl=ctl, model=first, args=args
                 )
