@@ -40,6 +40,7 @@ __all__ = ["DemoError", "run_demo"]
 FLEET = "demo"
 LABELS = ("cat", "dog", "bird", "fish")
 N_IN = 16
+_WIDE = 1024  # width of the slow model's hidden layers
 
 
 class DemoError(EdgeFleetError):
@@ -52,7 +53,7 @@ class DemoError(EdgeFleetError):
 def build_classifier(path: Path, *, seed: int, slow_layers: int = 0) -> Path:
     """A float32 ``input`` [N, 16] -> ``probs`` [N, 4] classifier.
 
-    ``slow_layers`` prepends that many 512x512 matrix products (same outputs'
+    ``slow_layers`` prepends that many 1024x1024 matrix products (same outputs'
     shape, much more work): the "bad release" of the demo.
     """
     import onnx  # noqa: PLC0415 - only the demo builds models
@@ -64,9 +65,9 @@ def build_classifier(path: Path, *, seed: int, slow_layers: int = 0) -> Path:
     current = "input"
     width = N_IN
     if slow_layers:
-        expand = rng.standard_normal((N_IN, 512)).astype(np.float32) / 8
-        square = rng.standard_normal((512, 512)).astype(np.float32) / 32
-        shrink = rng.standard_normal((512, N_IN)).astype(np.float32) / 32
+        expand = rng.standard_normal((N_IN, _WIDE)).astype(np.float32) / 8
+        square = rng.standard_normal((_WIDE, _WIDE)).astype(np.float32) / 32
+        shrink = rng.standard_normal((_WIDE, N_IN)).astype(np.float32) / 32
         initializers += [
             numpy_helper.from_array(expand, "expand"),
             numpy_helper.from_array(square, "square"),
@@ -205,7 +206,7 @@ async def _story(
     models = workdir / "models"
     models.mkdir(exist_ok=True)
     releases = {}
-    for version, seed, slow in (("1.0.0", 1, 0), ("1.1.0", 2, 0), ("2.0.0", 3, 48)):
+    for version, seed, slow in (("1.0.0", 1, 0), ("1.1.0", 2, 0), ("2.0.0", 3, 64)):
         path = build_classifier(models / f"classifier-{version}.onnx", seed=seed, slow_layers=slow)
         manifest = await prepare_manifest(
             path,
@@ -256,8 +257,10 @@ async def _story(
             console.print(f"  -> {final['state']}: {final['reason']}")
         detail = await ctl.call("rollout.status", {"rollout_id": started["rollout_id"]})
         for node in detail["nodes"]:
-            if node["code"]:
-                console.print(f"     {node['node']}: {node['code']} {node['reason'] or ''}")
+            if node["code"] or final["state"] != "succeeded":
+                console.print(
+                    f"     {node['node']}: {node['code'] or 'ok'}: {node['reason'] or ''}"
+                )
     console.rule("where the fleet ended")
     console.print(_nodes_table(await ctl.call("nodes.list")))
     audit = Table(title="audit log")
