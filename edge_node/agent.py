@@ -157,7 +157,11 @@ class NodeAgent:
         self._me = NodeIdentity(config.node_id, config.fleet, dict(config.labels))
         self._store = NodeStore(config.data_dir)
         self._artifacts = ArtifactStore(config.data_dir)
-        self._outbox = Outbox(config.data_dir / "outbox.db", max_bytes=config.outbox_max_bytes)
+        self._outbox = Outbox(
+            config.data_dir / "outbox.db",
+            max_bytes=config.outbox_max_bytes,
+            first_seq=int(clock() * 1_000_000),  # a new outbox never reuses acked numbers
+        )
         self._runtime = ModelRuntime(options=config.session_options, swap_mode=config.swap_mode)
         self._state: PersistedState = self._store.load()
         self._trust: TrustStore | None = None
@@ -356,6 +360,7 @@ class NodeAgent:
                 previous_model=self._state.previous,
                 labels=dict(self.config.labels),
                 capabilities=self._capabilities() if online else None,
+                outbox_floor=self._outbox.floor() if online else None,
                 ts=self._clock(),
             )
         )

@@ -227,7 +227,13 @@ class Outbox:
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         clock: Callable[[], float] = time.time,
+        first_seq: int = 1,
     ) -> None:
+        """``first_seq`` numbers the first entry of a *new* database (the agent
+        passes its clock in microseconds, so a node whose data directory was
+        wiped never reuses numbers the controller has already acknowledged)."""
+        if first_seq < 1:
+            raise ValueError("outbox first_seq must be at least 1")
         if max_bytes < 1 or max_entries < 1:
             raise ValueError("outbox max_bytes and max_entries must be at least 1")
         self._path = Path(path)
@@ -243,6 +249,7 @@ class Outbox:
         self._tel_bytes = 0
         self._last_seq = 0
         self._dropped = 0
+        self._first_seq = first_seq
         self._conn: sqlite3.Connection | None = self._open()
 
     # ----- opening -----------------------------------------------------------
@@ -280,6 +287,9 @@ class Outbox:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                conn.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'last_seq'", (self._first_seq - 1,)
+                )
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
                 return
         if version == 0:
@@ -606,9 +616,20 @@ class Outbox:
             return self._entry_bytes + self._tel_bytes
 
     def last_seq(self) -> int:
-        """The last ``seq`` assigned (0 before the first :meth:`put`)."""
+        """The last ``seq`` assigned (``first_seq - 1`` before the first :meth:`put`)."""
         with self._lock:
             return self._last_seq
+
+    def floor(self) -> int:
+        """The lowest ``seq`` still held (the next one to assign when empty).
+
+        Every lower slot was acknowledged or never existed, so a controller may
+        treat everything below it as settled.
+        """
+        with self._db("floor") as conn:
+            lowest = conn.execute("SELECT MIN(seq) FROM entries").fetchone()[0]
+        with self._lock:
+            return int(lowest) if lowest is not None else self._last_seq + 1
 
     def stats(self) -> OutboxStats:
         with self._lock:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -109,7 +110,9 @@ class NodeStore:
         try:
             raw = self.state_path.read_bytes()
         except FileNotFoundError:
-            return PersistedState()
+            # A new (or wiped) node numbers its results from the clock in
+            # microseconds, above anything an earlier life of it reported.
+            return PersistedState(result_seq_reserved=int(time.time() * 1_000_000))
         except OSError as exc:
             raise StateFileError(f"cannot read {self.state_path}: {exc.strerror}") from None
         try:

@@ -972,7 +972,8 @@ class Store:
         A birth (``online``) replaces everything the node reports and marks it
         online. A death marks it offline unless its ``session`` is older than the
         stored one (a late Will of a previous connection: ignored, False).
-        ``acked_seq`` and ``revoked`` are never touched here.
+        A birth's ``outbox_floor`` raises ``acked_seq`` to just below it (never
+        lowers it); ``revoked`` is never touched here.
 
         Raises: StoreError.
         """
@@ -1003,6 +1004,18 @@ class Store:
                     else state.previous_model.model_dump_json(),
                     "last_seen": seen,
                 }
+                if state.outbox_floor is not None:
+                    # Slots below the node's floor were acknowledged or never
+                    # existed (a wiped node numbers from its clock): settled.
+                    settled = state.outbox_floor - 1
+                    values["acked_seq"] = case(
+                        (_NODES.c.acked_seq < settled, settled), else_=_NODES.c.acked_seq
+                    )
+                    s.exec(
+                        delete(_SLOTS).where(
+                            _SLOTS.c.node_id == state.node, _SLOTS.c.seq <= settled
+                        )
+                    )
             elif state.session < session:
                 return False
             else:

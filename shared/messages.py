@@ -180,6 +180,10 @@ class NodeState(Message):
     previous_model: ModelRef | None = None
     labels: Labels = Field(default_factory=dict)
     capabilities: Capabilities | None = None
+    outbox_floor: Count | None = Field(
+        default=None,
+        description="lowest outbox slot the node still holds: every lower one is settled",
+    )
     ts: Timestamp
 
 

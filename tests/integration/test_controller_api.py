@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import time
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import pytest
 
 from edge_node.agent import AgentConfig, NodeAgent
 from fleet_controller.api import CtlClient, OperationError
-from fleet_controller.keys import init_keys, rotate_key
+from fleet_controller.keys import init_keys, load_key, rotate_key
+from fleet_controller.publish import publish, sign_release
+from fleet_controller.registry import describe_model
 from fleet_controller.service import ControllerConfig, ControllerService
 from shared import topics
 from shared.broker import parse_broker_url
@@ -133,5 +136,109 @@ def test_trust_push_reaches_nodes_over_the_air(
             node.stop()
             async with asyncio.timeout(30):
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_a_wiped_node_loses_nothing_it_sends_afterwards(
+    broker: Broker, fleet_id: str, tmp_path: Path, classifier_v1: Path
+) -> None:
+    """A node reinstalled with an empty data directory numbers its outbox and results
+    from its clock; its birth tells the controller where its outbox starts."""
+
+    async def scenario() -> None:
+        address = parse_broker_url(broker.url)
+        keys = tmp_path / "keys"
+        init_keys(keys, now=time.time())
+        service = ControllerService(
+            ControllerConfig(
+                broker=address, db_url=str(tmp_path / "fleet.db"), keys_dir=keys, fleet=fleet_id
+            )
+        )
+        running = asyncio.get_running_loop().create_task(service.run())
+
+        def node() -> NodeAgent:
+            return NodeAgent(
+                AgentConfig(
+                    node_id="n1",
+                    data_dir=tmp_path / "n1",
+                    trust_file=keys / "trust.json",
+                    broker=address,
+                    fleet=fleet_id,
+                    source="synthetic",
+                    rate_hz=50.0,
+                    batch_interval_s=0.1,
+                    resend_after_s=1.0,
+                )
+            )
+
+        async def run_until_drained(agent: NodeAgent, results_at_least: int) -> None:
+            task = asyncio.get_running_loop().create_task(agent.run())
+            deadline = time.monotonic() + 30
+            while not (
+                stored_results() >= results_at_least
+                and agent.stats()["inferences"] > 0
+                and agent.outbox_stats().depth == 0
+            ):
+                assert time.monotonic() < deadline, f"stuck at {agent.outbox_stats()}"
+                await asyncio.sleep(0.05)  # polling the store against the deadline
+            agent.stop()
+            async with asyncio.timeout(30):
+                await task
+
+        def stored_results() -> int:
+            return int(service.store.report()["totals"]["results"])
+
+        try:
+            async with asyncio.timeout(20):
+                await service.connected.wait()
+            async with CtlClient(address, fleet=fleet_id, operator="alice") as ctl:
+                release = load_key(keys, Role.RELEASE, None)
+                manifest = describe_model(classifier_v1, name="clf", version="1.0.0", now=0.0)
+                await publish(ctl, sign_release(classifier_v1, manifest, release))
+                first = node()
+                first_task = asyncio.get_running_loop().create_task(first.run())
+                async with asyncio.timeout(20):
+                    await first.connected.wait()
+                started = await ctl.call(
+                    "rollout.start",
+                    {"model": "clf@1.0.0", "waves": [100], "health_window_s": 0.5},
+                )
+                deadline = time.monotonic() + 30
+                while (await ctl.call("rollout.status", started))["state"] != "succeeded":
+                    assert time.monotonic() < deadline, "first rollout did not finish"
+                    await asyncio.sleep(0.1)  # polling the rollout against the deadline
+                first.stop()
+                async with asyncio.timeout(30):
+                    await first_task
+            await run_until_drained(node(), results_at_least=1)  # drains what was left
+            before = stored_results()
+            # Reinstall: the data directory is gone, the model comes back with a rollout.
+            shutil.rmtree(tmp_path / "n1")
+            again = node()
+            again_task = asyncio.get_running_loop().create_task(again.run())
+            async with (
+                asyncio.timeout(20),
+                CtlClient(address, fleet=fleet_id, operator="alice") as ctl,
+            ):
+                await again.connected.wait()
+                await ctl.call(
+                    "rollout.start",
+                    {
+                        "model": "clf@1.0.0",
+                        "waves": [100],
+                        "health_window_s": 0.5,
+                        "rollout_id": "r2",
+                    },
+                )
+            again.stop()
+            async with asyncio.timeout(30):
+                await again_task
+            await run_until_drained(node(), results_at_least=before + 20)
+            assert stored_results() >= before + 20
+        finally:
+            service.stop()
+            async with asyncio.timeout(30):
+                await running
 
     asyncio.run(scenario())

@@ -105,6 +105,7 @@ class Harness:
         self.serving.set()
         self._changed = asyncio.Condition()
         self._stored: dict[str, set[int]] = defaultdict(set)
+        self._settled: dict[str, int] = {}  # from births' outbox floors
         self._seq = 0
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
@@ -195,7 +196,12 @@ class Harness:
                 self.results[node][result.seq] = result
             await self._stored_slot(client, node, batch.seq)
         elif parsed.kind is topics.TopicKind.STATE and message.payload:
-            self.states.append(decode(NodeState, message.payload))
+            state = decode(NodeState, message.payload)
+            self.states.append(state)
+            if state.online and state.outbox_floor is not None:
+                # As the controller's store does: slots below the floor are settled.
+                settled = self._settled.get(node, 0)
+                self._settled[node] = max(settled, state.outbox_floor - 1)
         async with self._changed:
             self._changed.notify_all()
 
@@ -221,7 +227,7 @@ class Harness:
 
     async def _stored_slot(self, client: aiomqtt.Client, node: str, seq: int) -> None:
         self._stored[node].add(seq)
-        contiguous = self.acked.get(node, 0)
+        contiguous = max(self.acked.get(node, 0), self._settled.get(node, 0))
         while contiguous + 1 in self._stored[node]:
             contiguous += 1
         if self.acking and contiguous > self.acked.get(node, 0):

@@ -718,3 +718,17 @@ class OutboxModel(RuleBasedStateMachine):
 
 OutboxModel.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
 test_outbox_matches_model = OutboxModel.TestCase
+
+
+def test_first_seq_numbers_a_new_outbox_only(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path, first_seq=5_000) as outbox:
+        assert outbox.floor() == 5_000
+        assert outbox.put("status", "t", lambda seq: b"%d" % seq) == 5_000
+        assert outbox.put("status", "t", lambda seq: b"%d" % seq) == 5_001
+        outbox.ack(5_000)
+        assert outbox.floor() == 5_001
+        outbox.ack(5_001)
+        assert outbox.floor() == 5_002  # empty: the next number to assign
+    with Outbox(path, first_seq=1) as reopened:  # an existing outbox keeps its numbering
+        assert reopened.put("status", "t", lambda seq: b"%d" % seq) == 5_002

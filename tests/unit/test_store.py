@@ -462,7 +462,26 @@ def check_step_rollout_folds_each_stored_status_once(store: Store) -> None:
     assert loaded.reason == "step 3"
 
 
+def check_birth_floor_settles_slots_a_wiped_node_no_longer_has(store: Store) -> None:
+    """A node that comes back with a new outbox numbers from its clock; its birth's
+    floor tells the controller that every lower slot is settled."""
+    assert store.ingest([status("n1", 1), status("n1", 2)], [], [], NOW) == {"n1": 2}
+    store.ingest([status("n1", 5)], [], [], NOW)  # stored above a gap
+    wiped = state("n1", online=True, session=1).model_copy(update={"outbox_floor": 1_000})
+    assert store.upsert_node_state(wiped, NOW + 1)
+    node = store.get_node("n1")
+    assert node is not None
+    assert node.acked_seq == 999
+    assert store.ingest([status("n1", 1_000)], [], [], NOW + 2) == {"n1": 1_000}
+    lower = state("n1", online=True, session=2).model_copy(update={"outbox_floor": 10})
+    store.upsert_node_state(lower, NOW + 3)  # a floor never lowers the mark
+    node = store.get_node("n1")
+    assert node is not None
+    assert node.acked_seq == 1_000
+
+
 CORE_CHECKS: list[Callable[[Store], None]] = [
+    check_birth_floor_settles_slots_a_wiped_node_no_longer_has,
     check_step_rollout_folds_each_stored_status_once,
     check_command_seq_increments,
     check_results_stored_once,
