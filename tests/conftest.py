@@ -12,9 +12,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 from tests.support.broker import Broker, BrokerError, BrokerFactory, free_port
 from tests.support.models import make_classifier
+from tests.support.postgres import admin_engine
 
 __all__ = ["free_port"]  # re-exported: the helper lives in tests/support/broker.py
 
@@ -99,3 +101,13 @@ def classifier_v1(models_dir: Path) -> Path:
 def classifier_v2(models_dir: Path) -> Path:
     """The same interface as ``classifier_v1`` with other weights (seed 2), another sha256."""
     return make_classifier(models_dir / "classifier-v2.onnx", seed=2)
+
+
+@pytest.fixture(scope="module")
+def pg_admin() -> Iterator[Engine]:
+    """An engine on ``EDGEFLEET_TEST_PG_URL`` for making schemas; a clean skip when
+    no server answers."""
+    with admin_engine() as engine:
+        if isinstance(engine, str):
+            pytest.skip(engine)
+        yield engine

@@ -16,17 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine, text
 
 from tests.support.broker import Broker
 from tests.support.fleet import Fleet, program
 from tests.support.models import make_broken_model, make_classifier, make_slow_model
+from tests.support.postgres import PG_URL
 
-PG_URL = os.environ.get(
-    "EDGEFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-PG_CONNECT_TIMEOUT_S = 3
 # About 200 MFLOP per inference (400 layers of 512x512): milliseconds even on a
 # fast core, against microseconds for the classifier, so p95 regresses far
 # beyond +50% on any machine however noisy the baseline.
@@ -78,24 +74,6 @@ def fleet(tmp_path: Path, broker: Broker, fleet_id: str, e2e_keys: Path) -> Iter
         yield fleet
     finally:
         fleet.close()
-
-
-@pytest.fixture(scope="module")
-def pg_admin() -> Iterator[Engine]:
-    """An engine on ``EDGEFLEET_TEST_PG_URL`` for making schemas; a skip when unreachable."""
-    engine = create_engine(PG_URL, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
-    reason: str | None = None
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except (SQLAlchemyError, ImportError) as exc:
-        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"])[0]
-        reason = f"PostgreSQL not reachable at EDGEFLEET_TEST_PG_URL ({PG_URL}): {first}"
-    if reason is not None:
-        engine.dispose()
-        pytest.skip(reason)
-    yield engine
-    engine.dispose()
 
 
 @dataclass(frozen=True)

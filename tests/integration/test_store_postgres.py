@@ -9,50 +9,27 @@ afterwards, so tests never see each other's rows and leave nothing behind.
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from sqlalchemy import Engine, create_engine, make_url, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine, make_url, text
 
 from fleet_controller.store import SCHEMA_VERSION, Store, StoreError
 from tests.unit.test_store import CORE_CHECKS, NOW, batch
 
 pytestmark = pytest.mark.postgres
 
-PG_URL = os.environ.get(
-    "EDGEFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-CONNECT_TIMEOUT_S = 3
-
-
-@pytest.fixture(scope="module")
-def admin() -> Iterator[Engine]:
-    """An engine on the test server for creating and dropping schemas (or a skip)."""
-    engine = create_engine(PG_URL, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
-    reason: str | None = None
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except (SQLAlchemyError, ImportError) as exc:
-        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"])[0]
-        reason = f"PostgreSQL not reachable at EDGEFLEET_TEST_PG_URL: {first}"
-    if reason is not None:
-        engine.dispose()
-        pytest.skip(reason)
-    yield engine
-    engine.dispose()
+from tests.support.postgres import PG_URL  # noqa: E402
 
 
 @pytest.fixture
-def schema(admin: Engine) -> Iterator[str]:
+def schema(pg_admin: Engine) -> Iterator[str]:
     """A schema name unique to this test; the store creates it, we drop it after."""
     name = f"t_{uuid.uuid4().hex[:16]}"
     yield name
-    with admin.begin() as conn:
+    with pg_admin.begin() as conn:
         conn.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
 
 
@@ -67,8 +44,8 @@ def test_core_on_postgres(pg_store: Store, check: Callable[[Store], None]) -> No
     check(pg_store)
 
 
-def test_tables_live_in_the_test_schema(admin: Engine, schema: str, pg_store: Store) -> None:
-    with admin.connect() as conn:
+def test_tables_live_in_the_test_schema(pg_admin: Engine, schema: str, pg_store: Store) -> None:
+    with pg_admin.connect() as conn:
         tables = set(
             conn.execute(
                 text("SELECT tablename FROM pg_tables WHERE schemaname = :s"), {"s": schema}
@@ -79,9 +56,9 @@ def test_tables_live_in_the_test_schema(admin: Engine, schema: str, pg_store: St
     assert pg_store.schema == schema
 
 
-def test_newer_schema_version_is_refused(admin: Engine, schema: str) -> None:
+def test_newer_schema_version_is_refused(pg_admin: Engine, schema: str) -> None:
     Store.open(PG_URL, schema=schema).close()
-    with admin.begin() as conn:
+    with pg_admin.begin() as conn:
         conn.execute(
             text(f"UPDATE \"{schema}\".meta SET value = :v WHERE key = 'schema_version'"),
             {"v": str(SCHEMA_VERSION + 1)},
@@ -105,7 +82,7 @@ def test_plain_postgresql_urls_use_psycopg(schema: str, scheme: str) -> None:
         assert store.next_command_seq() >= 1
 
 
-def test_bad_schema_name_is_refused(admin: Engine) -> None:
+def test_bad_schema_name_is_refused(pg_admin: Engine) -> None:
     with pytest.raises(StoreError, match="plain identifier"):
         Store.open(PG_URL, schema='x"; DROP TABLE y; --')
 
@@ -167,7 +144,7 @@ def test_two_stores_ingesting_one_node_ack_every_slot(schema: str) -> None:
 
 
 def test_ingest_decides_under_the_node_row_lock(
-    admin: Engine, schema: str, pg_store: Store
+    pg_admin: Engine, schema: str, pg_store: Store
 ) -> None:
     # Another controller holds n1's row while it stores slot 2 (acked_seq 1 -> 2);
     # meanwhile this one stores slot 3. It must wait for the row, then see
@@ -182,7 +159,7 @@ def test_ingest_decides_under_the_node_row_lock(
         done.set()
 
     nodes = f'"{schema}".nodes'
-    with admin.connect() as conn, conn.begin():
+    with pg_admin.connect() as conn, conn.begin():
         conn.execute(text(f"SELECT 1 FROM {nodes} WHERE node_id = 'n1' FOR UPDATE"))
         thread = threading.Thread(target=ingest)
         thread.start()
