@@ -355,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="run many nodes in one process")
     simulate.add_argument("--count", type=int, required=True, help="number of nodes")
     simulate.add_argument("--prefix", default="sim", help="node id prefix (ids PREFIX-0001...)")
-    simulate.add_argument("--data", required=True, help="base directory for the nodes' data")
+    simulate.add_argument(
+        "--data", default="sim-data", help="base directory for the nodes' data (./sim-data)"
+    )
     simulate.add_argument("--trust", help="trust.json given to every node")
     simulate.add_argument("--broker", help="broker URL (env FLEET_BROKER)")
     simulate.add_argument("--fleet", help="fleet name (env FLEET_FLEET)")

@@ -185,7 +185,8 @@ class Harness:
                 task.add_done_callback(self._held.discard)
         elif parsed.kind is topics.TopicKind.STATUS:
             status = decode(NodeStatus, message.payload)
-            self.statuses.append(status)
+            if status.seq not in self._stored[node]:  # stored once, as the controller does
+                self.statuses.append(status)
             await self._stored_slot(client, node, status.seq)
         elif parsed.kind is topics.TopicKind.RESULTS:
             batch = decode(ResultBatch, message.payload)
@@ -202,6 +203,7 @@ class Harness:
                 # As the controller's store does: slots below the floor are settled.
                 settled = self._settled.get(node, 0)
                 self._settled[node] = max(settled, state.outbox_floor - 1)
+                await self._advance(client, node)
         async with self._changed:
             self._changed.notify_all()
 
@@ -227,6 +229,10 @@ class Harness:
 
     async def _stored_slot(self, client: aiomqtt.Client, node: str, seq: int) -> None:
         self._stored[node].add(seq)
+        await self._advance(client, node)
+
+    async def _advance(self, client: aiomqtt.Client, node: str) -> None:
+        """Acknowledge the highest contiguous stored slot, as the controller does."""
         contiguous = max(self.acked.get(node, 0), self._settled.get(node, 0))
         while contiguous + 1 in self._stored[node]:
             contiguous += 1
