@@ -53,7 +53,7 @@ import onnxruntime as ort
 from edge_node.agent import AgentConfig, NodeAgent
 from edge_node.runtime import ModelRuntime, SessionOptionsConfig
 from fleet_controller.api import CtlClient
-from fleet_controller.demo import N_IN, _mosquitto, _running, build_classifier
+from fleet_controller.demo import N_IN, build_classifier, local_mosquitto, running
 from fleet_controller.keys import init_keys, load_key
 from fleet_controller.publish import prepare_manifest, publish, sign_release
 from fleet_controller.service import ControllerConfig, ControllerService
@@ -216,7 +216,7 @@ async def node_run(
 ) -> None:
     concurrency = agent.config.concurrency
     base = await asyncio.to_thread(stored_results, controller.store)
-    async with _running(agent):
+    async with running(agent):
         if agent.active is None:
             await deploy(ctl, f"classifier@{model.manifest.version}")
 
@@ -340,7 +340,7 @@ async def bench(root: Path, broker: BrokerAddress, args: argparse.Namespace) -> 
             path, name="classifier", version=version, now=time.time(), labels=LABELS
         )
         models.append(Model(path, manifest))
-    async with _running(controller):
+    async with running(controller):
         async with asyncio.timeout(30):
             await controller.connected.wait()
         async with CtlClient(broker, fleet=FLEET, operator="bench") as ctl:
@@ -371,7 +371,7 @@ def main() -> None:
     started = time.perf_counter()
     with (
         tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp,
-        _mosquitto(Path(tmp)) as broker,
+        local_mosquitto(Path(tmp)) as broker,
     ):
         asyncio.run(bench(Path(tmp), broker, args))
     print(f"\ntotal {time.perf_counter() - started:.1f} s")

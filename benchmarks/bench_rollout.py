@@ -36,24 +36,19 @@ import contextlib
 import logging
 import os
 import resource
-import shutil
-import socket
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
-from broker_config import config_path
 from edge_node.agent import AgentConfig, NodeAgent
 from fleet_controller.api import CtlClient
-from fleet_controller.demo import build_classifier
+from fleet_controller.demo import build_classifier, local_mosquitto
 from fleet_controller.keys import init_keys, load_key
 from fleet_controller.publish import prepare_manifest, publish, sign_release
 from fleet_controller.service import ControllerConfig, ControllerService
@@ -66,49 +61,6 @@ POLL_S = 0.1
 SYS_RECEIVED = "$SYS/broker/publish/messages/received"
 SYS_SENT = "$SYS/broker/publish/messages/sent"
 ENDED = ("succeeded", "failed", "aborted", "rolled_back")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def mosquitto(workdir: Path) -> Iterator[BrokerAddress]:
-    """dev.conf on a free loopback port, with ``$SYS`` published every second."""
-    executable = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    lines = [
-        f"listener {port} 127.0.0.1" if line.startswith("listener ") else line
-        for line in config_path("dev.conf").read_text().splitlines()
-    ]
-    lines.append("sys_interval 1")
-    if os.geteuid() == 0:
-        lines.append("user root")
-    config = workdir / "mosquitto.conf"
-    config.write_text("\n".join(lines) + "\n")
-    with (workdir / "mosquitto.log").open("wb") as log:
-        process = subprocess.Popen([executable, "-c", str(config)], stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", port), 0.2),
-                ):
-                    break
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mosquitto did not start (see {workdir}/mosquitto.log)")
-                time.sleep(0.05)
-            yield BrokerAddress(host="127.0.0.1", port=port, tls=False)
-        finally:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 class BrokerCounters:
@@ -381,7 +333,7 @@ def main() -> None:
     started = time.perf_counter()
     with (
         tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp,
-        mosquitto(Path(tmp)) as broker,
+        local_mosquitto(Path(tmp), ["sys_interval 1"]) as broker,
     ):
         asyncio.run(bench(Path(tmp), broker, args))
     print(f"total {time.perf_counter() - started:.1f} s")

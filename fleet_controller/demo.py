@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from shared.broker import BrokerAddress, parse_broker_url
 from shared.errors import EdgeFleetError
 from shared.trust import Role
 
-__all__ = ["DemoError", "run_demo"]
+__all__ = ["DemoError", "build_classifier", "local_mosquitto", "run_demo", "running"]
 
 FLEET = "demo"
 LABELS = ("cat", "dog", "bird", "fish")
@@ -112,7 +112,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _mosquitto(workdir: Path) -> Iterator[BrokerAddress]:
+def local_mosquitto(workdir: Path, extra_lines: Sequence[str] = ()) -> Iterator[BrokerAddress]:
+    """Mosquitto with the project's ``dev.conf`` (plus ``extra_lines``) on a free
+    loopback port, its files in ``workdir``; stopped on exit.
+
+    Raises:
+        DemoError: mosquitto is missing or does not start.
+    """
     executable = shutil.which("mosquitto") or next(
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
         None,
@@ -124,8 +130,9 @@ def _mosquitto(workdir: Path) -> Iterator[BrokerAddress]:
         f"listener {port} 127.0.0.1" if line.startswith("listener ") else line
         for line in config_path("dev.conf").read_text().splitlines()
     ]
+    lines += [*extra_lines, *(["user root"] if _is_root() else [])]
     config = workdir / "mosquitto.conf"
-    config.write_text("\n".join(lines) + "\nuser root\n" if _is_root() else "\n".join(lines) + "\n")
+    config.write_text("\n".join(lines) + "\n")
     log = (workdir / "mosquitto.log").open("wb")
     process = subprocess.Popen(  # noqa: S603 - our own binary and config
         [executable, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
@@ -155,7 +162,7 @@ def _is_root() -> bool:
 
 
 @contextlib.asynccontextmanager
-async def _running(coro_owner: Any) -> AsyncIterator[asyncio.Task[None]]:
+async def running(coro_owner: Any) -> AsyncIterator[asyncio.Task[None]]:
     task = asyncio.get_running_loop().create_task(coro_owner.run())
     try:
         yield task
@@ -283,7 +290,9 @@ async def run_demo(
         )
         workdir.mkdir(parents=True, exist_ok=True)
         address = (
-            parse_broker_url(broker_url) if broker_url else stack.enter_context(_mosquitto(workdir))
+            parse_broker_url(broker_url)
+            if broker_url
+            else stack.enter_context(local_mosquitto(workdir))
         )
         console.print(f"EdgeFleet demo in {workdir}, broker {address}")
         keys = workdir / "keys"
@@ -314,10 +323,10 @@ async def run_demo(
             )
             for index in range(1, nodes + 1)
         ]
-        async with contextlib.AsyncExitStack() as running:
-            await running.enter_async_context(_running(controller))
+        async with contextlib.AsyncExitStack() as services:
+            await services.enter_async_context(running(controller))
             for agent in agents:
-                await running.enter_async_context(_running(agent))
+                await services.enter_async_context(running(agent))
             async with asyncio.timeout(30):
                 await controller.connected.wait()
             async with CtlClient(address, fleet=FLEET, operator="demo") as ctl:

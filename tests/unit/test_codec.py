@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from typing import Any
@@ -183,22 +182,28 @@ def test_encode_json_has_no_whitespace_outside_strings(value: Any) -> None:
     assert not set(payload) & set(b" \t\r\n")
 
 
-def _decode_or_decode_error(payload: bytes) -> None:
-    with contextlib.suppress(DecodeError):
-        value = decode_json(payload)
-        assert json.loads(payload) == value  # what decodes strictly is plain JSON
+def _strict_or_refused(payload: bytes) -> tuple[bool, Any]:
+    """``(True, value)`` when ``payload`` decodes, ``(False, None)`` on DecodeError;
+    any other exception propagates and fails the test."""
+    try:
+        return True, decode_json(payload)
+    except DecodeError:
+        return False, None
 
 
 @PROPERTY
 @given(st.binary(max_size=200))
 def test_random_bytes_only_raise_decode_error(payload: bytes) -> None:
-    _decode_or_decode_error(payload)  # anything but DecodeError propagates and fails
+    decoded, value = _strict_or_refused(payload)
+    assert not decoded or json.loads(payload) == value  # what decodes is plain JSON
 
 
 @PROPERTY
 @given(st.text(max_size=200))
 def test_random_text_only_raises_decode_error(text: str) -> None:
-    _decode_or_decode_error(text.encode("utf-8", "surrogatepass"))
+    payload = text.encode("utf-8", "surrogatepass")
+    decoded, value = _strict_or_refused(payload)
+    assert not decoded or json.loads(payload) == value
 
 
 JUNK_LEAVES = (
