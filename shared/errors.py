@@ -30,6 +30,7 @@ __all__ = [
     "TrustError",
     "TrustFileError",
     "UnknownKeyError",
+    "UsageError",
     "VersionRollbackError",
     "WrongRoleError",
 ]
@@ -41,6 +42,10 @@ class EdgeFleetError(Exception):
 
 class DecodeError(EdgeFleetError):
     """A payload is not a well-formed message of the expected kind."""
+
+
+class UsageError(DecodeError):
+    """A flag, argument, request or input file is invalid (command-line exit code 2)."""
 
 
 class TrustError(EdgeFleetError):
