@@ -10,8 +10,9 @@ What it keeps (each also checked against a real Mosquitto by the transport
 contract tests):
 
 * **Retained messages**: kept per topic, replaced by a newer one, cleared by an
-  empty payload, delivered (flagged ``retain``) on subscribe to a plain filter
-  and never to a ``$share`` one.
+  empty payload, delivered (flagged ``retain``) on subscribe. Like Mosquitto
+  2.0 (and unlike MQTT 5 §4.8.2) that includes a ``$share`` subscription: each
+  member gets the retained messages its filter matches when it subscribes.
 * **Sessions**: a persistent session keeps its subscriptions and queues QoS 1
   messages while its client is away; a clean one is discarded when its
   connection ends, and a clean connect discards whatever the client id had.
@@ -262,10 +263,11 @@ class MemoryBroker:
                 if session.client_id not in group.qos:
                     group.members.append(session.client_id)
                 group.qos[session.client_id] = qos
-                continue
-            session.subscriptions[topic_filter] = qos
+            else:
+                plain = topic_filter
+                session.subscriptions[topic_filter] = qos
             for topic, payload in list(self._retained.items()):
-                if topic_matches(topic_filter, topic):
+                if topic_matches(plain, topic):
                     self._send(session, Message(topic, payload, retain=True), qos)
 
     def route(self, message: Message, *, qos: int, retain: bool) -> None:

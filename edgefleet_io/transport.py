@@ -20,8 +20,10 @@ The contract:
   otherwise every connect starts clean and the session ends with the
   connection. QoS 1 messages not yet handed to the client when its connection
   drops are delivered again when it comes back.
-* **Retained messages** are delivered on subscribe to a plain filter, never to
-  a ``$share/{group}/`` one; an empty retained payload clears the topic.
+* **Retained messages** are delivered on subscribe, flagged ``retain``; an
+  empty retained payload clears the topic. Mosquitto 2.0 delivers them to a
+  ``$share/{group}/`` subscriber too (MQTT 5 says it should not), so a shared
+  consumer must not rely on either.
 * **Shared subscriptions** (``$share/{group}/{filter}``) hand each message to
   one member of the group, in turn.
 * **Last Will.** A connection that ends without a clean exit (network loss,

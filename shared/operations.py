@@ -264,7 +264,7 @@ class Operation(Generic[R]):
     mutating: bool
 
 
-MODEL_UPLOAD = Operation("model.upload", ModelUpload, mutating=True)
+MODEL_UPLOAD = Operation("model.upload", ModelUpload, mutating=False)
 MODEL_ADD = Operation("model.add", ModelAdd, mutating=True)
 MODEL_LIST = Operation("model.list", ModelList, mutating=False)
 ROLLOUT_START = Operation("rollout.start", RolloutStart, mutating=True)
