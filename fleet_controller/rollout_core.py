@@ -37,6 +37,7 @@ from itertools import pairwise
 
 from shared.errors import EdgeFleetError
 from shared.messages import ModelRef, NodeRolloutState, RolloutState
+from shared.operations import DEFAULT_POLICY, RolloutPolicy
 from shared.waves import bucket, buckets_for_percent, matches
 
 __all__ = [
@@ -152,25 +153,57 @@ def node_transition(current: NodeRolloutState, new: NodeRolloutState) -> NodeRol
 # ----- the record ---------------------------------------------------------------
 
 
+_P = DEFAULT_POLICY  # the defaults, stated once in the operator API's RolloutPolicy
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RolloutSpec:
-    """What the operator asked for. Fractions are 0..1; durations in seconds."""
+    """What the operator asked for. Fractions are 0..1; durations in seconds.
+
+    The tunables and their meaning are those of :class:`shared.operations.RolloutPolicy`.
+    """
 
     rollout_id: str
     model: ModelRef
     selector: Mapping[str, str] = field(default_factory=dict)
-    waves: tuple[float, ...] = (1.0, 10.0, 50.0, 100.0)
-    max_failures: float = 0.10
-    wave_timeout_s: float = 300.0
-    health_window_s: float = 60.0
-    max_latency_regression: float = 0.50
-    # Below this absolute increase a p95 "regression" is scheduling noise, not the model.
-    min_latency_regression_ms: float = 1.0
-    max_error_increase: float = 0.01
-    auto_rollback: bool = True
-    activate_at: float | None = None
-    max_retries: int = 2
-    retry_backoff_s: float = 10.0
+    waves: tuple[float, ...] = _P.waves
+    max_failures: float = _P.max_failures
+    wave_timeout_s: float = _P.wave_timeout_s
+    health_window_s: float = _P.health_window_s
+    max_latency_regression: float = _P.max_latency_regression
+    min_latency_regression_ms: float = _P.min_latency_regression_ms
+    max_error_increase: float = _P.max_error_increase
+    auto_rollback: bool = _P.auto_rollback
+    activate_at: float | None = _P.activate_at
+    max_retries: int = _P.max_retries
+    retry_backoff_s: float = _P.retry_backoff_s
+
+    @classmethod
+    def from_policy(
+        cls,
+        policy: RolloutPolicy,
+        *,
+        rollout_id: str,
+        model: ModelRef,
+        selector: Mapping[str, str],
+    ) -> RolloutSpec:
+        """The spec of a rollout started with ``policy``'s tunables."""
+        return cls(
+            rollout_id=rollout_id,
+            model=model,
+            selector=dict(selector),
+            waves=policy.waves,
+            max_failures=policy.max_failures,
+            wave_timeout_s=policy.wave_timeout_s,
+            health_window_s=policy.health_window_s,
+            max_latency_regression=policy.max_latency_regression,
+            min_latency_regression_ms=policy.min_latency_regression_ms,
+            max_error_increase=policy.max_error_increase,
+            auto_rollback=policy.auto_rollback,
+            activate_at=policy.activate_at,
+            max_retries=policy.max_retries,
+            retry_backoff_s=policy.retry_backoff_s,
+        )
 
 
 @dataclass(frozen=True, slots=True)
