@@ -26,8 +26,12 @@ SCHEMA_DIR = ROOT / "docs" / "schemas"
 
 
 def out_of_date(directory: Path, expected: dict[str, str]) -> list[str]:
-    """Names of files in ``directory`` that are missing, differ, or are stale."""
-    present = {p.name for p in directory.glob("*.json")} if directory.is_dir() else set()
+    """Relative paths of files in ``directory`` that are missing, differ, or are stale."""
+    present = (
+        {p.relative_to(directory).as_posix() for p in directory.rglob("*.json")}
+        if directory.is_dir()
+        else set()
+    )
     changed = [
         name
         for name, text in expected.items()
@@ -44,6 +48,7 @@ def write(directory: Path, expected: dict[str, str]) -> list[str]:
     for name in touched:
         path = directory / name
         if name in expected:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(expected[name], encoding="utf-8", newline="\n")
         else:
             path.unlink()

@@ -3,8 +3,11 @@
 :func:`render_schemas` is the single source of the files under ``docs/schemas/``:
 one ``<ModelName>.json`` per top-level message in
 :data:`shared.messages.MESSAGE_TYPES`, plus the DSSE :class:`~shared.envelope.Envelope`
-and the signed :class:`~shared.trust.TrustList`. ``scripts/gen_schemas.py`` writes
-them and a unit test checks that the committed files match.
+and the signed :class:`~shared.trust.TrustList`, and one
+``operations/<op>.json`` per operator API operation (the ``args`` of its
+:class:`~shared.messages.OperatorRequest`, from :data:`shared.operations.OPERATIONS`).
+``scripts/gen_schemas.py`` writes them and a unit test checks that the committed
+files match.
 """
 
 from __future__ import annotations
@@ -15,9 +18,18 @@ from pydantic import BaseModel
 
 from shared.envelope import Envelope
 from shared.messages import MESSAGE_TYPES
+from shared.operations import OPERATIONS
 from shared.trust import TrustList
 
-__all__ = ["SCHEMA_MODELS", "render_schema", "render_schemas", "schema_filename"]
+__all__ = [
+    "OPERATIONS_DIR",
+    "SCHEMA_MODELS",
+    "render_schema",
+    "render_schemas",
+    "schema_filename",
+]
+
+OPERATIONS_DIR = "operations"
 
 SCHEMA_MODELS: tuple[type[BaseModel], ...] = (*MESSAGE_TYPES, Envelope, TrustList)
 
@@ -32,6 +44,15 @@ def render_schema(model: type[BaseModel]) -> str:
     return json.dumps(model.model_json_schema(), indent=2, sort_keys=True) + "\n"
 
 
+def _operation_schema(name: str) -> str:
+    schema = OPERATIONS[name].request.model_json_schema()
+    schema["title"] = f"{name} arguments"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
 def render_schemas() -> dict[str, str]:
-    """Every schema file's name mapped to its exact text, in a stable order."""
-    return {schema_filename(model): render_schema(model) for model in SCHEMA_MODELS}
+    """Every schema file's relative path mapped to its exact text, in a stable order."""
+    files = {schema_filename(model): render_schema(model) for model in SCHEMA_MODELS}
+    for name in sorted(OPERATIONS):
+        files[f"{OPERATIONS_DIR}/{name}.json"] = _operation_schema(name)
+    return files

@@ -5,24 +5,29 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shared.operations import OPERATIONS
 from shared.schemas import SCHEMA_MODELS, render_schemas
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "docs" / "schemas"
 FIX = "run `python scripts/gen_schemas.py`"
 
 
-def test_every_model_has_a_schema() -> None:
+def test_every_model_and_operation_has_a_schema() -> None:
     rendered = render_schemas()
-    assert len(rendered) == len(SCHEMA_MODELS)
+    assert len(rendered) == len(SCHEMA_MODELS) + len(OPERATIONS)
     for name, text in rendered.items():
         schema = json.loads(text)
-        assert schema["title"] == name.removesuffix(".json")
+        if name.startswith("operations/"):
+            assert schema["title"] == f"{name.removeprefix('operations/')[:-5]} arguments"
+            assert schema["additionalProperties"] is False
+        else:
+            assert schema["title"] == name.removesuffix(".json")
         assert text.endswith("\n")
 
 
 def test_committed_schemas_are_up_to_date() -> None:
     expected = render_schemas()
-    present = {p.name for p in SCHEMA_DIR.glob("*.json")}
+    present = {p.relative_to(SCHEMA_DIR).as_posix() for p in SCHEMA_DIR.rglob("*.json")}
     missing = sorted(expected.keys() - present)
     extra = sorted(present - expected.keys())
     differ = sorted(
