@@ -13,7 +13,7 @@ For node concurrency 1 and 2, after a 1 s warm-up, over ``--seconds`` it prints:
 * inferences/s on the node, and results/s durably stored by the controller
   (rows of the ``results`` table counted before and after);
 * delay from inference (the result's ``ts``) to its commit in the controller's
-  store, sampled by wrapping ``Store.ingest`` of the running controller
+  store, sampled by wrapping ``store.ingest.write`` of the running controller
   (measurement only; re-sent results are not counted twice); it includes the
   node's ``batch_interval_s`` wait, so it is dominated by that setting;
 * the outbox depth (entries not yet acknowledged) and results not yet in the
@@ -76,13 +76,13 @@ class Model:
 
 
 class CommitClock:
-    """Wraps the controller's ``Store.ingest``: inference-to-commit delay of each new result."""
+    """Wraps the controller's ``store.ingest.write``: inference-to-commit delay per new result."""
 
     def __init__(self, store: Store) -> None:
         self.delays: list[float] = []
         self.recording = False
         self._top: dict[str, int] = {}
-        inner = store.ingest
+        inner = store.ingest.write
 
         def ingest(
             statuses: Sequence[Any],
@@ -102,11 +102,11 @@ class CommitClock:
                 self._top[batch.node] = top
             return acks
 
-        store.ingest = ingest  # type: ignore[method-assign]
+        store.ingest.write = ingest  # type: ignore[method-assign]
 
 
 def stored_results(store: Store) -> int:
-    return store.table_counts()["results"]
+    return store.results.table_counts()["results"]
 
 
 async def wait_for(

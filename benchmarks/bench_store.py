@@ -82,7 +82,7 @@ def run(store: Store, chunks: Iterator[list[ResultBatch]], seconds: float) -> fl
     done = 0
     for chunk in chunks:
         start = time.perf_counter()
-        store.ingest([], chunk, [], NOW)
+        store.ingest.write([], chunk, [], NOW)
         spent += time.perf_counter() - start
         done += len(chunk) * RESULTS_PER_BATCH
         if spent >= seconds:
@@ -106,7 +106,7 @@ def bench(label: str, store: Store, seconds: float) -> None:
         print(f"  {per_call:>2} batch(es)/call      {rate:>10,.0f} results/s")
     rate = run(store, iter(sent), seconds)
     print(f"  re-sent, already stored {rate:>10,.0f} results/s")
-    counts = store.table_counts()
+    counts = store.results.table_counts()
     print(f"  stored: {counts['results']:,} results, {counts['stored_slots']} slots parked")
 
 

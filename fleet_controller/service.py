@@ -47,7 +47,13 @@ from fleet_controller.blobs import BlobStore, answer_chunk
 from fleet_controller.http_artifacts import ArtifactHttpServer
 from fleet_controller.keys import load_key, load_trust
 from fleet_controller.signing import sign_command
-from fleet_controller.store import PendingStatus, Store
+from fleet_controller.store import (
+    PendingStatus,
+    RolloutReader,
+    Store,
+    UnknownRolloutError,
+    parse_database_url,
+)
 from shared import __version__, topics
 from shared.broker import BrokerAddress
 from shared.envelope import Envelope, SigningKey, b64decode
@@ -150,10 +156,10 @@ class ControllerService:
         self.metrics: Counter[str] = Counter()
 
     def _blob_dir(self) -> Path:
-        url = self.config.db_url
-        if "://" not in url or url.startswith("sqlite"):
-            db_path = Path(url.split("///", 1)[-1]) if "///" in url else Path(url)
-            return db_path.parent / "blobs"
+        """Beside a SQLite file, else beside the keys folder. Raises: StoreError (bad URL)."""
+        sqlite_path = parse_database_url(self.config.db_url).sqlite_path
+        if sqlite_path is not None:
+            return sqlite_path.parent / "blobs"
         return self.config.keys_dir.parent / "blobs"
 
     def stop(self) -> None:
@@ -162,7 +168,7 @@ class ControllerService:
     # ----- lifecycle -----------------------------------------------------------
 
     async def run(self) -> None:
-        active = await asyncio.to_thread(self.store.list_rollouts, active_only=True)
+        active = await asyncio.to_thread(self.store.rollouts.list, active_only=True)
         if active:
             names = ", ".join(info.rollout_id for info in active)
             log.info("resuming %d rollout(s): %s", len(active), names)
@@ -356,8 +362,8 @@ class ControllerService:
 
         def write() -> dict[str, int]:
             for state in batch.states:
-                self.store.upsert_node_state(state, now)
-            return self.store.ingest(batch.statuses, batch.results, batch.telemetry, now)
+                self.store.nodes.apply_state(state, now)
+            return self.store.ingest.write(batch.statuses, batch.results, batch.telemetry, now)
 
         try:
             acks = await asyncio.to_thread(write)
@@ -366,7 +372,7 @@ class ControllerService:
             return
         self.metrics["stored"] += len(batch)
         # Stored statuses are folded into their rollouts from the database by
-        # the ticker (Store.step_rollout), so acknowledging them now loses
+        # the ticker (store.rollouts.step), so acknowledging them now loses
         # nothing even if this controller dies before the next tick.
         await self._publish_acks(acks)
 
@@ -398,7 +404,7 @@ class ControllerService:
                 log.error("rollout tick failed: %s", exc)
 
     async def _tick_all(self) -> None:
-        for info in await asyncio.to_thread(self.store.list_rollouts, active_only=True):
+        for info in await asyncio.to_thread(self.store.rollouts.list, active_only=True):
             await self._tick_one(info.rollout_id)
 
     async def _tick_one(self, rollout_id: str) -> None:
@@ -408,27 +414,34 @@ class ControllerService:
         steps, and each action comes from a state change saved by exactly one
         step, so no node gets the same step twice.
         """
-        record = await asyncio.to_thread(self.store.load_rollout, rollout_id)
-        if record is None:
-            return
         now = self._clock()
-        since = (record.nodes and min((p.sent_at or now) for p in record.nodes.values())) or now
-        fleet = await asyncio.to_thread(self._fleet_view, record.spec, since - 600)
 
-        def fold(
-            current: core.RolloutRecord, pending: list[PendingStatus]
-        ) -> tuple[core.RolloutRecord, list[core.RolloutAction]]:
-            return core.tick(_fold_statuses(current, pending, now), fleet, now=now)
+        def decide(
+            current: core.RolloutRecord, pending: list[PendingStatus], reader: RolloutReader
+        ) -> tuple[core.RolloutRecord, tuple[bool, list[core.RolloutAction]]]:
+            sent = current.nodes.values()
+            since = (current.nodes and min((p.sent_at or now) for p in sent)) or now
+            fleet = self._fleet_view(reader, current.spec, since - 600)
+            new, actions = core.tick(_fold_statuses(current, pending, now), fleet, now=now)
+            return new, (current.state in ACTIVE_STATES, actions)
 
-        new, actions = await asyncio.to_thread(self.store.step_rollout, rollout_id, fold, now)
+        try:
+            new, (was_active, actions) = await asyncio.to_thread(
+                self.store.rollouts.step, rollout_id, decide, now
+            )
+        except UnknownRolloutError:
+            return
         for action in actions:
             await self._execute(new, action, now)
-        if new.state not in ACTIVE_STATES and record.state in ACTIVE_STATES:
+        if new.state not in ACTIVE_STATES and was_active:
             log.info("rollout %s ended: %s (%s)", rollout_id, new.state.value, new.reason)
 
-    def _fleet_view(self, spec: core.RolloutSpec, since: float) -> dict[str, core.NodeView]:
-        nodes = self.store.list_nodes(dict(spec.selector) or None)
-        samples = self.store.samples([n.node_id for n in nodes], since)
+    @staticmethod
+    def _fleet_view(
+        reader: RolloutReader, spec: core.RolloutSpec, since: float
+    ) -> dict[str, core.NodeView]:
+        nodes = reader.nodes(dict(spec.selector) or None)
+        samples = reader.samples([n.node_id for n in nodes], since)
         return {
             n.node_id: core.NodeView(
                 node_id=n.node_id,
@@ -517,7 +530,7 @@ class ControllerService:
         return f"{base.rstrip('/')}/artifacts/{sha256}" if base else None
 
     def _manifest_envelope(self, sha256: str) -> Envelope:
-        info = self.store.get_model_by_sha(sha256)
+        info = self.store.models.by_sha(sha256)
         if info is None:
             raise EdgeFleetError(f"no registered model with sha256 {sha256[:12]}")
         return Envelope.from_bytes(info.envelope.encode())
@@ -530,7 +543,7 @@ class ControllerService:
             if self._stopping.is_set():
                 return
             cutoff = self._clock() - self.config.retention_days * 86_400
-            telemetry, results = await asyncio.to_thread(self.store.prune, cutoff, cutoff)
+            telemetry, results = await asyncio.to_thread(self.store.results.prune, cutoff, cutoff)
             if telemetry or results:
                 log.info("pruned %d telemetry rows and %d results", telemetry, results)
 
@@ -561,7 +574,7 @@ class ControllerService:
                 for k, v in request.args.items()
             }
             await asyncio.to_thread(
-                self.store.audit, request.operator, request.op, args, outcome, detail, now
+                self.store.audit.append, request.operator, request.op, args, outcome, detail, now
             )
         with contextlib.suppress(aiomqtt.MqttError):
             await client.publish(
@@ -616,7 +629,7 @@ class ControllerService:
         envelope = Envelope.from_bytes(envelope_text.encode())
         payload = self._trust.open(envelope, Role.RELEASE, now=self._clock())
         manifest = decode(ModelManifest, payload)
-        same = await asyncio.to_thread(self.store.get_model_by_sha, manifest.sha256)
+        same = await asyncio.to_thread(self.store.models.by_sha, manifest.sha256)
         if same is not None:
             raise EdgeFleetError(
                 f"this file is registered already as {same.name}@{same.version}; "
@@ -625,12 +638,12 @@ class ControllerService:
         if not self.blobs.has(manifest.sha256) or self.blobs.size(manifest.sha256) != manifest.size:
             raise EdgeFleetError(f"blob {manifest.sha256[:12]} has not been uploaded")
         info = await asyncio.to_thread(
-            self.store.add_model, manifest, envelope_text, operator, self._clock()
+            self.store.models.add, manifest, envelope_text, operator, self._clock()
         )
         return info.to_dict()
 
     async def _op_model_list(self, args: dict[str, Any], operator: str) -> Any:
-        return [m.to_dict() for m in await asyncio.to_thread(self.store.list_models)]
+        return [m.to_dict() for m in await asyncio.to_thread(self.store.models.list)]
 
     async def _op_rollout_start(self, args: dict[str, Any], operator: str) -> Any:
         reference = self._arg(args, "model", str)
@@ -638,7 +651,7 @@ class ControllerService:
         if not sep:
             raise UsageError(f"model {reference!r} must be NAME@VERSION")
         SemVer.parse(version)
-        info = await asyncio.to_thread(self.store.get_model, name, version)
+        info = await asyncio.to_thread(self.store.models.get, name, version)
         if info is None:
             raise EdgeFleetError(
                 f"unknown model {name}@{version}: add it with `fleetctl model add`"
@@ -649,14 +662,14 @@ class ControllerService:
             core.wave_limits(waves)
         except EdgeFleetError as exc:
             raise UsageError(str(exc)) from None
-        nodes = await asyncio.to_thread(self.store.list_nodes, selector or None)
+        nodes = await asyncio.to_thread(self.store.nodes.list, selector or None)
         if not [n for n in nodes if not n.revoked]:
             raise EdgeFleetError(
                 f"selection {format_selector(selector) or '(all)'} matches no known node"
             )
         rollout_id = self._arg(args, "rollout_id", str, "") or f"r-{secrets.token_hex(4)}"
         topics.check_id(rollout_id, "rollout id")
-        if await asyncio.to_thread(self.store.load_rollout, rollout_id) is not None:
+        if await asyncio.to_thread(self.store.rollouts.load, rollout_id) is not None:
             raise UsageError(f"rollout {rollout_id} exists already")
         spec = core.RolloutSpec(
             rollout_id=rollout_id,
@@ -676,12 +689,12 @@ class ControllerService:
             retry_backoff_s=self._arg(args, "retry_backoff_s", float, 10.0),
         )
         record = core.RolloutRecord(spec=spec)
-        await asyncio.to_thread(self.store.create_rollout, record, operator, self._clock())
+        await asyncio.to_thread(self.store.rollouts.create, record, operator, self._clock())
         return _rollout_dict(record)
 
     async def _rollout(self, args: dict[str, Any]) -> core.RolloutRecord:
         rollout_id = self._arg(args, "rollout_id", str)
-        record = await asyncio.to_thread(self.store.load_rollout, rollout_id)
+        record = await asyncio.to_thread(self.store.rollouts.load, rollout_id)
         if record is None:
             raise EdgeFleetError(f"unknown rollout {rollout_id}")
         return record
@@ -691,16 +704,16 @@ class ControllerService:
 
     async def _op_rollout_list(self, args: dict[str, Any], operator: str) -> Any:
         active = self._arg(args, "active_only", bool, default=False)
-        infos = await asyncio.to_thread(self.store.list_rollouts, active)
+        infos = await asyncio.to_thread(self.store.rollouts.list, active)
         # Waves count from 1 for operators, as in rollout.status.
         return [{**i.to_dict(), "wave": i.wave + 1} for i in infos]
 
     async def _change(self, args: dict[str, Any], event: core.RolloutEvent) -> Any:
-        rollout_id = (await self._rollout(args)).spec.rollout_id
+        rollout_id = self._arg(args, "rollout_id", str)
         now = self._clock()
 
-        def fold(
-            current: core.RolloutRecord, pending: list[PendingStatus]
+        def decide(
+            current: core.RolloutRecord, pending: list[PendingStatus], _reader: RolloutReader
         ) -> tuple[core.RolloutRecord, None]:
             record = _fold_statuses(current, pending, now)
             if event is core.RolloutEvent.ROLLBACK:
@@ -710,7 +723,7 @@ class ControllerService:
             return replace(new, reason=f"{event.value} by operator"), None
 
         try:
-            new, _ = await asyncio.to_thread(self.store.step_rollout, rollout_id, fold, now)
+            new, _ = await asyncio.to_thread(self.store.rollouts.step, rollout_id, decide, now)
         except core.IllegalTransitionError as exc:
             raise EdgeFleetError(str(exc)) from None
         if new.state not in ACTIVE_STATES:
@@ -734,12 +747,12 @@ class ControllerService:
 
     async def _op_nodes_list(self, args: dict[str, Any], operator: str) -> Any:
         selector = parse_selector(self._arg(args, "select", str, ""))
-        nodes = await asyncio.to_thread(self.store.list_nodes, selector or None)
+        nodes = await asyncio.to_thread(self.store.nodes.list, selector or None)
         return [n.to_dict() for n in nodes]
 
     async def _op_node_revoke(self, args: dict[str, Any], operator: str) -> Any:
         node_id = topics.check_id(self._arg(args, "node_id", str), "node id")
-        await asyncio.to_thread(self.store.set_revoked, node_id, True)  # noqa: FBT003
+        await asyncio.to_thread(self.store.nodes.set_revoked, node_id, True)  # noqa: FBT003
         return {"node_id": node_id, "revoked": True}
 
     async def _op_trust_push(self, args: dict[str, Any], operator: str) -> Any:
@@ -776,11 +789,11 @@ class ControllerService:
 
     async def _op_audit_list(self, args: dict[str, Any], operator: str) -> Any:
         limit = self._arg(args, "limit", int, 100)
-        entries = await asyncio.to_thread(self.store.list_audit, limit)
+        entries = await asyncio.to_thread(self.store.audit.list, limit)
         return [e.to_dict() for e in entries]
 
     async def _op_report(self, args: dict[str, Any], operator: str) -> Any:
-        report = await asyncio.to_thread(self.store.report)
+        report = await asyncio.to_thread(self.store.results.report)
         return {**report, "controller": dict(self.metrics)}
 
     # ----- helpers ----------------------------------------------------------------------

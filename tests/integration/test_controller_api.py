@@ -187,7 +187,7 @@ def test_a_wiped_node_loses_nothing_it_sends_afterwards(
                 await task
 
         def stored_results() -> int:
-            return int(service.store.report()["totals"]["results"])
+            return int(service.store.results.report()["totals"]["results"])
 
         try:
             async with asyncio.timeout(20):

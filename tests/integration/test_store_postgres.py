@@ -120,7 +120,9 @@ def test_two_stores_ingesting_one_node_ack_every_slot(schema: str) -> None:
     def send(store: Store, slots: range) -> None:
         try:
             for slot in slots:
-                store.ingest([], [batch("n1", slot, [slot]), batch("n2", slot, [slot])], [], NOW)
+                store.ingest.write(
+                    [], [batch("n1", slot, [slot]), batch("n2", slot, [slot])], [], NOW
+                )
         except BaseException as exc:
             failures.append(exc)
 
@@ -133,10 +135,10 @@ def test_two_stores_ingesting_one_node_ack_every_slot(schema: str) -> None:
         thread.join()
     assert failures == []
     for node_id in ("n1", "n2"):
-        node = stores[0].get_node(node_id)
+        node = stores[0].nodes.get(node_id)
         assert node is not None
         assert node.acked_seq == 100
-    counts = stores[0].table_counts()
+    counts = stores[0].results.table_counts()
     assert counts["stored_slots"] == 0
     assert counts["results"] == 200
     for store in stores:
@@ -150,12 +152,12 @@ def test_ingest_decides_under_the_node_row_lock(
     # meanwhile this one stores slot 3. It must wait for the row, then see
     # acked_seq 2 and ack 3. Deciding on the stale acked_seq 1 would park slot 3
     # behind a gap that never fills (the node has deleted slot 2 on its ack).
-    pg_store.ingest([], [batch("n1", 1, [1])], [], NOW)
+    pg_store.ingest.write([], [batch("n1", 1, [1])], [], NOW)
     done = threading.Event()
     acks: list[dict[str, int]] = []
 
     def ingest() -> None:
-        acks.append(pg_store.ingest([], [batch("n1", 3, [3])], [], NOW))
+        acks.append(pg_store.ingest.write([], [batch("n1", 3, [3])], [], NOW))
         done.set()
 
     nodes = f'"{schema}".nodes'
@@ -168,4 +170,4 @@ def test_ingest_decides_under_the_node_row_lock(
     thread.join(timeout=10)
     assert done.is_set()
     assert acks == [{"n1": 3}]
-    assert pg_store.table_counts()["stored_slots"] == 0
+    assert pg_store.results.table_counts()["stored_slots"] == 0

@@ -24,6 +24,7 @@ from fleet_controller.store import (
     NodeInfo,
     PendingStatus,
     RolloutInfo,
+    RolloutReader,
     Store,
     StoreError,
     UnknownRolloutError,
@@ -158,14 +159,14 @@ def check_command_seq_increments(store: Store) -> None:
 
 
 def check_results_stored_once(store: Store) -> None:
-    assert store.ingest([], [batch("n1", 1, range(1, 4))], [], NOW) == {"n1": 1}
+    assert store.ingest.write([], [batch("n1", 1, range(1, 4))], [], NOW) == {"n1": 1}
     # The same slot again (lost ack), and a new slot repeating result 3.
-    assert store.ingest([], [batch("n1", 1, range(1, 4))], [], NOW + 1) == {"n1": 1}
-    assert store.ingest([], [batch("n1", 2, [3, 4])], [], NOW + 2) == {"n1": 2}
+    assert store.ingest.write([], [batch("n1", 1, range(1, 4))], [], NOW + 1) == {"n1": 1}
+    assert store.ingest.write([], [batch("n1", 2, [3, 4])], [], NOW + 2) == {"n1": 2}
     # Twice within one call.
     again = batch("n1", 3, [5])
-    assert store.ingest([], [again, again], [], NOW + 3) == {"n1": 3}
-    results = store.list_results("n1")
+    assert store.ingest.write([], [again, again], [], NOW + 3) == {"n1": 3}
+    results = store.results.list("n1")
     assert sorted(r.seq for r in results) == [1, 2, 3, 4, 5]
     first = next(r for r in results if r.seq == 1)
     assert first.model == REF1
@@ -173,35 +174,35 @@ def check_results_stored_once(store: Store) -> None:
     assert first.tensors == result(1).tensors
     assert first.source == "camera0"
     assert first.to_dict()["model"] == REF1.model_dump()
-    assert store.table_counts()["results"] == 5
-    assert store.list_results("nobody") == []
-    assert len(store.list_results(limit=2)) == 2
+    assert store.results.table_counts()["results"] == 5
+    assert store.results.list("nobody") == []
+    assert len(store.results.list(limit=2)) == 2
 
 
 def check_statuses_stored_once(store: Store) -> None:
-    assert store.ingest([status("n1", 1), status("n1", 1)], [], [], NOW) == {"n1": 1}
-    assert store.ingest([status("n1", 1)], [], [], NOW) == {"n1": 1}
-    assert store.table_counts()["statuses"] == 1
+    assert store.ingest.write([status("n1", 1), status("n1", 1)], [], [], NOW) == {"n1": 1}
+    assert store.ingest.write([status("n1", 1)], [], [], NOW) == {"n1": 1}
+    assert store.results.table_counts()["statuses"] == 1
 
 
 def check_contiguous_ack_with_out_of_order_slots(store: Store) -> None:
-    assert store.ingest([], [batch("n1", 1, [1]), batch("n1", 2, [2])], [], NOW) == {"n1": 2}
-    assert store.ingest([], [batch("n1", 4, [4])], [], NOW) == {}  # slot 3 is missing
-    assert store.table_counts()["stored_slots"] == 1
+    assert store.ingest.write([], [batch("n1", 1, [1]), batch("n1", 2, [2])], [], NOW) == {"n1": 2}
+    assert store.ingest.write([], [batch("n1", 4, [4])], [], NOW) == {}  # slot 3 is missing
+    assert store.results.table_counts()["stored_slots"] == 1
     # Slot 3 is a status: statuses and results share the outbox sequence.
-    assert store.ingest([status("n1", 3)], [], [], NOW) == {"n1": 4}
-    assert store.table_counts()["stored_slots"] == 0
-    node = store.get_node("n1")
+    assert store.ingest.write([status("n1", 3)], [], [], NOW) == {"n1": 4}
+    assert store.results.table_counts()["stored_slots"] == 0
+    node = store.nodes.get("n1")
     assert node is not None
     assert node.acked_seq == 4
     # Another node's slots are counted separately.
-    assert store.ingest([status("n2", 2)], [batch("n1", 5, [5])], [], NOW) == {"n1": 5}
-    assert store.ingest([status("n2", 1)], [], [], NOW) == {"n2": 2}
+    assert store.ingest.write([status("n2", 2)], [batch("n1", 5, [5])], [], NOW) == {"n1": 5}
+    assert store.ingest.write([status("n2", 1)], [], [], NOW) == {"n2": 2}
 
 
 def check_unknown_nodes_are_created_offline(store: Store) -> None:
-    store.ingest([], [], [telemetry("t1", NOW)], NOW + 5)
-    node = store.get_node("t1")
+    store.ingest.write([], [], [telemetry("t1", NOW)], NOW + 5)
+    node = store.nodes.get("t1")
     assert node is not None
     assert (node.online, node.session, node.acked_seq, node.last_seen) == (False, 0, 0, NOW + 5)
     assert node.labels == {}
@@ -209,9 +210,9 @@ def check_unknown_nodes_are_created_offline(store: Store) -> None:
 
 
 def check_stale_death_is_ignored(store: Store) -> None:
-    assert store.upsert_node_state(state("n1", online=True, session=2, labels={"a": "b"}), NOW)
-    assert not store.upsert_node_state(state("n1", online=False, session=1), NOW + 1)
-    node = store.get_node("n1")
+    assert store.nodes.apply_state(state("n1", online=True, session=2, labels={"a": "b"}), NOW)
+    assert not store.nodes.apply_state(state("n1", online=False, session=1), NOW + 1)
+    node = store.nodes.get("n1")
     assert node is not None
     assert node.online
     assert node.session == 2
@@ -223,87 +224,87 @@ def check_stale_death_is_ignored(store: Store) -> None:
     assert node.capabilities.cpus == 4
     assert node.agent_version == "0.1.0"
     # A death of the same session marks it offline and keeps what the birth said.
-    assert store.upsert_node_state(state("n1", online=False, session=2, model=None), NOW + 2)
-    node = store.get_node("n1")
+    assert store.nodes.apply_state(state("n1", online=False, session=2, model=None), NOW + 2)
+    node = store.nodes.get("n1")
     assert node is not None
     assert (node.online, node.session, node.last_seen, node.model) == (False, 2, NOW + 2, REF1)
     # A newer birth updates everything, a birth without a model clears it.
-    assert store.upsert_node_state(state("n1", online=True, session=3, model=None), NOW + 3)
-    node = store.get_node("n1")
+    assert store.nodes.apply_state(state("n1", online=True, session=3, model=None), NOW + 3)
+    node = store.nodes.get("n1")
     assert node is not None
     assert (node.online, node.session, node.model, node.labels) == (True, 3, None, {})
     # A death of an unknown node creates it offline.
-    assert store.upsert_node_state(state("n9", online=False, session=7), NOW)
-    gone = store.get_node("n9")
+    assert store.nodes.apply_state(state("n9", online=False, session=7), NOW)
+    gone = store.nodes.get("n9")
     assert gone is not None
     assert (gone.online, gone.session) == (False, 7)
 
 
 def check_nodes_selector_revoke_touch(store: Store) -> None:
-    store.upsert_node_state(state("a", online=True, session=1, labels={"site": "x"}), NOW)
-    store.upsert_node_state(
+    store.nodes.apply_state(state("a", online=True, session=1, labels={"site": "x"}), NOW)
+    store.nodes.apply_state(
         state("b", online=True, session=1, labels={"site": "x", "tier": "1"}), NOW
     )
-    store.upsert_node_state(state("c", online=True, session=1, labels={"site": "y"}), NOW)
-    assert [n.node_id for n in store.list_nodes()] == ["a", "b", "c"]
-    assert [n.node_id for n in store.list_nodes({"site": "x"})] == ["a", "b"]
-    assert [n.node_id for n in store.list_nodes({"site": "x", "tier": "1"})] == ["b"]
-    assert store.list_nodes({"site": "z"}) == []
-    store.set_revoked("b", True)  # noqa: FBT003
-    assert [n.node_id for n in store.list_nodes() if n.revoked] == ["b"]
+    store.nodes.apply_state(state("c", online=True, session=1, labels={"site": "y"}), NOW)
+    assert [n.node_id for n in store.nodes.list()] == ["a", "b", "c"]
+    assert [n.node_id for n in store.nodes.list({"site": "x"})] == ["a", "b"]
+    assert [n.node_id for n in store.nodes.list({"site": "x", "tier": "1"})] == ["b"]
+    assert store.nodes.list({"site": "z"}) == []
+    store.nodes.set_revoked("b", True)  # noqa: FBT003
+    assert [n.node_id for n in store.nodes.list() if n.revoked] == ["b"]
     # A later birth keeps the revocation and the ack position.
-    store.upsert_node_state(state("b", online=True, session=2), NOW)
-    b = store.get_node("b")
+    store.nodes.apply_state(state("b", online=True, session=2), NOW)
+    b = store.nodes.get("b")
     assert b is not None
     assert b.revoked
-    store.set_revoked("b", False)  # noqa: FBT003
-    store.set_revoked("new", True)  # noqa: FBT003
-    new = store.get_node("new")
+    store.nodes.set_revoked("b", False)  # noqa: FBT003
+    store.nodes.set_revoked("new", True)  # noqa: FBT003
+    new = store.nodes.get("new")
     assert new is not None
     assert new.revoked
     assert not new.online
-    store.touch_node("a", NOW + 50)
-    store.touch_node("a", NOW + 10)  # last_seen never goes back
-    a = store.get_node("a")
+    store.nodes.touch("a", NOW + 50)
+    store.nodes.touch("a", NOW + 10)  # last_seen never goes back
+    a = store.nodes.get("a")
     assert a is not None
     assert a.last_seen == NOW + 50
-    assert store.get_node("nobody") is None
+    assert store.nodes.get("nobody") is None
     assert isinstance(a, NodeInfo)
     assert a.to_dict()["labels"] == {"site": "x"}
 
 
 def check_models(store: Store) -> None:
-    added = store.add_model(manifest("1.10.0"), '{"env":1}', "alice", NOW)
+    added = store.models.add(manifest("1.10.0"), '{"env":1}', "alice", NOW)
     assert (added.name, added.version, added.sha256, added.size) == ("det", "1.10.0", SHA1, 1234)
     assert added.manifest == manifest("1.10.0")
     assert added.envelope == '{"env":1}'
     with pytest.raises(DuplicateModelError, match=r"det@1\.10\.0"):
-        store.add_model(manifest("1.10.0", SHA2), "{}", "bob", NOW)
-    store.add_model(manifest("1.9.0", SHA2), "{}", "bob", NOW + 1)
-    store.add_model(manifest("1.10.0-rc.1", "c3" * 32), "{}", "bob", NOW + 2)
-    store.add_model(manifest("0.1.0", "d4" * 32, name="alpha"), "{}", "bob", NOW + 3)
-    listed = [(m.name, m.version) for m in store.list_models()]
+        store.models.add(manifest("1.10.0", SHA2), "{}", "bob", NOW)
+    store.models.add(manifest("1.9.0", SHA2), "{}", "bob", NOW + 1)
+    store.models.add(manifest("1.10.0-rc.1", "c3" * 32), "{}", "bob", NOW + 2)
+    store.models.add(manifest("0.1.0", "d4" * 32, name="alpha"), "{}", "bob", NOW + 3)
+    listed = [(m.name, m.version) for m in store.models.list()]
     assert listed == [
         ("alpha", "0.1.0"),
         ("det", "1.9.0"),
         ("det", "1.10.0-rc.1"),
         ("det", "1.10.0"),
     ]
-    got = store.get_model("det", "1.9.0")
+    got = store.models.get("det", "1.9.0")
     assert got is not None
     assert got.sha256 == SHA2
     assert got.added_by == "bob"
-    assert store.get_model("det", "9.9.9") is None
-    by_sha = store.get_model_by_sha(SHA1)
+    assert store.models.get("det", "9.9.9") is None
+    by_sha = store.models.by_sha(SHA1)
     assert by_sha is not None
     assert by_sha.version == "1.10.0"
-    assert store.get_model_by_sha("ee" * 32) is None
+    assert store.models.by_sha("ee" * 32) is None
     assert "envelope" not in added.to_dict()
 
 
 def check_rollout_round_trip_and_events(store: Store) -> None:
     first = record()
-    info = store.create_rollout(first, "alice", NOW)
+    info = store.rollouts.create(first, "alice", NOW)
     assert isinstance(info, RolloutInfo)
     assert (info.rollout_id, info.state, info.model, info.created_by) == (
         "r1",
@@ -312,9 +313,9 @@ def check_rollout_round_trip_and_events(store: Store) -> None:
         "alice",
     )
     with pytest.raises(DuplicateRolloutError):
-        store.create_rollout(first, "alice", NOW)
-    assert store.load_rollout("r1") == first
-    assert store.load_rollout("nope") is None
+        store.rollouts.create(first, "alice", NOW)
+    assert store.rollouts.load("r1") == first
+    assert store.rollouts.load("nope") is None
     baseline = HealthSample(NOW - 5, SHA1, 10, 0, 4.0)
     running = record(
         {
@@ -324,8 +325,8 @@ def check_rollout_round_trip_and_events(store: Store) -> None:
         state=RolloutState.RUNNING,
         wave_started_at=NOW,
     )
-    store.save_rollout(running, NOW + 1)
-    assert store.load_rollout("r1") == running
+    store.rollouts.save(running, NOW + 1)
+    assert store.rollouts.load("r1") == running
     # a: progress; b: only its reason changes (a row update, no event).
     later = replace(
         running,
@@ -334,71 +335,75 @@ def check_rollout_round_trip_and_events(store: Store) -> None:
             "b": replace(running.nodes["b"], reason="waiting"),
         },
     )
-    store.save_rollout(later, NOW + 2)
-    store.save_rollout(later, NOW + 3)  # nothing changed: no events
+    store.rollouts.save(later, NOW + 2)
+    store.rollouts.save(later, NOW + 3)  # nothing changed: no events
     failed = replace(
         later,
         nodes={**later.nodes, "a": replace(later.nodes["a"], state=N.FAILED, code="model_invalid")},
         state=RolloutState.FAILED,
         reason="1 of 2 nodes failed",
     )
-    store.save_rollout(failed, NOW + 4)
-    assert store.load_rollout("r1") == failed
-    events = [(e.node_id, e.state, e.code, e.ts) for e in store.rollout_events("r1")]
+    store.rollouts.save(failed, NOW + 4)
+    assert store.rollouts.load("r1") == failed
+    events = [(e.node_id, e.state, e.code, e.ts) for e in store.rollouts.events("r1")]
     assert events == [
         ("a", N.QUEUED, None, NOW + 1),
         ("b", N.QUEUED, None, NOW + 1),
         ("a", N.DOWNLOADING, None, NOW + 2),
         ("a", N.FAILED, "model_invalid", NOW + 4),
     ]
-    assert store.rollout_events("nope") == []
-    [info] = store.list_rollouts()
+    assert store.rollouts.events("nope") == []
+    [info] = store.rollouts.list()
     assert (info.state, info.reason, info.updated_at) == (
         RolloutState.FAILED,
         "1 of 2 nodes failed",
         NOW + 4,
     )
     assert dict(info.node_counts) == {"failed": 1, "queued": 1}
-    assert store.list_rollouts(active_only=True) == []
-    store.create_rollout(replace(first, spec=replace(first.spec, rollout_id="r2")), "bob", NOW + 10)
-    assert [i.rollout_id for i in store.list_rollouts()] == ["r1", "r2"]
-    assert [i.rollout_id for i in store.list_rollouts(active_only=True)] == ["r2"]
+    assert store.rollouts.list(active_only=True) == []
+    store.rollouts.create(
+        replace(first, spec=replace(first.spec, rollout_id="r2")), "bob", NOW + 10
+    )
+    assert [i.rollout_id for i in store.rollouts.list()] == ["r1", "r2"]
+    assert [i.rollout_id for i in store.rollouts.list(active_only=True)] == ["r2"]
     with pytest.raises(UnknownRolloutError):
-        store.save_rollout(replace(first, spec=replace(first.spec, rollout_id="r3")), NOW)
+        store.rollouts.save(replace(first, spec=replace(first.spec, rollout_id="r3")), NOW)
 
 
 def check_audit_newest_first(store: Store) -> None:
-    store.audit(
+    store.audit.append(
         "alice", "rollout.start", {"model": "det@1.0.0", "waves": [1, 100]}, "ok", None, NOW
     )
-    store.audit("bob", "rollout.abort", {"rollout_id": "r1"}, "failed", "no such rollout", NOW + 2)
-    store.audit("carol", "node.revoke", {"node": "n1", "odd": {1, 2}}, "ok", None, NOW + 1)
-    entries = store.list_audit()
+    store.audit.append(
+        "bob", "rollout.abort", {"rollout_id": "r1"}, "failed", "no such rollout", NOW + 2
+    )
+    store.audit.append("carol", "node.revoke", {"node": "n1", "odd": {1, 2}}, "ok", None, NOW + 1)
+    entries = store.audit.list()
     assert [e.operator for e in entries] == ["bob", "carol", "alice"]
     assert isinstance(entries[0], AuditInfo)
     assert entries[0].detail == "no such rollout"
     assert entries[2].args == {"model": "det@1.0.0", "waves": [1, 100]}
     assert entries[1].args["odd"] == "{1, 2}"  # not JSON: stored as text
-    assert [e.operator for e in store.list_audit(limit=1)] == ["bob"]
+    assert [e.operator for e in store.audit.list(limit=1)] == ["bob"]
 
 
 def check_prune(store: Store) -> None:
-    store.ingest(
+    store.ingest.write(
         [],
         [batch("n1", 1, [1, 2], ts=NOW - 100), batch("n1", 2, [3], ts=NOW)],
         [telemetry("n1", NOW - 100), telemetry("n1", NOW - 50), telemetry("n1", NOW)],
         NOW,
     )
-    assert store.prune(NOW - 60, NOW - 10) == (1, 2)
-    assert store.prune(NOW - 60, NOW - 10) == (0, 0)
-    assert [r.seq for r in store.list_results("n1")] == [3]
+    assert store.results.prune(NOW - 60, NOW - 10) == (1, 2)
+    assert store.results.prune(NOW - 60, NOW - 10) == (0, 0)
+    assert [r.seq for r in store.results.list("n1")] == [3]
     # A re-sent pruned slot does not bring its results back.
-    assert store.ingest([], [batch("n1", 1, [1, 2], ts=NOW - 100)], [], NOW) == {"n1": 2}
-    assert [r.seq for r in store.list_results("n1")] == [3]
+    assert store.ingest.write([], [batch("n1", 1, [1, 2], ts=NOW - 100)], [], NOW) == {"n1": 2}
+    assert [r.seq for r in store.results.list("n1")] == [3]
 
 
 def check_samples(store: Store) -> None:
-    store.ingest(
+    store.ingest.write(
         [],
         [],
         [
@@ -409,17 +414,17 @@ def check_samples(store: Store) -> None:
         ],
         NOW,
     )
-    found = store.samples(["n1", "n2", "quiet"], NOW)
+    found = store.ingest.samples(["n1", "n2", "quiet"], NOW)
     assert found == {
         "n1": [HealthSample(NOW, SHA1, 100, 1, 7.5), HealthSample(NOW + 2, SHA1, 300, 3, 9.0)],
         "n2": [],
         "quiet": [],
     }
-    assert store.samples([], NOW) == {}
+    assert store.ingest.samples([], NOW) == {}
 
 
 def check_report(store: Store) -> None:
-    store.ingest(
+    store.ingest.write(
         [],
         [
             ResultBatch(
@@ -432,7 +437,7 @@ def check_report(store: Store) -> None:
         [],
         NOW,
     )
-    report = store.report()
+    report = store.results.report()
     assert report["totals"]["results"] == 4
     assert report["totals"]["corner_cases"] == 1
     assert report["nodes"] == [
@@ -444,38 +449,62 @@ def check_report(store: Store) -> None:
 
 def check_step_rollout_folds_each_stored_status_once(store: Store) -> None:
     """Statuses reach the rollout only up to the node's contiguous slot, exactly once."""
-    store.create_rollout(record({"n1": NodeProgress(node_id="n1", wave=0)}), "op", NOW)
-    store.ingest([status("n1", 1), status("n1", 3, N.ACTIVATED)], [], [], NOW)
+    store.rollouts.create(record({"n1": NodeProgress(node_id="n1", wave=0)}), "op", NOW)
+    store.ingest.write([status("n1", 1), status("n1", 3, N.ACTIVATED)], [], [], NOW)
     seen: list[list[tuple[int, NodeRolloutState]]] = []
 
-    def fold(current: RolloutRecord, pending: list[PendingStatus]) -> tuple[RolloutRecord, int]:
+    def fold(
+        current: RolloutRecord, pending: list[PendingStatus], _reader: RolloutReader
+    ) -> tuple[RolloutRecord, int]:
         seen.append([(p.seq, p.state) for p in pending])
         return replace(current, reason=f"step {len(seen)}"), len(pending)
 
-    assert store.step_rollout("r1", fold, NOW)[1] == 1  # slot 3 waits for slot 2
-    store.ingest([status("n1", 2)], [], [], NOW + 1)
-    assert store.step_rollout("r1", fold, NOW + 1)[1] == 2
-    assert store.step_rollout("r1", fold, NOW + 2)[1] == 0
+    assert store.rollouts.step("r1", fold, NOW)[1] == 1  # slot 3 waits for slot 2
+    store.ingest.write([status("n1", 2)], [], [], NOW + 1)
+    assert store.rollouts.step("r1", fold, NOW + 1)[1] == 2
+    assert store.rollouts.step("r1", fold, NOW + 2)[1] == 0
     assert seen == [[(1, N.DOWNLOADING)], [(2, N.DOWNLOADING), (3, N.ACTIVATED)], []]
-    loaded = store.load_rollout("r1")
+    loaded = store.rollouts.load("r1")
     assert loaded is not None
     assert loaded.reason == "step 3"
+
+
+def check_step_reads_nodes_and_samples_in_its_transaction(store: Store) -> None:
+    """``decide`` gets the stored record once, with a reader on the same transaction."""
+    store.rollouts.create(record(), "op", NOW)
+    store.nodes.apply_state(state("a", online=True, session=1, labels={"site": "a"}), NOW)
+    store.nodes.apply_state(state("b", online=True, session=1, labels={"site": "b"}), NOW)
+    store.ingest.write([], [], [telemetry("a", NOW - 10), telemetry("a", NOW + 1)], NOW)
+
+    def decide(
+        current: RolloutRecord, pending: list[PendingStatus], reader: RolloutReader
+    ) -> tuple[RolloutRecord, dict[str, list[HealthSample]]]:
+        nodes = reader.nodes(current.spec.selector)
+        assert [n.node_id for n in nodes] == ["a"]
+        return current, reader.samples([n.node_id for n in nodes], NOW)
+
+    new, samples = store.rollouts.step("r1", decide, NOW + 2)
+    assert new == record()
+    assert samples == {"a": [HealthSample(NOW + 1, SHA1, 100, 1, 7.5)]}
+    assert store.rollouts.events("r1") == []  # an unchanged record is not saved again
+    with pytest.raises(UnknownRolloutError, match="unknown rollout r9"):
+        store.rollouts.step("r9", decide, NOW)
 
 
 def check_birth_floor_settles_slots_a_wiped_node_no_longer_has(store: Store) -> None:
     """A node that comes back with a new outbox numbers from its clock; its birth's
     floor tells the controller that every lower slot is settled."""
-    assert store.ingest([status("n1", 1), status("n1", 2)], [], [], NOW) == {"n1": 2}
-    store.ingest([status("n1", 5)], [], [], NOW)  # stored above a gap
+    assert store.ingest.write([status("n1", 1), status("n1", 2)], [], [], NOW) == {"n1": 2}
+    store.ingest.write([status("n1", 5)], [], [], NOW)  # stored above a gap
     wiped = state("n1", online=True, session=1).model_copy(update={"outbox_floor": 1_000})
-    assert store.upsert_node_state(wiped, NOW + 1)
-    node = store.get_node("n1")
+    assert store.nodes.apply_state(wiped, NOW + 1)
+    node = store.nodes.get("n1")
     assert node is not None
     assert node.acked_seq == 999
-    assert store.ingest([status("n1", 1_000)], [], [], NOW + 2) == {"n1": 1_000}
+    assert store.ingest.write([status("n1", 1_000)], [], [], NOW + 2) == {"n1": 1_000}
     lower = state("n1", online=True, session=2).model_copy(update={"outbox_floor": 10})
-    store.upsert_node_state(lower, NOW + 3)  # a floor never lowers the mark
-    node = store.get_node("n1")
+    store.nodes.apply_state(lower, NOW + 3)  # a floor never lowers the mark
+    node = store.nodes.get("n1")
     assert node is not None
     assert node.acked_seq == 1_000
 
@@ -483,6 +512,7 @@ def check_birth_floor_settles_slots_a_wiped_node_no_longer_has(store: Store) -> 
 CORE_CHECKS: list[Callable[[Store], None]] = [
     check_birth_floor_settles_slots_a_wiped_node_no_longer_has,
     check_step_rollout_folds_each_stored_status_once,
+    check_step_reads_nodes_and_samples_in_its_transaction,
     check_command_seq_increments,
     check_results_stored_once,
     check_statuses_stored_once,
@@ -521,13 +551,13 @@ def test_core(store: Store, check: Callable[[Store], None]) -> None:
 def test_sqlite_file_is_in_wal_mode_and_survives_reopen(db_path: Path) -> None:
     with Store.open(f"sqlite:///{db_path}") as store:
         store.next_command_seq()
-        store.add_model(manifest("1.0.0"), "{}", "alice", NOW)
+        store.models.add(manifest("1.0.0"), "{}", "alice", NOW)
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
     with Store.open(str(db_path)) as store:
         assert store.next_command_seq() == 2
-        assert [m.version for m in store.list_models()] == ["1.0.0"]
+        assert [m.version for m in store.models.list()] == ["1.0.0"]
 
 
 @pytest.mark.parametrize(
@@ -602,7 +632,7 @@ def test_errors_after_open_are_one_line_store_errors(db_path: Path) -> None:
             conn.execute("DROP TABLE results")
         conn.close()
         with pytest.raises(StoreError, match="no such table") as caught:
-            store.list_results()
+            store.results.list()
         assert "\n" not in str(caught.value)
 
 
@@ -631,27 +661,27 @@ def test_concurrent_ingest_from_threads_acks_every_slot(store: Store) -> None:
     # shared subscription would: the ack still reaches the last slot.
     def send(slots: range) -> None:
         for slot in slots:
-            store.ingest([], [batch("n1", slot, [slot])], [], NOW)
+            store.ingest.write([], [batch("n1", slot, [slot])], [], NOW)
 
     threads = [threading.Thread(target=send, args=(range(i, 61, 2),)) for i in (1, 2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    node = store.get_node("n1")
+    node = store.nodes.get("n1")
     assert node is not None
     assert node.acked_seq == 60
-    assert store.table_counts()["stored_slots"] == 0
-    assert store.table_counts()["results"] == 60
+    assert store.results.table_counts()["stored_slots"] == 0
+    assert store.results.table_counts()["results"] == 60
 
 
 def test_corrupt_stored_record_is_a_store_error(db_path: Path, store: Store) -> None:
-    store.create_rollout(record(), "alice", NOW)
+    store.rollouts.create(record(), "alice", NOW)
     with sqlite3.connect(db_path) as conn:
         conn.execute("UPDATE rollouts SET record_json = '{\"format\": 1}'")
     conn.close()
     with pytest.raises(StoreError, match="rollout r1: stored record unreadable"):
-        store.load_rollout("r1")
+        store.rollouts.load("r1")
 
 
 def test_command_seq_never_falls_below_the_floor(tmp_path: Path) -> None:

@@ -1,0 +1,27 @@
+"""The store's errors: one family under :class:`~shared.errors.EdgeFleetError`.
+
+Every message is one line, with any password in the database URL hidden, so a
+command line prints it as it is.
+"""
+
+from __future__ import annotations
+
+from shared.errors import EdgeFleetError
+
+__all__ = ["DuplicateModelError", "DuplicateRolloutError", "StoreError", "UnknownRolloutError"]
+
+
+class StoreError(EdgeFleetError):
+    """The database cannot be opened or failed an operation. The message is one line."""
+
+
+class DuplicateModelError(StoreError):
+    """A model of that name and version is registered already."""
+
+
+class DuplicateRolloutError(StoreError):
+    """A rollout with that id exists already."""
+
+
+class UnknownRolloutError(StoreError):
+    """No rollout with that id is stored."""

@@ -1,0 +1,197 @@
+"""Nodes: what each node last said of itself, when it was heard from, whether it is revoked.
+
+Invariants:
+
+* **Sparkplug-style node state** (:func:`shared.rules.accept_node_state`): a
+  birth always wins; a death whose session is older than the stored one is the
+  late Will of a replaced connection and is ignored.
+* **A birth's outbox floor settles slots** (:meth:`shared.rules.SlotLedger.settle_floor`):
+  ``acked_seq`` rises to just below the floor, never falls, and the held slots
+  it covers are dropped. The node row is locked (``SELECT ... FOR UPDATE``)
+  before deciding, so a concurrent ingest sees the result.
+* ``revoked`` is only changed by :meth:`NodeRepository.set_revoked`, so a node
+  revoked before it ever connected stays revoked when it does.
+* ``last_seen`` never goes back.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import delete, update
+from sqlmodel import Session, col, select
+
+from fleet_controller.store.database import Database
+from fleet_controller.store.errors import StoreError
+from fleet_controller.store.records import NodeInfo, model_ref
+from fleet_controller.store.tables import NODES, SLOTS, NodeRow
+from shared.messages import Capabilities, ModelRef, NodeState
+from shared.rules import SlotLedger, accept_node_state
+
+__all__ = ["NodeRepository", "ensure_nodes", "select_nodes"]
+
+
+class NodeRepository:
+    """``store.nodes``: births and deaths, liveness, revocation, listing."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def apply_state(self, state: NodeState, now: float) -> bool:
+        """Apply a birth or death. Returns False when it was ignored (a stale death).
+
+        A birth (``online``) replaces everything the node reports and marks it
+        online; its ``outbox_floor`` settles every slot below it. A death marks
+        the node offline. ``revoked`` is never touched here.
+
+        Raises: StoreError.
+        """
+        with self._db.session(write=True) as s:
+            ensure_nodes(self._db, s, [state.node], now)
+            session, last_seen, acked = s.exec(
+                select(col(NodeRow.session), col(NodeRow.last_seen), col(NodeRow.acked_seq))
+                .where(col(NodeRow.node_id) == state.node)
+                .with_for_update()
+            ).one()
+            if not accept_node_state(session, state):
+                return False
+            seen = max(last_seen, now)
+            if not state.online:
+                values: dict[str, Any] = {"online": False, "session": state.session}
+            else:
+                values = _birth_values(state)
+                if state.outbox_floor is not None:
+                    values |= self._settle_floor(s, state.node, acked, state.outbox_floor)
+            s.exec(
+                update(NODES).where(NODES.c.node_id == state.node).values(**values, last_seen=seen)
+            )
+        return True
+
+    @staticmethod
+    def _settle_floor(s: Session, node_id: str, acked: int, floor: int) -> dict[str, Any]:
+        """Drop the held slots below ``floor``; the ``acked_seq`` to write, if it rises.
+
+        Slots below a node's floor were acknowledged or never existed (a wiped
+        node numbers its outbox from its clock): nothing below can arrive.
+        """
+        ledger = SlotLedger(acked)
+        ledger.settle_floor(floor)
+        s.exec(delete(SLOTS).where(SLOTS.c.node_id == node_id, SLOTS.c.seq <= ledger.acked))
+        return {"acked_seq": ledger.acked} if ledger.advanced else {}
+
+    def touch(self, node_id: str, now: float) -> None:
+        """Record that ``node_id`` was heard from at ``now`` (creating it if unknown).
+
+        Raises: StoreError.
+        """
+        with self._db.session(write=True) as s:
+            ensure_nodes(self._db, s, [node_id], now)
+            s.exec(
+                update(NODES)
+                .where(NODES.c.node_id == node_id, NODES.c.last_seen < now)
+                .values(last_seen=now)
+            )
+
+    def get(self, node_id: str) -> NodeInfo | None:
+        """Raises: StoreError."""
+        with self._db.session(write=False) as s:
+            row = s.get(NodeRow, node_id)
+            return None if row is None else node_info(row)
+
+    def set_revoked(self, node_id: str, revoked: bool) -> None:
+        """Mark a node revoked (or not). An unknown node gets a row, so a node
+        revoked before it ever connected stays revoked.
+
+        Raises: StoreError.
+        """
+        with self._db.session(write=True) as s:
+            ensure_nodes(self._db, s, [node_id], 0.0)
+            s.exec(update(NODES).where(NODES.c.node_id == node_id).values(revoked=revoked))
+
+    def list(self, selector: Mapping[str, str] | None = None) -> builtins.list[NodeInfo]:
+        """Every node (revoked ones too) whose labels hold every ``key=value`` of
+        ``selector``, by node id.
+
+        Raises: StoreError.
+        """
+        with self._db.session(write=False) as s:
+            return select_nodes(s, selector)
+
+
+def ensure_nodes(db: Database, s: Session, node_ids: Iterable[str], now: float) -> None:
+    """Create rows for unknown nodes (offline, session 0), in sorted order (lock order)."""
+    rows = [
+        {
+            "node_id": node_id,
+            "online": False,
+            "session": 0,
+            "agent_version": "",
+            "labels": "{}",
+            "last_seen": now,
+            "acked_seq": 0,
+            "revoked": False,
+        }
+        for node_id in sorted(set(node_ids))
+    ]
+    if rows:
+        s.exec(db.insert(NODES).on_conflict_do_nothing(index_elements=["node_id"]), params=rows)
+
+
+def select_nodes(s: Session, selector: Mapping[str, str] | None) -> list[NodeInfo]:
+    """The nodes matching ``selector`` (all when empty), by node id. Raises: StoreError."""
+    rows = s.exec(select(NodeRow).order_by(col(NodeRow.node_id))).all()
+    nodes = [node_info(row) for row in rows]
+    if not selector:
+        return nodes
+    return [n for n in nodes if all(n.labels.get(k) == v for k, v in selector.items())]
+
+
+def node_info(row: NodeRow) -> NodeInfo:
+    """Raises: StoreError when the stored labels, capabilities or models are corrupt."""
+    what = f"node {row.node_id}"
+    try:
+        labels = json.loads(row.labels)
+        capabilities = (
+            None if row.capabilities is None else Capabilities.model_validate_json(row.capabilities)
+        )
+        previous = None if row.previous is None else ModelRef.model_validate_json(row.previous)
+    except ValueError:  # JSONDecodeError and pydantic's ValidationError both are
+        raise StoreError(f"{what}: stored labels, capabilities or model are corrupt") from None
+    return NodeInfo(
+        node_id=row.node_id,
+        online=row.online,
+        session=row.session,
+        agent_version=row.agent_version,
+        labels=labels,
+        capabilities=capabilities,
+        model=model_ref(row.model_name, row.model_version, row.model_sha256, what),
+        previous_model=previous,
+        last_seen=row.last_seen,
+        acked_seq=row.acked_seq,
+        revoked=row.revoked,
+    )
+
+
+def _birth_values(state: NodeState) -> dict[str, Any]:
+    """The columns a birth replaces: everything the node reports of itself."""
+    model = state.model
+    return {
+        "online": True,
+        "session": state.session,
+        "agent_version": state.agent_version,
+        "labels": json.dumps(
+            state.labels, separators=(",", ":"), sort_keys=True, ensure_ascii=False
+        ),
+        "capabilities": None
+        if state.capabilities is None
+        else state.capabilities.model_dump_json(),
+        "model_name": None if model is None else model.name,
+        "model_version": None if model is None else model.version,
+        "model_sha256": None if model is None else model.sha256,
+        "previous": None
+        if state.previous_model is None
+        else state.previous_model.model_dump_json(),
+    }
