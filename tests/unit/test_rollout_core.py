@@ -1130,48 +1130,74 @@ def test_random_statuses_and_ticks_follow_the_tables(
 ) -> None:
     fleet = {n: view(n, labels=LABELS[n], samples=[sample(NOW - 1, OLD, 10)]) for n in NODES}
     record = RolloutRecord(spec=spec)
-    now = NOW
+    clock = [NOW]
     rollbacks: dict[str, ModelRef | None] = {}  # the last rollback each node was sent
     with mock.patch.object(core, "apply_event", wraps=core.apply_event) as spy:
         for step in steps:
             spy.reset_mock()
             before = record
-            match step:
-                case ("status", node_id, state, code, duplicate):
-                    record = apply_node_status(
-                        record, node_id, state, now=now, code=code, duplicate=duplicate
-                    )
-                case ("tick", dt):
-                    now += dt
-                    stopped = record.state not in (R.PENDING, R.RUNNING, R.ROLLING_BACK)
-                    record, actions = tick(record, fleet, now=now)
-                    if stopped:
-                        assert (record, actions) == (before, [])
-                    rollbacks.update((a.node_id, a.target) for a in node_sends(actions, "rollback"))
-                case ("obey", node_id):  # the node carries out the rollback it was sent
-                    if node_id in rollbacks and node_id in fleet:
-                        fleet[node_id] = replace(fleet[node_id], model=rollbacks[node_id])
-                case ("model", node_id, model):
-                    old = fleet.get(node_id) or view(node_id, labels=LABELS[node_id])
-                    fleet[node_id] = replace(old, model=model)
-                case ("telemetry", node_id, online, runs, errors, p95):
-                    old = fleet.get(node_id) or view(node_id, labels=LABELS[node_id])
-                    last = old.samples[-1] if old.samples else sample(now, None, 0)
-                    added = sample(
-                        now, old.model, last.inferences + runs, last.errors + errors, p95
-                    )
-                    fleet[node_id] = replace(old, online=online, samples=(*old.samples, added))
-                case ("leave", node_id):
-                    fleet.pop(node_id, None)
-                case ("operator", E.ROLLBACK):
-                    if (record.state, E.ROLLBACK) in ROLLOUT_TRANSITIONS:
-                        record = start_rollback(record)
-                case ("operator", event):
-                    if (record.state, event) in ROLLOUT_TRANSITIONS:
-                        record = replace(record, state=core.apply_event(record.state, event))
-                case _:
-                    raise AssertionError(step)
+            if step[0] in ("status", "tick", "operator"):
+                record = _engine_step(record, step, fleet, clock, rollbacks)
+            else:
+                _fleet_step(step, fleet, clock[0], rollbacks)
             assert_follows_tables(before, record, spy.call_args_list, spec)
+
+
+def _engine_step(
+    record: RolloutRecord,
+    step: tuple[Any, ...],
+    fleet: Mapping[str, NodeView],
+    clock: list[float],
+    rollbacks: dict[str, ModelRef | None],
+) -> RolloutRecord:
+    """What the controller does: fold a status, tick, or apply an operator's event."""
+    match step:
+        case ("status", node_id, state, code, duplicate):
+            return apply_node_status(
+                record, node_id, state, now=clock[0], code=code, duplicate=duplicate
+            )
+        case ("tick", dt):
+            clock[0] += dt
+            stopped = record.state not in (R.PENDING, R.RUNNING, R.ROLLING_BACK)
+            new, actions = tick(record, fleet, now=clock[0])
+            if stopped:
+                assert (new, actions) == (record, [])
+            rollbacks.update((a.node_id, a.target) for a in node_sends(actions, "rollback"))
+            return new
+        case ("operator", E.ROLLBACK):
+            if (record.state, E.ROLLBACK) in ROLLOUT_TRANSITIONS:
+                return start_rollback(record)
+            return record
+        case ("operator", event):
+            if (record.state, event) in ROLLOUT_TRANSITIONS:
+                return replace(record, state=core.apply_event(record.state, event))
+            return record
+    raise AssertionError(step)
+
+
+def _fleet_step(
+    step: tuple[Any, ...],
+    fleet: dict[str, NodeView],
+    now: float,
+    rollbacks: Mapping[str, ModelRef | None],
+) -> None:
+    """What the world does: nodes obey, change model, report telemetry, leave."""
+    match step:
+        case ("obey", node_id):  # the node carries out the rollback it was sent
+            if node_id in rollbacks and node_id in fleet:
+                fleet[node_id] = replace(fleet[node_id], model=rollbacks[node_id])
+        case ("model", node_id, model):
+            old = fleet.get(node_id) or view(node_id, labels=LABELS[node_id])
+            fleet[node_id] = replace(old, model=model)
+        case ("telemetry", node_id, online, runs, errors, p95):
+            old = fleet.get(node_id) or view(node_id, labels=LABELS[node_id])
+            last = old.samples[-1] if old.samples else sample(now, None, 0)
+            added = sample(now, old.model, last.inferences + runs, last.errors + errors, p95)
+            fleet[node_id] = replace(old, online=online, samples=(*old.samples, added))
+        case ("leave", node_id):
+            fleet.pop(node_id, None)
+        case _:
+            raise AssertionError(step)
 
 
 def test_a_node_waiting_for_its_activation_window_does_not_time_out() -> None:
