@@ -1,0 +1,288 @@
+"""What every ``fleetctl`` command shares: options, settings, the controller, output.
+
+* The global options (``--broker``, ``--fleet``, ``--operator``, ``--timeout``,
+  ``--ca-file``) and ``--json`` are parent parsers (:class:`Parents`, made by
+  :func:`option_groups`) that each command group's ``register(commands,
+  parents)`` hands to its subcommands; :func:`settings_from` resolves them,
+  flags first, then the environment, then defaults.
+* :class:`Parser` turns argparse's usage errors into one line on stderr, exit 2.
+* An operator API call goes through :func:`call` (the seam unit tests replace),
+  or :func:`controller` for several calls on one connection; :func:`checked`
+  first validates the arguments with the controller's own
+  :func:`~shared.operations.parse_request`, so a bad request exits 2 before
+  the broker is contacted.
+* With ``--json`` a command prints exactly one JSON document on stdout
+  (:func:`emit`); otherwise a rich rendering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeAlias
+
+from rich.console import Console, RenderableType
+
+from fleet_controller.api import CtlClient
+from fleet_controller.cli.flags import parse_duration
+from shared.broker import DEFAULT_BROKER_URL, BrokerAddress, parse_broker_url
+from shared.errors import EdgeFleetError, UsageError
+from shared.operations import Operation, parse_request
+from shared.topics import check_id
+
+__all__ = [
+    "DEBUG_ENV",
+    "DEFAULT_TIMEOUT_S",
+    "KEYS_ENV",
+    "LOG_LEVELS",
+    "PASSPHRASE_ENV",
+    "Commands",
+    "Handler",
+    "Parents",
+    "Parser",
+    "Settings",
+    "add_command",
+    "call",
+    "checked",
+    "controller",
+    "emit",
+    "first_line",
+    "keys_dir",
+    "mapping",
+    "option_groups",
+    "passphrase",
+    "quiet_onnxruntime",
+    "rows",
+    "settings_from",
+    "setup_logging",
+    "stdout",
+]
+
+PASSPHRASE_ENV = "FLEET_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
+KEYS_ENV = "FLEET_KEYS"
+DEBUG_ENV = "FLEET_DEBUG"  # set: unexpected errors show their traceback
+DEFAULT_TIMEOUT_S = 10.0
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+Handler: TypeAlias = Callable[[argparse.Namespace], int]
+
+
+# ----- the parser ---------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+Commands: TypeAlias = "argparse._SubParsersAction[Parser]"
+
+
+@dataclass(frozen=True, slots=True)
+class Parents:
+    """The option groups subcommands inherit (argparse ``parents``)."""
+
+    base: tuple[Parser, ...]
+    """The global options."""
+    with_json: tuple[Parser, ...]
+    """The global options and ``--json``."""
+
+
+def option_groups() -> Parents:
+    """One set of shared option groups, for every command group to register with."""
+    options = _global_options()
+    return Parents(base=(options,), with_json=(options, _json_option()))
+
+
+def _global_options() -> Parser:
+    """The parent parser of the options every command takes."""
+    options = Parser(add_help=False)
+    group = options.add_argument_group("global options")
+    group.add_argument(
+        "--broker", metavar="URL", help=f"broker (env FLEET_BROKER, default {DEFAULT_BROKER_URL})"
+    )
+    group.add_argument("--fleet", help="fleet name (env FLEET_FLEET, default 'default')")
+    group.add_argument(
+        "--operator", help="who you are, for the audit log (env FLEET_OPERATOR, default $USER)"
+    )
+    group.add_argument(
+        "--timeout", metavar="DURATION", help=f"wait for answers (default {DEFAULT_TIMEOUT_S:g}s)"
+    )
+    group.add_argument("--ca-file", help="CA bundle for mqtts:// (env FLEET_CA_FILE)")
+    return options
+
+
+def _json_option() -> Parser:
+    """The parent parser of ``--json``."""
+    options = Parser(add_help=False)
+    options.add_argument("--json", action="store_true", help="print one JSON document")
+    return options
+
+
+def add_command(
+    parent: Commands,
+    name: str,
+    handler: Handler,
+    help_text: str,
+    parents: Sequence[Parser],
+    **kwargs: Any,
+) -> Parser:
+    """A subcommand ``name`` of ``parent`` that runs ``handler``."""
+    command = parent.add_parser(name, parents=list(parents), help=help_text, **kwargs)
+    command.set_defaults(handler=handler)
+    return command
+
+
+# ----- settings and the controller ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The resolved global options."""
+
+    broker: BrokerAddress
+    fleet: str
+    operator: str
+    timeout_s: float
+    ca_file: str | None
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The global options, flags first, then the environment, then defaults.
+
+    Raises:
+        UsageError / DecodeError: an invalid broker URL, fleet, operator or timeout.
+    """
+    broker = parse_broker_url(args.broker or os.environ.get("FLEET_BROKER") or DEFAULT_BROKER_URL)
+    fleet = check_id(args.fleet or os.environ.get("FLEET_FLEET") or "default", "fleet")
+    operator = (
+        args.operator or os.environ.get("FLEET_OPERATOR") or os.environ.get("USER") or "operator"
+    )
+    if not 0 < len(operator) <= 128 or not operator.isprintable():
+        raise UsageError(f"invalid operator name {operator[:40]!r}")
+    timeout_s = parse_duration(args.timeout) if args.timeout else DEFAULT_TIMEOUT_S
+    if timeout_s <= 0:
+        raise UsageError("--timeout must be above zero")
+    ca_file = args.ca_file or os.environ.get("FLEET_CA_FILE") or None
+    return Settings(broker, fleet, operator, timeout_s, ca_file)
+
+
+def checked(
+    operation: Operation[Any], args: dict[str, Any], *, now: float | None = None
+) -> dict[str, Any]:
+    """``args`` as given, once they validate as ``operation``'s request.
+
+    The controller runs the same check; running it here first refuses a bad
+    request with exit 2 before the broker is contacted. ``now`` (default: the
+    clock) is the reference time for activation times.
+
+    Raises:
+        RequestError: the one-line message names the operation and the field.
+    """
+    parse_request(operation, args, now=time.time() if now is None else now)
+    return args
+
+
+@contextlib.asynccontextmanager
+async def controller(settings: Settings) -> AsyncIterator[CtlClient]:
+    """A connected operator API client."""
+    async with CtlClient(
+        settings.broker,
+        fleet=settings.fleet,
+        operator=settings.operator,
+        timeout_s=settings.timeout_s,
+        ca_file=settings.ca_file,
+    ) as ctl:
+        yield ctl
+
+
+async def call(
+    settings: Settings, operation: Operation[Any], args: Mapping[str, Any] | None = None
+) -> Any:
+    """Run one ``operation`` on the controller; its answer.
+
+    Raises:
+        OperationError: the controller refused (its code is the exit code).
+        TransportError: the broker or the controller did not answer.
+    """
+    async with controller(settings) as ctl:
+        return await ctl.call(operation.name, dict(args) if args else None)
+
+
+def passphrase() -> bytes | None:
+    """The private keys' passphrase from the environment, if set."""
+    value = os.environ.get(PASSPHRASE_ENV)
+    return value.encode() if value else None
+
+
+def keys_dir(value: str | None) -> Path:
+    """``--keys``/``--dir``, else the environment, else ``./keys``."""
+    return Path(value or os.environ.get(KEYS_ENV) or "keys")
+
+
+# ----- output ---------------------------------------------------------------------------
+
+
+def stdout() -> Console:
+    """Rich output on stdout; piped output gets room for wide tables instead of 80 columns."""
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=160)
+    return console
+
+
+def emit(args: argparse.Namespace, value: Any, render: Callable[[Any], RenderableType]) -> None:
+    """JSON only on stdout with ``--json``; a rich rendering otherwise."""
+    if getattr(args, "json", False):
+        print(json.dumps(value))
+    else:
+        stdout().print(render(value))
+
+
+def rows(value: Any, what: str) -> list[dict[str, Any]]:
+    """``value`` if it is a list of objects. Raises: EdgeFleetError."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise EdgeFleetError(f"unexpected answer from the controller to {what}")
+    return value
+
+
+def mapping(value: Any, what: str) -> dict[str, Any]:
+    """``value`` if it is an object. Raises: EdgeFleetError."""
+    if not isinstance(value, dict):
+        raise EdgeFleetError(f"unexpected answer from the controller to {what}")
+    return value
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def setup_logging(level: str) -> None:
+    """Log lines on stderr at ``level`` (for the long-running commands)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiomqtt warns whenever more than ten publishes await their PUBACK; serving
+    # chunks and acks to many nodes does that by design.
+    logging.getLogger("mqtt").setLevel(max(logging.ERROR, logging.getLogger().level))
+
+
+def quiet_onnxruntime() -> None:
+    """Keep onnxruntime's own log off stderr: its errors reach the user as our one line."""
+    import onnxruntime as ort  # noqa: PLC0415 - only commands that run models need it
+
+    ort.set_default_logger_severity(4)  # fatal only

@@ -1,0 +1,47 @@
+"""``fleetctl demo``: a whole fleet on this machine, with embedded defaults.
+
+It takes none of the global options: it starts its own Mosquitto (unless
+``--broker``), controller and simulated nodes in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from fleet_controller.cli import common
+from shared.errors import UsageError
+
+__all__ = ["register"]
+
+_MAX_NODES = 200
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fleet_controller.demo import run_demo  # noqa: PLC0415 - builds models with onnx
+
+    if not 1 <= args.nodes <= _MAX_NODES:
+        raise UsageError(f"--nodes must be between 1 and {_MAX_NODES}")
+    common.setup_logging(args.log_level)
+    common.quiet_onnxruntime()
+    keep = Path(args.dir) if args.dir else None
+    asyncio.run(run_demo(nodes=args.nodes, broker_url=args.demo_broker, keep=keep))
+    return 0
+
+
+def register(commands: common.Commands, parents: common.Parents) -> None:
+    """Add ``demo`` to ``commands``; it takes none of ``parents`` (it runs its own fleet)."""
+    demo = commands.add_parser(
+        "demo",
+        help="run a whole fleet on this machine: rollouts, waves, an automatic rollback",
+        description="Starts Mosquitto (unless --broker), a controller and simulated nodes "
+        "in this process, then rolls out three model versions.",
+    )
+    demo.add_argument("--nodes", type=int, default=12, help="simulated nodes (12)")
+    demo.add_argument(
+        "--broker", dest="demo_broker", help="use this broker instead of starting one"
+    )
+    demo.add_argument("--dir", help="keep the demo's files here instead of a temporary folder")
+    demo.add_argument("--log-level", default="warning", choices=common.LOG_LEVELS)
+    demo.set_defaults(handler=_demo)

@@ -1,0 +1,69 @@
+"""``fleetctl nodes``, ``fleetctl audit`` and ``fleetctl report``: what the controller knows.
+
+Read-only questions to the controller's database; each request is checked
+locally (``--select``, ``--limit``) before the broker is contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from fleet_controller import console as view
+from fleet_controller.cli import common
+from fleet_controller.cli.flags import named, parse_select
+from shared.errors import UsageError
+from shared.operations import AUDIT_LIST, NODES_LIST, REPORT
+
+__all__ = ["register"]
+
+_NODE_COLUMNS = ("node_id", "online", "model", "labels", "agent_version", "last_seen", "revoked")
+_AUDIT_COLUMNS = ("ts", "operator", "action", "outcome", "detail", "args")
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    settings = common.settings_from(args)
+    select = named("--select", parse_select, args.select)
+    request = common.checked(NODES_LIST, {"select": select})
+    rows = common.rows(asyncio.run(common.call(settings, NODES_LIST, request)), NODES_LIST.name)
+    title = f"nodes ({select})" if select else "nodes"
+    common.emit(args, rows, lambda r: view.records_table(r, title=title, columns=_NODE_COLUMNS))
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    settings = common.settings_from(args)
+    if not 1 <= args.limit <= 100_000:
+        raise UsageError("--limit must be between 1 and 100000")
+    request = common.checked(AUDIT_LIST, {"limit": args.limit})
+    rows = common.rows(asyncio.run(common.call(settings, AUDIT_LIST, request)), AUDIT_LIST.name)
+    common.emit(
+        args, rows, lambda r: view.records_table(r, title="audit log", columns=_AUDIT_COLUMNS)
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    settings = common.settings_from(args)
+    report = common.mapping(asyncio.run(common.call(settings, REPORT)), REPORT.name)
+    common.emit(args, report, view.report_view)
+    return 0
+
+
+def register(commands: common.Commands, parents: common.Parents) -> None:
+    """Add ``nodes``, ``audit`` and ``report`` to ``commands``."""
+    nodes = common.add_command(
+        commands, "nodes", _nodes, "list nodes the controller knows", parents.with_json
+    )
+    nodes.add_argument("--select", default="", metavar="K=V,...", help="label selector")
+    audit = common.add_command(
+        commands, "audit", _audit, "show the audit log of operator actions", parents.with_json
+    )
+    audit.add_argument("--limit", type=int, default=100, help="newest N entries (100)")
+    common.add_command(
+        commands,
+        "report",
+        _report,
+        "results per node and model, corner cases, latency",
+        parents.with_json,
+    )

@@ -1,0 +1,157 @@
+"""``fleetctl serve``: run the controller service until SIGINT or SIGTERM.
+
+Every setting is checked (keys present, database URL, durations, HTTP address)
+before the service, SQLAlchemy or the broker are touched, so a bad flag exits 2
+at once. The heavy imports (the service, SQLAlchemy) happen only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+from fleet_controller.cli import common
+from fleet_controller.cli.flags import parse_duration
+from fleet_controller.keys import key_path, trust_path
+from shared.errors import EdgeFleetError, UsageError
+from shared.trust import Role
+
+__all__ = ["DB_ENV", "DEFAULT_DB_URL", "register"]
+
+DB_ENV = "FLEET_DB"
+DEFAULT_DB_URL = "sqlite:///fleet-data/fleet.db"
+
+
+def _database_url(url: str) -> str:
+    """Check ``url`` (a plain path means a SQLite file) and create a SQLite file's folder.
+
+    Raises:
+        UsageError: not a database URL SQLAlchemy understands.
+    """
+    from sqlalchemy.engine import make_url  # noqa: PLC0415 - only `serve` needs SQLAlchemy
+    from sqlalchemy.exc import ArgumentError  # noqa: PLC0415
+
+    if "://" not in url:  # a plain path names a SQLite file
+        url = f"sqlite:///{Path(url).resolve()}"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UsageError(
+            f"invalid database URL {url[:80]!r}: use sqlite:///PATH or postgresql+psycopg://..."
+        ) from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise UsageError(
+            f"invalid database URL {url[:80]!r}: use sqlite:///PATH or postgresql+psycopg://..."
+        )
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(str(parsed.database)).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EdgeFleetError(f"cannot create {folder}: {exc.strerror}") from None
+    return url
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = common.settings_from(args)
+    tick_s = parse_duration(args.tick)
+    if tick_s <= 0:
+        raise UsageError("--tick must be above zero")
+    if not math.isfinite(args.retention_days) or args.retention_days <= 0:
+        raise UsageError("--retention-days must be above zero")
+    keys_dir = common.keys_dir(args.keys)
+    for needed in (key_path(keys_dir, Role.ROLLOUT), trust_path(keys_dir)):
+        if not needed.is_file():
+            raise UsageError(
+                f"{needed} is missing: create keys with `fleetctl keys init --dir {keys_dir}` "
+                f"or point --keys / {common.KEYS_ENV} at them"
+            )
+    db_url = _database_url(args.db or os.environ.get(DB_ENV) or DEFAULT_DB_URL)
+    http_listen, http_url = _http_settings(args.http, args.http_url)
+    common.setup_logging(args.log_level)
+
+    from fleet_controller.service import ControllerConfig  # noqa: PLC0415 - heavy imports
+
+    config = ControllerConfig(
+        broker=settings.broker,
+        db_url=db_url,
+        keys_dir=keys_dir,
+        fleet=settings.fleet,
+        tick_s=tick_s,
+        retention_days=args.retention_days,
+        ca_file=settings.ca_file,
+        passphrase=common.passphrase(),
+        http_listen=http_listen,
+        http_url=http_url,
+    )
+    asyncio.run(_run_service(config))
+    return 0
+
+
+def _http_settings(
+    listen: str | None, url: str | None
+) -> tuple[tuple[str, int] | None, str | None]:
+    """``--http HOST:PORT`` and ``--http-url``. Raises: UsageError."""
+    if listen is None:
+        if url is not None:
+            raise UsageError("--http-url needs --http HOST:PORT")
+        return None, None
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UsageError(f"--http {listen!r}: expected HOST:PORT, e.g. 0.0.0.0:8080")
+    if url is None:
+        if host in ("0.0.0.0", "::"):  # noqa: S104 - a check, not a bind
+            raise UsageError("--http on all interfaces needs --http-url (how nodes reach it)")
+        url = f"http://{host}:{port_text}"
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise UsageError(f"--http-url {url!r}: expected http(s)://host[:port]")
+    return (host, int(port_text)), url
+
+
+async def _run_service(config: Any) -> None:
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+
+    from fleet_controller.service import ControllerService  # noqa: PLC0415
+
+    try:
+        service = ControllerService(config)
+    except SQLAlchemyError as exc:
+        raise EdgeFleetError(f"cannot open the database: {common.first_line(exc)}") from None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, service.stop)
+    await service.run()
+
+
+def register(commands: common.Commands, parents: common.Parents) -> None:
+    """Add ``serve`` to ``commands``."""
+    serve = common.add_command(
+        commands,
+        "serve",
+        _serve,
+        "run the controller service",
+        parents.base,
+        description="Runs until SIGINT or SIGTERM. Keys must hold rollout.pem and trust.json; "
+        f"{common.PASSPHRASE_ENV} unlocks encrypted keys.",
+    )
+    serve.add_argument("--db", help=f"database URL (env {DB_ENV}, default {DEFAULT_DB_URL})")
+    serve.add_argument("--keys", help=f"key directory (env {common.KEYS_ENV}, default ./keys)")
+    serve.add_argument("--tick", default="1s", metavar="DURATION", help="rollout tick (1s)")
+    serve.add_argument(
+        "--retention-days", type=float, default=30.0, help="keep telemetry and results (30)"
+    )
+    serve.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="also serve artifacts over HTTP with Range (off by default)",
+    )
+    serve.add_argument(
+        "--http-url", help="base URL nodes use for --http (default http://HOST:PORT)"
+    )
+    serve.add_argument("--log-level", default="info", choices=common.LOG_LEVELS)

@@ -1,0 +1,1 @@
+"""Unit tests of the fleet controller, one file per module."""

@@ -1,0 +1,1 @@
+"""Unit tests of ``fleetctl``, one file per module of :mod:`fleet_controller.cli`."""

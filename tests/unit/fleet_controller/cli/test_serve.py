@@ -1,0 +1,44 @@
+"""``fleetctl serve``'s local checks (:mod:`fleet_controller.cli.serve`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.unit.fleet_controller.cli._kit import one_line, run
+
+
+def test_serve_without_keys_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, closed_broker: str
+) -> None:
+    code, _, err = run(
+        capsys,
+        "serve",
+        "--keys",
+        str(tmp_path / "nokeys"),
+        "--db",
+        f"sqlite:///{tmp_path}/db/fleet.db",
+        "--broker",
+        closed_broker,
+    )
+    assert code == 2
+    assert "rollout.pem is missing" in one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--db", "nosuchdriver+x:///db"], "invalid database URL"),
+        (["--tick", "0"], "--tick must be above zero"),
+        (["--tick", "soon"], "invalid duration"),
+        (["--retention-days", "0"], "--retention-days must be above zero"),
+        (["--log-level", "loud"], "invalid choice"),
+    ],
+)
+def test_serve_refuses_bad_settings(
+    capsys: pytest.CaptureFixture[str], keys: Path, extra: list[str], message: str
+) -> None:
+    code, _, err = run(capsys, "serve", "--keys", str(keys), *extra)
+    assert code == 2
+    assert message in one_line(err)
