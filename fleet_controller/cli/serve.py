@@ -13,7 +13,6 @@ import math
 import os
 import re
 import signal
-from pathlib import Path
 from typing import Any
 
 from fleet_controller.cli import common
@@ -29,28 +28,21 @@ DEFAULT_DB_URL = "sqlite:///fleet-data/fleet.db"
 
 
 def _database_url(url: str) -> str:
-    """Check ``url`` (a plain path means a SQLite file) and create a SQLite file's folder.
+    """Check ``url`` as the store reads it, and create a SQLite file's folder.
 
     Raises:
-        UsageError: not a database URL SQLAlchemy understands.
+        UsageError: not a database URL the store supports (one line, no password).
+        EdgeFleetError: the SQLite file's folder cannot be created.
     """
-    from sqlalchemy.engine import make_url  # noqa: PLC0415 - only `serve` needs SQLAlchemy
-    from sqlalchemy.exc import ArgumentError  # noqa: PLC0415
+    from fleet_controller.store import StoreError, parse_database_url  # noqa: PLC0415 - heavy
 
-    if "://" not in url:  # a plain path names a SQLite file
-        url = f"sqlite:///{Path(url).resolve()}"
     try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise UsageError(
-            f"invalid database URL {url[:80]!r}: use sqlite:///PATH or postgresql+psycopg://..."
-        ) from None
-    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-        raise UsageError(
-            f"invalid database URL {url[:80]!r}: use sqlite:///PATH or postgresql+psycopg://..."
-        )
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        folder = Path(str(parsed.database)).parent
+        parsed = parse_database_url(url)
+    except StoreError as exc:
+        message = str(exc).removeprefix("invalid database URL: ")
+        raise UsageError(f"invalid database URL (--db): {message}") from None
+    if parsed.sqlite_path is not None:
+        folder = parsed.sqlite_path.parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
