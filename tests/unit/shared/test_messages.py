@@ -49,7 +49,7 @@ from shared.messages import (
     decode,
     encode,
 )
-from tests.unit._shared_kit import FUZZ, NOW, PROPERTY, SHA, VERSIONS, command, manifest
+from tests.support.shared_kit import FUZZ, NOW, PROPERTY, SHA, VERSIONS, command, manifest
 
 # ----- strategies, one per model ------------------------------------------------
 

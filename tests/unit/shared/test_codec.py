@@ -20,7 +20,7 @@ from shared.codec import (
     encode_json,
 )
 from shared.errors import DecodeError
-from tests.unit._shared_kit import PROPERTY
+from tests.support.shared_kit import PROPERTY
 
 # ----- table: every reason decode_json refuses a payload ---------------------
 

@@ -14,7 +14,7 @@ from fleet_controller.rollout_codec import FORMAT, record_from_json, record_to_j
 from fleet_controller.rollout_core import HealthSample, NodeProgress, RolloutRecord, RolloutSpec
 from shared.errors import DecodeError
 from shared.messages import ModelRef, NodeRolloutState, RolloutState
-from tests.unit._shared_kit import PROPERTY
+from tests.support.shared_kit import PROPERTY
 
 NOW = 1_700_000_000.0
 V1 = ModelRef(name="resnet", version="1.0.0", sha256="aa" * 32)

@@ -8,7 +8,7 @@ from pathlib import Path
 from shared.operations import OPERATIONS
 from shared.schemas import SCHEMA_MODELS, render_schemas
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "docs" / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[3] / "docs" / "schemas"
 FIX = "run `python scripts/gen_schemas.py`"
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from shared import topics
 from shared.errors import DecodeError
 from shared.topics import ParsedTopic, TopicError, TopicKind, parse_topic
-from tests.unit._shared_kit import PROPERTY, SHA
+from tests.support.shared_kit import PROPERTY, SHA
 
 IDS = st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True)
 SHAS = st.from_regex(r"[0-9a-f]{64}", fullmatch=True)
