@@ -42,6 +42,7 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.table import Table
 
+from edgefleet_io.mqtt import MqttTransport
 from fleet_controller import console as view
 from fleet_controller.api import CtlClient, OperationError
 from fleet_controller.keys import (
@@ -385,11 +386,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 @contextlib.asynccontextmanager
 async def _controller(settings: Settings) -> AsyncIterator[CtlClient]:
     async with CtlClient(
-        settings.broker,
+        MqttTransport(settings.broker, ca_file=settings.ca_file),
         fleet=settings.fleet,
         operator=settings.operator,
+        reply_to=settings.broker.username,
         timeout_s=settings.timeout_s,
-        ca_file=settings.ca_file,
     ) as ctl:
         yield ctl
 
@@ -1026,12 +1027,11 @@ def _top(args: argparse.Namespace) -> int:
         raise UsageError("--interval must be above zero")
     snapshot = asyncio.run(
         view.run_top(
-            settings.broker,
+            MqttTransport(settings.broker, ca_file=settings.ca_file),
             fleet=settings.fleet,
             interval_s=interval_s,
             once=args.once,
             console=_stdout(),
-            ca_file=settings.ca_file,
         )
     )
     if snapshot is not None:

@@ -39,6 +39,7 @@ from typing import Any, Self, TypeVar
 
 from sqlalchemy import create_engine, text
 
+from edgefleet_io.mqtt import MqttTransport
 from fleet_controller.api import CtlClient
 from shared.broker import parse_broker_url
 from shared.errors import EdgeFleetError
@@ -382,7 +383,7 @@ class Fleet:
 
         async def run() -> Any:
             async with CtlClient(
-                parse_broker_url(self.broker_url),
+                MqttTransport(parse_broker_url(self.broker_url)),
                 fleet=self.fleet_id,
                 operator=OPERATOR,
                 timeout_s=timeout_s,
