@@ -31,15 +31,15 @@ from pathlib import Path
 import numpy as np
 
 from edge_node.context import Background, Connection, ServingModel, sleep_unless
-from edge_node.inference_core import (
+from edge_node.inference_core import numpy_dtype
+from edge_node.numbering import next_result_seq
+from edge_node.results_core import (
     ChangeGate,
     LatencyWindow,
     input_digest,
     is_corner_case,
-    numpy_dtype,
     summarize_output,
 )
-from edge_node.numbering import next_result_seq
 from edge_node.runtime import InferenceOutcome, ModelRuntime
 from edge_node.sender import OutboxSender
 from edge_node.sources import DirectorySource, InputSource, MqttSource, SourceItem, SyntheticSource
