@@ -59,7 +59,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -534,7 +534,7 @@ def read_depths(path: Path) -> tuple[int, int]:
     if not path.exists():
         return 0, 0
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             depth = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
             telemetry = db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0]
     except sqlite3.Error as exc:

@@ -203,6 +203,11 @@ def test_a_wiped_node_loses_nothing_it_sends_afterwards(
                 first_task = asyncio.get_running_loop().create_task(first.run())
                 async with asyncio.timeout(20):
                     await first.connected.wait()
+                # The birth is out; the controller stores it on its own schedule.
+                deadline = time.monotonic() + 20
+                while not any(n["node_id"] == "n1" for n in await ctl.call("nodes.list")):
+                    assert time.monotonic() < deadline, "the controller never saw n1's birth"
+                    await asyncio.sleep(0.05)  # polling the controller against the deadline
                 started = await ctl.call(
                     "rollout.start",
                     {"model": "clf@1.0.0", "waves": [100], "health_window_s": 0.5},

@@ -515,13 +515,14 @@ class Fleet:
 
 def statuses(db_url: str, rollout_id: str) -> list[dict[str, Any]]:
     """The node statuses the controller stored for ``rollout_id`` (its ``statuses``
-    table), oldest first: ``node_id``, ``seq``, ``command_id``, ``state``, ``code``, ``ts``."""
+    table), oldest first: ``node_id``, ``seq``, ``command_id``, ``state``, ``code``,
+    ``duplicate``, ``ts``."""
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
             rows = conn.execute(
                 text(
-                    "SELECT node_id, seq, command_id, state, code, ts FROM statuses "
+                    "SELECT node_id, seq, command_id, state, code, duplicate, ts FROM statuses "
                     "WHERE rollout_id = :rollout ORDER BY ts, id"
                 ),
                 {"rollout": rollout_id},
