@@ -382,10 +382,12 @@ class Fleet:
         """
 
         async def run() -> Any:
+            address = parse_broker_url(self.broker_url)
             async with CtlClient(
-                MqttTransport(parse_broker_url(self.broker_url)),
+                MqttTransport(address),
                 fleet=self.fleet_id,
                 operator=OPERATOR,
+                reply_to=address.username,
                 timeout_s=timeout_s,
             ) as ctl:
                 return await ctl.call(op, args)
