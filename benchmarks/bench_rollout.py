@@ -47,6 +47,7 @@ from typing import Any
 import aiomqtt
 
 from edge_node.agent import AgentConfig, NodeAgent
+from edgefleet_io.mqtt import MqttTransport
 from fleet_controller.api import CtlClient
 from fleet_controller.demo import build_classifier, local_mosquitto
 from fleet_controller.keys import init_keys, load_key
@@ -207,7 +208,7 @@ async def bench(root: Path, broker: BrokerAddress, args: argparse.Namespace) -> 
         async with asyncio.timeout(30):
             await controller.connected.wait()
         async with (
-            CtlClient(broker, fleet=FLEET, operator="bench") as ctl,
+            CtlClient(MqttTransport(broker), fleet=FLEET, operator="bench") as ctl,
             BrokerCounters(broker) as counters,
         ):
             await publish(ctl, release)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import IO
 
 from edge_node.fetchers import Fetcher
+from edgefleet_io.files import atomic_write
 from shared.errors import DigestMismatchError, EdgeFleetError, TransferError
 from shared.messages import ModelManifest
 from shared.topics import check_sha256
@@ -154,22 +155,15 @@ class ArtifactStore:
     # ----- manifests -------------------------------------------------------
 
     def save_manifest(self, sha: str, envelope_bytes: bytes) -> Path:
-        """Store the signed manifest envelope of ``sha`` atomically (temp, fsync, rename).
+        """Store the signed manifest envelope of ``sha`` atomically and durably.
 
         Raises:
             ArtifactError: it cannot be written.
         """
         target = self._dir / (check_sha256(sha) + _MANIFEST)
-        temp = target.with_name(target.name + ".tmp")
         try:
-            with temp.open("wb") as f:
-                f.write(envelope_bytes)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, target)
-            _fsync_dir(self._dir)
+            atomic_write(target, envelope_bytes)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
             raise ArtifactError(f"cannot save manifest {sha[:12]}: {exc.strerror or exc}") from exc
         return target
 
@@ -251,27 +245,111 @@ class ArtifactStore:
     ) -> Path:
         sha, size = manifest.sha256, manifest.size
         final, part = self.path(sha), self._part(sha)
-        if self.has(sha, size):
+        if self._complete(sha, size):
             if progress is not None:
                 progress(size, size)
             return final
+        have = self._resumable_bytes(sha, size)
+        self._check_space(manifest, have, min_free_bytes)
+        writer = await _PartWriter.open(part, have)
+        with writer.file:
+            if writer.received < size:
+                oversize = await self._receive(writer, fetcher, sha, size, progress)
+                if oversize:
+                    writer.discard()
+                    raise DigestMismatchError(
+                        f"artifact larger than declared size ({size} bytes) for {sha[:12]}"
+                    )
+            if writer.received < size:
+                raise TransferError(
+                    f"transfer of {sha[:12]} ended at {writer.received} of {size} bytes"
+                )
+            await writer.commit(sha, final)
+        if progress is not None:
+            progress(size, size)
+        _log.info("stored artifact %s (%d bytes)", sha[:12], size)
+        return final
+
+    def _complete(self, sha: str, size: int) -> bool:
+        """Whether the blob is already here; a complete file of the wrong size is removed."""
+        if self.has(sha, size):
+            return True
+        final = self.path(sha)
         if final.exists():
             _log.warning("blob %s has the wrong size; downloading it again", sha[:12])
             final.unlink()
+        return False
 
+    def _resumable_bytes(self, sha: str, size: int) -> int:
+        """How much of a ``.part`` to resume from (a too long one is restarted)."""
         have = self.partial_bytes(sha)
         if have > size:
             _log.warning("partial %s is larger than declared; restarting", sha[:12])
-            part.unlink()
-            have = 0
+            self._part(sha).unlink()
+            return 0
+        return have
+
+    def _check_space(self, manifest: ModelManifest, have: int, min_free_bytes: int) -> None:
+        """Raises: InsufficientSpaceError when the rest and the reserve do not fit."""
         free = shutil.disk_usage(self._dir).free
-        needed = size - have + min_free_bytes
+        remaining = manifest.size - have
+        needed = remaining + min_free_bytes
         if free < needed:
             raise InsufficientSpaceError(
                 f"need {needed} bytes free for {manifest.name} {manifest.version} "
-                f"({size - have} to download + {min_free_bytes} reserve), have {free}"
+                f"({remaining} to download + {min_free_bytes} reserve), have {free}"
             )
 
+    async def _receive(
+        self,
+        writer: _PartWriter,
+        fetcher: Fetcher,
+        sha: str,
+        size: int,
+        progress: Progress | None,
+    ) -> bool:
+        """Stream the rest into ``writer``; True when the source sent more than ``size``.
+
+        ``progress`` is called at most once per :data:`_PROGRESS_INTERVAL_S` while
+        streaming (not for the last byte: the caller reports completion).
+        """
+        last_report = float("-inf")
+        chunks = fetcher.stream(sha, size, writer.received)
+        try:
+            async for data in chunks:
+                if writer.received + len(data) > size:
+                    return True  # stop at declared size + 1 byte
+                await writer.append(data)
+                now = self._monotonic()
+                if (
+                    progress is not None
+                    and writer.received < size
+                    and now - last_report >= _PROGRESS_INTERVAL_S
+                ):
+                    last_report = now
+                    progress(writer.received, size)
+        finally:
+            if isinstance(chunks, AsyncGenerator):
+                await chunks.aclose()
+        return False
+
+
+class _PartWriter:
+    """An open ``.part`` file and the running hash of everything in it."""
+
+    def __init__(self, part: Path, file: IO[bytes], hasher: hashlib._Hash, received: int) -> None:
+        self.part = part
+        self.file = file
+        self.hasher = hasher
+        self.received = received
+
+    @classmethod
+    async def open(cls, part: Path, have: int) -> _PartWriter:
+        """Open ``part`` for appending, hashing its first ``have`` bytes again.
+
+        Raises:
+            ArtifactError: the ``.part`` cannot be read or opened.
+        """
         hasher = hashlib.sha256()
         try:
             if have:
@@ -279,54 +357,35 @@ class ArtifactStore:
             file = part.open("ab")
         except OSError as exc:
             raise ArtifactError(f"cannot open {part.name}: {exc.strerror or exc}") from exc
+        return cls(part, file, hasher, have)
 
-        received = have
-        oversize = False
-        last_report = float("-inf")
-        with file:
-            if received < size:
-                chunks = fetcher.stream(sha, size, received)
-                try:
-                    async for data in chunks:
-                        if received + len(data) > size:
-                            oversize = True  # stop at declared size + 1 byte
-                            break
-                        await _append(file, hasher, data, part)
-                        received += len(data)
-                        now = self._monotonic()
-                        if (
-                            progress is not None
-                            and received < size
-                            and now - last_report >= _PROGRESS_INTERVAL_S
-                        ):
-                            last_report = now
-                            progress(received, size)
-                finally:
-                    if isinstance(chunks, AsyncGenerator):
-                        await chunks.aclose()
-            if oversize:
-                file.close()
-                part.unlink(missing_ok=True)
-                raise DigestMismatchError(
-                    f"artifact larger than declared size ({size} bytes) for {sha[:12]}"
-                )
-            if received < size:
-                raise TransferError(f"transfer of {sha[:12]} ended at {received} of {size} bytes")
-            actual = hasher.hexdigest()
-            if actual != sha:
-                file.close()
-                part.unlink(missing_ok=True)
-                raise DigestMismatchError(
-                    f"artifact sha256 {actual[:12]}… does not match manifest {sha[:12]}…"
-                )
-            try:
-                await asyncio.to_thread(_commit, file, part, final)
-            except OSError as exc:
-                raise ArtifactError(f"cannot store {sha[:12]}: {exc.strerror or exc}") from exc
-        if progress is not None:
-            progress(size, size)
-        _log.info("stored artifact %s (%d bytes)", sha[:12], size)
-        return final
+    async def append(self, data: bytes) -> None:
+        """Raises: ArtifactError when the write fails."""
+        await _append(self.file, self.hasher, data, self.part)
+        self.received += len(data)
+
+    def discard(self) -> None:
+        """The bytes are wrong: close and delete the ``.part``."""
+        self.file.close()
+        self.part.unlink(missing_ok=True)
+
+    async def commit(self, sha: str, final: Path) -> None:
+        """Rename the ``.part`` to ``final`` if its hash is ``sha``.
+
+        Raises:
+            DigestMismatchError: the bytes hash differently (the ``.part`` is deleted).
+            ArtifactError: the file cannot be synced or renamed.
+        """
+        actual = self.hasher.hexdigest()
+        if actual != sha:
+            self.discard()
+            raise DigestMismatchError(
+                f"artifact sha256 {actual[:12]}… does not match manifest {sha[:12]}…"
+            )
+        try:
+            await asyncio.to_thread(_commit, self.file, self.part, final)
+        except OSError as exc:
+            raise ArtifactError(f"cannot store {sha[:12]}: {exc.strerror or exc}") from exc
 
 
 # ----- blocking helpers (run in worker threads where noted) -------------------

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import sqlite3
 import ssl
 import sys
 import tomllib
@@ -25,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_node.agent import AgentConfig, NodeAgent, SourceKind
+from edge_node.outbox import read_depths
 from edge_node.runtime import SessionOptionsConfig
 from edge_node.simulate import run_simulation
 from edge_node.sources import parse_source
@@ -233,7 +233,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not data.is_dir():
         raise UsageError(f"{data} is not a node data directory")
     state = NodeStore(data).load()
-    outbox_depth, telemetry_depth = _outbox_depths(data / "outbox.db")
+    outbox_depth, telemetry_depth = read_depths(data / "outbox.db")
     report = {
         "data": str(data),
         "active": state.active.model_dump() if state.active else None,
@@ -254,19 +254,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
     table.add_row("telemetry queued", str(telemetry_depth))
     Console().print(table)
     return 0
-
-
-def _outbox_depths(path: Path) -> tuple[int, int]:
-    """Read-only look at the outbox without taking it over from a running node."""
-    if not path.exists():
-        return 0, 0
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-            depth = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
-            telemetry = db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0]
-    except sqlite3.Error as exc:
-        raise EdgeFleetError(f"cannot read outbox {path}: {exc}") from None
-    return int(depth), int(telemetry)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

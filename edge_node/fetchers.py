@@ -34,8 +34,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import aiomqtt
-
 from shared import topics
 from shared.envelope import b64decode
 from shared.errors import DecodeError, TransferError, TransportError
@@ -88,10 +86,112 @@ class _Slot:
     deadline: float = 0.0
 
 
-@dataclass(slots=True, eq=False)
-class _Transfer:
-    sha256: str
-    inbox: asyncio.Queue[ArtifactChunk]
+class _Stream:
+    """One :meth:`MqttChunkFetcher.stream` call's bookkeeping; synchronous, no I/O.
+
+    ``slots`` are requested ranges not answered yet (by offset), ``by_id`` every
+    live request id, ``ready`` answered bytes waiting for an earlier offset.
+    ``routes`` is the fetcher's request id -> stream map: ids are removed there
+    as soon as they are answered or dropped.
+    """
+
+    def __init__(self, sha256: str, size: int, offset: int, routes: dict[str, _Stream]) -> None:
+        self.sha256 = sha256
+        self.declared = size
+        self.inbox: asyncio.Queue[ArtifactChunk] = asyncio.Queue()
+        self.slots: dict[int, _Slot] = {}
+        self.by_id: dict[str, _Slot] = {}
+        self.ready: dict[int, bytes] = {}
+        self.end = size  # where the stream stops; the source's own size refines it
+        self.source_size: int | None = None
+        self.next_request = self.position = offset
+        self._routes = routes
+
+    def take_ready(self) -> list[bytes]:
+        """The answered bytes that continue the stream at ``position``, in order."""
+        taken: list[bytes] = []
+        while self.position in self.ready:
+            data = self.ready.pop(self.position)
+            self.position += len(data)
+            taken.append(data)
+        return taken
+
+    def new_slots(self, chunk_bytes: int, window: int) -> list[_Slot]:
+        """Ranges to request now: in flight plus buffered stays within ``window``."""
+        made: list[_Slot] = []
+        while self.next_request < self.end and len(self.slots) + len(self.ready) < window:
+            slot = _Slot(self.next_request, min(chunk_bytes, self.end - self.next_request))
+            self.slots[slot.offset] = slot
+            self.next_request += slot.length
+            made.append(slot)
+        return made
+
+    def register(self, slot: _Slot, request_id: str) -> None:
+        slot.ids.append(request_id)
+        self.by_id[request_id] = slot
+        self._routes[request_id] = self
+
+    def forget(self, slot: _Slot) -> None:
+        del self.slots[slot.offset]
+        for rid in slot.ids:
+            self.by_id.pop(rid, None)
+            self._routes.pop(rid, None)
+
+    def close(self) -> None:
+        for rid in self.by_id:
+            self._routes.pop(rid, None)
+
+    def accept(self, chunk: ArtifactChunk) -> None:
+        """Take one reply: its bytes wait in ``ready`` until their turn.
+
+        Replies to ranges already answered (under another id) or dropped are ignored.
+
+        Raises:
+            TransferError: the controller refused, or the reply is malformed,
+                misplaced, of the wrong length, or of a blob that changed size.
+        """
+        slot = self.by_id.get(chunk.request_id)
+        if slot is None or self.slots.get(slot.offset) is not slot:
+            return
+        if chunk.error is not None:
+            raise TransferError(
+                f"controller refused chunk at offset {slot.offset}: {_one_line(chunk.error)}"
+            )
+        if chunk.offset != slot.offset:
+            raise TransferError(f"chunk for offset {slot.offset} claims offset {chunk.offset}")
+        if self.source_size is None:
+            self._learn_size(chunk.size)
+            if self.slots.get(slot.offset) is not slot:
+                return  # past the end the source declared
+        elif chunk.size != self.source_size:
+            raise TransferError(
+                f"source changed the blob size from {self.source_size} to {chunk.size}"
+            )
+        data = self._checked_data(chunk, slot, chunk.size)  # the source size, checked above
+        self.forget(slot)
+        self.ready[slot.offset] = data[: self.end - slot.offset]
+
+    def _learn_size(self, source_size: int) -> None:
+        """The first reply tells the source's size: never ask past declared size + 1."""
+        self.source_size = source_size
+        # One extra byte proves an oversize blob; more is never asked for.
+        self.end = min(source_size, self.declared + 1)
+        for stale in [s for s in self.slots.values() if s.offset >= self.end]:
+            self.forget(stale)
+        self.next_request = min(self.next_request, self.end)
+
+    @staticmethod
+    def _checked_data(chunk: ArtifactChunk, slot: _Slot, source_size: int) -> bytes:
+        try:
+            data = b64decode(chunk.data, "chunk data")
+        except DecodeError:
+            raise TransferError(f"chunk at offset {slot.offset} is not valid base64") from None
+        last = slot.offset + len(data) == source_size
+        if len(data) > slot.length or (len(data) < slot.length and not last):
+            raise TransferError(
+                f"chunk at offset {slot.offset} has {len(data)} bytes, asked for {slot.length}"
+            )
+        return data
 
 
 class MqttChunkFetcher:
@@ -141,7 +241,7 @@ class MqttChunkFetcher:
         self._stall_timeout_s = stall_timeout_s
         self._max_retries = max_retries
         # request id -> the stream that sent it; removed as soon as it is answered
-        self._routes: dict[str, _Transfer] = {}
+        self._routes: dict[str, _Stream] = {}
 
     def deliver(self, chunk: ArtifactChunk) -> bool:
         """Hand a chunk received on ``artifact_data`` to the stream that asked for it.
@@ -150,15 +250,15 @@ class MqttChunkFetcher:
         request id or the digest differs: a stale reply from before a
         reconnect, a duplicate, or someone else's.
         """
-        transfer = self._routes.get(chunk.request_id)
-        if transfer is None or transfer.sha256 != chunk.sha256:
+        stream = self._routes.get(chunk.request_id)
+        if stream is None or stream.sha256 != chunk.sha256:
             _log.debug(
                 "ignoring artifact chunk %s for %s (no such request)",
                 chunk.request_id,
                 chunk.sha256[:12],
             )
             return False
-        transfer.inbox.put_nowait(chunk)
+        stream.inbox.put_nowait(chunk)
         return True
 
     async def stream(self, sha256: str, size: int, offset: int) -> AsyncIterator[bytes]:
@@ -176,120 +276,55 @@ class MqttChunkFetcher:
         if offset >= size:
             return
         loop = asyncio.get_running_loop()
-        transfer = _Transfer(sha256, asyncio.Queue())
-        slots: dict[int, _Slot] = {}  # requested, not answered yet; by offset
-        by_id: dict[str, _Slot] = {}  # every live request id of this stream
-        ready: dict[int, bytes] = {}  # answered, waiting for an earlier offset
-        end = size  # where the stream stops; the source's own size refines it
-        source_size: int | None = None
-        next_request = position = offset
-
-        def forget(slot: _Slot) -> None:
-            del slots[slot.offset]
-            for rid in slot.ids:
-                by_id.pop(rid, None)
-                self._routes.pop(rid, None)
-
+        state = _Stream(sha256, size, offset, self._routes)
         try:
             while True:
-                while position in ready:
-                    data = ready.pop(position)
-                    position += len(data)
+                for data in state.take_ready():
                     yield data
-                if position >= end:
+                if state.position >= state.end:
                     return
-                while next_request < end and len(slots) + len(ready) < self._window:
-                    slot = _Slot(next_request, min(self._chunk_bytes, end - next_request))
-                    slots[slot.offset] = slot
-                    next_request += slot.length
-                    await self._request(transfer, slot, by_id, loop)
-                deadline = min(s.deadline for s in slots.values())
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        chunk = await transfer.inbox.get()
-                except TimeoutError:
-                    await self._on_stall(transfer, slots, by_id, loop)
-                    continue
-                slot_or_none = by_id.get(chunk.request_id)
-                if slot_or_none is None or slots.get(slot_or_none.offset) is not slot_or_none:
-                    continue  # answered already under another id, or dropped
-                slot = slot_or_none
-                if chunk.error is not None:
-                    raise TransferError(
-                        f"controller refused chunk at offset {slot.offset}: "
-                        f"{_one_line(chunk.error)}"
-                    )
-                if chunk.offset != slot.offset:
-                    raise TransferError(
-                        f"chunk for offset {slot.offset} claims offset {chunk.offset}"
-                    )
-                if source_size is None:
-                    source_size = chunk.size
-                    # Never ask past declared size + 1: one extra byte proves oversize.
-                    end = min(source_size, size + 1)
-                    for stale in [s for s in slots.values() if s.offset >= end]:
-                        forget(stale)
-                    next_request = min(next_request, end)
-                    if slots.get(slot.offset) is not slot:
-                        continue
-                elif chunk.size != source_size:
-                    raise TransferError(
-                        f"source changed the blob size from {source_size} to {chunk.size}"
-                    )
-                try:
-                    data = b64decode(chunk.data, "chunk data")
-                except DecodeError:
-                    raise TransferError(
-                        f"chunk at offset {slot.offset} is not valid base64"
-                    ) from None
-                last = slot.offset + len(data) == source_size
-                if len(data) > slot.length or (len(data) < slot.length and not last):
-                    raise TransferError(
-                        f"chunk at offset {slot.offset} has {len(data)} bytes, "
-                        f"asked for {slot.length}"
-                    )
-                forget(slot)
-                ready[slot.offset] = data[: end - slot.offset]
+                for slot in state.new_slots(self._chunk_bytes, self._window):
+                    await self._request(state, slot, loop)
+                chunk = await self._next_chunk(state, loop)
+                if chunk is not None:
+                    state.accept(chunk)
         finally:
-            for rid in by_id:
-                self._routes.pop(rid, None)
+            state.close()
 
-    async def _request(
-        self,
-        transfer: _Transfer,
-        slot: _Slot,
-        by_id: dict[str, _Slot],
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
+    async def _next_chunk(
+        self, state: _Stream, loop: asyncio.AbstractEventLoop
+    ) -> ArtifactChunk | None:
+        """The next reply, or None after re-requesting what stalled past its deadline."""
+        deadline = min(s.deadline for s in state.slots.values())
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await state.inbox.get()
+        except TimeoutError:
+            await self._on_stall(state, loop)
+            return None
+
+    async def _request(self, state: _Stream, slot: _Slot, loop: asyncio.AbstractEventLoop) -> None:
         request_id = uuid.uuid4().hex[:16]
-        slot.ids.append(request_id)
-        by_id[request_id] = slot
-        self._routes[request_id] = transfer
+        state.register(slot, request_id)
         request = ArtifactRequest(
             node=self._node,
-            sha256=transfer.sha256,
+            sha256=state.sha256,
             request_id=request_id,
             offset=slot.offset,
             length=slot.length,
         )
-        topic = topics.artifact_request(self._fleet, transfer.sha256, self._node)
+        topic = topics.artifact_request(self._fleet, state.sha256, self._node)
         try:
             await self._publish(topic, encode(request))
-        except (TransportError, OSError, aiomqtt.MqttError) as exc:
+        except (TransportError, OSError) as exc:
             raise TransferError(
                 f"cannot request chunk at offset {slot.offset}: {_one_line(str(exc))}"
             ) from exc
         slot.deadline = loop.time() + self._stall_timeout_s
 
-    async def _on_stall(
-        self,
-        transfer: _Transfer,
-        slots: dict[int, _Slot],
-        by_id: dict[str, _Slot],
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
+    async def _on_stall(self, state: _Stream, loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
-        for slot in sorted(slots.values(), key=lambda s: s.offset):
+        for slot in sorted(state.slots.values(), key=lambda s: s.offset):
             if slot.deadline > now:
                 continue
             if slot.retries >= self._max_retries:
@@ -300,11 +335,11 @@ class MqttChunkFetcher:
             slot.retries += 1
             _log.info(
                 "re-requesting %s offset %d (attempt %d)",
-                transfer.sha256[:12],
+                state.sha256[:12],
                 slot.offset,
                 slot.retries + 1,
             )
-            await self._request(transfer, slot, by_id, loop)
+            await self._request(state, slot, loop)
 
 
 # ----- HTTP(S) ---------------------------------------------------------------

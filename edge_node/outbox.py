@@ -1,7 +1,7 @@
 """The node's disk-backed outbox: statuses and result batches wait here until acked.
 
 Storage is one SQLite file in the node's data directory (WAL journal,
-``synchronous=FULL``; see :func:`_configure`). One process owns the file; the
+``synchronous=FULL``; see :func:`edge_node.outbox_db.configure`). One process owns the file; the
 :class:`Outbox` object is used from one thread at a time (an asyncio agent calls
 it through :func:`asyncio.to_thread`), and a lock serializes calls anyway.
 
@@ -59,12 +59,21 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Self
 
+from edge_node.outbox_db import (
+    KINDS,
+    Kind,
+    OutboxError,
+    as_kind,
+    meta,
+    open_database,
+    transaction,
+)
 from shared.errors import EdgeFleetError
 
 __all__ = [
@@ -77,50 +86,14 @@ __all__ = [
     "OutboxFullError",
     "OutboxStats",
     "TelemetryEntry",
+    "read_depths",
 ]
 
 _log = logging.getLogger(__name__)
 
-Kind = Literal["status", "results"]
-_KINDS: dict[str, Kind] = {"status": "status", "results": "results"}
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # payload + topic bytes, both tables together
 DEFAULT_MAX_ENTRIES = 1_000_000  # rows, both tables together
-
-_SCHEMA_VERSION = 1  # kept in PRAGMA user_version
-# Columns are ordered so the small ones come before ``payload``: summing ``size``
-# at open then never reads a payload's overflow pages.
-_SCHEMA = """
-CREATE TABLE meta (
-    key   TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-) WITHOUT ROWID;
-INSERT INTO meta (key, value) VALUES ('last_seq', 0), ('dropped_telemetry', 0);
-CREATE TABLE entries (
-    seq        INTEGER PRIMARY KEY CHECK (seq >= 1),
-    kind       TEXT    NOT NULL CHECK (kind IN ('status', 'results')),
-    size       INTEGER NOT NULL,
-    created_at REAL    NOT NULL,
-    sent_at    REAL,
-    attempts   INTEGER NOT NULL DEFAULT 0,
-    topic      TEXT    NOT NULL,
-    payload    BLOB    NOT NULL
-);
--- AUTOINCREMENT: an id handed out by telemetry_due() is never reused by a later
--- row, so telemetry_sent() cannot delete an entry that was never sent.
-CREATE TABLE telemetry (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    size       INTEGER NOT NULL,
-    created_at REAL    NOT NULL,
-    topic      TEXT    NOT NULL,
-    payload    BLOB    NOT NULL
-);
-"""
-_TABLES = frozenset({"meta", "entries", "telemetry"})
-
-
-class OutboxError(EdgeFleetError):
-    """The outbox database is corrupt, foreign, unreadable, closed, or I/O failed."""
 
 
 class OutboxFullError(EdgeFleetError):
@@ -159,52 +132,6 @@ class OutboxStats:
     bytes: int  # payload + topic bytes stored, both tables
     last_seq: int  # 0 before the first put
     dropped_telemetry: int  # since the database was created
-
-
-def _configure(conn: sqlite3.Connection, path: Path) -> None:
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        # Durability still holds (FULL syncs the rollback journal too); only
-        # concurrency and write speed suffer, e.g. on a filesystem without mmap.
-        _log.warning("outbox %s: WAL unavailable, using journal_mode=%s", path, mode)
-    # FULL, not NORMAL: in WAL mode NORMAL fsyncs only at checkpoints, so a power
-    # loss can roll back transactions that had already committed -- i.e. a put()
-    # that returned. The contract is "accepted means survives power loss", so
-    # every commit fsyncs the WAL. Cost: one fsync per put(), which is why the
-    # agent batches many results into one ResultBatch entry.
-    conn.execute("PRAGMA synchronous=FULL")
-    # macOS fsync() does not flush the drive cache; F_FULLFSYNC does. No-op elsewhere.
-    conn.execute("PRAGMA fullfsync=ON")
-    # Bound the WAL file left after a checkpoint (bytes); the cap above is logical.
-    conn.execute("PRAGMA journal_size_limit=16777216")
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT; ROLLBACK on any exception, then re-raise."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            with suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        raise
-
-
-def _meta(conn: sqlite3.Connection, key: str) -> int:
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    if row is None:
-        raise sqlite3.DatabaseError(f"meta row {key!r} is missing")
-    return int(row[0])
-
-
-def _as_kind(value: object) -> Kind:
-    kind = _KINDS.get(str(value))
-    if kind is None:
-        raise sqlite3.DatabaseError(f"unknown entry kind {value!r}")
-    return kind
 
 
 class Outbox:
@@ -255,79 +182,12 @@ class Outbox:
     # ----- opening -----------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
-        try:
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves.
-            conn = sqlite3.connect(
-                str(self._path), isolation_level=None, check_same_thread=False, timeout=10.0
-            )
-        except sqlite3.Error as exc:
-            raise OutboxError(f"cannot open outbox database {self._path}: {exc}") from exc
-        try:
-            _configure(conn, self._path)
-            self._ensure_schema(conn)
-            self._load_counters(conn)
-        except OutboxError:
-            conn.close()
-            raise
-        except sqlite3.Error as exc:
-            conn.close()
-            raise OutboxError(
-                f"outbox database {self._path} is corrupt or unreadable: {exc}"
-            ) from exc
+        conn, counters = open_database(self._path, first_seq=self._first_seq)
+        self._n_entries, self._entry_bytes = counters.entries, counters.entry_bytes
+        self._n_tel, self._tel_bytes = counters.telemetry, counters.telemetry_bytes
+        self._last_seq = counters.last_seq
+        self._dropped = counters.dropped_telemetry
         return conn
-
-    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
-        with _transaction(conn):
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            tables = {
-                str(row[0])
-                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            } - {"sqlite_sequence"}
-            if version == 0 and not tables:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(
-                    "UPDATE meta SET value = ? WHERE key = 'last_seq'", (self._first_seq - 1,)
-                )
-                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-                return
-        if version == 0:
-            raise OutboxError(
-                f"{self._path} is an SQLite database but not an outbox "
-                f"(tables: {', '.join(sorted(tables))}); refusing to touch it"
-            )
-        if version != _SCHEMA_VERSION:
-            raise OutboxError(
-                f"outbox database {self._path} has schema version {version}; "
-                f"this agent understands {_SCHEMA_VERSION}"
-            )
-        if missing := _TABLES - tables:
-            raise OutboxError(
-                f"outbox database {self._path} is damaged: missing tables "
-                f"{', '.join(sorted(missing))}"
-            )
-
-    def _load_counters(self, conn: sqlite3.Connection) -> None:
-        # A full scan of the small columns: a cheap integrity probe that also
-        # rebuilds the in-memory counters. (PRAGMA quick_check would read every
-        # payload page too, seconds on a full outbox on an SD card.)
-        n, size, top = conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(seq), 0) FROM entries"
-        ).fetchone()
-        n_tel, tel_size = conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM telemetry"
-        ).fetchone()
-        last_seq = _meta(conn, "last_seq")
-        if int(top) > last_seq:
-            raise OutboxError(
-                f"outbox database {self._path} is damaged: entry seq {top} is above "
-                f"the stored sequence counter {last_seq}"
-            )
-        self._n_entries, self._entry_bytes = int(n), int(size)
-        self._n_tel, self._tel_bytes = int(n_tel), int(tel_size)
-        self._last_seq = last_seq
-        self._dropped = _meta(conn, "dropped_telemetry")
 
     # ----- plumbing ----------------------------------------------------------
 
@@ -397,12 +257,12 @@ class Outbox:
             TypeError: ``make_payload`` did not return bytes.
             OutboxError: the outbox is closed or the database failed.
         """
-        if kind not in _KINDS:
+        if kind not in KINDS:
             raise ValueError(f"outbox entry kind must be 'status' or 'results', not {kind!r}")
         topic_bytes = len(topic.encode("utf-8"))
         with self._db("put", full_is_backpressure=True) as conn:
-            with _transaction(conn):
-                seq = _meta(conn, "last_seq") + 1
+            with transaction(conn):
+                seq = meta(conn, "last_seq") + 1
                 payload = make_payload(seq)
                 if not isinstance(payload, bytes):
                     raise TypeError(f"make_payload returned {type(payload).__name__}, not bytes")
@@ -454,7 +314,7 @@ class Outbox:
             return [
                 OutboxEntry(
                     seq=int(seq),
-                    kind=_as_kind(kind),
+                    kind=as_kind(kind),
                     topic=str(topic),
                     payload=bytes(payload),
                     attempts=int(attempts),
@@ -472,7 +332,7 @@ class Outbox:
         params = [(now, int(seq)) for seq in seqs]
         if not params:
             return
-        with self._db("mark_sent") as conn, _transaction(conn):
+        with self._db("mark_sent") as conn, transaction(conn):
             conn.executemany(
                 "UPDATE entries SET sent_at = ?, attempts = attempts + 1 WHERE seq = ?", params
             )
@@ -484,7 +344,7 @@ class Outbox:
             OutboxError: the outbox is closed or the database failed.
         """
         with self._db("requeue_all") as conn:
-            with _transaction(conn):
+            with transaction(conn):
                 cursor = conn.execute("UPDATE entries SET sent_at = NULL WHERE sent_at IS NOT NULL")
             return cursor.rowcount
 
@@ -501,8 +361,8 @@ class Outbox:
         if seq < 1:
             return 0
         with self._db("ack") as conn:
-            with _transaction(conn):
-                last_seq = _meta(conn, "last_seq")
+            with transaction(conn):
+                last_seq = meta(conn, "last_seq")
                 if seq > last_seq:
                     _log.warning(
                         "outbox %s: ack for seq %d above last assigned seq %d; clamped",
@@ -536,14 +396,14 @@ class Outbox:
         size = len(payload) + len(topic.encode("utf-8"))
         with self._db("put_telemetry", full_is_backpressure=True) as conn:
             if not self._fits_without_telemetry(size):
-                with _transaction(conn):
+                with transaction(conn):
                     conn.execute(
                         "UPDATE meta SET value = value + 1 WHERE key = 'dropped_telemetry'"
                     )
                 self._dropped += 1
                 _log.debug("outbox %s full of results: telemetry dropped", self._path)
                 return False
-            with _transaction(conn):
+            with transaction(conn):
                 dropped_rows, dropped_bytes = self._drop_oldest_telemetry(conn, size)
                 conn.execute(
                     "INSERT INTO telemetry (size, created_at, topic, payload) VALUES (?, ?, ?, ?)",
@@ -582,7 +442,7 @@ class Outbox:
             return 0
         removed_rows = removed_bytes = 0
         with self._db("telemetry_sent") as conn:
-            with _transaction(conn):
+            with transaction(conn):
                 for tel_id in wanted:
                     row = conn.execute(
                         "SELECT size FROM telemetry WHERE id = ?", (tel_id,)
@@ -660,3 +520,23 @@ class Outbox:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def read_depths(path: Path) -> tuple[int, int]:
+    """``(entries, telemetry)`` waiting in the outbox at ``path``, read-only.
+
+    Opens the file read-only and writes nothing, so it is safe while a running
+    node owns the outbox. A missing file holds nothing.
+
+    Raises:
+        OutboxError: the file exists but cannot be read as an outbox.
+    """
+    if not path.exists():
+        return 0, 0
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            depth = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+            telemetry = db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0]
+    except sqlite3.Error as exc:
+        raise OutboxError(f"cannot read outbox {path}: {exc}") from None
+    return int(depth), int(telemetry)

@@ -51,20 +51,24 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_node.inference_core import (
-    LatencyWindow,
     ModelMismatchError,
     check_signature,
-    choose_providers,
     first_line,
-    has_dynamic_batch,
     make_inputs,
     resolve_specs,
     spec_from_ort,
     split_outputs,
     stack_requests,
 )
+from edge_node.results_core import LatencyWindow
+from edge_node.sessions import (
+    GraphOptimization,
+    LoadedModel,
+    ModelRetiredError,
+    SessionOptionsConfig,
+)
 from shared.errors import EdgeFleetError, TrustError
-from shared.messages import ModelManifest, ModelRef, TensorSpec
+from shared.messages import ModelManifest, ModelRef
 
 __all__ = [
     "ActivationResult",
@@ -86,15 +90,7 @@ log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
-GraphOptimization = Literal["disable", "basic", "extended", "all"]
 SwapMode = Literal["availability", "resource"]
-
-_GRAPH_LEVELS: Final[Mapping[str, Any]] = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
 
 # Concurrent InferenceSession creation is not safe; this guards every runtime in
 # the process, not just one.
@@ -111,209 +107,8 @@ class NoModelError(EdgeFleetError):
     """No model is active (none activated yet, or the runtime is closed)."""
 
 
-class ModelRetiredError(EdgeFleetError):
-    """A retired model was asked to take a new request (a bug in the caller)."""
-
-
 class InferenceError(EdgeFleetError):
     """``session.run`` failed on these inputs (wrong names, dtypes or shapes, runtime fault)."""
-
-
-# ----- configuration ---------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SessionOptionsConfig:
-    """How sessions are built.
-
-    * ``intra_op_threads`` / ``inter_op_threads``: onnxruntime thread pools; 0
-      lets onnxruntime choose (intra-op: one per physical core). Inter-op
-      threads only matter for models run in parallel execution mode.
-    * ``graph_optimization``: ``"extended"`` (default) applies every
-      optimization that is portable across CPUs. ``"all"`` adds layout
-      transformations specific to the CPU it runs on: fine for a session built
-      in memory on the device, but an optimized model *file* saved with it is
-      tied to that CPU, so never ship one across the fleet.
-    * ``providers``: execution providers in order of preference. ``None`` uses
-      the manifest's ``providers``. Either way only providers this onnxruntime
-      build has are kept (an unknown one would only warn), falling back to
-      ``CPUExecutionProvider``.
-    """
-
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
-    graph_optimization: GraphOptimization = "extended"
-    providers: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
-            raise ValueError("thread counts must be >= 0 (0 lets onnxruntime choose)")
-        if self.graph_optimization not in _GRAPH_LEVELS:
-            raise ValueError(f"unknown graph_optimization {self.graph_optimization!r}")
-
-    def session_options(self) -> Any:
-        """A fresh ``onnxruntime.SessionOptions`` for these settings."""
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.intra_op_threads
-        opts.inter_op_num_threads = self.inter_op_threads
-        opts.graph_optimization_level = _GRAPH_LEVELS[self.graph_optimization]
-        return opts
-
-    def providers_for(
-        self, manifest: ModelManifest, available: Sequence[str] | None = None
-    ) -> tuple[str, ...]:
-        """The providers to ask for when loading ``manifest``'s model."""
-        preferred = self.providers if self.providers is not None else manifest.providers
-        have = ort.get_available_providers() if available is None else available
-        return choose_providers(preferred, have)
-
-
-# ----- a loaded model --------------------------------------------------------
-
-
-class LoadedModel:
-    """One session and its manifest, shared by the requests that run on it.
-
-    A reference-counted handle: :meth:`acquire` before a request, :meth:`release`
-    after. :meth:`retire` stops new requests; the session is dropped (``closed``
-    becomes true, exactly once) as soon as the handle is retired and its count
-    is zero. ``dispose``, when given, receives the session at that moment so the
-    last reference can be dropped on another thread (a big session's destructor
-    takes a while). Thread-safe.
-    """
-
-    def __init__(
-        self,
-        *,
-        manifest: ModelManifest,
-        path: Path,
-        session: Any,
-        inputs: tuple[TensorSpec, ...],
-        outputs: tuple[TensorSpec, ...],
-        providers: tuple[str, ...],
-        load_ms: float,
-        warmup_ms: float,
-        dispose: Callable[[Any], None] | None = None,
-    ) -> None:
-        self.manifest = manifest
-        self.path = path
-        self.inputs = inputs
-        self.outputs = outputs
-        self.output_names = tuple(o.name for o in outputs)
-        self.providers = providers
-        self.load_ms = load_ms
-        self.warmup_ms = warmup_ms
-        self.dynamic_batch = has_dynamic_batch(inputs)
-        #: Requests in flight when :meth:`retire` was called (``None`` until then).
-        self.in_flight_at_retire: int | None = None
-        self._dispose = dispose
-        self._lock = threading.Lock()
-        self._session: Any | None = session
-        self._refcount = 0
-        self._served = 0
-        self._retired = False
-        self._closed = False
-        self._on_closed: list[Callable[[], None]] = []
-
-    def __repr__(self) -> str:
-        return (
-            f"LoadedModel({self.manifest.name} {self.manifest.version}, "
-            f"refcount={self._refcount}, retired={self._retired}, closed={self._closed})"
-        )
-
-    @property
-    def ref(self) -> ModelRef:
-        return self.manifest.ref
-
-    @property
-    def session(self) -> Any:
-        """The ``InferenceSession``; only valid while holding a reference.
-
-        Raises:
-            ModelRetiredError: the session was already closed.
-        """
-        session = self._session
-        if session is None:
-            raise ModelRetiredError(f"{self.ref.name} {self.ref.version} is closed")
-        return session
-
-    @property
-    def refcount(self) -> int:
-        return self._refcount
-
-    @property
-    def served(self) -> int:
-        """How many requests acquired this model (warm-up not included)."""
-        return self._served
-
-    @property
-    def retired(self) -> bool:
-        return self._retired
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def acquire(self) -> None:
-        """Take a reference for one request.
-
-        Raises:
-            ModelRetiredError: the model is retired and takes no new request.
-        """
-        with self._lock:
-            if self._retired:
-                raise ModelRetiredError(f"{self.ref.name} {self.ref.version} is retired")
-            self._refcount += 1
-            self._served += 1
-
-    def release(self) -> None:
-        """Drop one reference; closes the session if retired and this was the last.
-
-        Raises:
-            RuntimeError: more releases than acquires.
-        """
-        with self._lock:
-            if self._refcount <= 0:
-                raise RuntimeError(f"{self!r} released more often than acquired")
-            self._refcount -= 1
-            closing = self._close_locked() if self._retired and self._refcount == 0 else None
-        self._finish_close(closing)
-
-    def retire(self) -> None:
-        """Take no new request; close once the in-flight ones have returned. Idempotent."""
-        with self._lock:
-            if self._retired:
-                return
-            self._retired = True
-            self.in_flight_at_retire = self._refcount
-            closing = self._close_locked() if self._refcount == 0 else None
-        self._finish_close(closing)
-
-    def on_closed(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (from whichever thread closes it) once closed; now if already."""
-        with self._lock:
-            if not self._closed:
-                self._on_closed.append(callback)
-                return
-        callback()
-
-    def _close_locked(self) -> tuple[Any, list[Callable[[], None]]]:
-        session, self._session = self._session, None
-        self._closed = True
-        callbacks, self._on_closed = self._on_closed, []
-        return session, callbacks
-
-    def _finish_close(self, closing: tuple[Any, list[Callable[[], None]]] | None) -> None:
-        # Outside the lock: dropping the last reference runs the session's
-        # destructor, and callbacks may take other locks.
-        if closing is None:
-            return
-        session, callbacks = closing
-        if self._dispose is not None:
-            self._dispose(session)
-        del session
-        for callback in callbacks:
-            callback()
 
 
 # ----- results ---------------------------------------------------------------

@@ -10,23 +10,25 @@ Invariants:
   and cleared once it ends (terminal status), so a node restarted mid-job
   resumes it instead of forgetting it (the verifier would now call it a
   duplicate);
-* result sequence numbers are reserved in blocks of :data:`RESULT_SEQ_BLOCK`
-  (``result_seq_reserved`` is saved before a number of a new block is used):
-  after a restart numbering resumes above every number handed out before, so
-  ``(node, seq)`` stays unique for the controller's store.
+* result sequence numbers are reserved in blocks (``result_seq_reserved`` is
+  saved before a number of a new block is used; :mod:`edge_node.numbering`
+  decides when): after a restart numbering resumes above every number handed
+  out before, so ``(node, seq)`` stays unique for the controller's store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_node.core import VerifierState
+from edge_node.numbering import RESULT_SEQ_BLOCK
+from edgefleet_io.files import atomic_write
 from shared.errors import EdgeFleetError, TrustFileError
 from shared.messages import ModelRef
 from shared.trust import TrustStore
@@ -37,10 +39,8 @@ __all__ = [
     "PendingCommand",
     "PersistedState",
     "StateFileError",
-    "atomic_write",
+    "StateKeeper",
 ]
-
-RESULT_SEQ_BLOCK = 10_000
 
 
 class StateFileError(EdgeFleetError):
@@ -72,28 +72,6 @@ class PersistedState(BaseModel):
         return VerifierState(
             last_seq=self.last_seq, attempted=tuple(self.attempted), active=self.active
         )
-
-
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (temp file, fsync, rename,
-    fsync of the folder), with permissions ``mode`` from the start."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class NodeStore:
@@ -151,3 +129,28 @@ class NodeStore:
 
     def save_trust(self, store: TrustStore) -> None:
         atomic_write(self.trust_path, store.envelope_bytes())
+
+
+class StateKeeper:
+    """The node's :class:`PersistedState` in memory, written through to ``state.json``.
+
+    Every change is made on the event loop (one ``model_copy``, so two parts
+    changing different fields never lose each other's change) and then saved;
+    saves run one at a time in a worker thread, each writing the latest state.
+    """
+
+    def __init__(self, store: NodeStore) -> None:
+        """Raises: StateFileError when ``state.json`` exists but is unreadable."""
+        self._store = store
+        self.state = store.load()
+        self._lock = asyncio.Lock()
+
+    async def update(self, **changes: Any) -> PersistedState:
+        """Apply ``changes`` and save; returns the new state."""
+        self.state = self.state.model_copy(update=changes)
+        await self.save()
+        return self.state
+
+    async def save(self) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._store.save, self.state)

@@ -13,15 +13,19 @@ import asyncio
 import contextlib
 import secrets
 import time
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Self
 
-import aiomqtt
-
-from edge_node.session import make_client
+from edgefleet_io.transport import Link, Session, Transport
 from shared import topics
-from shared.broker import BrokerAddress
-from shared.errors import BrokerUnavailableError, DecodeError, EdgeFleetError, RequestTimeoutError
+from shared.errors import (
+    BrokerUnavailableError,
+    DecodeError,
+    EdgeFleetError,
+    RequestTimeoutError,
+    TransportError,
+)
 from shared.messages import OperatorReply, OperatorRequest, decode, encode
 
 __all__ = ["MUTATING", "OPERATIONS", "CtlClient", "OperationError"]
@@ -66,40 +70,52 @@ class OperationError(EdgeFleetError):
 
 
 class CtlClient:
-    """One operator connection: ``async with CtlClient(...) as ctl: await ctl.call(...)``."""
+    """One operator connection: ``async with CtlClient(transport, ...) as ctl: ...``.
+
+    Replies come on ``ctl/reply/{reply_to}``; without ``reply_to`` on the
+    client's own id. Behind a broker ACL an operator may read only
+    ``ctl/reply/<username>``, so callers pass the broker username there;
+    correlation ids keep concurrent sessions on one reply topic apart.
+    """
 
     def __init__(
         self,
-        broker: BrokerAddress,
+        transport: Transport,
         *,
         fleet: str,
         operator: str,
+        reply_to: str | None = None,
         timeout_s: float = 10.0,
-        ca_file: str | None = None,
     ) -> None:
-        self._broker = broker
+        self._transport = transport
         self._fleet = fleet
         self._operator = operator
         self._timeout_s = timeout_s
         self._client_id = f"fleetctl-{secrets.token_hex(6)}"
-        # Replies go to ctl/reply/<username> where the broker ACL allows an operator
-        # to read only that topic; correlation ids keep concurrent sessions apart.
-        self._reply_to = broker.username or self._client_id
-        self._client = make_client(
-            broker, client_id=self._client_id, persistent=False, ca_file=ca_file
-        )
+        self._reply_to = reply_to or self._client_id
+        self._connection: AbstractAsyncContextManager[Link] | None = None
+        self._link: Link | None = None
         self._pending: dict[str, asyncio.Future[OperatorReply]] = {}
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
+        connection = self._transport.connect(Session(client_id=self._client_id))
         try:
-            await self._client.__aenter__()
-            await self._client.subscribe(topics.ctl_reply(self._fleet, self._reply_to), qos=1)
-        except aiomqtt.MqttError as exc:
+            link = await connection.__aenter__()
+        except TransportError as exc:
             raise BrokerUnavailableError(
-                f"cannot reach the broker at {self._broker}: {exc}"
+                f"cannot reach the broker at {self._transport}: {exc}"
             ) from None
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        try:
+            await link.subscribe([(topics.ctl_reply(self._fleet, self._reply_to), 1)])
+        except TransportError as exc:
+            with contextlib.suppress(TransportError):
+                await connection.__aexit__(None, None, None)
+            raise BrokerUnavailableError(
+                f"cannot reach the broker at {self._transport}: {exc}"
+            ) from None
+        self._connection, self._link = connection, link
+        self._reader = asyncio.get_running_loop().create_task(self._read(link))
         return self
 
     async def __aexit__(
@@ -112,14 +128,14 @@ class CtlClient:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self._client.__aexit__(exc_type, exc, tb)
+        connection, self._connection, self._link = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(TransportError):
+                await connection.__aexit__(exc_type, exc, tb)
 
-    async def _read(self) -> None:
-        with contextlib.suppress(aiomqtt.MqttError):
-            async for message in self._client.messages:
-                if not isinstance(message.payload, bytes):
-                    continue
+    async def _read(self, link: Link) -> None:
+        with contextlib.suppress(TransportError):
+            async for message in link.messages():
                 try:
                     reply = decode(OperatorReply, message.payload)
                 except DecodeError:
@@ -145,10 +161,13 @@ class CtlClient:
             args=args or {},
             expires_at=time.time() + self._timeout_s,
         )
+        link = self._link
+        if link is None:
+            raise BrokerUnavailableError("the operator connection is not open")
         future: asyncio.Future[OperatorReply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            await self._client.publish(topics.ctl_request(self._fleet), encode(request), qos=1)
+            await link.publish(topics.ctl_request(self._fleet), encode(request), qos=1)
             async with asyncio.timeout(self._timeout_s):
                 reply = await future
         except TimeoutError:
@@ -156,7 +175,7 @@ class CtlClient:
                 f"no answer from the controller of fleet {self._fleet!r} within "
                 f"{self._timeout_s:g}s: is `fleetctl serve` running?"
             ) from None
-        except aiomqtt.MqttError as exc:
+        except TransportError as exc:
             raise BrokerUnavailableError(f"broker connection failed: {exc}") from None
         finally:
             self._pending.pop(request_id, None)

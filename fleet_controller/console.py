@@ -10,10 +10,11 @@ Two halves:
   counters on the node's own clock (a counter that goes backwards means the
   agent restarted: no rate until the next sample), and never trusts a payload
   whose node differs from its topic.
-* :func:`run_top` is the thin MQTT shell: one read-only, clean-session MQTT 5
-  client that subscribes to the fleet's node leaves and redraws a
-  :class:`rich.live.Live` table, or collects for a while and returns one
-  snapshot (``fleetctl top --once --json``).
+* :func:`run_top` is the thin MQTT shell: one read-only, clean-session
+  connection through the transport seam (:mod:`edgefleet_io.transport`) that
+  subscribes to the fleet's node leaves and redraws a :class:`rich.live.Live`
+  table, or collects for a while and returns one snapshot
+  (``fleetctl top --once --json``).
 
 The table helpers (:func:`records_table`, :func:`kv_table`,
 :func:`rollout_view`, :func:`report_view`) render the JSON the operator API
@@ -38,9 +39,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from edge_node.session import make_client, map_mqtt_errors
+from edgefleet_io.transport import Session, Transport
 from shared import topics
-from shared.broker import BrokerAddress
 from shared.errors import DecodeError
 from shared.messages import ModelRef, NodeState, NodeStatus, Telemetry, decode
 
@@ -265,13 +265,12 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 async def run_top(
-    broker: BrokerAddress,
+    transport: Transport,
     *,
     fleet: str,
     interval_s: float,
     once: bool,
     console: Console,
-    ca_file: str | None = None,
     clock: Callable[[], float] = time.time,
 ) -> dict[str, Any] | None:
     """Watch the fleet's nodes; with ``once`` return a snapshot after ``interval_s``.
@@ -281,32 +280,28 @@ async def run_top(
     nothing is queued for it on the broker after it leaves.
 
     Raises:
-        BrokerUnavailableError: the broker cannot be reached or drops the connection.
+        TransportError: the broker cannot be reached or drops the connection.
     """
     view = FleetView(fleet)
-    client = make_client(
-        broker, client_id=f"fleetctl-top-{secrets.token_hex(4)}", persistent=False, ca_file=ca_file
-    )
-    with map_mqtt_errors(f"broker {broker}"):
-        async with client:
-            await client.subscribe([(topics.node_filter(fleet, leaf), 1) for leaf in TOP_LEAVES])
+    session = Session(client_id=f"fleetctl-top-{secrets.token_hex(4)}")
+    async with transport.connect(session) as link:
+        await link.subscribe([(topics.node_filter(fleet, leaf), 1) for leaf in TOP_LEAVES])
 
-            async def read() -> None:
-                async for message in client.messages:
-                    if isinstance(message.payload, bytes | bytearray):
-                        view.feed(message.topic.value, bytes(message.payload), clock())
+        async def read() -> None:
+            async for message in link.messages():
+                view.feed(message.topic, message.payload, clock())
 
-            reader = asyncio.get_running_loop().create_task(read(), name="top-reader")
-            try:
-                if once:
-                    await _wait(reader, interval_s)
-                    return view.snapshot(clock())
-                await _live(view, reader, interval_s, console, clock)
-                return None
-            finally:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+        reader = asyncio.get_running_loop().create_task(read(), name="top-reader")
+        try:
+            if once:
+                await _wait(reader, interval_s)
+                return view.snapshot(clock())
+            await _live(view, reader, interval_s, console, clock)
+            return None
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
 
 
 async def _wait(reader: asyncio.Task[None], seconds: float) -> None:

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from broker_config import config_path
 from edge_node.agent import AgentConfig, NodeAgent
+from edgefleet_io.mqtt import MqttTransport
 from fleet_controller.api import CtlClient
 from fleet_controller.keys import init_keys, load_key
 from fleet_controller.publish import prepare_manifest, publish, sign_release
@@ -329,5 +330,5 @@ async def run_demo(
                 await services.enter_async_context(running(agent))
             async with asyncio.timeout(30):
                 await controller.connected.wait()
-            async with CtlClient(address, fleet=FLEET, operator="demo") as ctl:
+            async with CtlClient(MqttTransport(address), fleet=FLEET, operator="demo") as ctl:
                 await _story(ctl, workdir, keys, console, nodes)

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_node.state import atomic_write
+from edgefleet_io.files import atomic_write
 from shared.envelope import SigningKey
 from shared.errors import EdgeFleetError, TrustError
 from shared.trust import Role, TrustList, TrustStore, sign_trust_list

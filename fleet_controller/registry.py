@@ -1,9 +1,10 @@
 """Turning an ONNX file into a release manifest, and checking it the way nodes will.
 
-``describe_model`` reads the file's inputs and outputs with onnxruntime and
-hashes it; ``validate_model`` loads it with the node's own runtime code
-(signature check and warm-up), so the registry refuses exactly the models a
-node would refuse. Signing happens with the operator's release key, never the
+``describe_model`` reads the file's inputs and outputs and hashes it;
+``validate_model`` loads it with the node's own runtime code (signature check
+and warm-up), so the registry refuses exactly the models a node would refuse.
+Both come through :mod:`edge_node.validation`, the one node module the
+controller imports. Signing happens with the operator's release key, never the
 controller's.
 """
 
@@ -13,10 +14,7 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-import onnxruntime as ort
-
-from edge_node.inference_core import spec_from_ort
-from edge_node.runtime import ModelRuntime, SessionOptionsConfig
+from edge_node.validation import ModelLoadError, read_signature, validate_model
 from shared.envelope import PAYLOAD_MANIFEST, Envelope, SigningKey, sign_envelope
 from shared.errors import DecodeError, EdgeFleetError
 from shared.messages import ModelManifest, WarmupInput, encode
@@ -58,13 +56,9 @@ def describe_model(
         DecodeError: ``name``/``version`` or the warm-up declarations are invalid.
     """
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own unexported types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"{path.name} is not a loadable ONNX model: {first}") from None
-    inputs = tuple(spec_from_ort(i.name, i.type, i.shape) for i in session.get_inputs())
-    outputs = tuple(spec_from_ort(o.name, o.type, o.shape) for o in session.get_outputs())
-    del session
+        inputs, outputs = read_signature(path)
+    except ModelLoadError as exc:
+        raise ModelFileError(str(exc)) from None
     sha, size = sha256_file(path)
     try:
         return ModelManifest(
@@ -82,21 +76,6 @@ def describe_model(
         )
     except ValueError as exc:
         raise DecodeError(f"invalid manifest: {str(exc).splitlines()[0]}") from None
-
-
-async def validate_model(path: Path, manifest: ModelManifest) -> float:
-    """Load and warm up ``path`` as a node would; returns the warm-up time in ms.
-
-    Raises:
-        ModelLoadError / ModelMismatchError: the node would refuse this model.
-    """
-    runtime = ModelRuntime(options=SessionOptionsConfig())
-    try:
-        loaded = await runtime.load(path, manifest)
-        loaded.retire()
-        return loaded.warmup_ms
-    finally:
-        await runtime.close()
 
 
 def sign_manifest(manifest: ModelManifest, release_key: SigningKey) -> Envelope:

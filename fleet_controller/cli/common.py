@@ -31,6 +31,7 @@ from typing import Any, NoReturn, TypeAlias
 
 from rich.console import Console, RenderableType
 
+from edgefleet_io.mqtt import MqttTransport
 from fleet_controller.api import CtlClient
 from fleet_controller.cli.flags import parse_duration
 from shared.broker import DEFAULT_BROKER_URL, BrokerAddress, parse_broker_url
@@ -197,11 +198,11 @@ def checked(
 async def controller(settings: Settings) -> AsyncIterator[CtlClient]:
     """A connected operator API client."""
     async with CtlClient(
-        settings.broker,
+        MqttTransport(settings.broker, ca_file=settings.ca_file),
         fleet=settings.fleet,
         operator=settings.operator,
+        reply_to=settings.broker.username,
         timeout_s=settings.timeout_s,
-        ca_file=settings.ca_file,
     ) as ctl:
         yield ctl
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from edgefleet_io.mqtt import MqttTransport
 from fleet_controller import console as view
 from fleet_controller.cli import common
 from fleet_controller.cli.flags import parse_duration
@@ -27,12 +28,11 @@ def _top(args: argparse.Namespace) -> int:
         raise UsageError("--interval must be above zero")
     snapshot = asyncio.run(
         view.run_top(
-            settings.broker,
+            MqttTransport(settings.broker, ca_file=settings.ca_file),
             fleet=settings.fleet,
             interval_s=interval_s,
             once=args.once,
             console=common.stdout(),
-            ca_file=settings.ca_file,
         )
     )
     if snapshot is not None:

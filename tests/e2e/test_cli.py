@@ -295,8 +295,8 @@ def test_run_deploy_sigterm_then_status(
                 command = await harness.deploy("n1", model)
                 await wait_until(
                     harness,
-                    lambda: "succeeded" in harness.states_of(command),
-                    what=f"deploy to reach succeeded (seen {harness.states_of(command)})",
+                    lambda: "activated" in harness.states_of(command),
+                    what=f"deploy to reach activated (seen {harness.states_of(command)})",
                     procs=(node,),
                 )
                 # The synthetic source now feeds the new model; its results arrive.

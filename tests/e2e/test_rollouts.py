@@ -395,11 +395,14 @@ def test_rollout_survives_kill_9_of_the_controller(fleet: Fleet, e2e_models: Mod
     assert "resuming 1 rollout(s)" in fleet.procs[-1].log_text(), context
     assert_all_on(fleet, ids, V1)
     # No node was sent the same step twice: each queued one deploy and activated once
-    # (a repeated broadcast is answered as a duplicate, without a new "queued").
+    # (a repeated broadcast is answered as a duplicate "activated", without a new "queued").
     stored = statuses(db_url, rollout_id)
     for step in ("queued", "activated"):
-        seen = Counter(row["node_id"] for row in stored if row["state"] == step)
+        seen = Counter(
+            row["node_id"] for row in stored if row["state"] == step and not row["duplicate"]
+        )
         assert seen == dict.fromkeys(ids, 1), f"{step}: {seen}\n{fleet.diagnostics()}"
+    assert not any(row["duplicate"] for row in stored if row["state"] == "queued")
 
 
 # ----- 4. a node offline at the start catches up ----------------------------------------------

@@ -24,7 +24,7 @@ def test_micro_batches_run_together_and_every_result_arrives(
             )
             async with RunningNode(config) as node:
                 command = await harness.deploy("n1", model)
-                await harness.wait_state(command, "succeeded")
+                await harness.wait_state(command, "activated")
                 await harness.wait_for(
                     lambda: len(harness.results.get("n1", {})) >= 400, what="400 results"
                 )

@@ -12,6 +12,7 @@ import aiomqtt
 import pytest
 
 from edge_node.agent import AgentConfig, NodeAgent
+from edgefleet_io.mqtt import MqttTransport
 from fleet_controller.api import CtlClient, OperationError
 from fleet_controller.keys import init_keys, load_key, rotate_key
 from fleet_controller.publish import publish, sign_release
@@ -46,7 +47,9 @@ def test_operator_api_answers_audits_and_survives_junk(
                 await service.connected.wait()
             async with (
                 aiomqtt.Client(address.host, address.port) as raw,
-                CtlClient(address, fleet=fleet_id, operator="alice", timeout_s=10) as ctl,
+                CtlClient(
+                    MqttTransport(address), fleet=fleet_id, operator="alice", timeout_s=10
+                ) as ctl,
             ):
                 await raw.subscribe(topics.controller_state(fleet_id), qos=1)
                 async with asyncio.timeout(10):
@@ -120,7 +123,7 @@ def test_trust_push_reaches_nodes_over_the_air(
                 await service.connected.wait()
                 await node.connected.wait()
             rotate_key(keys, Role.RELEASE, now=time.time())
-            async with CtlClient(address, fleet=fleet_id, operator="alice") as ctl:
+            async with CtlClient(MqttTransport(address), fleet=fleet_id, operator="alice") as ctl:
                 pushed = await ctl.call("trust.push", {"trust": (keys / "trust.json").read_text()})
                 assert pushed == {"version": 2, "rollout_id": "trust-v2"}
                 with pytest.raises(OperationError):  # the same list again is no rotation
@@ -192,7 +195,7 @@ def test_a_wiped_node_loses_nothing_it_sends_afterwards(
         try:
             async with asyncio.timeout(20):
                 await service.connected.wait()
-            async with CtlClient(address, fleet=fleet_id, operator="alice") as ctl:
+            async with CtlClient(MqttTransport(address), fleet=fleet_id, operator="alice") as ctl:
                 release = load_key(keys, Role.RELEASE, None)
                 manifest = describe_model(classifier_v1, name="clf", version="1.0.0", now=0.0)
                 await publish(ctl, sign_release(classifier_v1, manifest, release))
@@ -200,6 +203,11 @@ def test_a_wiped_node_loses_nothing_it_sends_afterwards(
                 first_task = asyncio.get_running_loop().create_task(first.run())
                 async with asyncio.timeout(20):
                     await first.connected.wait()
+                # The birth is out; the controller stores it on its own schedule.
+                deadline = time.monotonic() + 20
+                while not any(n["node_id"] == "n1" for n in await ctl.call("nodes.list")):
+                    assert time.monotonic() < deadline, "the controller never saw n1's birth"
+                    await asyncio.sleep(0.05)  # polling the controller against the deadline
                 started = await ctl.call(
                     "rollout.start",
                     {"model": "clf@1.0.0", "waves": [100], "health_window_s": 0.5},
@@ -219,7 +227,7 @@ def test_a_wiped_node_loses_nothing_it_sends_afterwards(
             again_task = asyncio.get_running_loop().create_task(again.run())
             async with (
                 asyncio.timeout(20),
-                CtlClient(address, fleet=fleet_id, operator="alice") as ctl,
+                CtlClient(MqttTransport(address), fleet=fleet_id, operator="alice") as ctl,
             ):
                 await again.connected.wait()
                 await ctl.call(

@@ -39,6 +39,7 @@ from typing import Any, Self, TypeVar
 
 from sqlalchemy import create_engine, text
 
+from edgefleet_io.mqtt import MqttTransport
 from fleet_controller.api import CtlClient
 from shared.broker import parse_broker_url
 from shared.errors import EdgeFleetError
@@ -381,10 +382,12 @@ class Fleet:
         """
 
         async def run() -> Any:
+            address = parse_broker_url(self.broker_url)
             async with CtlClient(
-                parse_broker_url(self.broker_url),
+                MqttTransport(address),
                 fleet=self.fleet_id,
                 operator=OPERATOR,
+                reply_to=address.username,
                 timeout_s=timeout_s,
             ) as ctl:
                 return await ctl.call(op, args)
@@ -514,13 +517,14 @@ class Fleet:
 
 def statuses(db_url: str, rollout_id: str) -> list[dict[str, Any]]:
     """The node statuses the controller stored for ``rollout_id`` (its ``statuses``
-    table), oldest first: ``node_id``, ``seq``, ``command_id``, ``state``, ``code``, ``ts``."""
+    table), oldest first: ``node_id``, ``seq``, ``command_id``, ``state``, ``code``,
+    ``duplicate``, ``ts``."""
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
             rows = conn.execute(
                 text(
-                    "SELECT node_id, seq, command_id, state, code, ts FROM statuses "
+                    "SELECT node_id, seq, command_id, state, code, duplicate, ts FROM statuses "
                     "WHERE rollout_id = :rollout ORDER BY ts, id"
                 ),
                 {"rollout": rollout_id},

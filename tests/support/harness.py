@@ -1,12 +1,19 @@
-"""The controller's side of the wire, for node integration tests.
+"""The controller's side of the wire, for node tests, over either broker.
 
-A :class:`Harness` holds real keys, a real blob store and one real MQTT
-connection (reconnecting when the test restarts the broker). It registers ONNX
-files as signed manifests, signs and publishes commands, answers chunk
+A :class:`Harness` holds real keys, a real blob store and one connection
+through the transport seam (reconnecting when the test restarts the broker):
+to a real Mosquitto when given its URL (:class:`~edgefleet_io.mqtt.MqttTransport`),
+or to an in-process :class:`~edgefleet_io.memory.MemoryBroker`. It registers
+ONNX files as signed manifests, signs and publishes commands, answers chunk
 requests, records every status, result and state, and acknowledges outbox
-slots the way the controller does: the highest contiguous ``seq`` it has
-stored per node. Switches let a test pause chunk serving, corrupt chunks or
-stop acknowledging.
+slots with the protocol's own rule, :class:`shared.rules.SlotLedger`: each slot
+is stored once, and the ack names the highest contiguous slot stored (a birth's
+``outbox_floor`` settles everything below it). Switches let a test pause chunk
+serving, corrupt chunks or stop acknowledging.
+
+``acking`` off means acks are lost, not that nothing is stored: slots keep
+being stored, and once acking is back the next new slot, or the next re-send
+of a stored one, brings the ack, exactly as with the controller.
 
 Pausing (``serving`` cleared, or ``pause_after_chunks`` reached) holds back
 chunk answers only: each request that arrives meanwhile is still recorded in
@@ -15,29 +22,32 @@ keep being recorded and acknowledged. Held answers go out on whatever
 connection is current when serving resumes; after a broker restart the node
 no longer waits for them and drops them (unknown request ids), as it would a
 real controller's late replies.
+
+Run a node against the harness's broker with :func:`start_node` (or
+``RunningNode(node_config(harness, ...), transport=harness.transport)``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
-
 from edge_node.agent import AgentConfig, NodeAgent
+from edgefleet_io.memory import MemoryBroker
+from edgefleet_io.mqtt import MqttTransport
+from edgefleet_io.transport import Link, Message, Session, Transport, reconnect_delays
 from fleet_controller.blobs import BlobStore, answer_chunk
 from fleet_controller.registry import describe_model, sign_manifest
 from fleet_controller.signing import sign_command
 from shared import topics
 from shared.broker import parse_broker_url
 from shared.envelope import Envelope, SigningKey, b64decode, b64encode
+from shared.errors import TransportError
 from shared.messages import (
     Ack,
     ArtifactRequest,
@@ -53,9 +63,12 @@ from shared.messages import (
     decode,
     encode,
 )
+from shared.rules import SlotLedger
 from shared.trust import Role, TrustList, sign_trust_list
 
 DEFAULT_TIMEOUT_S = 60.0
+MEMORY_URL = "mqtt://memory.invalid:1883"
+"""What a node's config names as its broker when it runs on a MemoryBroker (never dialled)."""
 
 
 @dataclass
@@ -67,7 +80,8 @@ class Registered:
 
 @dataclass
 class Harness:
-    broker_url: str
+    broker: str | MemoryBroker
+    """A Mosquitto URL, or an in-process broker."""
     fleet: str
     workdir: Path
     root: SigningKey = field(default_factory=SigningKey.generate)
@@ -85,10 +99,16 @@ class Harness:
     states: list[NodeState] = field(default_factory=list)
     chunk_requests: list[ArtifactRequest] = field(default_factory=list)
     acked: dict[str, int] = field(default_factory=dict)
+    """The last ack published per node."""
     commands: dict[str, Envelope] = field(default_factory=dict)
     """Every command envelope published by the helpers below, by command id."""
 
     def __post_init__(self) -> None:
+        self.transport: Transport = (
+            self.broker.transport()
+            if isinstance(self.broker, MemoryBroker)
+            else MqttTransport(parse_broker_url(self.broker))
+        )
         self.blobs = BlobStore(self.workdir / "blobs")
         self.trust_file = self.workdir / "trust.json"
         trust = TrustList.build(
@@ -104,13 +124,17 @@ class Harness:
         self.serving = asyncio.Event()
         self.serving.set()
         self._changed = asyncio.Condition()
-        self._stored: dict[str, set[int]] = defaultdict(set)
-        self._settled: dict[str, int] = {}  # from births' outbox floors
+        self._ledgers: dict[str, tuple[int, set[int]]] = {}  # node -> (stored mark, held)
         self._seq = 0
-        self._client: aiomqtt.Client | None = None
+        self._link: Link | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._held: set[asyncio.Task[None]] = set()
+
+    @property
+    def broker_url(self) -> str:
+        """The URL a node (or ``edge-node run``) is configured with."""
+        return MEMORY_URL if isinstance(self.broker, MemoryBroker) else self.broker
 
     # ----- lifecycle ---------------------------------------------------------
 
@@ -132,21 +156,14 @@ class Harness:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
-        address = parse_broker_url(self.broker_url)
+        base = f"{topics.PREFIX}/{self.fleet}"
+        delays = reconnect_delays(initial_s=0.1, maximum_s=0.5)
         while True:
-            client = aiomqtt.Client(
-                address.host,
-                address.port,
-                identifier=f"harness-{self.fleet}",
-                protocol=aiomqtt.ProtocolVersion.V5,
-                # paho leaves Nagle on: each multi-segment chunk answer would then
-                # wait ~40 ms for the broker's delayed ACK (4 s for a 1.5 MB blob).
-                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            )
             try:
-                async with client:
-                    base = f"{topics.PREFIX}/{self.fleet}"
-                    await client.subscribe(
+                async with self.transport.connect(
+                    Session(client_id=f"harness-{self.fleet}")
+                ) as link:
+                    await link.subscribe(
                         [
                             (f"{base}/node/+/status", 1),
                             (f"{base}/node/+/results", 1),
@@ -154,66 +171,72 @@ class Harness:
                             (f"{base}/artifact/+/req/+", 1),
                         ]
                     )
-                    self._client = client
+                    self._link = link
                     self._connected.set()
-                    async for message in client.messages:
-                        await self._handle(client, message)
-            except aiomqtt.MqttError:
-                self._client = None
+                    delays = reconnect_delays(initial_s=0.1, maximum_s=0.5)
+                    async for message in link.messages():
+                        await self._handle(link, message)
+            except TransportError:
+                pass
+            finally:
+                self._link = None
                 self._connected.clear()
-                await asyncio.sleep(0.2)  # reconnect back-off (not a wait: polls no state)
+            await asyncio.sleep(next(delays))  # reconnect back-off (not a wait: polls no state)
 
-    async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-        assert isinstance(message.payload, bytes)
-        parsed = topics.parse_topic(message.topic.value)
+    async def _handle(self, link: Link, message: Message) -> None:
+        parsed = topics.parse_topic(message.topic)
         node = parsed.node
         assert node is not None
         if parsed.kind is topics.TopicKind.ARTIFACT_REQUEST:
-            request = decode(ArtifactRequest, message.payload)
-            self.chunk_requests.append(request)
-            if (
-                self.pause_after_chunks is not None
-                and self.chunks_answered >= self.pause_after_chunks
-            ):
-                self.pause_after_chunks = None
-                self.serving.clear()
-            if self.serving.is_set():
-                await self._answer(client, node, request)
-            else:
-                task = asyncio.get_running_loop().create_task(self._answer_later(node, request))
-                self._held.add(task)
-                task.add_done_callback(self._held.discard)
+            await self._on_chunk_request(link, node, decode(ArtifactRequest, message.payload))
         elif parsed.kind is topics.TopicKind.STATUS:
             status = decode(NodeStatus, message.payload)
-            if status.seq not in self._stored[node]:  # stored once, as the controller does
+            ledger = self._ledger(node)
+            if ledger.offer(status.seq):  # stored once, as the controller does
                 self.statuses.append(status)
-            await self._stored_slot(client, node, status.seq)
+            await self._settle(link, node, ledger)
         elif parsed.kind is topics.TopicKind.RESULTS:
-            batch = decode(ResultBatch, message.payload)
-            self.slots_seen.setdefault(node, []).append(batch.seq)
-            for result in batch.results:
-                if result.seq not in self.results.setdefault(node, {}):
-                    self.result_order.setdefault(node, []).append(result.seq)
-                self.results[node][result.seq] = result
-            await self._stored_slot(client, node, batch.seq)
+            await self._on_results(link, node, decode(ResultBatch, message.payload))
         elif parsed.kind is topics.TopicKind.STATE and message.payload:
             state = decode(NodeState, message.payload)
             self.states.append(state)
             if state.online and state.outbox_floor is not None:
-                # As the controller's store does: slots below the floor are settled.
-                settled = self._settled.get(node, 0)
-                self._settled[node] = max(settled, state.outbox_floor - 1)
-                await self._advance(client, node)
+                ledger = self._ledger(node)
+                ledger.settle_floor(state.outbox_floor)
+                await self._settle(link, node, ledger)
         async with self._changed:
             self._changed.notify_all()
 
-    async def _answer(self, client: aiomqtt.Client, node: str, request: ArtifactRequest) -> None:
+    async def _on_chunk_request(self, link: Link, node: str, request: ArtifactRequest) -> None:
+        self.chunk_requests.append(request)
+        if self.pause_after_chunks is not None and self.chunks_answered >= self.pause_after_chunks:
+            self.pause_after_chunks = None
+            self.serving.clear()
+        if self.serving.is_set():
+            await self._answer(link, node, request)
+        else:
+            task = asyncio.get_running_loop().create_task(self._answer_later(node, request))
+            self._held.add(task)
+            task.add_done_callback(self._held.discard)
+
+    async def _on_results(self, link: Link, node: str, batch: ResultBatch) -> None:
+        self.slots_seen.setdefault(node, []).append(batch.seq)
+        ledger = self._ledger(node)
+        if ledger.offer(batch.seq):
+            stored = self.results.setdefault(node, {})
+            for result in batch.results:
+                if result.seq not in stored:
+                    self.result_order.setdefault(node, []).append(result.seq)
+                stored[result.seq] = result
+        await self._settle(link, node, ledger)
+
+    async def _answer(self, link: Link, node: str, request: ArtifactRequest) -> None:
         chunk = answer_chunk(self.blobs, request)
         if self.corrupt_chunks and chunk.data:
             raw = bytearray(b64decode(chunk.data))
             raw[len(raw) // 2] ^= 0xFF
             chunk = chunk.model_copy(update={"data": b64encode(bytes(raw))})
-        await client.publish(
+        await link.publish(
             topics.artifact_data(self.fleet, request.sha256, node), encode(chunk), qos=1
         )
         self.chunks_answered += 1
@@ -221,25 +244,27 @@ class Harness:
     async def _answer_later(self, node: str, request: ArtifactRequest) -> None:
         """Answer a request held by a pause once serving resumes, if still connected."""
         await self.serving.wait()
-        client = self._client
-        if client is None:
+        link = self._link
+        if link is None:
             return  # the broker went away: the node re-requests what it still needs
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self._answer(client, node, request)
+        with contextlib.suppress(TransportError):
+            await self._answer(link, node, request)
 
-    async def _stored_slot(self, client: aiomqtt.Client, node: str, seq: int) -> None:
-        self._stored[node].add(seq)
-        await self._advance(client, node)
+    # ----- acknowledging: the protocol's own rule ----------------------------
 
-    async def _advance(self, client: aiomqtt.Client, node: str) -> None:
-        """Acknowledge the highest contiguous stored slot, as the controller does."""
-        contiguous = max(self.acked.get(node, 0), self._settled.get(node, 0))
-        while contiguous + 1 in self._stored[node]:
-            contiguous += 1
-        if self.acking and contiguous > self.acked.get(node, 0):
-            self.acked[node] = contiguous
-            ack = Ack(node=node, seq=contiguous, ts=time.time())
-            await client.publish(topics.ack(self.fleet, node), encode(ack), qos=1)
+    def _ledger(self, node: str) -> SlotLedger:
+        mark, held = self._ledgers.get(node, (0, set()))
+        return SlotLedger(mark, held)
+
+    async def _settle(self, link: Link, node: str, ledger: SlotLedger) -> None:
+        """Keep what the ledger stored and publish the ack it calls for (unless acks are off)."""
+        ledger.advance()
+        self._ledgers[node] = (ledger.acked, set(ledger.held))
+        due = ledger.ack_due()
+        if due is not None and self.acking:
+            self.acked[node] = due
+            ack = Ack(node=node, seq=due, ts=time.time())
+            await link.publish(topics.ack(self.fleet, node), encode(ack), qos=1)
 
     # ----- models and commands ------------------------------------------------
 
@@ -257,24 +282,18 @@ class Harness:
     ) -> None:
         async with asyncio.timeout(20):
             await self._connected.wait()
-        assert self._client is not None
-        await self._client.publish(topic, envelope.to_bytes(), qos=1, retain=retain)
+        assert self._link is not None
+        await self._link.publish(topic, envelope.to_bytes(), qos=1, retain=retain)
 
     async def deploy(
-        self,
-        node: str,
-        model: Registered,
-        *,
-        rollout_id: str = "r1",
-        health_window_s: float = 0.0,
-        url: str | None = None,
+        self, node: str, model: Registered, *, rollout_id: str = "r1", url: str | None = None
     ) -> str:
         command, envelope = sign_command(
             self.rollout,
             fleet=self.fleet,
             seq=self.next_seq(),
             target=NodeTarget(node=node),
-            body=DeployAction(manifest=model.envelope, health_window_s=health_window_s, url=url),
+            body=DeployAction(manifest=model.envelope, url=url),
             now=time.time(),
             rollout_id=rollout_id,
         )
@@ -361,11 +380,22 @@ def node_config(harness: Harness, node_id: str, data: Path, **overrides: Any) ->
     return AgentConfig(**settings)
 
 
-class RunningNode:
-    """A :class:`NodeAgent` running as a task of the test's event loop."""
+def start_node(harness: Harness, node_id: str, data: Path, **overrides: Any) -> RunningNode:
+    """A node on the harness's broker (``async with start_node(...) as node``)."""
+    return RunningNode(
+        node_config(harness, node_id, data, **overrides), transport=harness.transport
+    )
 
-    def __init__(self, config: AgentConfig) -> None:
-        self.agent = NodeAgent(config)
+
+class RunningNode:
+    """A :class:`NodeAgent` running as a task of the test's event loop.
+
+    ``transport``: the harness's (``harness.transport``) for a node on its
+    broker; ``None`` dials ``config.broker`` (a real Mosquitto).
+    """
+
+    def __init__(self, config: AgentConfig, *, transport: Transport | None = None) -> None:
+        self.agent = NodeAgent(config, transport=transport)
         self.task = asyncio.get_running_loop().create_task(self.agent.run())
 
     async def stop(self, timeout_s: float = 30.0) -> None:

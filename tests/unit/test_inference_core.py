@@ -13,9 +13,7 @@ from hypothesis import strategies as st
 from edge_node.inference_core import (
     MAX_TOPK,
     ORT_TYPE_TO_DTYPE,
-    ChangeGate,
     InputSpecError,
-    LatencyWindow,
     ModelMismatchError,
     OutputSummaryError,
     check_signature,
@@ -23,14 +21,18 @@ from edge_node.inference_core import (
     dtype_of,
     first_line,
     has_dynamic_batch,
-    input_digest,
-    is_corner_case,
     make_inputs,
     numpy_dtype,
     resolve_specs,
     spec_from_ort,
     split_outputs,
     stack_requests,
+)
+from edge_node.results_core import (
+    ChangeGate,
+    LatencyWindow,
+    input_digest,
+    is_corner_case,
     summarize_output,
 )
 from shared.errors import DecodeError, TrustError

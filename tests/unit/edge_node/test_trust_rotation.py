@@ -1,4 +1,7 @@
-"""Trust rotation over the air, and a node that restarts after its release key rotated."""
+"""Trust rotation over the air, and a node that restarts after its release key rotated.
+
+On the in-memory broker, with real keys, files and onnxruntime.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +9,24 @@ import asyncio
 import time
 from pathlib import Path
 
-import pytest
-
+from edgefleet_io.memory import MemoryBroker
 from fleet_controller.signing import sign_command
 from shared import topics
 from shared.envelope import SigningKey
 from shared.messages import NodeTarget, TrustUpdateAction
 from shared.trust import Role, TrustList, TrustStore, sign_trust_list
-from tests.support.broker import Broker
-from tests.support.harness import Harness, RunningNode, node_config
-
-pytestmark = pytest.mark.integration
+from tests.support.harness import Harness, start_node
 
 
 def test_node_keeps_its_model_across_a_release_key_rotation_and_restart(
-    broker: Broker, fleet_id: str, tmp_path: Path, classifier_v1: Path
+    fleet_id: str, tmp_path: Path, classifier_v1: Path
 ) -> None:
     async def scenario() -> None:
-        async with Harness(broker.url, fleet_id, tmp_path) as harness:
+        async with Harness(MemoryBroker(), fleet_id, tmp_path) as harness:
             model = harness.register(classifier_v1, "clf", "1.0.0")
             data = tmp_path / "n1"
-            async with RunningNode(node_config(harness, "n1", data)) as node:
-                await harness.wait_state(await harness.deploy("n1", model), "succeeded")
+            async with start_node(harness, "n1", data) as node:
+                await harness.wait_state(await harness.deploy("n1", model), "activated")
                 new_release = SigningKey.generate()
                 trust = TrustList.build(
                     version=2,
@@ -52,7 +51,7 @@ def test_node_keeps_its_model_across_a_release_key_rotation_and_restart(
             stored = TrustStore.bootstrap((data / "trust.json").read_bytes(), now=time.time())
             assert stored.version == 2
             births_before = len([s for s in harness.states if s.online])
-            async with RunningNode(node_config(harness, "n1", data)) as again:
+            async with start_node(harness, "n1", data) as again:
                 await harness.wait_for(
                     lambda: len([s for s in harness.states if s.online]) > births_before,
                     what="the restarted node's birth",

@@ -1,0 +1,307 @@
+"""Signed commands: verify, persist, then act; resume what a stop interrupted.
+
+Invariants:
+
+* every command goes through :func:`edge_node.core.verify_command`; without a
+  usable trust list every command is refused (fail closed);
+* the verifier state (last ``seq``, attempted keys) is saved *before* acting,
+  and an accepted deploy or rollback is saved as ``pending`` in that same
+  write, so a restart never applies a command twice and never forgets a job;
+* a repeated command is answered as :mod:`edge_node.repeats` decides, never run
+  again;
+* a pending job is verified again with today's trust list before it resumes
+  (a key rotated out since must not keep acting); its expiry is not checked
+  again, since it was accepted while valid and this only finishes it;
+* commands are handled one at a time, in arrival order; the queue is bounded
+  and a full one drops (the controller retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edge_node.artifacts import ArtifactStore
+from edge_node.context import ServingModel
+from edge_node.core import (
+    Accepted,
+    Duplicate,
+    Ignored,
+    NodeIdentity,
+    Rejected,
+    record,
+    verify_command,
+)
+from edge_node.jobs import JobRunner, StatusReporter
+from edge_node.repeats import answer_duplicate
+from edge_node.runtime import ModelRuntime
+from edge_node.state import NodeStore, PendingCommand, StateKeeper
+from shared.envelope import Envelope
+from shared.errors import DecodeError, EdgeFleetError, TrustError
+from shared.messages import (
+    CancelAction,
+    Command,
+    DeployAction,
+    ModelManifest,
+    NodeRolloutState,
+    RollbackAction,
+    TrustUpdateAction,
+    decode,
+)
+from shared.trust import Role, TrustStore
+
+__all__ = ["CommandHandler"]
+
+log = logging.getLogger(__name__)
+
+_QUEUE_LENGTH = 256  # commands waiting to be handled
+
+
+class CommandHandler:
+    """The node's commands: trust, verification, answers, and handing jobs to the runner."""
+
+    def __init__(
+        self,
+        *,
+        me: NodeIdentity,
+        trust_file: Path | None,
+        store: NodeStore,
+        keeper: StateKeeper,
+        artifacts: ArtifactStore,
+        runtime: ModelRuntime,
+        serving: ServingModel,
+        runner: JobRunner,
+        reporter: StatusReporter,
+        stopping: asyncio.Event,
+        clock: Callable[[], float],
+    ) -> None:
+        self._me = me
+        self._trust_file = trust_file
+        self._store = store
+        self._keeper = keeper
+        self._artifacts = artifacts
+        self._runtime = runtime
+        self._serving = serving
+        self._runner = runner
+        self._reporter = reporter
+        self._stopping = stopping
+        self._clock = clock
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(_QUEUE_LENGTH)
+        self.trust: TrustStore | None = None
+
+    # ----- start ------------------------------------------------------------------
+
+    def load_trust(self) -> None:
+        """The newest verifying trust list; none (every command refused) when there is none."""
+        try:
+            self.trust = self._store.load_trust(self._trust_file, now=self._clock())
+        except TrustError as exc:
+            log.error("%s", exc)  # fail closed: every command is refused
+
+    async def restore_active(self) -> None:
+        """Load the active model again after a restart, re-hashing its blob first."""
+        ref = self._keeper.state.active
+        if ref is None:
+            return
+        manifest = self._stored_manifest(ref.sha256)
+        if manifest is None or not await self._artifacts.verify(ref.sha256):
+            log.error("active model %s %s is missing or damaged on disk", ref.name, ref.version)
+            return
+        try:
+            await self._runtime.activate(self._artifacts.path(ref.sha256), manifest)
+        except EdgeFleetError as exc:
+            log.error("cannot load active model %s %s: %s", ref.name, ref.version, exc)
+            return
+        self._serving.set(manifest)
+
+    def _stored_manifest(self, sha256: str) -> ModelManifest | None:
+        """The release-signed manifest saved with a blob, verified again.
+
+        A manifest whose release key has since been rotated out no longer
+        verifies; for the models this node itself verified and installed (its
+        active and previous ones, recorded in ``state.json``) it is still used,
+        and the blob's digest is checked again by the caller's load.
+        """
+        if self.trust is None:
+            return None
+        try:
+            data = self._artifacts.load_manifest_bytes(sha256)
+            if data is None:
+                log.error("no stored manifest for %s", sha256[:12])
+                return None
+            manifest = decode(ModelManifest, self._open_stored(sha256, data, self.trust))
+        except (OSError, EdgeFleetError) as exc:
+            log.error("stored manifest for %s is unusable: %s", sha256[:12], exc)
+            return None
+        if manifest.sha256 != sha256:
+            log.error("stored manifest for %s names another blob", sha256[:12])
+            return None
+        return manifest
+
+    def _open_stored(self, sha256: str, data: bytes, trust: TrustStore) -> bytes:
+        """Raises: TrustError (not an installed model), DecodeError."""
+        envelope = Envelope.from_bytes(data)
+        try:
+            return trust.open(envelope, Role.RELEASE, now=self._clock())
+        except TrustError as exc:
+            state = self._keeper.state
+            installed = {ref.sha256 for ref in (state.active, state.previous) if ref}
+            if sha256 not in installed:
+                raise
+            log.warning("manifest of installed model %s: %s; kept", sha256[:12], exc)
+            return envelope.payload_bytes()
+
+    # ----- the queue --------------------------------------------------------------
+
+    def offer(self, data: bytes) -> None:
+        """Queue a received command envelope (called for every message on a command topic)."""
+        try:
+            self._queue.put_nowait(data)
+        except asyncio.QueueFull:
+            log.error("command queue full: dropping a command (the controller retries)")
+
+    async def run(self) -> None:
+        """Resume an interrupted job, then handle commands one at a time."""
+        await self.resume_pending()
+        while not self._stopping.is_set():  # see OutboxSender.run: a cancel may be swallowed
+            data = await self._queue.get()
+            await self.handle(data)
+
+    # ----- one command ------------------------------------------------------------
+
+    async def handle(self, data: bytes) -> None:
+        if self.trust is None:
+            log.error("refusing a command: no trust list (fail closed)")
+            await self._reporter.report(
+                NodeRolloutState.REJECTED,
+                None,
+                code="no_trust",
+                reason="node has no usable trust list",
+            )
+            return
+        state = self._keeper.state
+        outcome = verify_command(
+            data, trust=self.trust, me=self._me, state=state.verifier_state(), now=self._clock()
+        )
+        if isinstance(outcome, Ignored):
+            log.debug("ignoring command: %s", outcome.reason)
+        elif isinstance(outcome, Rejected):
+            log.warning("rejected command: %s", outcome.error)
+            await self._reporter.report(
+                NodeRolloutState.REJECTED,
+                outcome.command,
+                code=outcome.code,
+                reason=str(outcome.error),
+            )
+        elif isinstance(outcome, Duplicate):
+            log.info("duplicate command %s: %s", outcome.command.command_id, outcome.reason)
+            await self._answer_duplicate(outcome)
+        else:
+            await self._accept(outcome, data)
+            await self._act(outcome)
+
+    async def _accept(self, accepted: Accepted, data: bytes) -> None:
+        """Persist the verifier state (and a job as pending) before acting."""
+        verifier = record(self._keeper.state.verifier_state(), accepted)
+        update: dict[str, Any] = {
+            "last_seq": verifier.last_seq,
+            "attempted": list(verifier.attempted),
+        }
+        if isinstance(accepted.command.body, DeployAction | RollbackAction):
+            # In the same write: after a restart the verifier calls this command a
+            # duplicate, so only this record lets the node finish the job.
+            update["pending"] = PendingCommand(
+                command_id=accepted.command.command_id, envelope=data.decode()
+            )
+        await self._keeper.update(**update)
+
+    async def _answer_duplicate(self, duplicate: Duplicate) -> None:
+        """Acknowledge a repeated command with where it stands, without re-running it."""
+        running = self._runner.current
+        answer = answer_duplicate(
+            duplicate.command,
+            duplicate.manifest,
+            running=running.command if running is not None else None,
+            active=self._keeper.state.active,
+        )
+        if answer is not None:
+            await self._reporter.report(
+                answer.state,
+                duplicate.command,
+                model=answer.model,
+                reason=duplicate.reason,
+                duplicate=True,
+            )
+
+    async def _act(self, accepted: Accepted) -> None:
+        command, body = accepted.command, accepted.command.body
+        if isinstance(body, TrustUpdateAction):
+            await self._rotate_trust(accepted)
+        elif isinstance(body, CancelAction):
+            if not self._runner.cancel(command):
+                await self._reporter.report(
+                    NodeRolloutState.CANCELED, command, reason="nothing to cancel"
+                )
+        else:
+            assert accepted.manifest is not None
+            await self._runner.start(command, body, accepted.manifest)
+
+    async def _rotate_trust(self, accepted: Accepted) -> None:
+        new_trust = accepted.new_trust
+        assert new_trust is not None
+        await asyncio.to_thread(self._store.save_trust, new_trust)
+        self.trust = new_trust
+        log.info("trust list rotated to v%d", new_trust.version)
+        await self._reporter.report(
+            NodeRolloutState.SUCCEEDED, accepted.command, reason=f"trust v{new_trust.version}"
+        )
+
+    # ----- resuming ---------------------------------------------------------------
+
+    async def resume_pending(self) -> None:
+        """Resume the deploy or rollback that a stop or crash interrupted.
+
+        One whose envelope no longer verifies ends as ``failed``.
+        """
+        pending = self._keeper.state.pending
+        if pending is None:
+            return
+        if self.trust is None:
+            log.error("cannot resume command %s: no trust list", pending.command_id)
+            return
+        try:
+            command, body, manifest = _open_pending(pending, self.trust, now=self._clock())
+        except (TrustError, DecodeError) as exc:
+            log.error("cannot resume command %s: %s", pending.command_id, exc)
+            await self._reporter.report(
+                NodeRolloutState.FAILED,
+                None,
+                code=exc.code if isinstance(exc, TrustError) else "malformed",
+                reason=f"command {pending.command_id} was interrupted and cannot resume: {exc}",
+            )
+            if self._keeper.state.pending == pending:
+                await self._keeper.update(pending=None)
+            return
+        log.info("resuming command %s after a restart", command.command_id)
+        await self._runner.start(command, body, manifest, resumed=True)
+
+
+def _open_pending(
+    pending: PendingCommand, trust: TrustStore, *, now: float
+) -> tuple[Command, DeployAction | RollbackAction, ModelManifest]:
+    """Verify a persisted command envelope again: command, action and manifest.
+
+    Raises:
+        TrustError: a signature no longer verifies (e.g. a key rotated out).
+        DecodeError: the stored envelope is malformed or holds no deploy or rollback.
+    """
+    envelope = Envelope.from_bytes(pending.envelope.encode())
+    command = decode(Command, trust.open(envelope, Role.ROLLOUT, now=now))
+    body = command.body
+    if not isinstance(body, DeployAction | RollbackAction):
+        raise DecodeError(f"pending command is a {body.action}, not a deploy or rollback")
+    manifest = decode(ModelManifest, trust.open(body.manifest, Role.RELEASE, now=now))
+    return command, body, manifest

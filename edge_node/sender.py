@@ -1,0 +1,139 @@
+"""The outbox's asynchronous face: queueing statuses, results and telemetry, and sending them.
+
+Invariants (the outbox's own are in :mod:`edge_node.outbox`):
+
+* every outbox call runs in a worker thread, never on the event loop;
+* a status is never dropped: when the outbox is full, :meth:`OutboxSender.put`
+  waits for acks to free space; result batches are not dropped either, the
+  caller keeps them and pauses (:meth:`OutboxSender.try_put`); ``space`` is
+  clear exactly while something waits for room;
+* entries are published in ``seq`` order on the current connection, and re-sent
+  when unacknowledged for ``resend_after_s``; after every reconnect all of them
+  go out again (:meth:`OutboxSender.requeue`);
+* an entry leaves the outbox only on the controller's ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from edge_node.context import Connection
+from edge_node.outbox import Kind, Outbox, OutboxFullError
+from edgefleet_io.transport import Link
+from shared.errors import TransportError
+
+__all__ = ["OutboxSender"]
+
+log = logging.getLogger(__name__)
+
+_DUE_LIMIT = 200  # sequenced entries read per round
+_TELEMETRY_LIMIT = 50
+_MAX_IDLE_S = 5.0  # the sender looks for due re-sends at least this often
+
+
+class OutboxSender:
+    """Puts entries into the outbox and sends what is due on the current connection."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        connection: Connection,
+        *,
+        resend_after_s: float,
+        clock: Callable[[], float],
+        stopping: asyncio.Event,
+    ) -> None:
+        self.outbox = outbox
+        self._connection = connection
+        self._resend_after_s = resend_after_s
+        self._clock = clock
+        self._stopping = stopping
+        self._wake = asyncio.Event()
+        self.space = asyncio.Event()
+        self.space.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ----- queueing -----------------------------------------------------------
+
+    async def put(self, kind: Kind, topic: str, build: Callable[[int], bytes]) -> None:
+        """Store an entry, waiting for acks while the outbox is full."""
+        while True:
+            try:
+                await asyncio.to_thread(self.outbox.put, kind, topic, build)
+                break
+            except OutboxFullError:
+                log.error("outbox full: waiting for the controller to acknowledge")
+                self.space.clear()
+                await self.space.wait()
+        self.wake()
+
+    async def try_put(self, kind: Kind, topic: str, build: Callable[[int], bytes]) -> bool:
+        """Store an entry; False (and ``space`` cleared) when the outbox is full."""
+        try:
+            await asyncio.to_thread(self.outbox.put, kind, topic, build)
+        except OutboxFullError:
+            self.space.clear()
+            return False
+        self.wake()
+        return True
+
+    async def put_telemetry(self, topic: str, payload: bytes) -> None:
+        await asyncio.to_thread(self.outbox.put_telemetry, topic, payload)
+        self.wake()
+
+    async def on_ack(self, seq: int) -> None:
+        removed = await asyncio.to_thread(self.outbox.ack, seq)
+        if removed:
+            self.space.set()
+
+    async def requeue(self) -> None:
+        """After a (re)connect: everything unacknowledged goes out again, in order."""
+        await asyncio.to_thread(self.outbox.requeue_all)
+
+    # ----- sending ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Send due entries whenever woken, and look for due re-sends periodically."""
+        # Not `while True`: on Python 3.11 a cancel that lands as a PUBACK arrives is
+        # swallowed by asyncio.wait_for inside aiomqtt's publish, and the stop's
+        # TaskGroup would then wait for this loop forever.
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(self._resend_after_s, _MAX_IDLE_S)):
+                    await self._wake.wait()
+            self._wake.clear()
+            link = self._connection.link
+            if link is None:
+                continue
+            try:
+                await self.send_due(link)
+            except TransportError as exc:
+                log.debug("send interrupted: %s", exc)
+
+    async def send_due(self, link: Link) -> None:
+        """Publish every due entry and all stored telemetry on ``link``.
+
+        Raises:
+            TransportError: the connection failed (what was not sent stays due).
+        """
+        while True:
+            now = self._clock()
+            entries = await asyncio.to_thread(
+                self.outbox.due, now, resend_after_s=self._resend_after_s, limit=_DUE_LIMIT
+            )
+            telemetry = await asyncio.to_thread(self.outbox.telemetry_due, _TELEMETRY_LIMIT)
+            if not entries and not telemetry:
+                return
+            for entry in entries:
+                await link.publish(entry.topic, entry.payload, qos=1)
+            if entries:
+                await asyncio.to_thread(self.outbox.mark_sent, [e.seq for e in entries], now)
+            for item in telemetry:
+                await link.publish(item.topic, item.payload, qos=1)
+            if telemetry:
+                await asyncio.to_thread(self.outbox.telemetry_sent, [t.id for t in telemetry])
