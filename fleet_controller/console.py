@@ -4,12 +4,12 @@ Two halves:
 
 * :class:`FleetView` is pure. Feed it node messages (``state``, ``telemetry``,
   ``status``) with an explicit receive time ``now`` and it returns one
-  :class:`NodeRow` per node. It keeps the Sparkplug rule of the birth/death
-  protocol (a state whose ``session`` is older than the newest seen is stale and
-  ignored), computes inferences per second from the *delta* of two telemetry
-  counters on the node's own clock (a counter that goes backwards means the
-  agent restarted: no rate until the next sample), and never trusts a payload
-  whose node differs from its topic.
+  :class:`NodeRow` per node. It applies the protocol's birth/death rule and
+  its sender-matches-topic rule from :mod:`shared.rules` (a birth always
+  wins; a death older than the newest session seen is a stale Will), computes
+  inferences per second from the *delta* of two telemetry counters on the
+  node's own clock (a counter that goes backwards means the agent restarted:
+  no rate until the next sample).
 * :func:`run_top` is the thin MQTT shell: one read-only, clean-session
   connection through the transport seam (:mod:`edgefleet_io.transport`) that
   subscribes to the fleet's node leaves and redraws a :class:`rich.live.Live`
@@ -43,6 +43,7 @@ from edgefleet_io.transport import Session, Transport
 from shared import topics
 from shared.errors import DecodeError
 from shared.messages import ModelRef, NodeState, NodeStatus, Telemetry, decode
+from shared.rules import accept_node_state, require_topic_node
 
 __all__ = [
     "TOP_LEAVES",
@@ -96,7 +97,7 @@ class NodeRow:
 class _Node:
     node_id: str
     online: bool | None = None
-    session: int = -1
+    session: int | None = None
     model: ModelRef | None = None
     telemetry: Telemetry | None = None
     rate: float | None = None
@@ -133,10 +134,8 @@ class FleetView:
             return False
         try:
             message = decode(model, payload)
+            require_topic_node(parsed.node, message.node)
         except DecodeError:
-            self.malformed += 1
-            return False
-        if message.node != parsed.node:
             self.malformed += 1
             return False
         return self.apply(message, now)
@@ -147,7 +146,7 @@ class FleetView:
         if node is None:
             node = self._nodes[message.node] = _Node(message.node)
         if isinstance(message, NodeState):
-            if message.session < node.session:
+            if not accept_node_state(node.session, message):
                 return False  # a late Last Will of an older session
             node.session = message.session
             node.online = message.online

@@ -85,6 +85,15 @@ def test_top_ignores_a_late_death_of_an_older_session() -> None:
     assert view.rows(NOW)[0].online is False
 
 
+def test_top_shows_a_reinstalled_node_whose_sessions_start_again() -> None:
+    """The same rule as the controller's store: a birth always wins."""
+    view = FleetView("f")
+    view.apply(_state("n1", online=False, session=40), NOW)
+    assert view.apply(_state("n1", online=True, session=1), NOW)
+    assert view.rows(NOW)[0].online is True
+    assert not view.apply(_state("n1", online=False, session=0), NOW)
+
+
 def test_top_feed_decodes_checks_topics_and_counts_malformed() -> None:
     view = FleetView("f")
     state = encode(_state("n1", online=True, session=1))
