@@ -1,9 +1,10 @@
-"""Size limits of the controller's modules: thin shells stay thin.
+"""Size limits and the transport seam of the controller's modules: thin shells stay thin.
 
 No module over 600 lines, no class over 400, every function within
-cyclomatic complexity 12 and ruff's branch and statement limits. The
-command-line modules (cli.py, api.py, console.py) are being reworked
-separately and are not held to this yet.
+cyclomatic complexity 12 and ruff's branch and statement limits; and none
+imports an MQTT library (or edge_node.session): the broker is reached through
+:mod:`edgefleet_io.transport` only. The command-line modules (cli.py, api.py,
+console.py) are being reworked separately and are not held to this yet.
 """
 
 from __future__ import annotations
@@ -57,3 +58,20 @@ def test_functions_stay_simple() -> None:
         check=False,
     )
     assert found.returncode == 0, found.stdout + found.stderr
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.relative_to(PACKAGE).as_posix())
+def test_the_broker_is_reached_only_through_the_transport_seam(path: Path) -> None:
+    imported = _imports(path)
+    assert not {n for n in imported if n.split(".")[0] in ("aiomqtt", "paho")}
+    assert "edge_node.session" not in imported
