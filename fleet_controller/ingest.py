@@ -89,9 +89,13 @@ class Ingest:
         self._batch_max = batch_max
         self._queue: asyncio.Queue[Ingested] = asyncio.Queue(queue_max)
         self._writing = asyncio.Lock()  # held while a batch is stored: a stop waits for it
+        self._closed = False
 
     def offer(self, item: Ingested) -> None:
-        """Queue ``item`` for storing; when the queue is full it is dropped, unacked."""
+        """Queue ``item`` for storing; when the queue is full (or the controller is
+        stopping) it is dropped, unacked."""
+        if self._closed:
+            return
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -107,7 +111,9 @@ class Ingest:
                 await self.store(items)
 
     async def drain(self) -> None:
-        """Finish the batch being stored, then store whatever is queued (on a clean stop)."""
+        """On a clean stop: take nothing new, finish the batch being stored, then store
+        whatever is queued."""
+        self._closed = True
         async with self._writing:
             items: list[Ingested] = []
             while not self._queue.empty():
