@@ -13,17 +13,15 @@ pairing (no dispatch by method name).
 
 Every outcome is an answer; nothing a request carries can end the controller:
 
-==========================================  ====  ==========  ======================
-what happened                               code  audit as    audited when
-==========================================  ====  ==========  ======================
-handled                                     0     ``ok``      mutating operations
-unknown operation, arguments do not         2     ``refused`` always
-validate, malformed input (``DecodeError``)
-the operation failed (``EdgeFleetError``)   1     ``failed``  mutating operations
-the handler raised anything else            1     ``failed``  always (and logged with
-(``internal error: ...``)                                     the request id and a
-                                                              traceback)
-==========================================  ====  ==========  ======================
+* handled: code 0, audited as ``ok`` for mutating operations;
+* unknown operation, arguments that do not validate, malformed input
+  (``DecodeError``): code 2 naming the field, audited as ``refused`` always;
+* the operation failed (``EdgeFleetError``): code 1, audited as ``failed``
+  for mutating operations;
+* the handler raised anything else: code 1 ``internal error: ...``, logged with
+  the request id and a traceback, audited as ``failed`` always.
+
+An expired request is dropped: no answer, no audit.
 """
 
 from __future__ import annotations

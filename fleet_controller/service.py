@@ -3,19 +3,15 @@
 This module only builds and runs the controller's parts; each keeps its own
 invariants, stated in its module:
 
-==================================  ================================================
-:mod:`fleet_controller.link`        the broker connection: retained
-                                    ``controller/state`` with its Will,
-                                    subscriptions, strict decoding, routing
-:mod:`fleet_controller.ingest`      bounded queue, batch writer, acks after commit
-:mod:`fleet_controller.ticker`      rollout ticks (saved before acted on), pruning
-:mod:`fleet_controller.actions`     signing and publishing rollout commands
-                                    (planned by :mod:`fleet_controller.commands`)
-:mod:`fleet_controller.operator_api`  operator requests: parse once, dispatch by
-                                    table, reply, audit
-:mod:`fleet_controller.handlers`    one handler per operation
-:mod:`fleet_controller.artifacts`   chunk answers and blob uploads
-==================================  ================================================
+* :mod:`fleet_controller.link`: the broker connection (retained
+  ``controller/state`` with its Will, subscriptions, strict decoding, routing);
+* :mod:`fleet_controller.ingest`: bounded queue, batch writer, acks after commit;
+* :mod:`fleet_controller.ticker`: rollout ticks (saved before acted on), pruning;
+* :mod:`fleet_controller.actions`: signing and publishing rollout commands, as
+  planned by :mod:`fleet_controller.commands`;
+* :mod:`fleet_controller.operator_api`: operator requests (parse once, dispatch
+  by table, reply, audit), handled by :mod:`fleet_controller.handlers`;
+* :mod:`fleet_controller.artifacts`: chunk answers and blob uploads.
 
 Nothing stops the controller but :meth:`ControllerService.stop`: each loop of
 the task group isolates its own failures (see the modules above), and, as a
