@@ -246,7 +246,7 @@ async def bench(root: Path, broker: BrokerAddress, args: argparse.Namespace) -> 
             metrics = Counter(controller.metrics)
             metrics.subtract(metrics_before)
             sys_after = await counters.fresh()
-            events = await asyncio.to_thread(controller.store.rollout_events, reply["rollout_id"])
+            events = await asyncio.to_thread(controller.store.rollouts.events, reply["rollout_id"])
             rss_after = rss_mib()
     finally:
         lag.stop()

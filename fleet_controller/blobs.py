@@ -1,9 +1,16 @@
 """The controller's content-addressed blob store and the artifact chunk answer.
 
 Blobs live at ``ROOT/<sha256>``; they are written once (temp file, fsync,
-rename) and never modified, so any number of readers can serve chunks while
-ingest goes on. :func:`answer_chunk` turns a node's :class:`ArtifactRequest`
-into the :class:`ArtifactChunk` reply, or an error chunk for an unknown blob.
+rename, fsync of the folder) and never modified, so any number of readers can
+serve chunks while ingest goes on. :func:`answer_chunk` turns a node's
+:class:`ArtifactRequest` into the :class:`ArtifactChunk` reply, or an error
+chunk for an unknown blob.
+
+Uploads (``model.upload``) grow a part file ``ROOT/.<sha256>.upload`` one
+chunk at a time: each chunk is fsynced before it is acknowledged, hashed as it
+arrives (after a restart the part is re-hashed once, in blocks), and a complete
+part becomes the blob by the same atomic rename. No step reads a whole blob
+into memory.
 """
 
 from __future__ import annotations
@@ -12,12 +19,17 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.envelope import b64encode
-from shared.errors import EdgeFleetError
+from shared.errors import DigestMismatchError, EdgeFleetError
 from shared.messages import ArtifactChunk, ArtifactRequest
 from shared.topics import check_sha256
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 __all__ = ["BlobStore", "UnknownBlobError", "answer_chunk"]
 
@@ -28,10 +40,23 @@ class UnknownBlobError(EdgeFleetError):
     """No blob with that digest is stored."""
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX: the folder's entry is data too)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class BlobStore:
+    """Blobs by sha256 under ``root``; thread-safe (the service calls it from worker threads)."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # serialises uploads: one writer per part file
+        self._hashing: dict[str, tuple[int, _Hash]] = {}  # sha -> (bytes hashed, digest so far)
 
     def path(self, sha256: str) -> Path:
         return self.root / check_sha256(sha256)
@@ -46,6 +71,11 @@ class BlobStore:
         except FileNotFoundError:
             raise UnknownBlobError(f"no blob {sha256[:12]}") from None
 
+    def _install(self, tmp: Path, sha256: str) -> None:
+        """Atomically make ``tmp`` (written and fsynced) the blob ``sha256``."""
+        os.replace(tmp, self.path(sha256))
+        _fsync_dir(self.root)
+
     def add_file(self, source: Path) -> str:
         """Copy ``source`` in, hashing as it goes; returns its sha256."""
         digest = hashlib.sha256()
@@ -58,7 +88,7 @@ class BlobStore:
                 out.flush()
                 os.fsync(out.fileno())
             sha = digest.hexdigest()
-            os.replace(tmp, self.path(sha))
+            self._install(Path(tmp), sha)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -72,7 +102,7 @@ class BlobStore:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(tmp, self.path(sha))
+            self._install(Path(tmp), sha)
         return sha
 
     def read(self, sha256: str, offset: int, length: int) -> bytes:
@@ -86,6 +116,79 @@ class BlobStore:
 
     def copy_to(self, sha256: str, destination: Path) -> None:
         shutil.copyfile(self.path(sha256), destination)
+
+    # ----- uploads ------------------------------------------------------------------------
+
+    def _part(self, sha256: str) -> Path:
+        return self.root / f".{check_sha256(sha256)}.upload"
+
+    def part_size(self, sha256: str) -> int:
+        """Bytes of ``sha256`` uploaded so far (0: none)."""
+        try:
+            return self._part(sha256).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def append_part(self, sha256: str, offset: int, data: bytes) -> int:
+        """Append ``data`` to the upload of ``sha256`` when it starts at ``offset``, the
+        part's size, durably (fsync); returns the part's size afterwards.
+
+        Nothing is written when ``offset`` is not where the part ends (a resent or
+        overtaken chunk): the caller answers with the size, and the uploader resumes there.
+        """
+        with self._lock:
+            have = self.part_size(sha256)
+            if offset != have or not data:
+                return have
+            digest = self._digest(sha256, have)
+            try:
+                with self._part(sha256).open("ab") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            except BaseException:
+                self._hashing.pop(sha256, None)  # the part may hold part of it: hash afresh
+                raise
+            digest.update(data)
+            self._hashing[sha256] = (have + len(data), digest)
+            return have + len(data)
+
+    def commit_part(self, sha256: str) -> None:
+        """Install the complete upload of ``sha256`` as that blob.
+
+        Raises:
+            DigestMismatchError: the part hashes to something else (it is deleted).
+        """
+        with self._lock:
+            part = self._part(sha256)
+            if self.has(sha256) and not part.exists():
+                return  # a concurrent upload of the same blob installed it
+            digest = self._digest(sha256, self.part_size(sha256)).hexdigest()
+            self._hashing.pop(sha256, None)
+            if digest != sha256:
+                part.unlink(missing_ok=True)
+                raise DigestMismatchError(
+                    f"uploaded blob hashes to {digest[:12]}, not {sha256[:12]}"
+                )
+            self._install(part, sha256)
+
+    def discard_part(self, sha256: str) -> None:
+        with self._lock:
+            self._hashing.pop(sha256, None)
+            self._part(sha256).unlink(missing_ok=True)
+
+    def _digest(self, sha256: str, size: int) -> _Hash:
+        """The running digest of a part of ``size`` bytes (re-hashed in blocks if unknown)."""
+        known = self._hashing.get(sha256)
+        if known is not None and known[0] == size:
+            return known[1]
+        digest = hashlib.sha256()
+        if size:
+            with self._part(sha256).open("rb") as handle:
+                while block := handle.read(_COPY_BYTES):
+                    digest.update(block)
+        self._hashing[sha256] = (size, digest)
+        return digest
 
 
 def answer_chunk(store: BlobStore, request: ArtifactRequest) -> ArtifactChunk:

@@ -11,7 +11,7 @@ The store is a facade over one :class:`~fleet_controller.store.database.Database
 =================  =====================================================  ================
 ``store.nodes``    births/deaths, touch, get, list, revoke                :mod:`.nodes`
 ``store.models``   add, get, by sha256, list                              :mod:`.models`
-``store.rollouts`` create, step, save, load, list, events                 :mod:`.rollouts`
+``store.rollouts`` create, step, force_state, save, load, list, events    :mod:`.rollouts`
 ``store.ingest``   the ingest transaction (``write``), health samples     :mod:`.ingest`
 ``store.results``  list results, report, table counts, prune              :mod:`.results`
 ``store.audit``    append, list                                           :mod:`.audit`
@@ -53,6 +53,7 @@ from fleet_controller.store.database import SCHEMA_VERSION, DatabaseUrl, parse_d
 from fleet_controller.store.errors import (
     DuplicateModelError,
     DuplicateRolloutError,
+    RecordError,
     StoreError,
     UnknownRolloutError,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "ModelInfo",
     "NodeInfo",
     "PendingStatus",
+    "RecordError",
     "ResultInfo",
     "RolloutEventInfo",
     "RolloutInfo",

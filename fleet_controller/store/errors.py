@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from shared.errors import EdgeFleetError
 
-__all__ = ["DuplicateModelError", "DuplicateRolloutError", "StoreError", "UnknownRolloutError"]
+__all__ = [
+    "DuplicateModelError",
+    "DuplicateRolloutError",
+    "RecordError",
+    "StoreError",
+    "UnknownRolloutError",
+]
 
 
 class StoreError(EdgeFleetError):
@@ -25,3 +31,11 @@ class DuplicateRolloutError(StoreError):
 
 class UnknownRolloutError(StoreError):
     """No rollout with that id is stored."""
+
+
+class RecordError(StoreError):
+    """A rollout's stored record cannot be decoded (or a new one encoded).
+
+    Unlike other store errors this is no passing trouble: retrying gives the
+    same answer, so the service fails the rollout instead of ticking it again.
+    """

@@ -23,6 +23,7 @@ from __future__ import annotations
 import builtins
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from sqlalchemy import func, update
@@ -33,7 +34,12 @@ from sqlmodel import Session, col, select
 from fleet_controller.rollout_codec import record_from_json, record_to_json
 from fleet_controller.rollout_core import HealthSample, RolloutRecord
 from fleet_controller.store.database import Database
-from fleet_controller.store.errors import DuplicateRolloutError, StoreError, UnknownRolloutError
+from fleet_controller.store.errors import (
+    DuplicateRolloutError,
+    RecordError,
+    StoreError,
+    UnknownRolloutError,
+)
 from fleet_controller.store.ingest import select_samples
 from fleet_controller.store.nodes import select_nodes
 from fleet_controller.store.records import (
@@ -91,7 +97,10 @@ Decide = Callable[[RolloutRecord, list[PendingStatus], RolloutReader], tuple[Rol
 
 
 class RolloutRepository:
-    """``store.rollouts``: create, step, save, load and list rollouts; their events."""
+    """``store.rollouts``: create, step, save, load and list rollouts; their events.
+
+    :meth:`force_state` is the way out for a rollout whose record cannot be
+    stepped (corrupt, or the engine raised on it)."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -172,6 +181,30 @@ class RolloutRepository:
             if ids:
                 s.exec(update(STATUSES).where(STATUSES.c.id.in_(ids)).values(applied=True))
             return new, extra
+
+    def force_state(self, rollout_id: str, state: RolloutState, reason: str, now: float) -> None:
+        """Set a rollout's state and reason outside the engine (a rollout that cannot tick).
+
+        The columns are written without decoding the record, so this works on a
+        corrupt one; a record that still decodes is rewritten with the same
+        state and reason, so :meth:`load` agrees with :meth:`list`.
+
+        Raises:
+            UnknownRolloutError: no rollout with that id.
+            StoreError: the database failed.
+        """
+        with self._db.session(write=True) as s:
+            _lock(s, rollout_id)
+            stored = s.exec(
+                select(col(RolloutRow.record_json)).where(col(RolloutRow.rollout_id) == rollout_id)
+            ).one()
+            values: dict[str, Any] = {"state": state.value, "reason": reason, "updated_at": now}
+            try:
+                record = replace(_decode(rollout_id, stored), state=state, reason=reason)
+                values["record_json"] = _encode(record)
+            except RecordError:
+                pass  # unreadable: the columns alone say it failed
+            s.exec(update(ROLLOUTS).where(ROLLOUTS.c.rollout_id == rollout_id).values(**values))
 
     def load(self, rollout_id: str) -> RolloutRecord | None:
         """Raises: StoreError (also when the stored record is unreadable)."""
@@ -345,14 +378,16 @@ def _encode(record: RolloutRecord) -> str:
     try:
         return record_to_json(record)
     except ValueError as exc:
-        raise StoreError(f"rollout {record.spec.rollout_id}: cannot encode record: {exc}") from None
+        raise RecordError(
+            f"rollout {record.spec.rollout_id}: cannot encode record: {exc}"
+        ) from None
 
 
 def _decode(rollout_id: str, stored: str) -> RolloutRecord:
     try:
         return record_from_json(stored)
     except DecodeError as exc:
-        raise StoreError(f"rollout {rollout_id}: stored record unreadable: {exc}") from None
+        raise RecordError(f"rollout {rollout_id}: stored record unreadable: {exc}") from None
 
 
 def _rollout_info(row: RolloutRow, counts: Mapping[str, int]) -> RolloutInfo:

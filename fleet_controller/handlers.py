@@ -1,0 +1,220 @@
+"""The operator API's handlers: one method per operation, each taking its typed request.
+
+:meth:`OperatorHandlers.routes` is the dispatch table (built with
+:func:`fleet_controller.operator_api.bind`, so a type checker holds every
+handler to its operation's request model). Handlers get requests that already
+validated (:mod:`shared.operations`), so they check only what needs the store,
+the trust list or the broker, and raise:
+
+* ``UsageError`` / ``DecodeError`` for input that is wrong in itself
+  (answered with code 2, audited as ``refused``);
+* ``EdgeFleetError`` for an operation that cannot be done now or here
+  (code 1, ``failed``).
+
+A rollout's state changes go through ``store.rollouts.step`` (the same
+transaction discipline as the ticker), then the broadcast of a rollout that
+ended is cleared and its nodes still working get a ``cancel``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from fleet_controller import rollout_core as core
+from fleet_controller.actions import ActionExecutor, CommandSender
+from fleet_controller.artifacts import Artifacts
+from fleet_controller.commands import plan_trust_update
+from fleet_controller.operator_api import Route, bind, route_table
+from fleet_controller.steps import event_step
+from fleet_controller.store import ACTIVE_ROLLOUT_STATES, Store
+from fleet_controller.views import rollout_view
+from shared import operations as ops
+from shared.envelope import Envelope, b64decode
+from shared.errors import EdgeFleetError, UsageError
+from shared.messages import ModelManifest, ModelRef, decode
+from shared.trust import Role, TrustStore
+from shared.waves import format_selector
+
+__all__ = ["OperatorHandlers"]
+
+
+class OperatorHandlers:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        artifacts: Artifacts,
+        executor: ActionExecutor,
+        sender: CommandSender,
+        trust: TrustStore,
+        clock: Callable[[], float],
+        metrics: Counter[str],
+    ) -> None:
+        self._store = store
+        self._artifacts = artifacts
+        self._executor = executor
+        self._sender = sender
+        self._trust = trust
+        self._clock = clock
+        self._metrics = metrics
+
+    def routes(self) -> dict[str, Route[Any]]:
+        """The dispatch table: every operation of :data:`shared.operations.OPERATIONS`."""
+        return route_table(
+            bind(ops.MODEL_UPLOAD, self.model_upload),
+            bind(ops.MODEL_ADD, self.model_add),
+            bind(ops.MODEL_LIST, self.model_list),
+            bind(ops.ROLLOUT_START, self.rollout_start),
+            bind(ops.ROLLOUT_STATUS, self.rollout_status),
+            bind(ops.ROLLOUT_LIST, self.rollout_list),
+            bind(ops.ROLLOUT_EVENTS, self.rollout_events),
+            bind(ops.ROLLOUT_PAUSE, self.rollout_pause),
+            bind(ops.ROLLOUT_RESUME, self.rollout_resume),
+            bind(ops.ROLLOUT_ABORT, self.rollout_abort),
+            bind(ops.ROLLOUT_ROLLBACK, self.rollout_rollback),
+            bind(ops.NODES_LIST, self.nodes_list),
+            bind(ops.NODE_REVOKE, self.node_revoke),
+            bind(ops.TRUST_PUSH, self.trust_push),
+            bind(ops.AUDIT_LIST, self.audit_list),
+            bind(ops.REPORT, self.report),
+        )
+
+    # ----- models ------------------------------------------------------------------------
+
+    async def model_upload(self, request: ops.ModelUpload, operator: str) -> dict[str, Any]:
+        data = b64decode(request.data, "data")
+        return await asyncio.to_thread(
+            self._artifacts.receive_upload, request.sha256, request.offset, request.size, data
+        )
+
+    async def model_add(self, request: ops.ModelAdd, operator: str) -> dict[str, Any]:
+        envelope = Envelope.from_bytes(request.envelope.encode())
+        payload = self._trust.open(envelope, Role.RELEASE, now=self._clock())
+        manifest = decode(ModelManifest, payload)
+        same = await asyncio.to_thread(self._store.models.by_sha, manifest.sha256)
+        if same is not None:
+            raise EdgeFleetError(
+                f"this file is registered already as {same.name}@{same.version}; "
+                "a new version must be a new file"
+            )
+        blobs = self._artifacts.blobs
+        if not blobs.has(manifest.sha256) or blobs.size(manifest.sha256) != manifest.size:
+            raise EdgeFleetError(f"blob {manifest.sha256[:12]} has not been uploaded")
+        info = await asyncio.to_thread(
+            self._store.models.add, manifest, request.envelope, operator, self._clock()
+        )
+        return info.to_dict()
+
+    async def model_list(self, request: ops.ModelList, operator: str) -> list[dict[str, Any]]:
+        return [m.to_dict() for m in await asyncio.to_thread(self._store.models.list)]
+
+    # ----- rollouts ----------------------------------------------------------------------
+
+    async def rollout_start(self, request: ops.RolloutStart, operator: str) -> dict[str, Any]:
+        info = await asyncio.to_thread(self._store.models.get, request.name, request.version)
+        if info is None:
+            raise EdgeFleetError(f"unknown model {request.model}: add it with `fleetctl model add`")
+        selector = request.selector
+        nodes = await asyncio.to_thread(self._store.nodes.list, selector or None)
+        if not [n for n in nodes if not n.revoked]:
+            raise EdgeFleetError(
+                f"selection {format_selector(selector) or '(all)'} matches no known node"
+            )
+        rollout_id = request.rollout_id or f"r-{secrets.token_hex(4)}"
+        if await asyncio.to_thread(self._store.rollouts.load, rollout_id) is not None:
+            raise UsageError(f"rollout {rollout_id} exists already")
+        spec = core.RolloutSpec.from_policy(
+            request,
+            rollout_id=rollout_id,
+            model=ModelRef(name=info.name, version=info.version, sha256=info.sha256),
+            selector=selector,
+        )
+        record = core.RolloutRecord(spec=spec)
+        await asyncio.to_thread(self._store.rollouts.create, record, operator, self._clock())
+        return rollout_view(record)
+
+    async def _record(self, rollout_id: str) -> core.RolloutRecord:
+        record = await asyncio.to_thread(self._store.rollouts.load, rollout_id)
+        if record is None:
+            raise EdgeFleetError(f"unknown rollout {rollout_id}")
+        return record
+
+    async def rollout_status(self, request: ops.RolloutRef, operator: str) -> dict[str, Any]:
+        return rollout_view(await self._record(request.rollout_id), nodes=True)
+
+    async def rollout_list(self, request: ops.RolloutList, operator: str) -> list[dict[str, Any]]:
+        infos = await asyncio.to_thread(self._store.rollouts.list, request.active_only)
+        # Waves count from 1 for operators, as in rollout.status.
+        return [{**i.to_dict(), "wave": i.wave + 1} for i in infos]
+
+    async def rollout_events(self, request: ops.RolloutRef, operator: str) -> list[dict[str, Any]]:
+        """Per-node state changes, oldest first."""
+        events = await asyncio.to_thread(self._store.rollouts.events, request.rollout_id)
+        if not events:
+            await self._record(request.rollout_id)  # unknown: say so rather than []
+        return [e.to_dict() for e in events]
+
+    async def rollout_pause(self, request: ops.RolloutRef, operator: str) -> dict[str, Any]:
+        return await self._change(request.rollout_id, core.RolloutEvent.PAUSE)
+
+    async def rollout_resume(self, request: ops.RolloutRef, operator: str) -> dict[str, Any]:
+        return await self._change(request.rollout_id, core.RolloutEvent.RESUME)
+
+    async def rollout_abort(self, request: ops.RolloutRef, operator: str) -> dict[str, Any]:
+        return await self._change(request.rollout_id, core.RolloutEvent.ABORT)
+
+    async def rollout_rollback(self, request: ops.RolloutRef, operator: str) -> dict[str, Any]:
+        return await self._change(request.rollout_id, core.RolloutEvent.ROLLBACK)
+
+    async def _change(self, rollout_id: str, event: core.RolloutEvent) -> dict[str, Any]:
+        now = self._clock()
+        try:
+            new, _ = await asyncio.to_thread(
+                self._store.rollouts.step, rollout_id, event_step(event, now), now
+            )
+        except core.IllegalTransitionError as exc:
+            raise EdgeFleetError(str(exc)) from None
+        if new.state not in ACTIVE_ROLLOUT_STATES:
+            await self._executor.execute(new, core.ClearBroadcast(), now)
+            for progress in new.nodes.values():
+                if progress.state in core.IN_FLIGHT:
+                    await self._executor.execute(
+                        new, core.SendNode(progress.node_id, "cancel"), now
+                    )
+        return rollout_view(new)
+
+    # ----- nodes, trust, audit, report ---------------------------------------------------
+
+    async def nodes_list(self, request: ops.NodesList, operator: str) -> list[dict[str, Any]]:
+        nodes = await asyncio.to_thread(self._store.nodes.list, request.selector or None)
+        return [n.to_dict() for n in nodes]
+
+    async def node_revoke(self, request: ops.NodeRevoke, operator: str) -> dict[str, Any]:
+        await asyncio.to_thread(self._store.nodes.set_revoked, request.node_id, True)  # noqa: FBT003
+        return {"node_id": request.node_id, "revoked": True}
+
+    async def trust_push(self, request: ops.TrustPush, operator: str) -> dict[str, Any]:
+        """Adopt a rotated trust list and broadcast it (retained) to every node.
+
+        The list must be a valid rotation of the controller's own (signed by the
+        current and the new root, newer, not expired), exactly as nodes check it.
+        """
+        envelope = Envelope.from_bytes(request.trust.encode())
+        now = self._clock()
+        rotated = self._trust.rotate(envelope, now=now)
+        rollout_id = f"trust-v{rotated.version}"
+        await self._sender.send(plan_trust_update(envelope), rollout_id=rollout_id, now=now)
+        self._trust = rotated
+        return {"version": rotated.version, "rollout_id": rollout_id}
+
+    async def audit_list(self, request: ops.AuditList, operator: str) -> list[dict[str, Any]]:
+        entries = await asyncio.to_thread(self._store.audit.list, request.limit)
+        return [e.to_dict() for e in entries]
+
+    async def report(self, request: ops.Report, operator: str) -> dict[str, Any]:
+        report = await asyncio.to_thread(self._store.results.report)
+        return {**report, "controller": dict(self._metrics)}

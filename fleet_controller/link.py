@@ -1,0 +1,233 @@
+"""The controller's one broker connection, over the transport seam.
+
+What it keeps:
+
+* **One session at a time**, reconnecting with
+  :func:`~edgefleet_io.transport.reconnect_delays` back-off; clean sessions,
+  since shared consumers must not have messages queued for them while away.
+* **A retained ``controller/state``**: ``online`` on every connect, with an
+  ``offline`` Last Will for a connection that dies, and an explicit
+  ``offline`` on a clean stop (:meth:`ControllerLink.announce_offline`). Each
+  connect counts a new ``session``, as nodes' births do.
+* **Subscriptions**: node statuses, results and telemetry, artifact chunk
+  requests and operator requests on shared subscriptions
+  (``$share/controllers/...``) so replicas split them; node states without
+  ``$share`` (every replica needs every birth and death).
+* **Routing**: each message is decoded strictly, once (:func:`decode_incoming`,
+  which also applies :func:`shared.rules.require_topic_node`), and handed to
+  one of :class:`Routes`. A malformed message is logged with its topic,
+  counted (``metrics["malformed"]``) and dropped; a route that raises is
+  logged with a traceback and counted, and the connection carries on.
+
+Nothing here imports an MQTT library: a :class:`~edgefleet_io.transport.Transport`
+is injected (:class:`~edgefleet_io.mqtt.MqttTransport` in production,
+:class:`~edgefleet_io.memory.MemoryTransport` in tests), and every broker
+failure arrives as a :class:`~shared.errors.TransportError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgefleet_io.transport import Link, Message, Session, Transport, Will, reconnect_delays
+from shared import __version__, topics
+from shared.errors import BrokerUnavailableError, DecodeError, TransportError
+from shared.messages import (
+    ArtifactRequest,
+    ControllerState,
+    NodeState,
+    NodeStatus,
+    OperatorRequest,
+    ResultBatch,
+    Telemetry,
+    decode,
+    encode,
+)
+from shared.rules import require_topic_node
+
+__all__ = [
+    "MAX_RECONNECT_DELAY_S",
+    "ControllerLink",
+    "Incoming",
+    "Ingested",
+    "Routes",
+    "decode_incoming",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_RECONNECT_DELAY_S = 10.0
+OFFLINE_PUBLISH_TIMEOUT_S = 2.0
+
+Ingested = NodeStatus | ResultBatch | Telemetry | NodeState
+"""What nodes send that the controller stores (and acks, for statuses and results)."""
+
+Incoming = Ingested | ArtifactRequest | OperatorRequest
+
+_MODELS: dict[topics.TopicKind, type[Incoming]] = {
+    topics.TopicKind.STATUS: NodeStatus,
+    topics.TopicKind.RESULTS: ResultBatch,
+    topics.TopicKind.TELEMETRY: Telemetry,
+    topics.TopicKind.STATE: NodeState,
+    topics.TopicKind.ARTIFACT_REQUEST: ArtifactRequest,
+    topics.TopicKind.CTL_REQUEST: OperatorRequest,
+}
+
+
+def decode_incoming(topic: str, data: bytes) -> Incoming | None:
+    """The message on ``topic``, decoded (None: a topic the controller does not read).
+
+    Raises:
+        DecodeError: the topic or payload is malformed, or the payload names
+            another node (or blob) than its topic.
+    """
+    parsed = topics.parse_topic(topic)
+    model = _MODELS.get(parsed.kind)
+    if model is None:
+        return None
+    item = decode(model, data)
+    if isinstance(item, OperatorRequest):
+        return item
+    require_topic_node(parsed.node, item.node)
+    if isinstance(item, ArtifactRequest) and item.sha256 != parsed.sha256:
+        raise DecodeError(f"request names blob {item.sha256[:12]}, topic {parsed.sha256}")
+    return item
+
+
+@dataclass(frozen=True, slots=True)
+class Routes:
+    """Where decoded messages go. Each is called on the event loop and must not block."""
+
+    ingest: Callable[[Ingested], None]
+    artifact: Callable[[ArtifactRequest], None]
+    operator: Callable[[OperatorRequest], None]
+
+
+class ControllerLink:
+    """The connection loop (:meth:`run`) and publishing (:meth:`publish`) for the service."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        fleet: str,
+        controller_id: str,
+        clock: Callable[[], float],
+        metrics: Counter[str],
+    ) -> None:
+        self._transport = transport
+        self._fleet = fleet
+        self._controller_id = controller_id
+        self._clock = clock
+        self._metrics = metrics
+        self._link: Link | None = None
+        self.session = 0
+        self.connected = asyncio.Event()
+
+    def _state(self, *, online: bool) -> bytes:
+        return encode(
+            ControllerState(
+                controller_id=self._controller_id,
+                online=online,
+                session=self.session,
+                version=__version__,
+                ts=self._clock(),
+            )
+        )
+
+    def _filters(self) -> list[tuple[str, int]]:
+        fleet = self._fleet
+        share = topics.shared_subscription
+        return [
+            (share(topics.node_filter(fleet, "status")), 1),
+            (share(topics.node_filter(fleet, "results")), 1),
+            (share(topics.node_filter(fleet, "telemetry")), 1),
+            (share(f"{topics.PREFIX}/{fleet}/artifact/+/req/+"), 1),
+            (share(topics.ctl_request(fleet)), 1),
+            (topics.node_filter(fleet, "state"), 1),
+        ]
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Raises: TransportError (also while not connected)."""
+        link = self._link
+        if link is None:
+            raise BrokerUnavailableError("not connected to the broker; try again")
+        await link.publish(topic, payload, qos=qos, retain=retain)
+
+    async def announce_offline(self) -> None:
+        """Replace the retained ``controller/state`` with ``offline`` (a clean stop)."""
+        with contextlib.suppress(TransportError, TimeoutError):
+            async with asyncio.timeout(OFFLINE_PUBLISH_TIMEOUT_S):
+                await self.publish(
+                    topics.controller_state(self._fleet), self._state(online=False), retain=True
+                )
+
+    async def run(self, routes: Routes, stopping: asyncio.Event) -> None:
+        """Stay connected until ``stopping`` is set, handing every message to ``routes``."""
+        delays = reconnect_delays(maximum_s=MAX_RECONNECT_DELAY_S)
+        while not stopping.is_set():
+            self.session += 1
+            try:
+                await self._serve(routes)
+            except TransportError as exc:
+                log.warning("broker connection lost: %s", exc)
+            except Exception:
+                log.exception("broker connection failed unexpectedly; reconnecting")
+                self._metrics["link_errors"] += 1
+            finally:
+                if self.connected.is_set():  # it was up: back off from the start again
+                    delays = reconnect_delays(maximum_s=MAX_RECONNECT_DELAY_S)
+                self._link = None
+                self.connected.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(next(delays)):
+                    await stopping.wait()
+
+    async def _serve(self, routes: Routes) -> None:
+        """One connection, until the broker ends it. Raises: TransportError."""
+        state_topic = topics.controller_state(self._fleet)
+        session = Session(
+            client_id=self._controller_id,
+            will=Will(state_topic, self._state(online=False), qos=1, retain=True),
+        )
+        async with self._transport.connect(session) as link:
+            await link.publish(state_topic, self._state(online=True), qos=1, retain=True)
+            await link.subscribe(self._filters())
+            self._link = link
+            self.connected.set()
+            log.info(
+                "controller %s serving fleet %s on %s",
+                self._controller_id,
+                self._fleet,
+                self._transport,
+            )
+            async for message in link.messages():
+                self.route(message, routes)
+
+    def route(self, message: Message, routes: Routes) -> None:
+        """Decode one message and hand it on; never raises."""
+        if not message.payload:
+            return  # a cleared retained topic
+        try:
+            item = decode_incoming(message.topic, message.payload)
+        except DecodeError as exc:
+            self._metrics["malformed"] += 1
+            log.warning("dropping malformed message on %s: %s", message.topic, exc)
+            return
+        try:
+            if isinstance(item, ArtifactRequest):
+                routes.artifact(item)
+            elif isinstance(item, OperatorRequest):
+                routes.operator(item)
+            elif item is not None:
+                routes.ingest(item)
+        except Exception:
+            self._metrics["route_errors"] += 1
+            log.exception("handling the message on %s failed", message.topic)

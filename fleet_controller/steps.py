@@ -1,0 +1,102 @@
+"""The pure ``decide`` functions the service hands to ``store.rollouts.step``.
+
+``store.rollouts.step(rollout_id, decide, now)`` locks a rollout, loads its
+record once with the node statuses not yet folded into it, and saves what
+``decide`` returns, in one transaction. The functions here build those
+``decide`` callables: they fold statuses, read the fleet through the step's
+:class:`~fleet_controller.store.RolloutReader` and call the rollout engine.
+No clock, no broker: ``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from fleet_controller import rollout_core as core
+from fleet_controller.store import ACTIVE_ROLLOUT_STATES, PendingStatus, RolloutReader
+from fleet_controller.store.rollouts import Decide
+
+__all__ = [
+    "FLEET_LOOKBACK_S",
+    "TickOutcome",
+    "event_step",
+    "fleet_view",
+    "fold_statuses",
+    "tick_step",
+]
+
+FLEET_LOOKBACK_S = 600.0  # health samples read from this long before the first command
+
+TickOutcome = tuple[bool, list[core.RolloutAction]]
+"""Whether the rollout was active before the step, and the actions to carry out."""
+
+
+def fold_statuses(
+    record: core.RolloutRecord, pending: Sequence[PendingStatus], now: float
+) -> core.RolloutRecord:
+    """``record`` with the node statuses ``pending`` applied in order."""
+    for status in pending:
+        record = core.apply_node_status(
+            record,
+            status.node_id,
+            status.state,
+            now=now,
+            code=status.code,
+            reason=status.reason,
+            duplicate=status.duplicate,
+        )
+    return record
+
+
+def fleet_view(
+    reader: RolloutReader, spec: core.RolloutSpec, since: float
+) -> dict[str, core.NodeView]:
+    """The selected, unrevoked nodes with their health samples since ``since``."""
+    nodes = reader.nodes(dict(spec.selector) or None)
+    samples = reader.samples([n.node_id for n in nodes], since)
+    return {
+        n.node_id: core.NodeView(
+            node_id=n.node_id,
+            labels=n.labels,
+            online=n.online,
+            model=n.model,
+            samples=tuple(samples.get(n.node_id, ())),
+        )
+        for n in nodes
+        if not n.revoked
+    }
+
+
+def tick_step(now: float) -> Decide[TickOutcome]:
+    """Fold new statuses, then advance the rollout to ``now`` (:func:`rollout_core.tick`)."""
+
+    def decide(
+        current: core.RolloutRecord, pending: list[PendingStatus], reader: RolloutReader
+    ) -> tuple[core.RolloutRecord, TickOutcome]:
+        sent = [p.sent_at or now for p in current.nodes.values()]
+        since = min(sent, default=now) - FLEET_LOOKBACK_S
+        fleet = fleet_view(reader, current.spec, since)
+        new, actions = core.tick(fold_statuses(current, pending, now), fleet, now=now)
+        return new, (current.state in ACTIVE_ROLLOUT_STATES, actions)
+
+    return decide
+
+
+def event_step(event: core.RolloutEvent, now: float) -> Decide[None]:
+    """Fold new statuses, then apply an operator's ``event`` (pause, resume, abort, rollback).
+
+    The ``decide`` raises IllegalTransitionError when the event is not allowed.
+    """
+
+    def decide(
+        current: core.RolloutRecord, pending: list[PendingStatus], _reader: RolloutReader
+    ) -> tuple[core.RolloutRecord, None]:
+        record = fold_statuses(current, pending, now)
+        if event is core.RolloutEvent.ROLLBACK:
+            new = core.start_rollback(record)
+        else:
+            new = replace(record, state=core.apply_event(record.state, event))
+        return replace(new, reason=f"{event.value} by operator"), None
+
+    return decide

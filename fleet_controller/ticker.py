@@ -1,0 +1,154 @@
+"""The rollout ticker and the pruner: the controller's clockwork.
+
+Every ``tick_s`` while connected, each active rollout takes one step
+(:func:`fleet_controller.steps.tick_step` inside ``store.rollouts.step``: its
+record is loaded once, new node statuses are folded in, the engine decides,
+and the new record is saved in one transaction) and only then are the step's
+actions carried out, so a restart resumes every rollout and never sends a node
+the same step twice. Several controllers may tick the same rollout: the store
+serialises the steps, and each action comes from a state change saved by
+exactly one of them.
+
+Failure isolation, per rollout:
+
+* a passing trouble (the database or the broker is away: ``StoreError``,
+  ``TransportError``) is logged and the rollout ticks again next time;
+* anything else (a record that cannot be decoded, the engine raising, a bug)
+  ends that rollout as ``failed`` with the reason, its retained broadcast
+  cleared, logged with its id; the other rollouts keep ticking. If even that
+  cannot be done now, it is tried again next tick.
+
+Once an hour, telemetry and results older than ``retention_days`` are pruned;
+a failed pruning is logged and tried again an hour later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from fleet_controller.actions import ActionExecutor
+from fleet_controller.steps import tick_step
+from fleet_controller.store import (
+    ACTIVE_ROLLOUT_STATES,
+    RecordError,
+    Store,
+    StoreError,
+    UnknownRolloutError,
+)
+from shared.errors import EdgeFleetError, TransportError
+from shared.messages import RolloutState
+
+__all__ = ["PRUNE_EVERY_S", "RolloutTicker"]
+
+log = logging.getLogger(__name__)
+
+PRUNE_EVERY_S = 3600.0
+_REASON_MAX_CHARS = 500
+
+
+class RolloutTicker:
+    def __init__(
+        self,
+        store: Store,
+        executor: ActionExecutor,
+        *,
+        connected: asyncio.Event,
+        clock: Callable[[], float],
+        metrics: Counter[str],
+        tick_s: float,
+        retention_days: float,
+    ) -> None:
+        self._store = store
+        self._executor = executor
+        self._connected = connected
+        self._clock = clock
+        self._metrics = metrics
+        self._tick_s = tick_s
+        self._retention_days = retention_days
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Tick every active rollout each ``tick_s`` while connected, until ``stopping``."""
+        while not await _wait(stopping, self._tick_s):
+            if not self._connected.is_set():
+                continue
+            try:
+                await self.tick_all()
+            except Exception:  # tick_all isolates rollouts; this is a last resort
+                log.exception("rollout tick failed")
+
+    async def tick_all(self) -> None:
+        try:
+            infos = await asyncio.to_thread(self._store.rollouts.list, active_only=True)
+        except EdgeFleetError as exc:
+            log.error("cannot list rollouts to tick: %s", exc)
+            return
+        for info in infos:
+            await self.tick_one(info.rollout_id)
+
+    async def tick_one(self, rollout_id: str) -> None:
+        """One step of one rollout and its actions; failures stay with this rollout."""
+        try:
+            await self._step(rollout_id)
+        except UnknownRolloutError:
+            return
+        except RecordError as exc:
+            await self._fail(rollout_id, str(exc))
+        except (StoreError, TransportError) as exc:
+            log.warning("rollout %s: tick postponed: %s", rollout_id, exc)
+        except Exception as exc:
+            log.exception("rollout %s: tick raised", rollout_id)
+            await self._fail(rollout_id, f"internal error: {type(exc).__name__}: {exc}")
+
+    async def _step(self, rollout_id: str) -> None:
+        now = self._clock()
+        new, (was_active, actions) = await asyncio.to_thread(
+            self._store.rollouts.step, rollout_id, tick_step(now), now
+        )
+        for action in actions:
+            await self._executor.execute(new, action, now)
+        if was_active and new.state not in ACTIVE_ROLLOUT_STATES:
+            log.info("rollout %s ended: %s (%s)", rollout_id, new.state.value, new.reason)
+
+    async def _fail(self, rollout_id: str, reason: str) -> None:
+        """End a rollout that cannot tick: clear its broadcast, then mark it failed."""
+        reason = reason[:_REASON_MAX_CHARS]
+        log.error("rollout %s: marking it failed: %s", rollout_id, reason)
+        try:
+            await self._executor.clear_broadcast(rollout_id)
+            await asyncio.to_thread(
+                self._store.rollouts.force_state,
+                rollout_id,
+                RolloutState.FAILED,
+                reason,
+                self._clock(),
+            )
+        except Exception:
+            log.exception("rollout %s: cannot mark it failed yet (next tick)", rollout_id)
+            return
+        self._metrics["rollouts_failed_internally"] += 1
+
+    async def prune(self, stopping: asyncio.Event) -> None:
+        """Once an hour, drop telemetry and results older than the retention, until ``stopping``."""
+        while not await _wait(stopping, PRUNE_EVERY_S):
+            cutoff = self._clock() - self._retention_days * 86_400
+            try:
+                telemetry, results = await asyncio.to_thread(
+                    self._store.results.prune, cutoff, cutoff
+                )
+            except Exception:
+                log.exception("pruning failed (next try in %g s)", PRUNE_EVERY_S)
+                continue
+            if telemetry or results:
+                log.info("pruned %d telemetry rows and %d results", telemetry, results)
+
+
+async def _wait(stopping: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds`` or until ``stopping``; returns whether it is set."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stopping.wait()
+    return stopping.is_set()

@@ -1,0 +1,161 @@
+"""The controller's broker link (fleet_controller.link) on the in-memory broker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from edgefleet_io.memory import MemoryBroker
+from edgefleet_io.transport import Message, Session
+from fleet_controller.link import ControllerLink, Routes, decode_incoming
+from shared import topics
+from shared.errors import BrokerUnavailableError, DecodeError
+from shared.messages import (
+    ArtifactRequest,
+    ControllerState,
+    NodeRolloutState,
+    NodeStatus,
+    OperatorRequest,
+    decode,
+    encode,
+)
+from tests.unit.fleet_controller.kit import (
+    DEADLINE_S,
+    FLEET,
+    NOW,
+    Clock,
+    controller,
+    eventually,
+    make_service,
+    run,
+    running,
+)
+
+SHA = "ab" * 32
+STATUS = NodeStatus(
+    node="n1", seq=1, command_id="c1", rollout_id="r1", state=NodeRolloutState.QUEUED, ts=NOW
+)
+CHUNK = ArtifactRequest(node="n1", sha256=SHA, request_id="q1", offset=0, length=10)
+REQUEST = OperatorRequest(id="i1", client="c", operator="alice", op="report", expires_at=NOW)
+
+
+@pytest.mark.parametrize(
+    ("topic", "message", "expected"),
+    [
+        (topics.status(FLEET, "n1"), STATUS, STATUS),
+        (topics.artifact_request(FLEET, SHA, "n1"), CHUNK, CHUNK),
+        (topics.ctl_request(FLEET), REQUEST, REQUEST),
+        (topics.node_cmd(FLEET, "n1"), STATUS, None),  # not a topic the controller reads
+    ],
+)
+def test_incoming_messages_are_decoded_by_topic(
+    topic: str, message: NodeStatus | ArtifactRequest | OperatorRequest, expected: object
+) -> None:
+    assert decode_incoming(topic, encode(message)) == expected
+
+
+@pytest.mark.parametrize(
+    ("topic", "message", "error"),
+    [
+        (topics.status(FLEET, "n2"), STATUS, "payload names node 'n1', topic 'n2'"),
+        (topics.artifact_request(FLEET, SHA, "n2"), CHUNK, "payload names node 'n1'"),
+        (topics.artifact_request(FLEET, "cd" * 32, "n1"), CHUNK, "request names blob abababababab"),
+        (topics.results(FLEET, "n1"), STATUS, "invalid ResultBatch"),  # a status, not results
+        ("elsewhere/n1/status", STATUS, "not an EdgeFleet topic"),
+    ],
+)
+def test_malformed_or_misaddressed_messages_are_refused(
+    topic: str, message: NodeStatus | ArtifactRequest, error: str
+) -> None:
+    with pytest.raises(DecodeError, match=error):
+        decode_incoming(topic, encode(message))
+
+
+def test_a_route_that_raises_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    metrics: Counter[str] = Counter()
+    link = ControllerLink(
+        MemoryBroker().transport(), fleet=FLEET, controller_id="c1", clock=Clock(), metrics=metrics
+    )
+
+    def explode(_: object) -> None:
+        raise RuntimeError("route broke")
+
+    routes = Routes(ingest=explode, artifact=explode, operator=explode)
+    link.route(Message(topics.status(FLEET, "n1"), encode(STATUS)), routes)
+    link.route(Message(topics.status(FLEET, "n1"), b"{"), routes)
+    link.route(Message(topics.status(FLEET, "n1"), b""), routes)  # a cleared retained topic
+    assert (metrics["route_errors"], metrics["malformed"]) == (1, 1)
+    assert any(r.exc_info for r in caplog.records if "failed" in r.getMessage())
+
+
+def test_controller_state_is_retained_with_a_will_and_cleared_on_stop(
+    tmp_path: Path, keys: Path
+) -> None:
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        service = make_service(tmp_path, keys, broker, Clock())
+        state_topic = topics.controller_state(FLEET)
+        async with running(service):
+            online = decode(ControllerState, broker.retained(state_topic) or b"")
+            assert (online.online, online.session, online.controller_id) == (True, 1, "ctl-1")
+            # The network goes: the Will says offline; the controller comes back.
+            assert broker.drop("ctl-1")
+            await eventually("it reconnects", lambda: broker.connected("ctl-1"))
+            await eventually(
+                "it is online again",
+                lambda: decode(ControllerState, broker.retained(state_topic) or b"").online,
+            )
+            assert decode(ControllerState, broker.retained(state_topic) or b"").session == 2
+        offline = decode(ControllerState, broker.retained(state_topic) or b"")
+        assert (offline.online, offline.session) == (False, 2)
+
+    run(scenario)
+
+
+def test_the_controller_survives_a_broker_outage(tmp_path: Path, keys: Path) -> None:
+    async def scenario() -> None:
+        async with controller(tmp_path, keys) as ctl:
+            ctl.broker.stop()
+            await eventually("it notices", lambda: not ctl.service.connected.is_set())
+            with pytest.raises(BrokerUnavailableError):
+                await ctl.service.link.publish("x", b"y")
+            ctl.broker.start()
+            async with asyncio.timeout(DEADLINE_S):
+                await ctl.service.connected.wait()
+            async with ctl.operator() as op:
+                assert await op.call("nodes.list") == []
+
+    run(scenario)
+
+
+def test_the_link_subscribes_shared_except_for_node_states(tmp_path: Path, keys: Path) -> None:
+    async def scenario() -> None:
+        async with controller(tmp_path, keys) as ctl:
+            # A second replica shares the work; both get every node state.
+            other = make_service(tmp_path / "b", keys, ctl.broker, ctl.clock, controller_id="ctl-2")
+            async with running(other), ctl.node("n1") as node:
+                await node.birth()
+                await eventually(
+                    "both store the birth",
+                    lambda: all(s.store.nodes.get("n1") for s in (ctl.service, other)),
+                )
+                async with ctl.broker.transport().connect(Session(client_id="n2")) as n2:
+                    await n2.subscribe([(topics.ack(FLEET, "n2"), 1)])
+                    for slot in (1, 2):
+                        status = STATUS.model_copy(update={"node": "n2", "seq": slot})
+                        await n2.publish(topics.status(FLEET, "n2"), encode(status))
+                    await eventually(
+                        "each replica stored one status",
+                        lambda: (
+                            [
+                                s.store.results.table_counts()["statuses"]
+                                for s in (ctl.service, other)
+                            ]
+                            == [1, 1]
+                        ),
+                    )
+
+    run(scenario)
