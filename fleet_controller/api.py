@@ -3,8 +3,8 @@
 ``fleetctl`` publishes an :class:`~shared.messages.OperatorRequest` on
 ``ctl/request`` and waits for the :class:`~shared.messages.OperatorReply` with
 the same ``id`` on its own ``ctl/reply/{client}``. Pending replies are keyed by
-correlation id and removed in ``finally``. Operations and their arguments are
-listed in :data:`OPERATIONS`; those in :data:`MUTATING` go to the audit log.
+correlation id and removed in ``finally``. Operations, their typed arguments
+and which of them are audited are listed once, in :data:`shared.operations.OPERATIONS`.
 """
 
 from __future__ import annotations
@@ -28,38 +28,7 @@ from shared.errors import (
 )
 from shared.messages import OperatorReply, OperatorRequest, decode, encode
 
-__all__ = ["MUTATING", "OPERATIONS", "CtlClient", "OperationError"]
-
-OPERATIONS = (
-    "model.upload",
-    "model.add",
-    "model.list",
-    "rollout.start",
-    "rollout.status",
-    "rollout.list",
-    "rollout.pause",
-    "rollout.resume",
-    "rollout.abort",
-    "rollout.rollback",
-    "nodes.list",
-    "node.revoke",
-    "trust.push",
-    "audit.list",
-    "report",
-)
-MUTATING = frozenset(
-    {
-        "model.add",
-        "rollout.start",
-        "rollout.pause",
-        "rollout.resume",
-        "rollout.abort",
-        "rollout.rollback",
-        "node.revoke",
-        "trust.push",
-    }
-)
-
+__all__ = ["CtlClient", "OperationError"]
 
 class OperationError(EdgeFleetError):
     """The controller refused or failed an operation; ``code`` is the CLI exit code."""

@@ -3,8 +3,9 @@
 * :class:`Controller` runs a real :class:`ControllerService` (SQLite in a temp
   dir) over :class:`edgefleet_io.memory.MemoryBroker`, with a :class:`Clock`
   the test moves.
-* :class:`Operator` is a tiny request/reply client of the operator API
-  (``fleet_controller.api.CtlClient`` still takes a broker address).
+* :class:`Operator` is a raw request/reply client of the operator API: unlike
+  ``fleetctl``'s :class:`~fleet_controller.api.CtlClient` it dates requests by
+  the test's clock (so a test can send expired ones) and returns whole replies.
 * :class:`FakeNode` is a client publishing what an agent publishes (births,
   statuses, result batches, telemetry) and reading its acks and commands.
 
