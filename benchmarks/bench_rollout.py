@@ -41,18 +41,19 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
-
 from edge_node.agent import AgentConfig, NodeAgent
 from edgefleet_io.mqtt import MqttTransport
+from edgefleet_io.transport import Session
 from fleet_controller.api import CtlClient
 from fleet_controller.demo import build_classifier, local_mosquitto
 from fleet_controller.keys import init_keys, load_key
 from fleet_controller.publish import prepare_manifest, publish, sign_release
 from fleet_controller.service import ControllerConfig, ControllerService
+from fleet_controller.store import RolloutEventInfo
 from shared.broker import BrokerAddress
 from shared.errors import EdgeFleetError
 from shared.trust import Role
@@ -85,13 +86,13 @@ class BrokerCounters:
                 await self._task
 
     async def _read(self) -> None:
-        client = aiomqtt.Client(self._broker.host, self._broker.port, identifier="bench-sys")
-        async with client:
-            await client.subscribe([(SYS_RECEIVED, 0), (SYS_SENT, 0)])
-            async for message in client.messages:
-                if isinstance(message.payload, bytes):
-                    self.values[message.topic.value] = int(message.payload)
-                    if message.topic.value == SYS_SENT:
+        transport = MqttTransport(self._broker)
+        async with transport.connect(Session(client_id="bench-sys")) as link:
+            await link.subscribe([(SYS_RECEIVED, 0), (SYS_SENT, 0)])
+            async for message in link.messages():
+                if message.payload:
+                    self.values[message.topic] = int(message.payload)
+                    if message.topic == SYS_SENT:
                         self._updated.set()
 
     async def fresh(self) -> dict[str, int]:
@@ -171,7 +172,31 @@ async def follow(
     raise TimeoutError(f"rollout {rollout_id} did not end in {timeout_s:g} s")
 
 
+@dataclass
+class Measured:
+    """What one rollout run measured (see the module docstring)."""
+
+    status: dict[str, Any]
+    seen: dict[int, float]
+    polls: int
+    start_wall: float
+    total_s: float
+    cpu_s: float
+    metrics: Counter[str]
+    sys_before: dict[str, int]
+    sys_after: dict[str, int]
+    events: list[RolloutEventInfo]
+    rss_before: float
+    rss_after: float
+    lags: list[float]
+
+
 async def bench(root: Path, broker: BrokerAddress, args: argparse.Namespace) -> None:
+    measured = await measure(root, broker, args)
+    print_report(measured, args)
+
+
+async def measure(root: Path, broker: BrokerAddress, args: argparse.Namespace) -> Measured:
     keys = root / "keys"
     init_keys(keys, now=time.time(), force=True)
     path = build_classifier(root / "classifier.onnx", seed=1)
@@ -260,24 +285,42 @@ async def bench(root: Path, broker: BrokerAddress, args: argparse.Namespace) -> 
         with contextlib.suppress(asyncio.CancelledError, EdgeFleetError):
             await asyncio.wait_for(controller_task, 30)
 
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(status["counts"].items()))
+    return Measured(
+        status=status,
+        seen=seen,
+        polls=polls,
+        start_wall=start_wall,
+        total_s=total_s,
+        cpu_s=cpu_s,
+        metrics=metrics,
+        sys_before=sys_before,
+        sys_after=sys_after,
+        events=events,
+        rss_before=rss_before,
+        rss_after=rss_after,
+        lags=lag.lags,
+    )
+
+
+def print_report(m: Measured, args: argparse.Namespace) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(m.status["counts"].items()))
     print(
-        f"\nrollout {status['state']} in {total_s:.2f} s ({counts}); waves {args.waves}, "
+        f"\nrollout {m.status['state']} in {m.total_s:.2f} s ({counts}); waves {args.waves}, "
         f"health window {args.health_window:g} s, controller tick {args.tick:g} s"
     )
     # Event times are when the controller stored a status (statuses arrive in batches).
     first_status: dict[str, float] = {}
     activated: dict[str, float] = {}
-    for event in events:
+    for event in m.events:
         if event.state.value != "queued":
             first_status.setdefault(event.node_id, event.ts)
         if event.state.value in ("activated", "succeeded"):
             activated.setdefault(event.node_id, event.ts)
-    begin = start_wall
+    begin = m.start_wall
     for wave in range(1, len(args.waves) + 1):
-        end = seen.get(wave + 1, seen[len(args.waves) + 1])
-        wave_start = seen.get(wave, begin)
-        nodes = [n["node"] for n in status["nodes"] if n["wave"] == wave]
+        end = m.seen.get(wave + 1, m.seen[len(args.waves) + 1])
+        wave_start = m.seen.get(wave, begin)
+        nodes = [n["node"] for n in m.status["nodes"] if n["wave"] == wave]
         firsts = [first_status[n] - wave_start for n in nodes if n in first_status]
         actives = [activated[n] - wave_start for n in nodes if n in activated]
         node_part = (
@@ -292,26 +335,26 @@ async def bench(root: Path, broker: BrokerAddress, args: argparse.Namespace) -> 
             f"{node_part}"
         )
         begin = end
-    lags = sorted(lag.lags) or [0.0]
+    lags = sorted(m.lags) or [0.0]
     print(
-        f"this process during the rollout: {cpu_s:.1f} s CPU in {total_s:.1f} s "
-        f"({cpu_s / total_s:.0%} of one core); event loop lag (50 ms probe) "
+        f"this process during the rollout: {m.cpu_s:.1f} s CPU in {m.total_s:.1f} s "
+        f"({m.cpu_s / m.total_s:.0%} of one core); event loop lag (50 ms probe) "
         f"median {statistics.median(lags) * 1e3:.0f} ms, max {lags[-1] * 1e3:.0f} ms"
     )
-    received = sys_after[SYS_RECEIVED] - sys_before[SYS_RECEIVED]
-    sent = sys_after[SYS_SENT] - sys_before[SYS_SENT]
+    received = m.sys_after[SYS_RECEIVED] - m.sys_before[SYS_RECEIVED]
+    sent = m.sys_after[SYS_SENT] - m.sys_before[SYS_SENT]
     print(
-        f"controller during the rollout: {dict(sorted(metrics.items()))} "
+        f"controller during the rollout: {dict(sorted(m.metrics.items()))} "
         f"(stored = statuses, telemetry, states; chunks_served = artifact chunks)"
     )
     print(
         f"broker PUBLISH during the rollout: {received:,} received, {sent:,} sent "
-        f"({received / args.nodes:.1f} received per node; {polls} status polls = "
-        f"{2 * polls} of them)"
+        f"({received / args.nodes:.1f} received per node; {m.polls} status polls = "
+        f"{2 * m.polls} of them)"
     )
     print(
-        f"RSS after the rollout {rss_after:,.0f} MiB "
-        f"({(rss_after - rss_before) / args.nodes * 1024:,.0f} KiB per node with its model), "
+        f"RSS after the rollout {m.rss_after:,.0f} MiB "
+        f"({(m.rss_after - m.rss_before) / args.nodes * 1024:,.0f} KiB per node with its model), "
         f"peak {peak_rss_mib():,.0f} MiB"
     )
 

@@ -17,7 +17,8 @@ import pytest
 from sqlalchemy import Engine, make_url, text
 
 from fleet_controller.store import SCHEMA_VERSION, Store, StoreError
-from tests.unit.test_store import CORE_CHECKS, NOW, batch
+from tests.unit.fleet_controller.store.core_checks import CORE_CHECKS
+from tests.unit.fleet_controller.store.store_kit import NOW, batch
 
 pytestmark = pytest.mark.postgres
 

@@ -1,0 +1,125 @@
+"""Messages and records for the store's tests, built with an explicit clock."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from fleet_controller.rollout_core import NodeProgress, RolloutRecord, RolloutSpec
+from shared.messages import (
+    Capabilities,
+    InferenceResult,
+    LatencyStats,
+    ModelManifest,
+    ModelRef,
+    NodeRolloutState,
+    NodeState,
+    NodeStatus,
+    ResultBatch,
+    Telemetry,
+    TensorData,
+    TensorSpec,
+    TopK,
+)
+
+NOW = 1_700_000_000.0  # UNIX seconds: every call gets this explicit clock (or an offset)
+SHA1 = "a1" * 32
+SHA2 = "b2" * 32
+REF1 = ModelRef(name="det", version="1.0.0", sha256=SHA1)
+REF2 = ModelRef(name="det", version="1.1.0", sha256=SHA2)
+N = NodeRolloutState
+
+
+# ----- message builders ----------------------------------------------------------------
+
+
+def result(
+    seq: int, *, ts: float = NOW, corner: bool = False, model: ModelRef = REF1
+) -> InferenceResult:
+    return InferenceResult(
+        seq=seq,
+        model=model,
+        input_digest=f"{seq:016x}",
+        latency_ms=2.0 + seq % 3,
+        ts=ts,
+        topk=(TopK(index=1, label="cat", score=0.9), TopK(index=0, label=None, score=0.1)),
+        tensors=(TensorData(name="probs", shape=(2,), data=(0.1, 0.9)),) if seq % 2 else None,
+        corner_case=corner,
+        source="camera0",
+    )
+
+
+def batch(node: str, slot: int, seqs: range | list[int], *, ts: float = NOW) -> ResultBatch:
+    return ResultBatch(node=node, seq=slot, results=tuple(result(s, ts=ts) for s in seqs))
+
+
+def status(node: str, slot: int, state: NodeRolloutState = N.DOWNLOADING) -> NodeStatus:
+    return NodeStatus(
+        node=node,
+        seq=slot,
+        command_id="c1",
+        rollout_id="r1",
+        state=state,
+        progress=50.0,
+        ts=NOW,
+    )
+
+
+def telemetry(
+    node: str, ts: float, *, inferences: int = 100, errors: int = 1, p95: float = 7.5
+) -> Telemetry:
+    return Telemetry(
+        node=node,
+        ts=ts,
+        uptime_s=60.0,
+        inferences=inferences,
+        errors=errors,
+        skips=2,
+        queue_depth=0,
+        outbox_depth=3,
+        latency=LatencyStats(p50_ms=3.0, p95_ms=p95, p99_ms=9.0),
+        cpu_percent=12.5,
+        memory_bytes=2**33,
+        model=REF1,
+    )
+
+
+def state(
+    node: str,
+    *,
+    online: bool,
+    session: int,
+    labels: dict[str, str] | None = None,
+    model: ModelRef | None = REF1,
+) -> NodeState:
+    return NodeState(
+        node=node,
+        online=online,
+        session=session,
+        agent_version="0.1.0",
+        model=model,
+        previous_model=REF2 if model is not None else None,
+        labels=labels or {},
+        capabilities=Capabilities(
+            providers=("CPUExecutionProvider",), cpus=4, memory_bytes=2**32, disk_free_bytes=2**34
+        ),
+        ts=NOW,
+    )
+
+
+def manifest(version: str, sha: str = SHA1, name: str = "det") -> ModelManifest:
+    spec = TensorSpec(name="input", dtype="float32", shape=("N", 8))
+    return ModelManifest(
+        name=name,
+        version=version,
+        sha256=sha,
+        size=1234,
+        inputs=(spec,),
+        outputs=(TensorSpec(name="probs", dtype="float32", shape=("N", 4)),),
+        created_at=NOW,
+    )
+
+
+def record(nodes: dict[str, NodeProgress] | None = None, **changes: object) -> RolloutRecord:
+    spec = RolloutSpec(rollout_id="r1", model=REF2, selector={"site": "a"})
+    base = RolloutRecord(spec=spec, nodes=nodes or {})
+    return replace(base, **changes)  # type: ignore[arg-type]
