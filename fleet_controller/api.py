@@ -30,6 +30,7 @@ from shared.messages import OperatorReply, OperatorRequest, decode, encode
 
 __all__ = ["CtlClient", "OperationError"]
 
+
 class OperationError(EdgeFleetError):
     """The controller refused or failed an operation; ``code`` is the CLI exit code."""
 
