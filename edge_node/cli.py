@@ -31,7 +31,7 @@ from edge_node.sources import parse_source
 from edge_node.state import NodeStore
 from shared import __version__
 from shared.broker import DEFAULT_BROKER_URL, parse_broker_url
-from shared.errors import DecodeError, EdgeFleetError
+from shared.errors import DecodeError, EdgeFleetError, UsageError
 from shared.topics import check_id
 from shared.waves import parse_selector
 
@@ -44,10 +44,6 @@ _RUN_KEYS = {
     "topk", "batch_max", "batch_interval", "telemetry_interval", "resend_after",
     "chunk_bytes", "ca_file", "log_level",
 }  # fmt: skip
-
-
-class UsageError(DecodeError):
-    """Bad flags or configuration."""
 
 
 def _load_toml(path: str | None) -> dict[str, Any]:
