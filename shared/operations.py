@@ -29,6 +29,7 @@ from itertools import pairwise
 from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -82,6 +83,19 @@ Str = Annotated[str, Strict()]
 Id = Annotated[str, Strict(), Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 Sha256 = Annotated[str, Strict(), Field(pattern=r"^[0-9a-f]{64}$")]
 Timestamp = Annotated[float, Strict(), Field(ge=0, description="UNIX seconds")]
+
+
+def _selector(text: str) -> str:
+    try:
+        parse_selector(text)
+    except DecodeError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+Selector = Annotated[
+    str, Strict(), Field(max_length=4096, description="k=v,k2=v2"), AfterValidator(_selector)
+]
 
 
 class RequestError(UsageError):
@@ -167,7 +181,7 @@ class RolloutStart(RolloutPolicy):
     """Start a rollout of ``model`` (``NAME@VERSION``) to the nodes ``select`` matches."""
 
     model: Annotated[str, Strict(), Field(min_length=3, max_length=200)]
-    select: Annotated[str, Strict(), Field(max_length=4096)] = ""
+    select: Selector = ""
     rollout_id: Id | None = None
 
     @field_validator("model")
@@ -179,15 +193,6 @@ class RolloutStart(RolloutPolicy):
         try:
             check_id(name, "model name")
             SemVer.parse(version)
-        except DecodeError as exc:
-            raise ValueError(str(exc)) from None
-        return text
-
-    @field_validator("select")
-    @classmethod
-    def _selector(cls, text: str) -> str:
-        try:
-            parse_selector(text)
         except DecodeError as exc:
             raise ValueError(str(exc)) from None
         return text
@@ -216,16 +221,7 @@ class RolloutList(Request):
 
 
 class NodesList(Request):
-    select: Annotated[str, Strict(), Field(max_length=4096)] = ""
-
-    @field_validator("select")
-    @classmethod
-    def _selector(cls, text: str) -> str:
-        try:
-            parse_selector(text)
-        except DecodeError as exc:
-            raise ValueError(str(exc)) from None
-        return text
+    select: Selector = ""
 
     @property
     def selector(self) -> dict[str, str]:
