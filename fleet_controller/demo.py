@@ -58,7 +58,7 @@ def build_classifier(path: Path, *, seed: int, slow_layers: int = 0) -> Path:
     shape, much more work): the "bad release" of the demo.
     """
     import onnx  # noqa: PLC0415 - only the demo builds models
-    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415 - onnx only to build demo models
 
     rng = np.random.default_rng(seed)
     nodes = []
@@ -157,7 +157,7 @@ def local_mosquitto(workdir: Path, extra_lines: Sequence[str] = ()) -> Iterator[
 
 
 def _is_root() -> bool:
-    import os  # noqa: PLC0415
+    import os  # noqa: PLC0415 - only when starting a local broker
 
     return os.geteuid() == 0
 

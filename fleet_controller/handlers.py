@@ -19,6 +19,7 @@ ended is cleared and its nodes still working get a ``cancel``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 from collections import Counter
 from collections.abc import Callable
@@ -194,7 +195,9 @@ class OperatorHandlers:
         return [n.to_dict() for n in nodes]
 
     async def node_revoke(self, request: ops.NodeRevoke, operator: str) -> dict[str, Any]:
-        await asyncio.to_thread(self._store.nodes.set_revoked, request.node_id, True)  # noqa: FBT003
+        await asyncio.to_thread(
+            functools.partial(self._store.nodes.set_revoked, request.node_id, revoked=True)
+        )
         return {"node_id": request.node_id, "revoked": True}
 
     async def trust_push(self, request: ops.TrustPush, operator: str) -> dict[str, Any]:

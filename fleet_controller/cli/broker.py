@@ -70,7 +70,7 @@ def _print_next_steps(directory: Path, operators: Sequence[str], *, kept: bool) 
 
 
 def _broker_init(args: argparse.Namespace) -> int:
-    from broker_config import config_path  # noqa: PLC0415
+    from broker_config import config_path  # noqa: PLC0415 - only `broker init` reads the templates
 
     operators = parse_operators(args.operators or "")
     directory = Path(args.dir)

@@ -48,7 +48,7 @@ def _load_sample(path: Path) -> list[WarmupInput]:
     Raises:
         UsageError: unreadable, not an ``.npz``, or arrays that are not finite numbers.
     """
-    import numpy as np  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415 - numpy only for --sample
 
     try:
         with np.load(path, allow_pickle=False) as sample:
@@ -99,7 +99,7 @@ def _quantize(source: Path, target: Path) -> Path:
         EdgeFleetError: the quantizer is missing (it needs the ``onnx`` package) or fails.
     """
     try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
+        from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415 - the quantizer only for --quantize
     except ImportError as exc:
         raise EdgeFleetError(
             f"--quantize needs the onnx package ({common.first_line(exc)}): pip install onnx"
@@ -116,7 +116,7 @@ def _quantize(source: Path, target: Path) -> Path:
 
 
 def _progress(total_bytes: int) -> Progress:
-    from rich.progress import (  # noqa: PLC0415
+    from rich.progress import (  # noqa: PLC0415 - progress bars only while uploading
         BarColumn,
         DownloadColumn,
         Progress,

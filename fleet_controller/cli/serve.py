@@ -107,9 +107,9 @@ def _http_settings(
 
 
 async def _run_service(config: Any) -> None:
-    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 - SQLAlchemy only for `serve`
 
-    from fleet_controller.service import ControllerService  # noqa: PLC0415
+    from fleet_controller.service import ControllerService  # noqa: PLC0415 - the service only for `serve`
 
     try:
         service = ControllerService(config)

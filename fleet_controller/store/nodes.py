@@ -101,7 +101,7 @@ class NodeRepository:
             row = s.get(NodeRow, node_id)
             return None if row is None else node_info(row)
 
-    def set_revoked(self, node_id: str, revoked: bool) -> None:
+    def set_revoked(self, node_id: str, *, revoked: bool) -> None:
         """Mark a node revoked (or not). An unknown node gets a row, so a node
         revoked before it ever connected stays revoked.
 

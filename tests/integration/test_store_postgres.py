@@ -17,12 +17,11 @@ import pytest
 from sqlalchemy import Engine, make_url, text
 
 from fleet_controller.store import SCHEMA_VERSION, Store, StoreError
+from tests.support.postgres import PG_URL
 from tests.unit.fleet_controller.store.core_checks import CORE_CHECKS
 from tests.unit.fleet_controller.store.store_kit import NOW, batch
 
 pytestmark = pytest.mark.postgres
-
-from tests.support.postgres import PG_URL  # noqa: E402
 
 
 @pytest.fixture

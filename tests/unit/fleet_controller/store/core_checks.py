@@ -144,15 +144,15 @@ def check_nodes_selector_revoke_touch(store: Store) -> None:
     assert [n.node_id for n in store.nodes.list({"site": "x"})] == ["a", "b"]
     assert [n.node_id for n in store.nodes.list({"site": "x", "tier": "1"})] == ["b"]
     assert store.nodes.list({"site": "z"}) == []
-    store.nodes.set_revoked("b", True)  # noqa: FBT003
+    store.nodes.set_revoked("b", revoked=True)
     assert [n.node_id for n in store.nodes.list() if n.revoked] == ["b"]
     # A later birth keeps the revocation and the ack position.
     store.nodes.apply_state(state("b", online=True, session=2), NOW)
     b = store.nodes.get("b")
     assert b is not None
     assert b.revoked
-    store.nodes.set_revoked("b", False)  # noqa: FBT003
-    store.nodes.set_revoked("new", True)  # noqa: FBT003
+    store.nodes.set_revoked("b", revoked=False)
+    store.nodes.set_revoked("new", revoked=True)
     new = store.nodes.get("new")
     assert new is not None
     assert new.revoked
