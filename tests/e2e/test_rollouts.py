@@ -290,6 +290,16 @@ def test_slower_version_halts_in_first_wave_and_rolls_back(
     # Only the first wave ever saw the slow version.
     touched = {row["node_id"] for row in statuses(db_url, rollout_id)}
     assert touched == set(first_wave), touched
+    # The per-node history tells the same story, oldest first.
+    events = fleet.fleetctl("rollout", "events", rollout_id)
+    assert {e["node_id"] for e in events} == set(first_wave), events
+    for node_id in first_wave:
+        states = [e["state"] for e in events if e["node_id"] == node_id]
+        assert states[0] == "queued", states
+        assert states[-3:] == ["activated", "failed", "rolled_back"], states
+        failed = next(e for e in events if e["node_id"] == node_id and e["state"] == "failed")
+        assert failed["code"] == "unhealthy", failed
+    assert [e["ts"] for e in events] == sorted(e["ts"] for e in events)
 
 
 def register_unvalidated(fleet: Fleet, path: Path, *, like: Path, name: str, version: str) -> str:
