@@ -152,6 +152,13 @@ _TUNABLES = (
         "DURATION",
     ),
     _Tunable(
+        "--max-error-increase",
+        "max_error_increase",
+        parse_fraction,
+        format_fraction,
+        "error-rate growth allowed over the node's rate before the update",
+    ),
+    _Tunable(
         "--retry-backoff",
         "retry_backoff_s",
         parse_duration,
