@@ -241,11 +241,17 @@ async def _story(
 
     console.print(_nodes_table(await wait_nodes()))
     plan = (
-        ("first rollout of 1.0.0 to every node", "classifier@1.0.0", [50, 100]),
-        ("staged upgrade to 1.1.0 in three waves", "classifier@1.1.0", [20, 60, 100]),
-        ("a bad release, 2.0.0: much slower per inference", "classifier@2.0.0", [20, 60, 100]),
+        ("first rollout of 1.0.0 to every node", "classifier@1.0.0", [50, 100], "succeeded"),
+        ("staged upgrade to 1.1.0 in three waves", "classifier@1.1.0", [20, 60, 100], "succeeded"),
+        (
+            "a bad release, 2.0.0: much slower per inference",
+            "classifier@2.0.0",
+            [20, 60, 100],
+            "rolled_back",
+        ),
     )
-    for title, model, waves in plan:
+    outcomes: list[tuple[str, str, str]] = []
+    for title, model, waves, expected in plan:
         console.rule(title)
         started = await ctl.call(
             "rollout.start",
@@ -261,6 +267,7 @@ async def _story(
             },
         )
         final = await _wait_rollout(ctl, started["rollout_id"], console)
+        outcomes.append((model, expected, final["state"]))
         if final.get("reason"):
             console.print(f"  -> {final['state']}: {final['reason']}")
         detail = await ctl.call("rollout.status", {"rollout_id": started["rollout_id"]})
@@ -278,6 +285,25 @@ async def _story(
         when = time.strftime("%H:%M:%S", time.localtime(entry["ts"]))
         audit.add_row(when, entry["operator"], entry["action"], entry["outcome"])
     console.print(audit)
+    _check_outcomes(outcomes, console)
+
+
+def _check_outcomes(outcomes: Sequence[tuple[str, str, str]], console: Console) -> None:
+    """Say whether every rollout ended as the story intends.
+
+    Raises:
+        DemoError: one did not (the demo then exits 1, which the demo benchmark counts).
+    """
+    wrong = [
+        f"{model} {got} (expected {expected})"
+        for model, expected, got in outcomes
+        if got != expected
+    ]
+    if wrong:
+        raise DemoError(f"the demo did not end as designed: {'; '.join(wrong)}")
+    console.print(
+        "the demo ended as designed: the good upgrade succeeded, the bad release rolled back"
+    )
 
 
 async def run_demo(
