@@ -13,6 +13,7 @@ when ``dynamic_batch``) and float32 output ``"probs"`` of shape
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,51 @@ def make_slow_model(
     inputs, outputs = _io(n_in, n_classes, dynamic_batch)
     graph = helper.make_graph(nodes, "slow", [inputs], [outputs], inits + head_inits)
     return _save(graph, path, doc=f"slow test model work={work} width={width} seed={seed}")
+
+
+def make_flaky_model(
+    path: Path | str,
+    *,
+    error_rate: float = 0.1,
+    n_in: int = 8,
+    n_classes: int = 4,
+    seed: int = 0,
+) -> Path:
+    """The classifier, failing at run time on about ``error_rate`` of standard-normal inputs.
+
+    When ``input[0, 0]`` lies above the standard normal's ``1 - error_rate``
+    quantile, a ``Gather`` reads past the end of a one-element tensor and
+    onnxruntime raises; otherwise the output is the classifier's. A warm-up made
+    from the declared shapes (zeros) always passes, so the model is accepted and
+    deployed, then fails in service: a release that errors on some inputs.
+    """
+    if not 0 < error_rate < 1:
+        raise ValueError("error_rate must be within (0, 1)")
+    rng = np.random.default_rng(seed)
+    threshold = statistics.NormalDist().inv_cdf(1 - error_rate)
+    inits = [
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "first"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+        numpy_helper.from_array(np.array([threshold], dtype=np.float32), "threshold"),
+        numpy_helper.from_array(np.array([1000], dtype=np.int64), "far"),
+        numpy_helper.from_array(np.array([0.0], dtype=np.float32), "lone"),
+    ]
+    nodes = [
+        # x = input[0, 0:1]: the first value of the first row
+        helper.make_node("Slice", ["input", "first", "one", "first"], ["row"], name="row"),
+        helper.make_node("Slice", ["row", "first", "one", "one"], ["x"], name="x"),
+        helper.make_node("Greater", ["x", "threshold"], ["high"], name="high"),
+        helper.make_node("Cast", ["high"], ["high_i"], name="cast", to=TensorProto.INT64),
+        helper.make_node("Mul", ["high_i", "far"], ["index"], name="index"),
+        helper.make_node("Reshape", ["index", "one"], ["index1"], name="index1"),
+        # Out of bounds (index 1000 of 1 element) exactly when x is high: a run-time error.
+        helper.make_node("Gather", ["lone", "index1"], ["zero"], name="gather", axis=0),
+        helper.make_node("Add", ["input", "zero"], ["checked"], name="checked"),
+    ]
+    head_nodes, head_inits = _head(rng, "checked", n_in, n_classes)
+    inputs, outputs = _io(n_in, n_classes, dynamic_batch=True)
+    graph = helper.make_graph(nodes + head_nodes, "flaky", [inputs], [outputs], inits + head_inits)
+    return _save(graph, path, doc=f"fails on about {error_rate:.0%} of standard-normal inputs")
 
 
 def make_broken_model(path: Path | str, *, seed: int = 0) -> Path:
