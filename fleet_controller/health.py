@@ -60,7 +60,7 @@ __all__ = [
 
 Counts = npt.NDArray[np.int64]
 BUCKET_VALUES_MS = np.array([bucket_value_ms(i) for i in range(NUM_BUCKETS)])
-_MIN_BASELINE_SPAN_S = 30.0  # the shortest pre-activation span read for a baseline
+_MIN_BASELINE_SPAN_S = 5.0  # the shortest pre-activation span read for a baseline
 _MAX_BASELINE_SPAN_S = 600.0
 
 

@@ -196,12 +196,15 @@ def apply_node_status(
     code: str | None = None,
     reason: str | None = None,
     duplicate: bool = False,
+    reported_at: float | None = None,
 ) -> RolloutRecord:
     """Fold one node status into the record. Unknown nodes and illegal moves are ignored
     (a late or repeated status must never corrupt the record); the service logs them.
 
     A node's own ``succeeded`` means "activated"; the controller's health window
-    decides when it is ``succeeded`` here.
+    decides when it is ``succeeded`` here. ``reported_at`` is when the node sent
+    the status, by its own clock (the clock of its telemetry): an activation's
+    health window starts there, whenever the status arrives.
     """
     progress = record.nodes.get(node_id)
     if progress is None:
@@ -232,7 +235,9 @@ def apply_node_status(
         return record
     updated = replace(progress, state=state, code=code, reason=reason, retry_at=None)
     if state is N.ACTIVATED:
-        updated = replace(updated, activated_at=now)
+        updated = replace(
+            updated, activated_at=now, activated_ts=now if reported_at is None else reported_at
+        )
     return replace(record, nodes={**record.nodes, node_id: updated})
 
 
@@ -386,12 +391,12 @@ def _judged(
     now: float,
 ) -> NodeProgress:
     """``progress`` after judging the node's newest telemetry of the new model, if new."""
-    assert progress.activated_at is not None
+    start = _window_start(progress)
     newest = max(
         (
             s.ts
             for s in (view.samples if view is not None else ())
-            if s.model_sha256 == spec.model.sha256 and s.ts > progress.activated_at
+            if s.model_sha256 == spec.model.sha256 and s.ts > start
         ),
         default=None,
     )
@@ -403,8 +408,8 @@ def _judged(
         samples,
         progress.node_id,
         old_sha=old_sha,
-        activated_at=progress.activated_at,
-        now=now,
+        activated_at=start,
+        now=newest,
     )
     progress = replace(progress, evaluated_ts=newest, runs=verdict.runs, reason=verdict.reason)
     if not verdict.enough:
@@ -414,10 +419,22 @@ def _judged(
     return replace(progress, breaches=0, passes=progress.passes + 1)
 
 
+def _window_start(progress: NodeProgress) -> float:
+    """When the node activated, by its own clock (the clock of its telemetry)."""
+    start = progress.activated_ts if progress.activated_ts is not None else progress.activated_at
+    assert start is not None
+    return start
+
+
 def _gate(
     spec: RolloutSpec, progress: NodeProgress, view: NodeView | None, now: float
 ) -> tuple[NodeProgress, RolloutAction | None]:
-    """The verdict on an activated node, once its window has passed (or it breached)."""
+    """The verdict on an activated node, once its window has passed (or it breached).
+
+    The window is over when ``health_window_s`` has passed here *and* telemetry
+    covering it has arrived: a node whose telemetry lags is waited for (up to the
+    wave timeout after the window), never passed for want of runs it did send.
+    """
     assert progress.activated_at is not None
     if progress.breaches >= spec.breach_evaluations:
         return _unhealthy(spec, progress, now)
@@ -425,20 +442,18 @@ def _gate(
     if elapsed < spec.health_window_s:
         return progress, None
     overdue = elapsed >= spec.health_window_s + spec.wave_timeout_s
-    if progress.breaches or (progress.passes == 0 and progress.runs > 0):
-        # A breach not confirmed yet, or traffic too thin for a verdict: wait for
-        # more telemetry, up to the wave timeout after the window.
-        if not overdue:
-            return progress, None
-        if progress.breaches:
-            return _unhealthy(spec, progress, now)
-    reason = progress.reason if progress.passes else None
-    if reason is None:
-        reason = (
-            f"{progress.runs} runs, too few for a verdict: healthy on liveness"
-            if progress.runs
-            else "no runs of the new model: healthy on liveness"
-        )
+    covered = spec.health_window_s == 0 or (  # no window: activation is enough
+        progress.evaluated_ts is not None
+        and progress.evaluated_ts >= _window_start(progress) + spec.health_window_s
+    )
+    undecided = progress.breaches or (progress.passes == 0 and progress.runs > 0)
+    if not overdue and (undecided or not covered):
+        # A breach not confirmed yet, traffic too thin for a verdict, or telemetry
+        # of the window still on its way: wait, up to the wave timeout after it.
+        return progress, None
+    if progress.breaches:
+        return _unhealthy(spec, progress, now)
+    reason = progress.reason if progress.passes else _liveness(progress, covered=covered)
     if view is not None and view.online:
         return replace(progress, state=N.SUCCEEDED, reason=reason), None
     # Healthy only while live: wait for a node that is away, for at most the wave timeout.
@@ -446,6 +461,14 @@ def _gate(
         reason = "offline since its health window ended"
         return replace(progress, state=N.TIMED_OUT, code="timeout", reason=reason), None
     return progress, None
+
+
+def _liveness(progress: NodeProgress, *, covered: bool) -> str:
+    if progress.runs:
+        return f"{progress.runs} runs, too few for a verdict: healthy on liveness"
+    if covered:
+        return "no runs of the new model: healthy on liveness"
+    return "no telemetry of the new model: healthy on liveness"
 
 
 def _unhealthy(

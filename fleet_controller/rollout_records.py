@@ -101,7 +101,8 @@ class NodeProgress:
     state: NodeRolloutState = N.QUEUED
     attempts: int = 1
     sent_at: float | None = None
-    activated_at: float | None = None
+    activated_at: float | None = None  # when the controller learnt it, by its clock
+    activated_ts: float | None = None  # when the node activated, by the node's clock
     retry_at: float | None = None
     from_model: ModelRef | None = None
     code: str | None = None

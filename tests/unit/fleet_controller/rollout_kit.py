@@ -83,6 +83,13 @@ def fleet_of(*node_ids: str, model: ModelRef | None = OLD) -> dict[str, NodeView
     return {node_id: view(node_id, model=model) for node_id in node_ids}
 
 
+def quiet(fleet: Mapping[str, NodeView]) -> dict[str, NodeView]:
+    """``fleet`` with every node reporting no runs of the new model until far ahead:
+    each health window is covered by telemetry, and passes on liveness."""
+    idle = sample(NOW + 100_000, NEW, 0)
+    return {n: replace(v, samples=(*v.samples, idle)) for n, v in fleet.items()}
+
+
 def ids_in_wave(spec: RolloutSpec, wave: int, count: int) -> list[str]:
     """The first ``count`` ids ``n0, n1, ...`` whose first wave is ``wave``."""
     found: list[str] = []
@@ -152,4 +159,5 @@ def gated(
     return record, fleet, spec
 
 
-GOOD_WINDOW = [sample(NOW + 20 + k, NEW, 100, 0, 11.0) for k in range(0, 40, 10)]
+GOOD_WINDOW = [sample(NOW + 20 + k, NEW, 100, 0, 11.0) for k in range(0, 60, 10)]
+"""Six periods of the new model, up to the end of "a"'s window (NOW + 70)."""

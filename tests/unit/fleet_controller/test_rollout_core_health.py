@@ -32,8 +32,9 @@ from tests.unit.fleet_controller.rollout_kit import (
 
 
 def window(ms: float, errors: int = 0, runs: int = 100) -> list[HealthSample]:
-    """Four periods of the new model after activation (NOW + 10), ``runs`` each."""
-    return [sample(NOW + 20 + k, NEW, runs, errors, ms) for k in range(0, 40, 10)]
+    """Six periods of the new model after activation (NOW + 10), ``runs`` each: the
+    last one covers the end of the window (NOW + 70)."""
+    return [sample(NOW + 20 + k, NEW, runs, errors, ms) for k in range(0, 60, 10)]
 
 
 def test_activated_node_waits_for_its_health_window() -> None:
@@ -50,7 +51,7 @@ def test_activated_node_waits_for_its_health_window() -> None:
     ("samples", "gates", "state"),
     [
         pytest.param(GOOD_WINDOW, ("errors", "latency"), N.SUCCEEDED, id="healthy"),
-        pytest.param([], ("errors", "latency"), N.SUCCEEDED, id="no-runs-liveness"),
+        pytest.param(window(10.0, runs=0), ("errors", "latency"), N.SUCCEEDED, id="no-runs"),
         pytest.param(window(13.0), ("errors", "latency"), N.SUCCEEDED, id="1.3x-within-50%"),
         pytest.param(window(20.0), ("errors", "latency"), N.FAILED, id="2x-slower"),
         pytest.param(window(30.0), ("errors", "latency"), N.FAILED, id="3x-slower"),
@@ -60,7 +61,7 @@ def test_activated_node_waits_for_its_health_window() -> None:
         pytest.param(window(30.0), ("errors",), N.SUCCEEDED, id="slow-but-errors-gate-only"),
         pytest.param(window(10.0, errors=11), ("latency",), N.SUCCEEDED, id="errors-latency-gate"),
         pytest.param(
-            [sample(NOW + 20, OLD, 400, 100, 90.0)],
+            [sample(NOW + 20, OLD, 400, 100, 90.0), sample(NOW + 70, NEW, 0)],
             ("errors", "latency"),
             N.SUCCEEDED,
             id="old-model-telemetry-ignored",
@@ -123,6 +124,41 @@ def test_without_a_control_group_the_fleets_change_adjusts_the_baseline(
     assert "adjusted by the fleet's change" in (progress.reason or "")
 
 
+def test_telemetry_of_the_window_is_waited_for() -> None:
+    """The window has passed by the controller's clock, but the node's telemetry of
+    it lags behind: no verdict until it arrives (or the wave timeout passes)."""
+    late = window(10.0)
+    record, fleet, _ = gated(late[:2])
+    record, _ = tick(record, fleet, now=NOW + 75)
+    assert record.nodes["a"].state is N.ACTIVATED
+    fleet["a"] = view("a", model=NEW, samples=[*BEFORE, *late])
+    record, _ = tick(record, fleet, now=NOW + 90)
+    assert record.nodes["a"].state is N.SUCCEEDED
+    assert (record.nodes["a"].reason or "").startswith("healthy")
+
+
+def test_no_telemetry_at_all_passes_on_liveness_after_the_wave_timeout() -> None:
+    record, fleet, spec = gated([])
+    record, _ = tick(record, fleet, now=NOW + 70 + spec.wave_timeout_s - 1)
+    assert record.nodes["a"].state is N.ACTIVATED
+    record, _ = tick(record, fleet, now=NOW + 70 + spec.wave_timeout_s)
+    assert record.nodes["a"].state is N.SUCCEEDED
+    assert record.nodes["a"].reason == "no telemetry of the new model: healthy on liveness"
+
+
+def test_the_window_starts_at_the_nodes_own_activation_time() -> None:
+    """A status that arrives late still starts the window when the node activated."""
+    spec = make_spec(health_window_s=60.0, breach_evaluations=1)
+    fleet = {"a": view("a", samples=BEFORE)}
+    record, _ = tick(RolloutRecord(spec=spec), fleet, now=NOW)
+    record = apply_node_status(record, "a", N.ACTIVATED, now=NOW + 40, reported_at=NOW + 10)
+    assert (record.nodes["a"].activated_at, record.nodes["a"].activated_ts) == (NOW + 40, NOW + 10)
+    fleet["a"] = view("a", model=NEW, samples=[*BEFORE, *window(10.0)])
+    record, _ = tick(record, fleet, now=NOW + 100)
+    assert record.nodes["a"].state is N.SUCCEEDED
+    assert record.nodes["a"].runs == 600  # every period since NOW + 10
+
+
 def test_a_breach_must_persist_across_evaluations() -> None:
     """With breach_evaluations=3, two breaching periods then a good one is no verdict."""
     bad = window(30.0)[:2]
@@ -131,7 +167,7 @@ def test_a_breach_must_persist_across_evaluations() -> None:
         fleet["a"] = view("a", model=NEW, samples=[*BEFORE, *samples])
         record, _ = tick(record, fleet, now=NOW + t)
     assert (record.nodes["a"].state, record.nodes["a"].breaches) == (N.ACTIVATED, 2)
-    recovered = [*bad, *(sample(NOW + 40 + k, NEW, 400, 0, 10.0) for k in range(0, 30, 10))]
+    recovered = [*bad, *(sample(NOW + 40 + k, NEW, 400, 0, 10.0) for k in range(0, 40, 10))]
     fleet["a"] = view("a", model=NEW, samples=[*BEFORE, *recovered])
     record, _ = tick(record, fleet, now=NOW + 70)
     assert record.nodes["a"].state is N.SUCCEEDED, record.nodes["a"].reason
@@ -199,7 +235,7 @@ def test_offline_node_is_not_healthy_on_liveness() -> None:
 
 
 def test_offline_node_is_judged_when_it_returns() -> None:
-    record, fleet, _ = gated([], online=False)
+    record, fleet, _ = gated(GOOD_WINDOW, online=False)
     record, _ = tick(record, fleet, now=NOW + 70)
     fleet["a"] = replace(fleet["a"], online=True)
     record, _ = tick(record, fleet, now=NOW + 80)
