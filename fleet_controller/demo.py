@@ -273,11 +273,9 @@ async def _story(
         if final.get("reason"):
             console.print(f"  -> {final['state']}: {final['reason']}")
         detail = await ctl.call("rollout.status", {"rollout_id": started["rollout_id"]})
-        for node in detail["nodes"]:
-            if node["code"] or final["state"] != "succeeded":
-                console.print(
-                    f"     {node['node']}: {node['code'] or 'ok'}: {node['reason'] or ''}"
-                )
+        for node in detail["nodes"]:  # every node's outcome, and the gate's reason
+            outcome = node["state"] + (f" ({node['code']})" if node["code"] else "")
+            console.print(f"     {node['node']}: {outcome}: {node['reason'] or ''}")
     console.rule("where the fleet ended")
     console.print(_nodes_table(await ctl.call("nodes.list")))
     audit = Table(title="audit log")
