@@ -358,5 +358,9 @@ async def run_demo(
                 await services.enter_async_context(running(agent))
             async with asyncio.timeout(30):
                 await controller.connected.wait()
-            async with CtlClient(MqttTransport(address), fleet=FLEET, operator="demo") as ctl:
+            # The controller shares this process with twelve nodes: on a busy
+            # machine an answer can take longer than an operator's usual 10 s.
+            async with CtlClient(
+                MqttTransport(address), fleet=FLEET, operator="demo", timeout_s=30.0
+            ) as ctl:
                 await _story(ctl, workdir, keys, console, nodes)

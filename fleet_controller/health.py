@@ -403,7 +403,7 @@ def _latency_breach(spec: RolloutSpec, treated: Window, ref: Window, alpha: floa
 
 
 def _healthy_reason(treated: Window, ref: Window) -> str:
-    return (
-        f"healthy: {treated.runs} runs, {treated.error_rate:.1%} errors, "
-        f"median {treated.median_ms():.3g} ms vs {ref.median_ms():.3g} ms"
-    )
+    reason = f"healthy: {treated.runs} runs, {treated.error_rate:.1%} errors, median "
+    if not ref.runs:
+        return reason + f"{treated.median_ms():.3g} ms"
+    return reason + f"{treated.median_ms():.3g} ms vs {ref.median_ms():.3g} ms"
