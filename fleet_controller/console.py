@@ -51,6 +51,7 @@ __all__ = [
     "NodeRow",
     "format_value",
     "kv_table",
+    "plan_view",
     "records_table",
     "report_view",
     "rollout_view",
@@ -466,6 +467,30 @@ def rollout_view(status: Mapping[str, Any], *, note: str | None = None) -> Rende
         parts.append(records_table(nodes, title="nodes", columns=_NODE_COLUMNS))
     if note:
         parts.append(Text(note, style="yellow"))
+    return Group(*parts)
+
+
+def plan_view(plan: Mapping[str, Any]) -> RenderableType:
+    """``rollout start --dry-run``: the nodes of each wave, then who is offline, who
+    would refuse and which active rollouts overlap (each table only when not empty)."""
+    title = f"plan of rollout {plan.get('rollout_id')}: {plan.get('model')} (nothing started)"
+    waves = [
+        {
+            "wave": w.get("wave"),
+            "percent": w.get("percent"),
+            "new nodes": len(w.get("nodes", [])),
+            "nodes": ", ".join(w.get("nodes", [])),
+        }
+        for w in plan.get("waves", [])
+    ]
+    parts: list[RenderableType] = [records_table(waves, title=title)]
+    if plan.get("offline"):
+        parts.append(kv_table({"offline": ", ".join(plan["offline"])}, title="offline now"))
+    if plan.get("refusing"):
+        parts.append(records_table(plan["refusing"], title="would refuse"))
+    if plan.get("overlapping"):
+        rows = [{**o, "nodes": ", ".join(o.get("nodes", []))} for o in plan["overlapping"]]
+        parts.append(records_table(rows, title="active rollouts on the same nodes"))
     return Group(*parts)
 
 

@@ -30,8 +30,9 @@ from fleet_controller.actions import ActionExecutor, CommandSender
 from fleet_controller.artifacts import Artifacts
 from fleet_controller.commands import plan_trust_update
 from fleet_controller.operator_api import Route, bind, route_table
+from fleet_controller.plan_core import Plan, plan_rollout
 from fleet_controller.steps import event_step
-from fleet_controller.store import ACTIVE_ROLLOUT_STATES, Store
+from fleet_controller.store import ACTIVE_ROLLOUT_STATES, NodeInfo, Store
 from fleet_controller.views import rollout_view
 from shared import operations as ops
 from shared.envelope import Envelope, b64decode
@@ -134,9 +135,28 @@ class OperatorHandlers:
             model=ModelRef(name=info.name, version=info.version, sha256=info.sha256),
             selector=selector,
         )
+        plan = await asyncio.to_thread(self._plan, spec, info.manifest, nodes)
+        if request.dry_run:
+            return {"dry_run": True, **plan.to_dict(spec)}
+        if (why := plan.refusal(force=request.force)) is not None:
+            raise EdgeFleetError(f"rollout not started: {why}")
         record = core.RolloutRecord(spec=spec)
         await asyncio.to_thread(self._store.rollouts.create, record, operator, self._clock())
         return rollout_view(record)
+
+    def _plan(self, spec: core.RolloutSpec, manifest: ModelManifest, nodes: list[NodeInfo]) -> Plan:
+        """The plan of ``spec`` (:func:`plan_rollout`), from the store (blocking)."""
+        running: dict[str, ModelManifest] = {}
+        for sha in {n.model.sha256 for n in nodes if n.model is not None}:
+            if (known := self._store.models.by_sha(sha)) is not None:
+                running[sha] = known.manifest
+        active = [
+            record
+            for info in self._store.rollouts.list(active_only=True)
+            if (record := self._store.rollouts.load(info.rollout_id)) is not None
+        ]
+        selected = [n for n in nodes if not n.revoked]
+        return plan_rollout(spec, manifest, selected, running, active)
 
     async def _record(self, rollout_id: str) -> core.RolloutRecord:
         record = await asyncio.to_thread(self._store.rollouts.load, rollout_id)

@@ -200,6 +200,10 @@ class RolloutStart(RolloutPolicy):
     model: Annotated[str, Strict(), Field(min_length=3, max_length=200)]
     select: Selector = ""
     rollout_id: Id | None = None
+    dry_run: Bool = False
+    """Only say what would happen: the plan, nothing started."""
+    force: Bool = False
+    """Start even though another active rollout targets some of the same nodes."""
 
     @field_validator("model")
     @classmethod

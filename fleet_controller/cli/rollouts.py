@@ -254,14 +254,19 @@ def start_request(args: argparse.Namespace, *, now: float) -> dict[str, Any]:
         request["select"] = named("--select", parse_select, args.select)
     if args.id is not None:
         request["rollout_id"] = check_id(args.id, "rollout id")
+    for flag in ("dry_run", "force"):
+        if getattr(args, flag):
+            request[flag] = True
     return common.checked(ROLLOUT_START, request, now=now)
 
 
 def _rollout_start(args: argparse.Namespace) -> int:
     settings = common.settings_from(args)
     request = start_request(args, now=time.time())
-    answer = asyncio.run(common.call(settings, ROLLOUT_START, request))
-    common.emit(args, common.mapping(answer, ROLLOUT_START.name), view.rollout_view)
+    answer = common.mapping(
+        asyncio.run(common.call(settings, ROLLOUT_START, request)), ROLLOUT_START.name
+    )
+    common.emit(args, answer, view.plan_view if answer.get("dry_run") else view.rollout_view)
     return 0
 
 
@@ -388,6 +393,14 @@ def _add_start(actions: common.Commands, parents: common.Parents) -> None:
     )
     start.add_argument("--max-retries", type=int, help=f"per node {_default('max_retries')}")
     start.add_argument("--id", help="rollout id (default: generated)")
+    start.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (waves, offline nodes, refusals, overlaps) and start nothing",
+    )
+    start.add_argument(
+        "--force", action="store_true", help="start even if another active rollout overlaps"
+    )
 
 
 def register(commands: common.Commands, parents: common.Parents) -> None:
