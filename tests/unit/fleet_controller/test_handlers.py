@@ -157,6 +157,48 @@ def test_rollout_start_takes_every_policy_field(tmp_path: Path, keys: Path) -> N
     run(scenario)
 
 
+def test_rollout_start_plans_refuses_and_forces(tmp_path: Path, keys: Path) -> None:
+    async def scenario() -> None:
+        async with (
+            controller(tmp_path, keys, tick_s=3600) as ctl,
+            ctl.operator() as op,
+            ctl.node("n1") as n1,
+            ctl.node("n2") as n2,
+        ):
+            v1 = ctl.register(blob(1))
+            ctl.register(blob(2), version="2.0.0")
+            ctl.register(blob(3), version="0.9.0")
+            await known(ctl, n1, model=v1)
+            await known(ctl, n2, model=v1)
+            plan = await op.call(
+                "rollout.start", {"model": "clf@2.0.0", "rollout_id": "r1", "dry_run": True}
+            )
+            assert plan["dry_run"] is True
+            assert sorted(n for w in plan["waves"] for n in w["nodes"]) == ["n1", "n2"]
+            assert (plan["refusing"], plan["overlapping"]) == ([], [])
+            assert ctl.store.rollouts.load("r1") is None  # nothing started
+            await op.call("rollout.start", {"model": "clf@2.0.0", "rollout_id": "r1"})
+
+            again = {"model": "clf@2.0.0", "rollout_id": "r2"}
+            overlap = await op.request("rollout.start", again)
+            assert overlap.code == 1
+            assert overlap.error.startswith("rollout not started: rollout r1 is active on 2 ")
+            planned = await op.call("rollout.start", {**again, "dry_run": True})
+            assert planned["overlapping"] == [{"rollout_id": "r1", "nodes": ["n1", "n2"]}]
+            forced = await op.call("rollout.start", {**again, "force": True})
+            assert forced["rollout_id"] == "r2"
+
+            await op.call("rollout.abort", {"rollout_id": "r1"})
+            await op.call("rollout.abort", {"rollout_id": "r2"})
+            down = await op.request("rollout.start", {"model": "clf@0.9.0", "force": True})
+            assert down.code == 1
+            assert down.error.startswith(
+                "rollout not started: every selected node (2) would refuse it, e.g. n1: downgrade"
+            )
+
+    run(scenario)
+
+
 def test_rollout_events_abort_and_cancel(tmp_path: Path, keys: Path) -> None:
     async def scenario() -> None:
         async with (
