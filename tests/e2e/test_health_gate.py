@@ -37,7 +37,8 @@ pytestmark = pytest.mark.e2e
 FLEET_SIZE = 50
 RATE_HZ = 4.0
 WAVES = (10.0, 50.0, 100.0)
-WORK = 48  # layers of the base model: about half a millisecond per run here
+WORK = 96  # layers of the base model: about a millisecond per run here, so that three
+# times the work is well beyond the default 1 ms floor of a latency regression
 # Telemetry periods of simulated nodes are 5 s. A verdict needs 20 runs a side (5 s
 # at 4 Hz); 10% errors are certain at about 80 runs, so bad releases get a window
 # of 20 s, four periods (the same-speed upgrade 10 s).
