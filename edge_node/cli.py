@@ -15,10 +15,11 @@ import os
 import signal
 import ssl
 import sys
+import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, NoReturn, cast
 
 from rich.console import Console
 from rich.table import Table
@@ -26,12 +27,12 @@ from rich.table import Table
 from edge_node.agent import AgentConfig, NodeAgent, SourceKind
 from edge_node.outbox import read_depths
 from edge_node.runtime import SessionOptionsConfig
-from edge_node.simulate import run_simulation
+from edge_node.simulate import node_ids, run_simulation
 from edge_node.sources import parse_source
 from edge_node.state import NodeStore
 from shared import __version__
 from shared.broker import DEFAULT_BROKER_URL, parse_broker_url
-from shared.errors import DecodeError, EdgeFleetError, UsageError
+from shared.errors import DecodeError, EdgeFleetError, TrustError, UsageError
 from shared.topics import check_id
 from shared.waves import parse_selector
 
@@ -147,6 +148,19 @@ def _check_ca_file(ca_file: str | None) -> str | None:
     return ca_file
 
 
+def check_trust(data_dir: Path, trust_file: Path | None) -> None:
+    """Refuse to start a node that would have no usable trust list.
+
+    Raises:
+        UsageError: neither the shipped file nor a rotated copy in ``data_dir``
+            verifies (missing, unreadable, malformed, badly signed or expired).
+    """
+    try:
+        NodeStore(data_dir).load_trust(trust_file, now=time.time())
+    except TrustError as exc:
+        raise UsageError(f"{exc}: give --trust a valid root-signed trust.json") from None
+
+
 def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -> AgentConfig:
     """Merge flags, the TOML file and the environment into an :class:`AgentConfig`.
 
@@ -219,6 +233,7 @@ async def _run_agent(config: AgentConfig) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     toml = _load_toml(args.config)
     config = build_config(args, toml)
+    check_trust(config.data_dir, config.trust_file)
     _setup_logging(str(_text(args, toml, "log_level", "info")))
     asyncio.run(_run_agent(config))
     return 0
@@ -253,21 +268,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
     broker = parse_broker_url(args.broker or os.environ.get("FLEET_BROKER", DEFAULT_BROKER_URL))
     fleet = check_id(args.fleet or os.environ.get("FLEET_FLEET", "default"), "fleet")
     if args.count < 1:
         raise UsageError("--count must be at least 1")
+    prefix = check_id(args.prefix, "prefix")
     base_dir = _check_data_dir(Path(args.data))
     source, _ = parse_source(args.source)
     if source not in ("synthetic", "none"):
         raise UsageError("simulated nodes take --source synthetic or none")
+    trust_file = Path(args.trust)
+    for node_id in node_ids(prefix, args.count):
+        check_trust(base_dir / node_id, trust_file)
+    _setup_logging(args.log_level)
     asyncio.run(
         run_simulation(
             count=args.count,
-            prefix=check_id(args.prefix, "prefix"),
+            prefix=prefix,
             base_dir=base_dir,
-            trust_file=Path(args.trust) if args.trust else None,
+            trust_file=trust_file,
             broker=broker,
             fleet=fleet,
             labels=_labels(args.label),
@@ -289,8 +308,15 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("mqtt").setLevel(max(logging.ERROR, logging.getLogger().level))
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-node", description="EdgeFleet edge node agent.")
+    parser = _Parser(prog="edge-node", description="EdgeFleet edge node agent.")
     parser.add_argument("--version", action="version", version=f"edge-node {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -341,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--data", default="sim-data", help="base directory for the nodes' data (./sim-data)"
     )
-    simulate.add_argument("--trust", help="trust.json given to every node")
+    simulate.add_argument("--trust", required=True, help="trust.json given to every node")
     simulate.add_argument("--broker", help="broker URL (env FLEET_BROKER)")
     simulate.add_argument("--fleet", help="fleet name (env FLEET_FLEET)")
     simulate.add_argument("--label", action="append", metavar="K=V", help="label for every node")
@@ -353,7 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``edge-node`` with ``argv``; returns the exit code (never a traceback)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (2, one line printed), --help or --version (0)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.handler(args))
     except (DecodeError, ValueError) as exc:

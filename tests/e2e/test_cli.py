@@ -346,13 +346,12 @@ def test_run_deploy_sigterm_then_status(
 
 
 def test_config_file_and_missing_trust_file(
-    broker: Broker, fleet_id: str, tmp_path: Path, classifier_v1: Path
+    broker: Broker, fleet_id: str, tmp_path: Path
 ) -> None:
     logs = tmp_path / "logs"
 
     async def scenario() -> None:
         async with Harness(broker.url, fleet_id, tmp_path) as harness:
-            model = harness.register(classifier_v1, "clf", "1.0.0")
             config = tmp_path / "node.toml"
             config.write_text(
                 "# settings of one node\n"
@@ -377,40 +376,23 @@ def test_config_file_and_missing_trust_file(
                 Cli(logs, "edge_node", "run", "--config", str(config)) as configured,
                 Cli(logs, *no_trust) as closed,
             ):
-                nodes = (configured, closed)
+                # Fail closed: without a trust list the node does not start at all.
+                assert await closed.exited() == 2
+                assert_one_line_error(closed, 2, "trust", "nowhere", "--trust")
                 await wait_until(
                     harness,
-                    lambda: (
-                        states_of(harness, "cfg-1", online=True)
-                        and states_of(harness, "closed-1", online=True)
-                    ),
-                    what="the births of cfg-1 and closed-1",
-                    procs=nodes,
+                    lambda: states_of(harness, "cfg-1", online=True),
+                    what="the birth of cfg-1",
+                    procs=(configured,),
                 )
                 birth = states_of(harness, "cfg-1", online=True)[0]
                 assert birth.labels == {"site": "lab", "tier": "edge"}
+                assert not [s for s in harness.states if s.node == "closed-1"]
 
-                # Fail closed: without a trust list every command is rejected.
-                await harness.deploy("closed-1", model)
-                await wait_until(
-                    harness,
-                    lambda: [s for s in harness.statuses if s.node == "closed-1"],
-                    what="a status from closed-1",
-                    procs=nodes,
-                )
-                for status in (s for s in harness.statuses if s.node == "closed-1"):
-                    assert status.state.value == "rejected"
-                    assert status.code == "no_trust"
-
-                for cli in nodes:
-                    cli.proc.send_signal(signal.SIGTERM)
-                for cli in nodes:
-                    assert await cli.exited() == 0, cli.stderr
-                    assert "Traceback" not in cli.stderr
-                assert "trust" in closed.stderr  # the operator is told why
-            state = json.loads((tmp_path / "closed-1" / "state.json").read_text())
-            assert state["active"] is None
-            assert state["last_seq"] == 0
+                configured.proc.send_signal(signal.SIGTERM)
+                assert await configured.exited() == 0, configured.stderr
+                assert "Traceback" not in configured.stderr
+            assert not (tmp_path / "closed-1" / "state.json").exists()
 
     asyncio.run(scenario())
 
@@ -438,7 +420,14 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:
             ("not a directory",),
         ),
         "no status dir": (("edge_node", "status", "--data", str(tmp_path / "none")), ("none",)),
-        "bad count": (("edge_node", "simulate", "--count", "0", "--data", str(data)), ("count",)),
+        "bad count": (
+            ("edge_node", "simulate", "--count", "0", "--data", str(data), "--trust", "t.json"),
+            ("count",),
+        ),
+        "simulate without trust": (
+            ("edge_node", "simulate", "--count", "1", "--data", str(data)),
+            ("--trust",),
+        ),
     }
     clis = run_all(logs, *(command for command, _ in cases.values()))
     for (case, (_, words)), cli in zip(cases.items(), clis, strict=True):

@@ -1,0 +1,115 @@
+"""``edge-node``'s checks at start (:mod:`edge_node.cli`), run in-process through ``main``.
+
+Every refused start must exit 2 with one line on stderr, before anything
+connects: the broker URLs point at a closed port, so a check that wrongly ran
+after connecting would hang or fail differently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edge_node.cli import check_trust, main
+from shared.envelope import SigningKey
+from shared.trust import Role, TrustList, sign_trust_list
+from tests.support.broker import free_port
+
+DAY_S = 86_400.0
+
+
+def _trust_bytes(*, expires_in_s: float = DAY_S, signer: SigningKey | None = None) -> bytes:
+    root = SigningKey.generate()
+    trust = TrustList.build(
+        version=1,
+        expires_at=time.time() + expires_in_s,
+        roles={Role.ROOT: [root], Role.RELEASE: [root], Role.ROLLOUT: [root]},
+    )
+    return sign_trust_list(trust, [signer or root]).to_bytes()
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    assert err.endswith("\n"), err
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def closed_broker() -> str:
+    return f"mqtt://127.0.0.1:{free_port()}"
+
+
+# ----- no usable trust list -------------------------------------------------------------
+
+TRUST_FILES: dict[str, tuple[Callable[[Path], Path | None], str]] = {
+    "missing": (lambda d: d / "nowhere" / "trust.json", "does not exist"),
+    "not given": (lambda d: None, "no trust file given"),
+    "not json": (lambda d: _write(d / "t.json", b"{not json"), "unreadable"),
+    "expired": (lambda d: _write(d / "t.json", _trust_bytes(expires_in_s=-60)), "expired"),
+    "bad signature": (
+        lambda d: _write(d / "t.json", _trust_bytes(signer=SigningKey.generate())),
+        "no usable trust list",
+    ),
+    "a directory": (lambda d: d, "cannot read trust file"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("case", TRUST_FILES)
+def test_run_without_a_usable_trust_list_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, closed_broker: str, case: str
+) -> None:
+    make, words = TRUST_FILES[case]
+    trust = make(tmp_path)
+    data = tmp_path / "node"
+    argv = ["run", "--id", "n1", "--data", str(data), "--broker", closed_broker]
+    if trust is not None:
+        argv += ["--trust", str(trust)]
+    code, err = run(capsys, *argv)
+    assert code == 2
+    line = one_line(err)
+    assert words in line
+    assert "--trust" in line  # the operator is told what to fix
+    assert not (data / "state.json").exists()
+    assert not (data / "outbox.db").exists()
+
+
+def test_a_rotated_copy_is_enough_and_wins_over_an_expired_shipped_file(tmp_path: Path) -> None:
+    data = tmp_path / "node"
+    data.mkdir()
+    _write(data / "trust.json", _trust_bytes())  # what a rotation left behind
+    expired = _write(tmp_path / "shipped.json", _trust_bytes(expires_in_s=-60))
+    check_trust(data, expired)
+    check_trust(data, None)
+
+
+def test_simulate_needs_trust(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, err = run(capsys, "simulate", "--count", "2", "--data", str(tmp_path / "sim"))
+    assert code == 2
+    assert "--trust" in one_line(err)
+
+
+def test_simulate_refuses_an_expired_trust_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, closed_broker: str
+) -> None:
+    expired = _write(tmp_path / "t.json", _trust_bytes(expires_in_s=-60))
+    code, err = run(
+        capsys,
+        *("simulate", "--count", "2", "--data", str(tmp_path / "sim")),
+        *("--trust", str(expired), "--broker", closed_broker),
+    )
+    assert code == 2
+    assert "expired" in one_line(err)
