@@ -345,9 +345,7 @@ def test_run_deploy_sigterm_then_status(
 # ----- edge-node run --config, and failing closed without a trust file -------------
 
 
-def test_config_file_and_missing_trust_file(
-    broker: Broker, fleet_id: str, tmp_path: Path
-) -> None:
+def test_config_file_and_missing_trust_file(broker: Broker, fleet_id: str, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
 
     async def scenario() -> None:

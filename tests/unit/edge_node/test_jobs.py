@@ -414,7 +414,7 @@ def test_node_without_a_usable_trust_list_does_not_start(
                 node_config(harness, "n1", tmp_path / "n1", trust_file=tmp_path / "nope.json"),
                 transport=harness.transport,
             )
-            with pytest.raises(TrustFileError, match="nope.json does not exist"):
+            with pytest.raises(TrustFileError, match=r"nope\.json does not exist"):
                 await asyncio.wait_for(agent.run(), DEADLINE_S)
             assert not agent.ready.is_set()
             assert not memory.connected("n1")  # it never dialled the broker
