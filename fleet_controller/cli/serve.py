@@ -28,10 +28,15 @@ DEFAULT_DB_URL = "sqlite:///fleet-data/fleet.db"
 
 
 def _database_url(url: str) -> str:
-    """Check ``url`` as the store reads it, and create a SQLite file's folder.
+    """Check ``url`` as the store reads it; create a ``sqlite:///`` file's folder.
+
+    A plain file path must name a file in a folder that exists (a typo should
+    not create a database somewhere unexpected); a ``sqlite:///`` URL's folder
+    is created, as for the default.
 
     Raises:
-        UsageError: not a database URL the store supports (one line, no password).
+        UsageError: not a database URL the store supports, a plain path whose
+            folder does not exist, or a folder (one line, no password).
         EdgeFleetError: the SQLite file's folder cannot be created.
     """
     from fleet_controller.store import StoreError, parse_database_url  # noqa: PLC0415 - heavy
@@ -41,12 +46,22 @@ def _database_url(url: str) -> str:
     except StoreError as exc:
         message = str(exc).removeprefix("invalid database URL: ")
         raise UsageError(f"invalid database URL (--db): {message}") from None
-    if parsed.sqlite_path is not None:
-        folder = parsed.sqlite_path.parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise EdgeFleetError(f"cannot create {folder}: {exc.strerror}") from None
+    path = parsed.sqlite_path
+    if path is None:
+        return url
+    if path.is_dir():
+        raise UsageError(f"--db {path} is a directory: name the database file in it")
+    if "://" not in url:
+        if not path.parent.is_dir():
+            raise UsageError(
+                f"--db {path}: folder {path.parent} does not exist "
+                f"(create it, or write sqlite:///{path} to have it created)"
+            )
+        return url
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgeFleetError(f"cannot create {path.parent}: {exc.strerror}") from None
     return url
 
 
@@ -132,7 +147,9 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
         description="Runs until SIGINT or SIGTERM. Keys must hold rollout.pem and trust.json; "
         f"{common.PASSPHRASE_ENV} unlocks encrypted keys.",
     )
-    serve.add_argument("--db", help=f"database URL (env {DB_ENV}, default {DEFAULT_DB_URL})")
+    serve.add_argument(
+        "--db", help=f"database URL or SQLite file path (env {DB_ENV}, default {DEFAULT_DB_URL})"
+    )
     serve.add_argument("--keys", help=f"key directory (env {common.KEYS_ENV}, default ./keys)")
     serve.add_argument("--tick", default="1s", metavar="DURATION", help="rollout tick (1s)")
     serve.add_argument(

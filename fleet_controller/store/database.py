@@ -90,13 +90,23 @@ def parse_database_url(url: str) -> DatabaseUrl:
     ``postgresql+psycopg://user@host/db`` (``postgresql://`` and ``postgres://``
     mean the same). Touches nothing: no file, no server.
 
+    A plain path may not contain ``:``: ``postgres:db`` or ``garbage:::`` is a
+    mistyped URL far more often than a file name (``sqlite:///a:b`` still names
+    such a file).
+
     Raises:
-        StoreError: an empty or malformed URL, an in-memory SQLite database, or
-            any other database (one line, without the password).
+        StoreError: an empty or malformed URL, a plain path with a ``:``, an
+            in-memory SQLite database, or any other database (one line, without
+            the password).
     """
     if "://" not in url:
         if not url.strip():
             raise StoreError("no database given: pass a file path or a database URL")
+        if ":" in url:
+            raise StoreError(
+                f"invalid database URL: {_first_line(url)[:60]!r} is neither a URL "
+                "(sqlite:///PATH, postgresql+psycopg://...) nor a plain file path"
+            )
         path = Path(url).expanduser()
         return _parsed(URL.create("sqlite", database=str(path)), path)
     try:
