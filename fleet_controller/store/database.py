@@ -19,12 +19,16 @@ Invariants:
   missing tables in one transaction (on PostgreSQL under an advisory lock, so
   two controllers starting together never both create them); a database
   written by a newer controller is refused, never modified.
+* **One identity per store.** The first opening writes a random
+  ``meta.store_id``; it never changes afterwards, so controllers sharing one
+  database share it, and controllers on different databases never do.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -200,7 +204,7 @@ class Database:
             raise self._open_error(exc) from None
         self._writer = self._engine.execution_options(**{_WRITE: True})
         try:
-            self._prepare()
+            self.store_id = self._prepare()
         except SQLAlchemyError as exc:
             self._engine.dispose()
             raise self._open_error(exc) from None
@@ -241,8 +245,9 @@ class Database:
             return postgresql.insert(table)
         return sqlite.insert(table)
 
-    def _prepare(self) -> None:
-        """Check the schema version, create missing tables, seed ``meta``, in one transaction."""
+    def _prepare(self) -> str:
+        """Check the schema version, create missing tables, seed ``meta``, in one
+        transaction; returns the store's identity (``meta.store_id``)."""
         with self._writer.begin() as conn:
             if self.dialect == "postgresql":
                 # Two controllers starting together must not both CREATE TABLE.
@@ -257,7 +262,11 @@ class Database:
                 [
                     {"key": "schema_version", "value": str(SCHEMA_VERSION)},
                     {"key": "command_seq", "value": "0"},
+                    {"key": "store_id", "value": uuid.uuid4().hex},
                 ],
+            )
+            return str(
+                conn.execute(select(META.c.value).where(META.c.key == "store_id")).scalar_one()
             )
 
     @staticmethod

@@ -32,6 +32,7 @@ from shared.envelope import Envelope
 from shared.messages import NodeState
 from shared.trust import Role, TrustStore
 from tests.support.broker import Broker
+from tests.support.fleet import Fleet
 from tests.support.harness import Harness
 
 pytestmark = pytest.mark.e2e
@@ -434,6 +435,29 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:
         except AssertionError as exc:
             raise AssertionError(f"{case}: {exc}") from None
     assert not (data / "state.json").exists(), "a refused start touches nothing"
+
+
+# ----- fleetctl serve: one store per fleet ----------------------------------------------
+
+
+def test_serve_refuses_a_second_store_and_admits_a_replica(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.serve(f"sqlite:///{tmp_path}/a/fleet.db")
+    env = _clean_env(
+        FLEET_BROKER=fleet.broker_url, FLEET_FLEET=fleet.fleet_id, FLEET_KEYS=str(fleet.keys_dir)
+    )
+    refused = run(
+        tmp_path / "cli-logs",
+        *("fleet_controller", "serve", "--db", f"sqlite:///{tmp_path}/b/fleet.db"),
+        env=env,
+    )
+    assert_one_line_error(refused, 2, "is live on this fleet with store", "--db")
+    replica = fleet.serve(f"sqlite:///{tmp_path}/a/fleet.db", name="controller-replica")
+    fleet.wait_until(
+        lambda: "serving fleet" in replica.log.read_text() or None,
+        timeout_s=EVENT_TIMEOUT_S,
+        what="the replica to connect",
+    )
+    assert replica.running
 
 
 # ----- edge-node simulate ---------------------------------------------------------
