@@ -93,6 +93,7 @@ def check_peer(peer: ControllerState | None, *, store_id: str) -> None:
         "one PostgreSQL database) or serve another --fleet"
     )
 
+
 Ingested = NodeStatus | ResultBatch | Telemetry | NodeState
 """What nodes send that the controller stores (and acks, for statuses and results)."""
 
