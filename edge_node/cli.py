@@ -30,6 +30,7 @@ from edge_node.runtime import SessionOptionsConfig
 from edge_node.simulate import node_ids, run_simulation
 from edge_node.sources import parse_source
 from edge_node.state import NodeStore
+from edge_node.validation import check_provider_names
 from shared import __version__
 from shared.broker import DEFAULT_BROKER_URL, parse_broker_url
 from shared.errors import DecodeError, EdgeFleetError, TrustError, UsageError
@@ -161,6 +162,23 @@ def check_trust(data_dir: Path, trust_file: Path | None) -> None:
         raise UsageError(f"{exc}: give --trust a valid root-signed trust.json") from None
 
 
+def _providers(value: object) -> tuple[str, ...] | None:
+    """``--providers A,B`` or the config's ``"A,B"`` / ``["A", "B"]``: each must be an
+    execution provider this machine's onnxruntime offers (None: the manifest's).
+
+    Raises: UsageError.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        names = [name.strip() for name in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(name, str) for name in value):
+        names = [name.strip() for name in value]
+    else:
+        raise UsageError(f"providers: expected names like CPUExecutionProvider, got {value!r}")
+    return check_provider_names([name for name in names if name], on_this_machine=True)
+
+
 def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -> AgentConfig:
     """Merge flags, the TOML file and the environment into an :class:`AgentConfig`.
 
@@ -188,12 +206,7 @@ def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -
     if swap_mode not in ("availability", "resource"):
         raise UsageError(f"swap mode {swap_mode!r}: use availability or resource")
     threads = _int(args, toml, "threads", 0, minimum=0)
-    provider_text = _setting(args, toml, "providers", None)
-    providers = (
-        tuple(p.strip() for p in str(provider_text).split(",") if p.strip())
-        if provider_text
-        else None
-    )
+    providers = _providers(_setting(args, toml, "providers", None))
     return AgentConfig(
         node_id=check_id(node_id, "node id"),
         data_dir=_check_data_dir(Path(data)),
@@ -336,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--providers",
         help="onnxruntime execution providers in order, e.g. CUDAExecutionProvider,"
-        "CPUExecutionProvider (default: the manifest's, among those installed)",
+        "CPUExecutionProvider, each available here (default: the manifest's, among those "
+        "available)",
     )
     run.add_argument(
         "--micro-batch", type=int, help="run up to N queued inputs as one batch (dynamic batch)"

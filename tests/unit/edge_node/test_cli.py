@@ -11,9 +11,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 
-from edge_node.cli import check_trust, main
+from edge_node.cli import build_config, build_parser, check_trust, main
 from shared.envelope import SigningKey
 from shared.trust import Role, TrustList, sign_trust_list
 from tests.support.broker import free_port
@@ -113,3 +114,65 @@ def test_simulate_refuses_an_expired_trust_file(
     )
     assert code == 2
     assert "expired" in one_line(err)
+
+
+# ----- execution providers ----------------------------------------------------------------
+
+UNAVAILABLE = next(
+    (p for p in ort.get_all_providers() if p not in ort.get_available_providers()), None
+)
+
+
+@pytest.mark.parametrize(
+    ("providers", "words"),
+    [
+        pytest.param("FooExecutionProvider", "unknown execution provider", id="unknown"),
+        pytest.param("cpuexecutionprovider", "unknown execution provider", id="misspelt"),
+        pytest.param(
+            f"{UNAVAILABLE},CPUExecutionProvider",
+            "not available on this machine",
+            id="unavailable",
+            marks=pytest.mark.skipif(UNAVAILABLE is None, reason="every provider is available"),
+        ),
+        pytest.param(",", "no execution provider", id="empty"),
+    ],
+)
+def test_run_refuses_providers_it_cannot_use(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    closed_broker: str,
+    providers: str,
+    words: str,
+) -> None:
+    trust = _write(tmp_path / "t.json", _trust_bytes())
+    data = tmp_path / "node"
+    code, err = run(
+        capsys,
+        *("run", "--id", "n1", "--data", str(data), "--trust", str(trust)),
+        *("--broker", closed_broker, "--providers", providers),
+    )
+    assert code == 2
+    assert words in one_line(err)
+    assert not (data / "outbox.db").exists()
+
+
+def test_config_file_providers_are_checked_too(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, closed_broker: str
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[node]\nid = "n1"\ndata = "{tmp_path / "node"}"\nbroker = "{closed_broker}"\n'
+        'providers = ["CPUExecutionProvider", "NoSuchExecutionProvider"]\n'
+    )
+    code, err = run(capsys, "run", "--config", str(config))
+    assert code == 2
+    assert "'NoSuchExecutionProvider'" in one_line(err)
+
+
+def test_available_providers_are_kept_in_order(tmp_path: Path) -> None:
+    available = ort.get_available_providers()
+    args = build_parser().parse_args(
+        ["run", "--id", "n1", "--data", str(tmp_path), "--providers", ",".join(available[::-1])]
+    )
+    config = build_config(args, {})
+    assert config.session_options.providers == tuple(available[::-1])
