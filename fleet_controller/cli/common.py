@@ -33,7 +33,7 @@ from rich.console import Console, RenderableType
 
 from edgefleet_io.mqtt import MqttTransport
 from fleet_controller.api import CtlClient
-from fleet_controller.cli.flags import parse_duration
+from fleet_controller.cli.flags import named, parse_positive_duration
 from shared.broker import DEFAULT_BROKER_URL, BrokerAddress, parse_broker_url
 from shared.errors import EdgeFleetError, UsageError
 from shared.operations import Operation, parse_request
@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "KEYS_ENV",
     "LOG_LEVELS",
+    "MAX_TIMEOUT_S",
     "PASSPHRASE_ENV",
     "Commands",
     "Handler",
@@ -71,6 +72,7 @@ PASSPHRASE_ENV = "FLEET_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a s
 KEYS_ENV = "FLEET_KEYS"
 DEBUG_ENV = "FLEET_DEBUG"  # set: unexpected errors show their traceback
 DEFAULT_TIMEOUT_S = 10.0
+MAX_TIMEOUT_S = 3600.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 Handler: TypeAlias = Callable[[argparse.Namespace], int]
@@ -117,7 +119,9 @@ def _global_options() -> Parser:
         "--operator", help="who you are, for the audit log (env FLEET_OPERATOR, default $USER)"
     )
     group.add_argument(
-        "--timeout", metavar="DURATION", help=f"wait for answers (default {DEFAULT_TIMEOUT_S:g}s)"
+        "--timeout",
+        metavar="DURATION",
+        help=f"wait for answers (default {DEFAULT_TIMEOUT_S:g}s, at most 1h)",
     )
     group.add_argument("--ca-file", help="CA bundle for mqtts:// (env FLEET_CA_FILE)")
     return options
@@ -171,11 +175,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
     if not 0 < len(operator) <= 128 or not operator.isprintable():
         raise UsageError(f"invalid operator name {operator[:40]!r}")
-    timeout_s = parse_duration(args.timeout) if args.timeout else DEFAULT_TIMEOUT_S
-    if timeout_s <= 0:
-        raise UsageError("--timeout must be above zero")
+    timeout_s = DEFAULT_TIMEOUT_S
+    if args.timeout:
+        timeout_s = named("--timeout", _timeout, args.timeout)
     ca_file = args.ca_file or os.environ.get("FLEET_CA_FILE") or None
     return Settings(broker, fleet, operator, timeout_s, ca_file)
+
+
+def _timeout(text: str) -> float:
+    return parse_positive_duration(text, maximum_s=MAX_TIMEOUT_S)
 
 
 def checked(

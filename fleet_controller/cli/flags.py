@@ -128,7 +128,11 @@ def whole_number(minimum: int, maximum: int) -> Callable[[str], int]:
 def number(minimum: float, maximum: float, *, above: bool = False) -> Callable[[str], float]:
     """An argparse ``type=``: a finite number from ``minimum`` (exclusive when
     ``above``) to ``maximum``; NaN and infinities are refused."""
-    low = f"above {minimum:g}" if above else f"from {minimum:g}"
+    bounds = (
+        f"above {minimum:g} and at most {maximum:g}"
+        if above
+        else f"from {minimum:g} to {maximum:g}"
+    )
 
     def parse(text: str) -> float:
         try:
@@ -138,9 +142,7 @@ def number(minimum: float, maximum: float, *, above: bool = False) -> Callable[[
         in_range = (value > minimum if above else value >= minimum) and value <= maximum
         if math.isfinite(value) and in_range:
             return value
-        raise argparse.ArgumentTypeError(
-            f"expected a number {low} to {maximum:g}, got {text[:40]!r}"
-        )
+        raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text[:40]!r}")
 
     return parse
 

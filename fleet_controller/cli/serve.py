@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import re
 import signal
 from typing import Any
 
 from fleet_controller.cli import common
-from fleet_controller.cli.flags import parse_duration
+from fleet_controller.cli.flags import named, number, parse_positive_duration
 from fleet_controller.keys import key_path, trust_path
 from shared.errors import EdgeFleetError, UsageError
 from shared.trust import Role
@@ -25,6 +24,8 @@ __all__ = ["DB_ENV", "DEFAULT_DB_URL", "register"]
 
 DB_ENV = "FLEET_DB"
 DEFAULT_DB_URL = "sqlite:///fleet-data/fleet.db"
+MAX_TICK_S = 60.0
+MAX_RETENTION_DAYS = 3650.0
 
 
 def _database_url(url: str) -> str:
@@ -67,11 +68,7 @@ def _database_url(url: str) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = common.settings_from(args)
-    tick_s = parse_duration(args.tick)
-    if tick_s <= 0:
-        raise UsageError("--tick must be above zero")
-    if not math.isfinite(args.retention_days) or args.retention_days <= 0:
-        raise UsageError("--retention-days must be above zero")
+    tick_s = named("--tick", lambda t: parse_positive_duration(t, maximum_s=MAX_TICK_S), args.tick)
     keys_dir = common.keys_dir(args.keys)
     for needed in (key_path(keys_dir, Role.ROLLOUT), trust_path(keys_dir)):
         if not needed.is_file():
@@ -151,9 +148,14 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
         "--db", help=f"database URL or SQLite file path (env {DB_ENV}, default {DEFAULT_DB_URL})"
     )
     serve.add_argument("--keys", help=f"key directory (env {common.KEYS_ENV}, default ./keys)")
-    serve.add_argument("--tick", default="1s", metavar="DURATION", help="rollout tick (1s)")
     serve.add_argument(
-        "--retention-days", type=float, default=30.0, help="keep telemetry and results (30)"
+        "--tick", default="1s", metavar="DURATION", help="rollout tick (1s; at most 1m)"
+    )
+    serve.add_argument(
+        "--retention-days",
+        type=number(0, MAX_RETENTION_DAYS, above=True),
+        default=30.0,
+        help=f"keep telemetry and results this many days (30; at most {MAX_RETENTION_DAYS:g})",
     )
     serve.add_argument(
         "--http",

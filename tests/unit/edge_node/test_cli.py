@@ -176,3 +176,85 @@ def test_available_providers_are_kept_in_order(tmp_path: Path) -> None:
     )
     config = build_config(args, {})
     assert config.session_options.providers == tuple(available[::-1])
+
+
+# ----- numeric settings -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--rate", "-1", "from 0 to 100000"),
+        ("--rate", "nan", "from 0 to 100000"),
+        ("--rate", "1e9", "from 0 to 100000"),
+        ("--concurrency", "0", "whole number from 1 to 256"),
+        ("--micro-batch", "1.5", "whole number from 1"),
+        ("--threads", "-1", "whole number from 0"),
+        ("--corner-threshold", "inf", "from 0 to 1"),
+        ("--change-threshold", "-0.1", "from 0"),
+        ("--topk", "101", "from 1 to 100"),
+        ("--batch-max", "1001", "from 1 to 1000"),  # a result batch holds at most 1000
+        ("--batch-interval", "0", "above 0"),
+        ("--telemetry-interval", "-5", "above 0"),
+        ("--resend-after", "nan", "above 0"),
+        ("--chunk-bytes", "600000", "from 1024 to 524288"),  # a chunk request's limit
+    ],
+)
+def test_run_refuses_numeric_flags_out_of_range(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flag: str, value: str, words: str
+) -> None:
+    code, err = run(capsys, "run", "--id", "n1", "--data", str(tmp_path / "n"), f"{flag}={value}")
+    assert code == 2
+    line = one_line(err)
+    assert f"argument {flag}: expected" in line
+    assert words in line
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ("rate = -3", "rate: expected a number from 0 to 100000, got -3"),
+        ("rate = nan", "rate: expected a number from 0 to 100000, got nan"),
+        ("batch_max = 1.5", "batch_max: expected a whole number from 1 to 1000, got 1.5"),
+        ('topk = "3"', "topk: expected a whole number from 1 to 100, got '3'"),
+        ("telemetry-interval = 0", "telemetry_interval: expected a number above 0"),
+        ("concurrency = true", "concurrency: expected a whole number"),
+    ],
+)
+def test_config_file_numbers_are_range_checked_too(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, setting: str, words: str
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\nid = "n1"\ndata = "{tmp_path / "n"}"\n{setting}\n')
+    code, err = run(capsys, "run", "--config", str(config))
+    assert code == 2
+    assert words in one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--count", "0"], "--count: expected a whole number from 1 to 10000"),
+        (["--count", "2", "--rate", "-1"], "--rate: expected a number from 0"),
+    ],
+)
+def test_simulate_refuses_numbers_out_of_range(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], words: str
+) -> None:
+    code, err = run(capsys, "simulate", *args, "--trust", str(tmp_path / "t.json"))
+    assert code == 2
+    assert words in one_line(err)
+
+
+def test_numbers_in_range_are_taken(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        [
+            *("run", "--id", "n1", "--data", str(tmp_path), "--rate", "0"),
+            *("--concurrency", "4", "--corner-threshold", "0.25", "--chunk-bytes", "1024"),
+        ]
+    )
+    config = build_config(args, {"batch_max": 1000, "telemetry_interval": 0.5})
+    assert config.rate_hz is None  # 0: flat out
+    assert (config.concurrency, config.chunk_bytes, config.batch_max) == (4, 1024, 1000)
+    assert (config.corner_threshold, config.telemetry_interval_s) == (0.25, 0.5)
+    assert isinstance(config.concurrency, int)

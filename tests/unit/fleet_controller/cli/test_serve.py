@@ -30,9 +30,13 @@ def test_serve_without_keys_exits_2(
     ("extra", "message"),
     [
         (["--db", "nosuchdriver+x:///db"], "invalid database URL"),
-        (["--tick", "0"], "--tick must be above zero"),
+        (["--tick", "0"], "--tick: duration '0' must be above zero and at most 1m"),
+        (["--tick", "2m"], "at most 1m"),
         (["--tick", "soon"], "invalid duration"),
-        (["--retention-days", "0"], "--retention-days must be above zero"),
+        (["--retention-days", "0"], "--retention-days: expected a number above 0"),
+        (["--retention-days", "nan"], "--retention-days: expected a number above 0"),
+        (["--retention-days", "-1"], "--retention-days: expected a number above 0"),
+        (["--retention-days", "1e9"], "and at most 3650"),
         (["--log-level", "loud"], "invalid choice"),
     ],
 )
