@@ -34,6 +34,7 @@ from edge_node.simulate import node_ids, run_simulation
 from edge_node.sources import parse_source
 from edge_node.state import NodeStore
 from edge_node.validation import check_provider_names
+from edgefleet_io.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
 from shared import __version__
 from shared.broker import DEFAULT_BROKER_URL, parse_broker_url
 from shared.errors import DecodeError, EdgeFleetError, TrustError, UsageError
@@ -47,7 +48,7 @@ _RUN_KEYS = {
     "micro_batch", "swap_mode", "threads", "providers", "graph_optimization",
     "change_threshold", "corner_threshold",
     "topk", "batch_max", "batch_interval", "telemetry_interval", "resend_after",
-    "chunk_bytes", "ca_file", "log_level",
+    "chunk_bytes", "ca_file", "log_level", "log_format",
 }  # fmt: skip
 
 
@@ -290,7 +291,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     toml = _load_toml(args.config)
     config = build_config(args, toml)
     check_trust(config.data_dir, config.trust_file)
-    _setup_logging(str(_text(args, toml, "log_level", "info")))
+    setup_logging(
+        str(_text(args, toml, "log_level", "info")), str(_text(args, toml, "log_format", "text"))
+    )
     asyncio.run(_run_agent(config))
     return 0
 
@@ -334,7 +337,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     trust_file = Path(args.trust)
     for node_id in node_ids(prefix, args.count):
         check_trust(base_dir / node_id, trust_file)
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     asyncio.run(
         run_simulation(
             count=args.count,
@@ -349,17 +352,6 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         )
     )
     return 0
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiomqtt warns whenever more than ten publishes await their PUBACK; serving
-    # chunks and acks to many nodes does that by design.
-    logging.getLogger("mqtt").setLevel(max(logging.ERROR, logging.getLogger().level))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -442,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="artifact chunk size for MQTT transfer",
     )
     run.add_argument("--ca-file", help="CA bundle for mqtts://")
-    run.add_argument("--log-level", help="debug, info (default), warning, error")
+    run.add_argument("--log-level", choices=LOG_LEVELS, help="info by default")
+    run.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json lines")
     run.set_defaults(handler=_cmd_run)
 
     status = commands.add_parser("status", help="show a node's models and outbox")
@@ -466,7 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--rate", type=_RANGES["rate"].flag(), default=1.0, help="inputs per second per node"
     )
-    simulate.add_argument("--log-level", default="warning")
+    simulate.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
+    simulate.add_argument(
+        "--log-format", default="text", choices=LOG_FORMATS, help="text or json lines"
+    )
     simulate.set_defaults(handler=_cmd_simulate)
     return parser
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from typing import Any, NoReturn, TypeAlias
 
 from rich.console import Console, RenderableType
 
+from edgefleet_io.logs import LOG_FORMATS, LOG_LEVELS
 from edgefleet_io.mqtt import MqttTransport
 from fleet_controller.api import CtlClient
 from fleet_controller.cli.flags import named, parse_positive_duration
@@ -43,6 +42,7 @@ __all__ = [
     "DEBUG_ENV",
     "DEFAULT_TIMEOUT_S",
     "KEYS_ENV",
+    "LOG_FORMATS",
     "LOG_LEVELS",
     "MAX_TIMEOUT_S",
     "PASSPHRASE_ENV",
@@ -64,7 +64,6 @@ __all__ = [
     "quiet_onnxruntime",
     "rows",
     "settings_from",
-    "setup_logging",
     "stdout",
 ]
 
@@ -73,7 +72,6 @@ KEYS_ENV = "FLEET_KEYS"
 DEBUG_ENV = "FLEET_DEBUG"  # set: unexpected errors show their traceback
 DEFAULT_TIMEOUT_S = 10.0
 MAX_TIMEOUT_S = 3600.0
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 Handler: TypeAlias = Callable[[argparse.Namespace], int]
 
@@ -276,18 +274,6 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def setup_logging(level: str) -> None:
-    """Log lines on stderr at ``level`` (for the long-running commands)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiomqtt warns whenever more than ten publishes await their PUBACK; serving
-    # chunks and acks to many nodes does that by design.
-    logging.getLogger("mqtt").setLevel(max(logging.ERROR, logging.getLogger().level))
 
 
 def quiet_onnxruntime() -> None:

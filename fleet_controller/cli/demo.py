@@ -10,6 +10,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from edgefleet_io.logs import setup_logging
 from fleet_controller.cli import common
 from fleet_controller.cli.flags import whole_number
 
@@ -21,7 +22,7 @@ _MAX_NODES = 200
 def _demo(args: argparse.Namespace) -> int:
     from fleet_controller.demo import run_demo  # noqa: PLC0415 - builds models with onnx
 
-    common.setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     common.quiet_onnxruntime()
     keep = Path(args.dir) if args.dir else None
     asyncio.run(run_demo(nodes=args.nodes, broker_url=args.demo_broker, keep=keep))
@@ -47,4 +48,7 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
     )
     demo.add_argument("--dir", help="keep the demo's files here instead of a temporary folder")
     demo.add_argument("--log-level", default="warning", choices=common.LOG_LEVELS)
+    demo.add_argument(
+        "--log-format", default="text", choices=common.LOG_FORMATS, help="text or json lines"
+    )
     demo.set_defaults(handler=_demo)

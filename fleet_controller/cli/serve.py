@@ -14,6 +14,7 @@ import re
 import signal
 from typing import Any
 
+from edgefleet_io.logs import setup_logging
 from fleet_controller.cli import common
 from fleet_controller.cli.flags import named, number, parse_positive_duration
 from fleet_controller.keys import key_path, trust_path
@@ -78,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
             )
     db_url = _database_url(args.db or os.environ.get(DB_ENV) or DEFAULT_DB_URL)
     http_listen, http_url = _http_settings(args.http, args.http_url)
-    common.setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
 
     from fleet_controller.service import ControllerConfig  # noqa: PLC0415 - heavy imports
 
@@ -166,3 +167,6 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
         "--http-url", help="base URL nodes use for --http (default http://HOST:PORT)"
     )
     serve.add_argument("--log-level", default="info", choices=common.LOG_LEVELS)
+    serve.add_argument(
+        "--log-format", default="text", choices=common.LOG_FORMATS, help="text or json lines"
+    )

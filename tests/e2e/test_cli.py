@@ -363,6 +363,7 @@ def test_config_file_and_missing_trust_file(broker: Broker, fleet_id: str, tmp_p
                 'source = "none"\n'
                 "telemetry-interval = 5.0\n"  # flag spelling works in the file too
                 'labels = { site = "lab", tier = "edge" }\n'
+                'log_format = "json"\n'
             )
             no_trust = node_args(
                 harness,
@@ -390,7 +391,13 @@ def test_config_file_and_missing_trust_file(broker: Broker, fleet_id: str, tmp_p
 
                 configured.proc.send_signal(signal.SIGTERM)
                 assert await configured.exited() == 0, configured.stderr
-                assert "Traceback" not in configured.stderr
+                # log_format = "json": every line on stderr is one JSON object.
+                entries = [json.loads(line) for line in configured.stderr.splitlines()]
+                assert any(
+                    e["logger"] == "edge_node.link" and e["message"].startswith("connected to")
+                    for e in entries
+                ), entries
+                assert {e["level"] for e in entries} <= {"info", "warning"}
             assert not (tmp_path / "closed-1" / "state.json").exists()
 
     asyncio.run(scenario())
@@ -451,13 +458,25 @@ def test_serve_refuses_a_second_store_and_admits_a_replica(fleet: Fleet, tmp_pat
         env=env,
     )
     assert_one_line_error(refused, 2, "is live on this fleet with store", "--db")
-    replica = fleet.serve(f"sqlite:///{tmp_path}/a/fleet.db", name="controller-replica")
-    fleet.wait_until(
-        lambda: "serving fleet" in replica.log.read_text() or None,
-        timeout_s=EVENT_TIMEOUT_S,
-        what="the replica to connect",
-    )
-    assert replica.running
+    with Cli(
+        tmp_path / "cli-logs",
+        *("fleet_controller", "serve", "--db", f"sqlite:///{tmp_path}/a/fleet.db"),
+        *("--log-format", "json"),
+        env=env,
+    ) as replica:
+
+        def serving() -> list[dict[str, object]] | None:
+            assert replica.proc.poll() is None, replica.stderr
+            text = replica.stderr
+            complete = text[: text.rfind("\n") + 1]  # not a line still being written
+            entries = [json.loads(line) for line in complete.splitlines()]
+            joined = any(str(e["message"]).startswith("controller ") for e in entries)
+            return entries if joined else None
+
+        entries = fleet.wait_until(serving, timeout_s=EVENT_TIMEOUT_S, what="the replica")
+        assert {e["logger"] for e in entries} >= {"fleet_controller.link"}
+        replica.proc.send_signal(signal.SIGTERM)
+        assert replica.wait() == 0, replica.stderr
 
 
 # ----- edge-node simulate ---------------------------------------------------------
