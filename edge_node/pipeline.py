@@ -36,6 +36,7 @@ from edge_node.numbering import next_result_seq
 from edge_node.results_core import (
     ChangeGate,
     LatencyWindow,
+    PeriodCounter,
     input_digest,
     is_corner_case,
     summarize_output,
@@ -109,6 +110,7 @@ class Pipeline:
         self.gate = ChangeGate(settings.change_threshold)
         self.pending: list[InferenceResult] = []
         self._latency = LatencyWindow()
+        self._period = PeriodCounter(clock())
         self._started = time.monotonic()
         self._inputs: asyncio.Queue[SourceItem | None] = asyncio.Queue(
             2 * max(1, settings.micro_batch) * self.workers
@@ -135,6 +137,7 @@ class Pipeline:
 
     def _model_changed(self) -> None:
         self._latency = LatencyWindow()
+        self._period.restart(self._clock())
         if self._synthetic is not None:
             self._synthetic.model_changed()
 
@@ -203,6 +206,7 @@ class Pipeline:
                 outcomes = await self._runtime.infer_batch([i.inputs for i in items])
         except EdgeFleetError as exc:
             self.counts["errors"] += len(items)
+            self._period.error(len(items))
             log.warning("inference failed: %s", exc)
             for item in items:
                 if item.request is not None:
@@ -228,10 +232,12 @@ class Pipeline:
             )
         except DecodeError as exc:
             self.counts["errors"] += 1
+            self._period.error()
             log.warning("output of %s cannot be reported: %s", outcome.model.name, exc)
             if item.request is not None:
                 await self._reply(item.request, None, str(exc))
             return
+        self._period.add(outcome.latency_ms)
         result = InferenceResult(
             seq=await self._next_seq(),
             model=outcome.model,
@@ -308,9 +314,10 @@ class Pipeline:
 
     async def _telemetry(self, *, uptime_s: float, cpu: float) -> Telemetry:
         stats = await asyncio.to_thread(self._sender.outbox.stats)
+        now = self._clock()
         return Telemetry(
             node=self._cfg.node_id,
-            ts=self._clock(),
+            ts=now,
             uptime_s=uptime_s,
             inferences=self.counts["inferences"],
             errors=self.counts["errors"],
@@ -321,6 +328,7 @@ class Pipeline:
             cpu_percent=max(0.0, cpu),
             memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             model=self._keeper.state.active,
+            period=self._period.take(now),
         )
 
 

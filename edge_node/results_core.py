@@ -33,11 +33,13 @@ from edge_node.inference_core import (
     OutputSummaryError,
     dtype_of,
 )
-from shared.messages import LatencyStats, TensorData, TopK
+from shared.histogram import bucket_of
+from shared.messages import LatencyStats, PeriodStats, TensorData, TopK
 
 __all__ = [
     "ChangeGate",
     "LatencyWindow",
+    "PeriodCounter",
     "input_digest",
     "is_corner_case",
     "summarize_output",
@@ -261,3 +263,43 @@ class LatencyWindow:
             return LatencyStats(p50_ms=0.0, p95_ms=0.0, p99_ms=0.0)
         p50, p95, p99 = np.percentile(self._buf[: self._count], [50, 95, 99])
         return LatencyStats(p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99))
+
+
+class PeriodCounter:
+    """The serving model's runs, errors and latency histogram since ``since``.
+
+    :meth:`take` returns the period as :class:`~shared.messages.PeriodStats` and
+    starts the next one; :meth:`restart` drops the period (on a model swap, so a
+    period never mixes two models). Not thread-safe: use from the event loop.
+    """
+
+    def __init__(self, since: float) -> None:
+        self._since = since
+        self._errors = 0
+        self._counts: dict[int, int] = {}
+
+    def add(self, ms: float) -> None:
+        """Count one successful run of ``ms`` milliseconds."""
+        index = bucket_of(ms)
+        self._counts[index] = self._counts.get(index, 0) + 1
+
+    def error(self, runs: int = 1) -> None:
+        """Count ``runs`` failed runs."""
+        self._errors += runs
+
+    def restart(self, since: float) -> None:
+        """Start an empty period at ``since``."""
+        self._since = since
+        self._errors = 0
+        self._counts = {}
+
+    def take(self, now: float) -> PeriodStats:
+        """The period up to ``now``; the next one starts there."""
+        period = PeriodStats(
+            since=self._since,
+            inferences=sum(self._counts.values()),
+            errors=self._errors,
+            latency=tuple(sorted(self._counts.items())),
+        )
+        self.restart(now)
+        return period

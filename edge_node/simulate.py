@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 
 from edge_node.agent import AgentConfig, NodeAgent, SourceKind
+from edge_node.sessions import SessionOptionsConfig
 from shared.broker import BrokerAddress
 
 __all__ = ["node_ids", "run_simulation"]
@@ -49,6 +50,9 @@ async def run_simulation(
                 rate_hz=rate_hz,
                 telemetry_interval_s=5.0,
                 batch_interval_s=1.0,
+                # Many simulated devices share this machine's cores: one onnxruntime
+                # thread each, as on a small device, not a spinning pool per node.
+                session_options=SessionOptionsConfig(intra_op_threads=1),
             )
         )
         for index, node_id in enumerate(node_ids(prefix, count), start=1)

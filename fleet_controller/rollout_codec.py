@@ -16,7 +16,8 @@ Invariants:
   known keys (a key that is absent takes the field's default, so records written
   before a field existed still load); every value must have its field's type.
   Anything else raises :class:`~shared.errors.DecodeError`. ``FORMAT`` is
-  written as ``"format"`` and a record of another format is refused.
+  written as ``"format"``; a record of format 1 loads without its per-node
+  ``baseline`` samples, and a record of any other format is refused.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from fleet_controller.rollout_core import HealthSample, NodeProgress, RolloutRecord, RolloutSpec
+from fleet_controller.rollout_core import NodeProgress, RolloutRecord, RolloutSpec
 from shared.codec import decode_json
 from shared.errors import DecodeError
 from shared.messages import ModelRef, NodeRolloutState, RolloutState
 
 __all__ = ["FORMAT", "MAX_RECORD_BYTES", "record_from_json", "record_to_json"]
 
-FORMAT = 1
+FORMAT = 2  # 2: the health gate's judgements replaced the per-node baseline sample
 # A record holds one entry (~0.5 KB) per node of the rollout: room for ~500k nodes.
 MAX_RECORD_BYTES = 256 * 1024 * 1024
 
@@ -51,18 +52,6 @@ def _ref(ref: ModelRef | None) -> dict[str, str] | None:
     return {"name": ref.name, "version": ref.version, "sha256": ref.sha256}
 
 
-def _sample(sample: HealthSample | None) -> dict[str, Any] | None:
-    if sample is None:
-        return None
-    return {
-        "ts": sample.ts,
-        "model_sha256": sample.model_sha256,
-        "inferences": sample.inferences,
-        "errors": sample.errors,
-        "p95_ms": sample.p95_ms,
-    }
-
-
 def _spec(spec: RolloutSpec) -> dict[str, Any]:
     return {
         "rollout_id": spec.rollout_id,
@@ -75,6 +64,10 @@ def _spec(spec: RolloutSpec) -> dict[str, Any]:
         "max_latency_regression": spec.max_latency_regression,
         "min_latency_regression_ms": spec.min_latency_regression_ms,
         "max_error_increase": spec.max_error_increase,
+        "gates": list(spec.gates),
+        "confidence": spec.confidence,
+        "min_samples": spec.min_samples,
+        "breach_evaluations": spec.breach_evaluations,
         "auto_rollback": spec.auto_rollback,
         "activate_at": spec.activate_at,
         "max_retries": spec.max_retries,
@@ -90,12 +83,16 @@ def _node(progress: NodeProgress) -> dict[str, Any]:
         "attempts": progress.attempts,
         "sent_at": progress.sent_at,
         "activated_at": progress.activated_at,
+        "activated_ts": progress.activated_ts,
         "retry_at": progress.retry_at,
         "from_model": _ref(progress.from_model),
         "code": progress.code,
         "reason": progress.reason,
-        "baseline": _sample(progress.baseline),
         "rollback_sent": progress.rollback_sent,
+        "evaluated_ts": progress.evaluated_ts,
+        "runs": progress.runs,
+        "breaches": progress.breaches,
+        "passes": progress.passes,
     }
 
 
@@ -198,21 +195,16 @@ def _model_ref(value: Any, where: str) -> ModelRef:
         raise DecodeError(f"rollout record: {where}.{field}: {first['msg']}") from None
 
 
-def _health_sample(value: Any, where: str) -> HealthSample:
-    obj = _Obj(value, where, _SAMPLE_KEYS)
-    return HealthSample(
-        ts=obj.get("ts", _float),
-        model_sha256=obj.get("model_sha256", _optional(_str)),
-        inferences=obj.get("inferences", _int),
-        errors=obj.get("errors", _int),
-        p95_ms=obj.get("p95_ms", _float),
-    )
-
-
 def _labels(value: Any, where: str) -> dict[str, str]:
     if not isinstance(value, dict):
         raise DecodeError(f"rollout record: {where} must be an object")
     return {key: _str(item, f"{where}.{key}") for key, item in value.items()}
+
+
+def _strs(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise DecodeError(f"rollout record: {where} must be a list")
+    return tuple(_str(item, f"{where}[{index}]") for index, item in enumerate(value))
 
 
 def _floats(value: Any, where: str) -> tuple[float, ...]:
@@ -234,8 +226,6 @@ def _kwargs(
     return kwargs
 
 
-_SAMPLE_KEYS = frozenset(f.name for f in fields(HealthSample))
-
 _SPEC_CHECKS: Mapping[str, Callable[[Any, str], Any]] = {
     "rollout_id": _str,
     "model": _model_ref,
@@ -247,6 +237,10 @@ _SPEC_CHECKS: Mapping[str, Callable[[Any, str], Any]] = {
     "max_latency_regression": _float,
     "min_latency_regression_ms": _float,
     "max_error_increase": _float,
+    "gates": _strs,
+    "confidence": _float,
+    "min_samples": _int,
+    "breach_evaluations": _int,
     "auto_rollback": _bool,
     "activate_at": _optional(_float),
     "max_retries": _int,
@@ -260,12 +254,16 @@ _NODE_CHECKS: Mapping[str, Callable[[Any, str], Any]] = {
     "attempts": _int,
     "sent_at": _optional(_float),
     "activated_at": _optional(_float),
+    "activated_ts": _optional(_float),
     "retry_at": _optional(_float),
     "from_model": _optional(_model_ref),
     "code": _optional(_str),
     "reason": _optional(_str),
-    "baseline": _optional(_health_sample),
     "rollback_sent": _bool,
+    "evaluated_ts": _optional(_float),
+    "runs": _int,
+    "breaches": _int,
+    "passes": _int,
 }
 
 _RECORD_KEYS = frozenset({"format", "spec", "state", "wave", "wave_started_at", "nodes", "reason"})
@@ -288,6 +286,16 @@ def _nodes(value: Any, where: str) -> dict[str, NodeProgress]:
     return {key: _progress_from(item, f"{where}[{key!r}]") for key, item in value.items()}
 
 
+def _upgrade_format_1(value: dict[str, Any]) -> None:
+    """Format 1 kept each node's last sample before the rollout (``baseline``);
+    the health gate now reads the telemetry itself, so the sample is dropped."""
+    nodes = value.get("nodes")
+    if isinstance(nodes, dict):
+        for node in nodes.values():
+            if isinstance(node, dict):
+                node.pop("baseline", None)
+
+
 def record_from_json(text: str | bytes) -> RolloutRecord:
     """Parse what :func:`record_to_json` wrote.
 
@@ -300,7 +308,9 @@ def record_from_json(text: str | bytes) -> RolloutRecord:
     value = decode_json(payload, max_bytes=MAX_RECORD_BYTES)
     obj = _Obj(value, "record", _RECORD_KEYS)
     version = obj.get("format", _int)
-    if version != FORMAT:
+    if version == 1:
+        _upgrade_format_1(obj.value)
+    elif version != FORMAT:
         raise DecodeError(f"rollout record: format {version} is not supported (expected {FORMAT})")
     kwargs: dict[str, Any] = {"spec": obj.get("spec", _spec_from)}
     optional: Mapping[str, Callable[[Any, str], Any]] = {

@@ -15,15 +15,20 @@ Rules:
 * Wave ``i`` holds every selected node whose bucket (:func:`shared.waves.bucket`)
   is below ``buckets_for_percent(waves[i])``: waves are cumulative, and node and
   controller compute the same sets.
-* A node counts as ``succeeded`` only once it has been activated and its health
-  window has passed without its error rate rising or its p95 latency
-  regressing beyond the limit versus its previous model
-  (:mod:`fleet_controller.health`). The window and the verdict are the
-  controller's: a node's own ``succeeded`` counts as ``activated``.
+* A node counts as ``succeeded`` only once it has been activated, its health
+  window has passed and the health gate (:mod:`fleet_controller.health`) last
+  found it no worse than its reference. The gate judges the node again on each
+  new telemetry period; ``breach_evaluations`` consecutive breaches make it
+  ``failed`` with code ``unhealthy``, and it is then rolled back on its own
+  (with ``auto_rollback``), whatever the rest of the rollout does. A node with
+  no runs passes on liveness at the end of its window; one with too few runs
+  for a verdict waits up to ``wave_timeout_s`` more. The window and the
+  verdict are the controller's: a node's own ``succeeded`` counts as ``activated``.
 * ``failed`` (transient) and ``timed_out`` nodes are retried with exponential
   back-off up to ``max_retries``; ``rejected`` nodes and deterministic failures
   (a model that does not load, a digest mismatch, unhealthy) are never retried.
-* A wave passes when every member is settled and failures stay within
+* A wave passes when every member is settled and failures (rolled-back
+  unhealthy nodes included) stay within
   ``max_failures``; the rollout halts as soon as failures exceed it, and then
   rolls the activated nodes back to their previous model when ``auto_rollback``.
 """
@@ -32,14 +37,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from enum import StrEnum
 from itertools import pairwise
 
-from fleet_controller.health import Health, HealthSample, evaluate_health
+from fleet_controller.health import FleetSamples, HealthSample, judge
+from fleet_controller.rollout_records import (
+    ClearBroadcast,
+    NodeProgress,
+    NodeView,
+    RolloutAction,
+    RolloutRecord,
+    RolloutSpec,
+    SendNode,
+    SendWave,
+)
 from shared.errors import EdgeFleetError
-from shared.messages import ModelRef, NodeRolloutState, RolloutState
-from shared.operations import DEFAULT_POLICY, RolloutPolicy
+from shared.messages import NodeRolloutState, RolloutState
 from shared.waves import bucket, buckets_for_percent, matches
 
 __all__ = [
@@ -47,7 +61,6 @@ __all__ = [
     "NODE_TRANSITIONS",
     "ROLLOUT_TRANSITIONS",
     "ClearBroadcast",
-    "Health",
     "HealthSample",
     "IllegalTransitionError",
     "NodeProgress",
@@ -60,7 +73,6 @@ __all__ = [
     "SendWave",
     "apply_event",
     "apply_node_status",
-    "evaluate_health",
     "node_transition",
     "start_rollback",
     "tick",
@@ -152,127 +164,6 @@ def node_transition(current: NodeRolloutState, new: NodeRolloutState) -> NodeRol
     return new
 
 
-# ----- the record ---------------------------------------------------------------
-
-
-_P = DEFAULT_POLICY  # the defaults, stated once in the operator API's RolloutPolicy
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RolloutSpec:
-    """What the operator asked for. Fractions are 0..1; durations in seconds.
-
-    The tunables and their meaning are those of :class:`shared.operations.RolloutPolicy`.
-    """
-
-    rollout_id: str
-    model: ModelRef
-    selector: Mapping[str, str] = field(default_factory=dict)
-    waves: tuple[float, ...] = _P.waves
-    max_failures: float = _P.max_failures
-    wave_timeout_s: float = _P.wave_timeout_s
-    health_window_s: float = _P.health_window_s
-    max_latency_regression: float = _P.max_latency_regression
-    min_latency_regression_ms: float = _P.min_latency_regression_ms
-    max_error_increase: float = _P.max_error_increase
-    auto_rollback: bool = _P.auto_rollback
-    activate_at: float | None = _P.activate_at
-    max_retries: int = _P.max_retries
-    retry_backoff_s: float = _P.retry_backoff_s
-
-    @classmethod
-    def from_policy(
-        cls,
-        policy: RolloutPolicy,
-        *,
-        rollout_id: str,
-        model: ModelRef,
-        selector: Mapping[str, str],
-    ) -> RolloutSpec:
-        """The spec of a rollout started with ``policy``'s tunables."""
-        return cls(
-            rollout_id=rollout_id,
-            model=model,
-            selector=dict(selector),
-            waves=policy.waves,
-            max_failures=policy.max_failures,
-            wave_timeout_s=policy.wave_timeout_s,
-            health_window_s=policy.health_window_s,
-            max_latency_regression=policy.max_latency_regression,
-            min_latency_regression_ms=policy.min_latency_regression_ms,
-            max_error_increase=policy.max_error_increase,
-            auto_rollback=policy.auto_rollback,
-            activate_at=policy.activate_at,
-            max_retries=policy.max_retries,
-            retry_backoff_s=policy.retry_backoff_s,
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NodeProgress:
-    node_id: str
-    wave: int
-    state: NodeRolloutState = N.QUEUED
-    attempts: int = 1
-    sent_at: float | None = None
-    activated_at: float | None = None
-    retry_at: float | None = None
-    from_model: ModelRef | None = None
-    code: str | None = None
-    reason: str | None = None
-    baseline: HealthSample | None = None
-    rollback_sent: bool = False
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RolloutRecord:
-    spec: RolloutSpec
-    state: RolloutState = R.PENDING
-    wave: int = 0
-    wave_started_at: float | None = None
-    nodes: Mapping[str, NodeProgress] = field(default_factory=dict)
-    reason: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class NodeView:
-    """What the controller knows of a node when it decides."""
-
-    node_id: str
-    labels: Mapping[str, str]
-    online: bool
-    model: ModelRef | None
-    samples: tuple[HealthSample, ...] = ()
-
-
-# ----- actions --------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SendWave:
-    """Publish (retained) the broadcast deploy for wave ``wave`` covering ``bucket_limit``."""
-
-    wave: int
-    bucket_limit: int
-
-
-@dataclass(frozen=True, slots=True)
-class SendNode:
-    """Send ``node`` a per-node command: a deploy (retry, late joiner) or a rollback."""
-
-    node_id: str
-    kind: str  # "deploy" | "rollback" | "cancel"
-    target: ModelRef | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ClearBroadcast:
-    """The rollout ended: clear its retained broadcast command."""
-
-
-RolloutAction = SendWave | SendNode | ClearBroadcast
-
-
 # ----- waves ------------------------------------------------------------------------
 
 
@@ -305,12 +196,15 @@ def apply_node_status(
     code: str | None = None,
     reason: str | None = None,
     duplicate: bool = False,
+    reported_at: float | None = None,
 ) -> RolloutRecord:
     """Fold one node status into the record. Unknown nodes and illegal moves are ignored
     (a late or repeated status must never corrupt the record); the service logs them.
 
     A node's own ``succeeded`` means "activated"; the controller's health window
-    decides when it is ``succeeded`` here.
+    decides when it is ``succeeded`` here. ``reported_at`` is when the node sent
+    the status, by its own clock (the clock of its telemetry): an activation's
+    health window starts there, whenever the status arrives.
     """
     progress = record.nodes.get(node_id)
     if progress is None:
@@ -341,7 +235,9 @@ def apply_node_status(
         return record
     updated = replace(progress, state=state, code=code, reason=reason, retry_at=None)
     if state is N.ACTIVATED:
-        updated = replace(updated, activated_at=now)
+        updated = replace(
+            updated, activated_at=now, activated_ts=now if reported_at is None else reported_at
+        )
     return replace(record, nodes={**record.nodes, node_id: updated})
 
 
@@ -352,7 +248,7 @@ def _failures(nodes: Iterable[NodeProgress], spec: RolloutSpec) -> int:
     count = 0
     for p in nodes:
         if p.state is N.REJECTED or (
-            p.state in (N.FAILED, N.TIMED_OUT)
+            p.state in (N.FAILED, N.TIMED_OUT, N.ROLLED_BACK)
             and (p.code in DETERMINISTIC_FAILURES or p.attempts > spec.max_retries)
         ):
             count += 1
@@ -383,8 +279,9 @@ def tick(
     record, enrol = _enrol(record, fleet, now)
     actions.extend(enrol)
     nodes = dict(record.nodes)
+    samples = FleetSamples({node_id: view.samples for node_id, view in fleet.items()})
     for node_id, progress in record.nodes.items():
-        updated, action = _advance_node(spec, progress, fleet.get(node_id), now)
+        updated, action = _advance_node(spec, progress, fleet.get(node_id), samples, now)
         nodes[node_id] = updated
         if action is not None:
             actions.append(action)
@@ -394,7 +291,7 @@ def tick(
     if failures > _allowed_failures(spec, len(members)):
         reason = f"{failures} of {len(members)} nodes failed in wave {record.wave + 1}"
         return _halt(record, reason, fleet, now, actions)
-    if not all(_settled(p, spec) for p in members):
+    if not all(_settled(p, spec) and not _rolling_back(p, fleet) for p in members):
         return record, actions  # an empty wave passes at once
     if record.wave + 1 < len(limits):
         record = replace(record, wave=record.wave + 1, wave_started_at=now)
@@ -415,6 +312,14 @@ def _settled(progress: NodeProgress, spec: RolloutSpec) -> bool:
     return False
 
 
+def _rolling_back(progress: NodeProgress, fleet: Mapping[str, NodeView]) -> bool:
+    """An unhealthy node's own rollback is on its way and the node is there to take it."""
+    if not progress.rollback_sent or progress.state is N.ROLLED_BACK:
+        return False
+    view = fleet.get(progress.node_id)
+    return view is not None and view.online
+
+
 def _enrol(
     record: RolloutRecord, fleet: Mapping[str, NodeView], now: float
 ) -> tuple[RolloutRecord, list[RolloutAction]]:
@@ -433,13 +338,8 @@ def _enrol(
         if wave is None or wave > record.wave:
             continue
         late = record.wave_started_at is not None and record.wave_started_at < now
-        baseline = view.samples[-1] if view.samples else None
         nodes[node_id] = NodeProgress(
-            node_id=node_id,
-            wave=wave,
-            sent_at=now,
-            from_model=view.model,
-            baseline=baseline,
+            node_id=node_id, wave=wave, sent_at=now, from_model=view.model
         )
         if late:
             actions.append(SendNode(node_id, "deploy"))
@@ -447,23 +347,17 @@ def _enrol(
 
 
 def _advance_node(
-    spec: RolloutSpec, progress: NodeProgress, view: NodeView | None, now: float
+    spec: RolloutSpec,
+    progress: NodeProgress,
+    view: NodeView | None,
+    samples: FleetSamples,
+    now: float,
 ) -> tuple[NodeProgress, RolloutAction | None]:
     state = progress.state
+    if progress.rollback_sent:
+        return _advance_rollback(spec, progress, view, now)
     if state is N.ACTIVATED and progress.activated_at is not None:
-        if now - progress.activated_at < spec.health_window_s:
-            return progress, None
-        samples = view.samples if view is not None else ()
-        health = evaluate_health(spec, progress.baseline, samples, progress.activated_at)
-        if not health.healthy:
-            return replace(progress, state=N.FAILED, code="unhealthy", reason=health.reason), None
-        if view is not None and view.online:
-            return replace(progress, state=N.SUCCEEDED, reason=health.reason), None
-        # Healthy only while live: wait for a node that is away, for at most the wave timeout.
-        if now - progress.activated_at >= spec.health_window_s + spec.wave_timeout_s:
-            reason = "offline since its health window ended"
-            return replace(progress, state=N.TIMED_OUT, code="timeout", reason=reason), None
-        return progress, None
+        return _gate(spec, _judged(spec, progress, view, samples, now), view, now)
     if state in IN_FLIGHT and progress.sent_at is not None:
         # A node holding the model until its activation window is not silent:
         # its clock starts at the later of sending and the activation time.
@@ -486,6 +380,121 @@ def _advance_node(
                 reason=None,
             )
             return retried, SendNode(progress.node_id, "deploy")
+    return progress, None
+
+
+def _judged(
+    spec: RolloutSpec,
+    progress: NodeProgress,
+    view: NodeView | None,
+    samples: FleetSamples,
+    now: float,
+) -> NodeProgress:
+    """``progress`` after judging the node's newest telemetry of the new model, if new."""
+    start = _window_start(progress)
+    newest = max(
+        (
+            s.ts
+            for s in (view.samples if view is not None else ())
+            if s.model_sha256 == spec.model.sha256 and s.ts > start
+        ),
+        default=None,
+    )
+    if newest is None or (progress.evaluated_ts is not None and newest <= progress.evaluated_ts):
+        return progress
+    old_sha = progress.from_model.sha256 if progress.from_model is not None else None
+    verdict = judge(
+        spec,
+        samples,
+        progress.node_id,
+        old_sha=old_sha,
+        activated_at=start,
+        now=newest,
+    )
+    progress = replace(progress, evaluated_ts=newest, runs=verdict.runs, reason=verdict.reason)
+    if not verdict.enough:
+        return progress
+    if verdict.breach:
+        return replace(progress, breaches=progress.breaches + 1, passes=0)
+    return replace(progress, breaches=0, passes=progress.passes + 1)
+
+
+def _window_start(progress: NodeProgress) -> float:
+    """When the node activated, by its own clock (the clock of its telemetry)."""
+    start = progress.activated_ts if progress.activated_ts is not None else progress.activated_at
+    assert start is not None
+    return start
+
+
+def _gate(
+    spec: RolloutSpec, progress: NodeProgress, view: NodeView | None, now: float
+) -> tuple[NodeProgress, RolloutAction | None]:
+    """The verdict on an activated node, once its window has passed (or it breached).
+
+    The window is over when ``health_window_s`` has passed here *and* telemetry
+    covering it has arrived: a node whose telemetry lags is waited for (up to the
+    wave timeout after the window), never passed for want of runs it did send.
+    """
+    assert progress.activated_at is not None
+    if progress.breaches >= spec.breach_evaluations:
+        return _unhealthy(spec, progress, now)
+    elapsed = now - progress.activated_at
+    if elapsed < spec.health_window_s:
+        return progress, None
+    overdue = elapsed >= spec.health_window_s + spec.wave_timeout_s
+    covered = spec.health_window_s == 0 or (  # no window: activation is enough
+        progress.evaluated_ts is not None
+        and progress.evaluated_ts >= _window_start(progress) + spec.health_window_s
+    )
+    undecided = progress.breaches or (progress.passes == 0 and progress.runs > 0)
+    if not overdue and (undecided or not covered):
+        # A breach not confirmed yet, traffic too thin for a verdict, or telemetry
+        # of the window still on its way: wait, up to the wave timeout after it.
+        return progress, None
+    if progress.breaches:
+        return _unhealthy(spec, progress, now)
+    reason = progress.reason if progress.passes else _liveness(progress, covered=covered)
+    if view is not None and view.online:
+        return replace(progress, state=N.SUCCEEDED, reason=reason), None
+    # Healthy only while live: wait for a node that is away, for at most the wave timeout.
+    if overdue:
+        reason = "offline since its health window ended"
+        return replace(progress, state=N.TIMED_OUT, code="timeout", reason=reason), None
+    return progress, None
+
+
+def _liveness(progress: NodeProgress, *, covered: bool) -> str:
+    if progress.runs:
+        return f"{progress.runs} runs, too few for a verdict: healthy on liveness"
+    if covered:
+        return "no runs of the new model: healthy on liveness"
+    return "no telemetry of the new model: healthy on liveness"
+
+
+def _unhealthy(
+    spec: RolloutSpec, progress: NodeProgress, now: float
+) -> tuple[NodeProgress, RolloutAction | None]:
+    """Fail the node as unhealthy and, with ``auto_rollback``, roll it back on its own."""
+    failed = replace(progress, state=N.FAILED, code="unhealthy")
+    previous = progress.from_model
+    if not spec.auto_rollback or previous is None or previous.sha256 == spec.model.sha256:
+        return failed, None
+    sent = replace(failed, rollback_sent=True, sent_at=now)
+    return sent, SendNode(progress.node_id, "rollback", previous)
+
+
+def _advance_rollback(
+    spec: RolloutSpec, progress: NodeProgress, view: NodeView | None, now: float
+) -> tuple[NodeProgress, RolloutAction | None]:
+    """A node rolled back on its own: confirm it runs its previous model, or resend."""
+    if progress.state is N.ROLLED_BACK:
+        return progress, None
+    previous = progress.from_model
+    running = view.model if view is not None else None
+    if running is not None and previous is not None and running.sha256 == previous.sha256:
+        return replace(progress, state=N.ROLLED_BACK), None
+    if progress.sent_at is not None and now - progress.sent_at >= spec.wave_timeout_s:
+        return replace(progress, sent_at=now), SendNode(progress.node_id, "rollback", previous)
     return progress, None
 
 

@@ -50,6 +50,7 @@ def fold_statuses(
             code=status.code,
             reason=status.reason,
             duplicate=status.duplicate,
+            reported_at=status.ts,
         )
     return record
 

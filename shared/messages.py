@@ -11,13 +11,22 @@ model. It raises :class:`~shared.errors.DecodeError` and nothing else.
 from __future__ import annotations
 
 from enum import StrEnum
+from itertools import pairwise
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from shared.codec import DEFAULT_MAX_PAYLOAD_BYTES, decode_json, encode_json
 from shared.envelope import Envelope
 from shared.errors import DecodeError
+from shared.histogram import NUM_BUCKETS
 from shared.version import SEMVER_PATTERN, SemVer, VersionError
 
 __all__ = [
@@ -44,6 +53,7 @@ __all__ = [
     "NodeTarget",
     "OperatorReply",
     "OperatorRequest",
+    "PeriodStats",
     "ResultBatch",
     "RollbackAction",
     "RolloutState",
@@ -79,6 +89,7 @@ Text = Annotated[str, Field(max_length=512)]
 Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
 Seq = Annotated[int, Field(ge=1, le=2**63 - 1)]
 Timestamp = Annotated[float, Field(ge=0, description="UNIX seconds")]
+Bucket = Annotated[int, Field(ge=0, lt=NUM_BUCKETS, description="shared.histogram bucket")]
 Labels = Annotated[dict[Id, Id], Field(max_length=64)]
 Dim = int | Annotated[str, Field(max_length=64)] | None
 
@@ -308,8 +319,33 @@ class LatencyStats(_Frozen):
     p99_ms: float = Field(ge=0)
 
 
+class PeriodStats(_Frozen):
+    """What the serving model did since ``since``: the samples of the health gate.
+
+    The period starts at the previous telemetry message or at the last model
+    swap, whichever is later, so it never mixes two models. ``latency`` is a
+    sparse histogram of successful runs in the scheme of :mod:`shared.histogram`:
+    ``(bucket, count)`` pairs, buckets ascending and unique.
+    """
+
+    since: Timestamp
+    inferences: Count
+    errors: Count
+    latency: tuple[tuple[Bucket, Count], ...] = Field(default=(), max_length=NUM_BUCKETS)
+
+    @model_validator(mode="after")
+    def _buckets_ascend(self) -> PeriodStats:
+        buckets = [b for b, _ in self.latency]
+        if any(later <= earlier for earlier, later in pairwise(buckets)):
+            raise ValueError("latency buckets must be ascending and unique")
+        if sum(c for _, c in self.latency) > self.inferences:
+            raise ValueError("latency histogram counts more runs than inferences")
+        return self
+
+
 class Telemetry(Message):
-    """Periodic metrics; counters are totals since the agent started."""
+    """Periodic metrics; counters are totals since the agent started, ``period``
+    covers only the time since the previous message (or the last swap)."""
 
     type: Literal["telemetry"] = "telemetry"
     node: Id
@@ -324,6 +360,7 @@ class Telemetry(Message):
     cpu_percent: float = Field(ge=0)
     memory_bytes: Count
     model: ModelRef | None = None
+    period: PeriodStats | None = None
 
 
 class TopK(_Frozen):

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -144,6 +144,16 @@ class RolloutPolicy(Request):
     min_latency_regression_ms: Annotated[float, Strict(), Field(ge=0, le=60_000)] = 1.0
     """Below this absolute p95 increase a "regression" is scheduling noise, not the model."""
     max_error_increase: Annotated[float, Strict(), Field(ge=0, le=1)] = 0.01
+    gates: Annotated[
+        tuple[Literal["errors", "latency"], ...],
+        Field(strict=False, min_length=1, max_length=2, description="health gates to apply"),
+    ] = ("errors", "latency")
+    confidence: Annotated[float, Strict(), Field(ge=0.5, le=0.9999)] = 0.95
+    """How sure the health gate must be that a node breaches before it counts."""
+    min_samples: Annotated[int, Strict(), Field(ge=1, le=1_000_000)] = 100
+    """Runs each side of a health comparison needs before the gate judges."""
+    breach_evaluations: Annotated[int, Strict(), Field(ge=1, le=100)] = 3
+    """Consecutive breaching judgements (one per telemetry period) that fail a node."""
     auto_rollback: Bool = True
     activate_at: Timestamp | None = None
     max_retries: Annotated[int, Strict(), Field(ge=0, le=100)] = 2
@@ -159,6 +169,13 @@ class RolloutPolicy(Request):
         if any(b <= a for a, b in pairwise(limits)):
             raise ValueError("waves must be increasing percentages, e.g. 1,10,50,100")
         return waves
+
+    @field_validator("gates")
+    @classmethod
+    def _gates_unique(cls, gates: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(gates)) != len(gates):
+            raise ValueError("gates repeat")
+        return gates
 
     @field_validator("activate_at")
     @classmethod

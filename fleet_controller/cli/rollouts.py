@@ -95,6 +95,28 @@ def _any_fraction(text: str) -> float:
     return parse_fraction(text, maximum=None)
 
 
+def _gates(text: str) -> list[str]:
+    gates = [g.strip() for g in text.split(",") if g.strip()]
+    unknown = sorted(set(gates) - {"errors", "latency"})
+    if not gates or unknown:
+        raise UsageError("must be errors, latency or errors,latency")
+    return gates
+
+
+def _show_gates(gates: Sequence[str]) -> str:
+    return ",".join(gates)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise UsageError("must be at least 1")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class _Tunable:
     """A ``rollout start`` flag that sets one :class:`RolloutPolicy` field from text."""
@@ -138,18 +160,26 @@ _TUNABLES = (
         "DURATION",
     ),
     _Tunable(
+        "--gate",
+        "gates",
+        _gates,
+        _show_gates,
+        "health gates: errors, latency or both",
+        "GATES",
+    ),
+    _Tunable(
         "--max-latency-regression",
         "max_latency_regression",
         _any_fraction,
         format_fraction,
-        "p95 growth allowed",
+        "median latency growth allowed over the reference",
     ),
     _Tunable(
         "--min-latency-regression",
         "min_latency_regression_ms",
         _milliseconds,
         _show_milliseconds,
-        "p95 growth below this is noise, never a regression",
+        "latency growth below this is noise, never a regression",
         "DURATION",
     ),
     _Tunable(
@@ -157,7 +187,30 @@ _TUNABLES = (
         "max_error_increase",
         parse_fraction,
         format_fraction,
-        "error-rate growth allowed over the node's rate before the update",
+        "error-rate growth allowed over the reference",
+    ),
+    _Tunable(
+        "--confidence",
+        "confidence",
+        parse_fraction,
+        format_fraction,
+        "how sure the gate must be of a breach",
+    ),
+    _Tunable(
+        "--min-samples",
+        "min_samples",
+        _count,
+        str,
+        "runs each side needs before the gate judges",
+        "N",
+    ),
+    _Tunable(
+        "--breach-evaluations",
+        "breach_evaluations",
+        _count,
+        str,
+        "consecutive breaching judgements that fail a node",
+        "N",
     ),
     _Tunable(
         "--retry-backoff",

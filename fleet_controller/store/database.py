@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -56,7 +56,13 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: telemetry keeps each period's runs for the health gate
+_PERIOD_COLUMNS = 2  # the schema version that added telemetry's period columns
+_PERIOD_COLUMN_TYPES = (
+    ("period_inferences", "BIGINT"),
+    ("period_errors", "BIGINT"),
+    ("latency_hist", "TEXT"),
+)
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another writer's lock
 PG_CONNECT_TIMEOUT_S = 10  # unless the URL says otherwise (``?connect_timeout=N``)
 _MAX_MESSAGE_CHARS = 300  # of a driver error, in the one-line StoreError
@@ -255,7 +261,7 @@ class Database:
                 if self.schema is not None:
                     self._create_schema(conn, self.schema)
             if inspect(conn).has_table(META.name):
-                self._check_version(conn)
+                self._upgrade(conn, self._check_version(conn))
             SQLModel.metadata.create_all(conn, tables=list(ALL_TABLES))
             conn.execute(
                 self.insert(META).on_conflict_do_nothing(index_elements=["key"]),
@@ -278,8 +284,22 @@ class Database:
             # Safe to interpolate: the name matched _SCHEMA_NAME in __init__.
             conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
 
-    def _check_version(self, conn: Connection) -> None:
-        """Raises: StoreError when the stored version is unreadable or newer than ours."""
+    def _upgrade(self, conn: Connection, version: int) -> None:
+        """Bring a store of an older schema version up to :data:`SCHEMA_VERSION`."""
+        if version < _PERIOD_COLUMNS:
+            for column, kind in _PERIOD_COLUMN_TYPES:
+                conn.exec_driver_sql(f"ALTER TABLE telemetry ADD COLUMN {column} {kind}")
+            _log.info("database %s: schema upgraded from version %d", self.url.display, version)
+        if version < SCHEMA_VERSION:
+            conn.execute(
+                update(META).where(META.c.key == "schema_version").values(value=str(SCHEMA_VERSION))
+            )
+
+    def _check_version(self, conn: Connection) -> int:
+        """The stored schema version.
+
+        Raises: StoreError when it is unreadable or newer than ours.
+        """
         stored = conn.execute(
             select(META.c.value).where(META.c.key == "schema_version")
         ).scalar_one_or_none()
@@ -294,6 +314,7 @@ class Database:
                 f"database {self.url.display} has schema version {version}, newer than "
                 f"this controller's {SCHEMA_VERSION}: upgrade edgefleet"
             )
+        return version
 
 
 def _create_engine(url: URL, schema: str | None, synchronous: Synchronous) -> Engine:

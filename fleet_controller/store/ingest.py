@@ -211,18 +211,29 @@ def select_samples(
                 col(TelemetryRow.node_id),
                 col(TelemetryRow.ts),
                 col(TelemetryRow.model_sha256),
-                col(TelemetryRow.inferences),
-                col(TelemetryRow.errors),
-                col(TelemetryRow.p95_ms),
+                col(TelemetryRow.period_inferences),
+                col(TelemetryRow.period_errors),
+                col(TelemetryRow.latency_hist),
             )
-            .where(col(TelemetryRow.node_id).in_(wanted), col(TelemetryRow.ts) >= since)
+            .where(
+                col(TelemetryRow.node_id).in_(wanted),
+                col(TelemetryRow.ts) >= since,
+                col(TelemetryRow.period_inferences).is_not(None),
+            )
             .order_by(col(TelemetryRow.node_id), col(TelemetryRow.ts), col(TelemetryRow.id))
         )
         .all()
     )
-    for node_id, ts, sha, inferences, errors, p95 in rows:
-        found[node_id].append(HealthSample(ts, sha, inferences, errors, p95))
+    for node_id, ts, sha, inferences, errors, hist in rows:
+        found[node_id].append(HealthSample(ts, sha, inferences or 0, errors or 0, _histogram(hist)))
     return found
+
+
+def _histogram(text: str | None) -> tuple[tuple[int, int], ...]:
+    """A stored ``latency_hist`` (written by this module from a validated message)."""
+    if not text:
+        return ()
+    return tuple((int(bucket), int(count)) for bucket, count in json.loads(text))
 
 
 # ----- row builders (plain dicts for executemany) ----------------------------------------
@@ -296,4 +307,9 @@ def _telemetry_row(t: Telemetry) -> dict[str, Any]:
         "cpu_percent": t.cpu_percent,
         "memory_bytes": t.memory_bytes,
         "model_sha256": None if t.model is None else t.model.sha256,
+        "period_inferences": None if t.period is None else t.period.inferences,
+        "period_errors": None if t.period is None else t.period.errors,
+        "latency_hist": None
+        if t.period is None
+        else _ROW_JSON.encode([list(pair) for pair in t.period.latency]),
     }

@@ -84,6 +84,7 @@ class PendingStatus:
     code: str | None
     reason: str | None
     duplicate: bool
+    ts: float  # when the node sent it, by the node's clock
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -349,6 +349,7 @@ def _pending(s: Session, rollout_id: str) -> tuple[list[int], list[PendingStatus
                 STATUSES.c.code,
                 STATUSES.c.reason,
                 STATUSES.c.duplicate,
+                STATUSES.c.ts,
             )
             .join(NODES, NODES.c.node_id == STATUSES.c.node_id)
             .where(
@@ -368,6 +369,7 @@ def _pending(s: Session, rollout_id: str) -> tuple[list[int], list[PendingStatus
             code=r.code,
             reason=r.reason,
             duplicate=bool(r.duplicate),
+            ts=r.ts,
         )
         for r in rows
     ]

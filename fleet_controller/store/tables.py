@@ -147,6 +147,12 @@ class TelemetryRow(SQLModel, table=True):
     cpu_percent: float
     memory_bytes: int = Field(sa_type=_BIG)
     model_sha256: str | None = Field(default=None, max_length=64)
+    # The period's runs for the health gate (schema version 2; NULL when the node
+    # sent no period): successful runs, failed runs, and the latency histogram as
+    # compact JSON ``[[bucket, count], ...]`` in the scheme of shared.histogram.
+    period_inferences: int | None = Field(default=None, sa_type=_BIG)
+    period_errors: int | None = Field(default=None, sa_type=_BIG)
+    latency_hist: str | None = Field(default=None, sa_type=Text)
 
 
 class ResultRow(SQLModel, table=True):

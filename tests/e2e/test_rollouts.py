@@ -17,26 +17,35 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
 import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
-from edge_node.simulate import node_ids
 from fleet_controller.keys import load_key
 from fleet_controller.registry import describe_model, sign_manifest
 from shared.messages import ModelManifest
 from shared.trust import Role
-from shared.waves import bucket, buckets_for_percent
 from tests.e2e.conftest import ModelFiles, PgDatabase
-from tests.support.fleet import Fleet, model_of, statuses, telemetry
+from tests.e2e.rollout_kit import (
+    RATE_HZ,
+    ROLLOUT_DEADLINE_S,
+    assert_all_on,
+    bring_up,
+    deploy,
+    final_status,
+    node_models,
+    pick_rollout_id,
+    sqlite_url,
+    start_rollout,
+    wait_for_baseline,
+)
+from tests.support.fleet import Fleet, model_of, statuses
 
 pytestmark = pytest.mark.e2e
 
@@ -46,45 +55,9 @@ V2 = f"{MODEL}@2.0.0"
 LARGE_FLEET = 24
 SMALL_FLEET = 8
 STAGED_WAVES = (10.0, 50.0, 100.0)
-RATE_HZ = 5.0
-# v2 costs what v1 costs, but 24 simulated nodes share one process (and here two
-# cores): a wave's simultaneous model loads stall everyone's inferences for a
-# moment, which can lift a node's p95 from ~1 ms to tens of ms. The latency gate
-# has its own test (a really slower model); the staged rollouts tolerate that noise:
-# the most the operator API allows, 100x and 60 s (RolloutPolicy's bounds).
-LATENCY_GATE_OFF = ["--max-latency-regression", "10000%", "--min-latency-regression", "60s"]
-# Long enough for every wave of a 24-node fleet on a slow 2-core machine, short
-# enough that a stuck rollout fails the test in reasonable time.
-ROLLOUT_DEADLINE_S = 120.0
 
 
 # ----- helpers ---------------------------------------------------------------------
-
-
-def wave_index(rollout_id: str, node_id: str, waves: Sequence[float]) -> int | None:
-    """The first (0-based) wave holding ``node_id``, as controller and nodes compute it."""
-    node_bucket = bucket(rollout_id, node_id)
-    for index, percent in enumerate(waves):
-        if node_bucket < buckets_for_percent(percent):
-            return index
-    return None
-
-
-def pick_rollout_id(
-    prefix: str,
-    nodes: Sequence[str],
-    waves: Sequence[float],
-    wanted: Callable[[dict[str, int | None]], bool],
-) -> tuple[str, dict[str, int | None]]:
-    """The first id ``PREFIX-N`` whose wave membership satisfies ``wanted``."""
-    for n in itertools.count(1):
-        rollout_id = f"{prefix}-{n}"
-        membership = {node: wave_index(rollout_id, node, waves) for node in nodes}
-        if wanted(membership):
-            return rollout_id, membership
-        if n > 10_000:  # pragma: no cover - some id among the first few always fits
-            raise AssertionError(f"no rollout id with the wanted wave membership for {prefix}")
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def staged(membership: dict[str, int | None]) -> bool:
@@ -98,73 +71,6 @@ def first_wave_of_few(membership: dict[str, int | None]) -> bool:
     return 1 <= sum(1 for w in membership.values() if w == 0) <= 2
 
 
-def waves_arg(waves: Sequence[float]) -> str:
-    return ",".join(f"{w:g}" for w in waves)
-
-
-def bring_up(
-    fleet: Fleet, db_url: str, count: int, models: Sequence[tuple[Path, str]]
-) -> list[str]:
-    """Simulated nodes and the controller (booting side by side), then register ``models``
-    (``(file, NAME@VERSION)``, in parallel) and wait for every node to be known online."""
-    fleet.simulate(count, rate_hz=RATE_HZ)
-    fleet.serve(db_url)
-    commands = []
-    for path, ref in models:
-        name, _, version = ref.partition("@")
-        add = ["model", "add", str(path), "--name", name, "--version", version]
-        commands.append([*add, "--keys", str(fleet.keys_dir)])
-    rows = fleet.fleetctl_many(commands)
-    assert [f"{r['name']}@{r['version']}" for r in rows] == [ref for _, ref in models]
-    ids = node_ids("sim", count)
-    fleet.wait_nodes(ids, timeout_s=60.0)
-    return ids
-
-
-def start_rollout(
-    fleet: Fleet,
-    model: str,
-    rollout_id: str,
-    *,
-    waves: Sequence[float] = (100.0,),
-    health_window: str = "0s",
-    wave_timeout: str = "60s",
-    extra: Sequence[str] = (),
-) -> dict[str, Any]:
-    started = fleet.fleetctl(
-        "rollout", "start", model, "--id", rollout_id, "--waves", waves_arg(waves),
-        "--health-window", health_window, "--wave-timeout", wave_timeout, *extra,
-    )  # fmt: skip
-    assert isinstance(started, dict), started
-    assert started["rollout_id"] == rollout_id
-    assert started["model"] == model
-    return started
-
-
-def deploy(fleet: Fleet, model: str, rollout_id: str, nodes: Sequence[str]) -> None:
-    """Put every node on ``model`` with a one-wave rollout (the starting point of a test)."""
-    start_rollout(fleet, model, rollout_id)
-    done = fleet.wait_rollout(rollout_id, timeout_s=ROLLOUT_DEADLINE_S)
-    assert done["state"] == "succeeded", f"{done}\n{fleet.diagnostics()}"
-    fleet.wait_nodes(nodes, model=model, timeout_s=30.0)
-
-
-def final_status(fleet: Fleet, rollout_id: str) -> dict[str, Any]:
-    """``fleetctl rollout status ID --json``: what an operator's script reads."""
-    status = fleet.fleetctl("rollout", "status", rollout_id)
-    assert isinstance(status, dict)
-    return status
-
-
-def node_models(fleet: Fleet) -> dict[str, dict[str, Any]]:
-    """``fleetctl nodes --json`` by node id."""
-    return {row["node_id"]: row for row in fleet.fleetctl("nodes")}
-
-
-def sqlite_url(fleet: Fleet) -> str:
-    return f"sqlite:///{fleet.root / 'fleet.db'}"
-
-
 def staged_rollout(fleet: Fleet, db_url: str, models: ModelFiles) -> str:
     """Issue item 1 (and 5): 24 nodes on v1 take v2 in three waves; checks and audit.
     Returns the rollout id."""
@@ -172,10 +78,7 @@ def staged_rollout(fleet: Fleet, db_url: str, models: ModelFiles) -> str:
     deploy(fleet, V1, "r-base", ids)
 
     rollout_id, membership = pick_rollout_id("r-staged", ids, STAGED_WAVES, staged)
-    start_rollout(
-        fleet, V2, rollout_id, waves=STAGED_WAVES, health_window="2s",
-        extra=LATENCY_GATE_OFF,
-    )  # fmt: skip
+    start_rollout(fleet, V2, rollout_id, waves=STAGED_WAVES, health_window="2s")
     seen_waves: list[int] = []
 
     def ended() -> dict[str, Any] | None:
@@ -235,28 +138,6 @@ def test_staged_rollout_over_24_nodes_succeeds(fleet: Fleet, e2e_models: ModelFi
 # ----- 2. bad versions halt in the first wave and roll back -------------------------------
 
 
-def wait_for_baseline(fleet: Fleet, db_url: str, nodes: Sequence[str], sha256: str) -> None:
-    """Wait until every node has reported telemetry of ``sha256`` with traffic: the
-    baseline the health gate compares the next version's latency with."""
-    since = time.time()
-
-    def ready() -> bool:
-        good = {
-            row["node_id"]
-            for row in telemetry(db_url, since)
-            if row["model_sha256"] == sha256 and row["inferences"] > 0 and row["p95_ms"] > 0
-        }
-        return good >= set(nodes)
-
-    fleet.wait_until(ready, timeout_s=30.0, what="telemetry of the running model from every node")
-
-
-def assert_all_on(fleet: Fleet, nodes: Sequence[str], model: str) -> None:
-    rows = node_models(fleet)
-    running = {node: model_of(rows[node]) for node in nodes}
-    assert running == dict.fromkeys(nodes, model), f"{running}\n{fleet.diagnostics()}"
-
-
 def test_slower_version_halts_in_first_wave_and_rolls_back(
     fleet: Fleet, e2e_models: ModelFiles
 ) -> None:
@@ -270,10 +151,11 @@ def test_slower_version_halts_in_first_wave_and_rolls_back(
     rollout_id, membership = pick_rollout_id("r-slow", ids, STAGED_WAVES, first_wave_of_few)
     first_wave = sorted(n for n, w in membership.items() if w == 0)
     # The window outlasts a telemetry period (5 s for simulated nodes), so the
-    # gate sees the new model's latency.
+    # gate sees the new model's latency: 20 runs a side are enough for a verdict.
     start_rollout(
         fleet, slow, rollout_id, waves=STAGED_WAVES, health_window="10s",
-        extra=["--max-latency-regression", "50%"],
+        extra=["--max-latency-regression", "50%", "--min-samples", "20",
+               "--breach-evaluations", "2"],
     )  # fmt: skip
     fleet.wait_rollout(rollout_id, timeout_s=ROLLOUT_DEADLINE_S)
     status = final_status(fleet, rollout_id)
@@ -285,7 +167,8 @@ def test_slower_version_halts_in_first_wave_and_rolls_back(
     for node in status["nodes"]:
         assert node["state"] == "rolled_back", context
         assert node["code"] == "unhealthy", context
-        assert "p95 latency" in (node["reason"] or ""), context
+        assert "median latency" in (node["reason"] or ""), context
+        assert "control group of" in (node["reason"] or ""), context
     assert_all_on(fleet, ids, V1)
     # Only the first wave ever saw the slow version.
     touched = {row["node_id"] for row in statuses(db_url, rollout_id)}

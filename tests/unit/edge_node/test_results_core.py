@@ -18,11 +18,13 @@ from edge_node.inference_core import (
 from edge_node.results_core import (
     ChangeGate,
     LatencyWindow,
+    PeriodCounter,
     input_digest,
     is_corner_case,
     summarize_output,
 )
-from shared.messages import DType, ModelManifest, TensorSpec
+from shared.histogram import bucket_of
+from shared.messages import DType, ModelManifest, PeriodStats, TensorSpec
 
 SHA = "ab" * 32
 
@@ -292,3 +294,27 @@ def test_latency_window_property(capacity: int, samples: list[float]) -> None:
 def test_latency_window_rejects_bad_samples(bad: float) -> None:
     with pytest.raises(ValueError, match="latency"):
         LatencyWindow().add(bad)
+
+
+# ----- PeriodCounter ----------------------------------------------------------
+
+
+def test_a_period_counts_runs_errors_and_latencies_then_starts_anew() -> None:
+    period = PeriodCounter(100.0)
+    for ms in (1.0, 1.0, 1.01, 30.0):
+        period.add(ms)
+    period.error(2)
+    taken = period.take(110.0)
+    assert (taken.since, taken.inferences, taken.errors) == (100.0, 4, 2)
+    assert taken.latency == ((bucket_of(1.0), 3), (bucket_of(30.0), 1))
+    assert period.take(120.0) == PeriodStats(since=110.0, inferences=0, errors=0)
+
+
+def test_a_swap_drops_the_period_so_far() -> None:
+    period = PeriodCounter(100.0)
+    period.add(5.0)
+    period.error()
+    period.restart(105.0)
+    period.add(7.0)
+    taken = period.take(110.0)
+    assert (taken.since, taken.inferences, taken.errors) == (105.0, 1, 0)

@@ -22,6 +22,7 @@ from fleet_controller.rollout_core import (
     tick,
     wave_of,
 )
+from shared.histogram import bucket_of
 from shared.messages import ModelRef, NodeRolloutState, RolloutState
 from tests.support.shared_kit import NOW
 
@@ -51,14 +52,19 @@ def make_spec(**changes: Any) -> RolloutSpec:
 
 
 def sample(
-    ts: float, model: ModelRef | None, inferences: int, errors: int = 0, p95_ms: float = 10.0
+    ts: float, model: ModelRef | None, inferences: int, errors: int = 0, ms: float = 10.0
 ) -> HealthSample:
+    """One telemetry period: ``inferences`` successful runs around ``ms`` (a quarter a
+    bucket below, half in its bucket, a quarter a bucket above) and ``errors`` failures."""
+    middle = bucket_of(ms)
+    quarter = inferences // 4
+    spread = {middle - 1: quarter, middle: inferences - 2 * quarter, middle + 1: quarter}
     return HealthSample(
         ts=ts,
         model_sha256=model.sha256 if model is not None else None,
         inferences=inferences,
         errors=errors,
-        p95_ms=p95_ms,
+        latency=tuple((b, c) for b, c in sorted(spread.items()) if c),
     )
 
 
@@ -75,6 +81,13 @@ def view(
 
 def fleet_of(*node_ids: str, model: ModelRef | None = OLD) -> dict[str, NodeView]:
     return {node_id: view(node_id, model=model) for node_id in node_ids}
+
+
+def quiet(fleet: Mapping[str, NodeView]) -> dict[str, NodeView]:
+    """``fleet`` with every node reporting no runs of the new model until far ahead:
+    each health window is covered by telemetry, and passes on liveness."""
+    idle = sample(NOW + 100_000, NEW, 0)
+    return {n: replace(v, samples=(*v.samples, idle)) for n, v in fleet.items()}
 
 
 def ids_in_wave(spec: RolloutSpec, wave: int, count: int) -> list[str]:
@@ -120,26 +133,31 @@ def with_node(state: NodeRolloutState, **changes: Any) -> RolloutRecord:
     )
 
 
-BASELINE = sample(NOW - 5, OLD, inferences=1000, errors=0, p95_ms=10.0)
+BEFORE = [sample(NOW - 30 + k, OLD, 100, 0, 10.0) for k in range(0, 30, 5)]
+"""Node "a"'s telemetry on the old model before the rollout: 600 runs around 10 ms."""
 
 
 def gated(
-    window_samples: Iterable[HealthSample], *, online: bool = True, **spec_changes: Any
+    window_samples: Iterable[HealthSample],
+    *,
+    online: bool = True,
+    control: Iterable[HealthSample] | None = None,
+    **spec_changes: Any,
 ) -> tuple[RolloutRecord, dict[str, NodeView], RolloutSpec]:
-    """Node "a" enrolled with BASELINE, activated at NOW + 10; its view then carries
-    ``window_samples`` of the new model."""
-    spec = make_spec(health_window_s=60.0, **spec_changes)
-    fleet = {"a": view("a", samples=[BASELINE])}
+    """Node "a" enrolled, activated at NOW + 10; its view then carries ``window_samples``
+    of the new model after BEFORE. With ``control``, node "c" joins the fleet still on
+    the old model with those samples (it is enrolled too, and stays queued)."""
+    spec = make_spec(**{"health_window_s": 60.0, "breach_evaluations": 1, **spec_changes})
+    fleet = {"a": view("a", samples=BEFORE)}
     record, _ = tick(RolloutRecord(spec=spec), fleet, now=NOW)
-    assert record.nodes["a"].baseline == BASELINE
     record = apply_node_status(record, "a", N.SUCCEEDED, now=NOW + 10)
     assert record.nodes["a"].state is N.ACTIVATED
     assert record.nodes["a"].activated_at == NOW + 10
-    fleet["a"] = view("a", model=NEW, online=online, samples=[BASELINE, *window_samples])
+    fleet["a"] = view("a", model=NEW, online=online, samples=[*BEFORE, *window_samples])
+    if control is not None:
+        fleet["c"] = view("c", samples=control)
     return record, fleet, spec
 
 
-GOOD_WINDOW = [
-    sample(NOW + 20, NEW, 1100, 0, 11.0),
-    sample(NOW + 50, NEW, 1400, 1, 12.0),
-]
+GOOD_WINDOW = [sample(NOW + 20 + k, NEW, 100, 0, 11.0) for k in range(0, 60, 10)]
+"""Six periods of the new model, up to the end of "a"'s window (NOW + 70)."""

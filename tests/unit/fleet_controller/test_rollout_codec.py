@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fleet_controller.rollout_codec import FORMAT, record_from_json, record_to_json
-from fleet_controller.rollout_core import HealthSample, NodeProgress, RolloutRecord, RolloutSpec
+from fleet_controller.rollout_core import NodeProgress, RolloutRecord, RolloutSpec
 from shared.errors import DecodeError
 from shared.messages import ModelRef, NodeRolloutState, RolloutState
 from tests.support.shared_kit import PROPERTY
@@ -33,6 +33,10 @@ def rich_record() -> RolloutRecord:
         max_latency_regression=0.2,
         min_latency_regression_ms=2.5,
         max_error_increase=0.05,
+        gates=("errors",),
+        confidence=0.99,
+        min_samples=20,
+        breach_evaluations=5,
         auto_rollback=False,
         activate_at=NOW + 3600,
         max_retries=5,
@@ -49,9 +53,12 @@ def rich_record() -> RolloutRecord:
             retry_at=None,
             from_model=V1,
             code=None,
-            reason="ok",
-            baseline=HealthSample(NOW - 10, V1.sha256, 1000, 3, 12.5),
+            reason="healthy: 400 runs",
             rollback_sent=False,
+            evaluated_ts=NOW + 20,
+            runs=400,
+            breaches=1,
+            passes=0,
         ),
         "n2": NodeProgress(
             node_id="n2",
@@ -62,7 +69,6 @@ def rich_record() -> RolloutRecord:
             retry_at=NOW + 11,
             code="digest_mismatch",
             reason="sha256 differs — ü",
-            baseline=HealthSample(NOW - 9, None, 0, 0, 0.0),
             rollback_sent=True,
         ),
         "n3": NodeProgress(node_id="n3", wave=2),
@@ -86,7 +92,8 @@ def test_rich_record_round_trips_exactly() -> None:
     assert isinstance(back.state, RolloutState)
     assert isinstance(back.nodes["n1"].state, NodeRolloutState)
     assert back.nodes["n1"].from_model == V1
-    assert back.nodes["n1"].baseline == HealthSample(NOW - 10, V1.sha256, 1000, 3, 12.5)
+    assert (back.nodes["n1"].evaluated_ts, back.nodes["n1"].breaches) == (NOW + 20, 1)
+    assert back.spec.gates == ("errors",)
     assert record_to_json(back) == text
 
 
@@ -115,7 +122,6 @@ def test_every_field_is_written() -> None:
     assert set(value) == {"format"} | {f.name for f in fields(RolloutRecord)}
     assert set(value["spec"]) == {f.name for f in fields(RolloutSpec)}
     assert set(value["nodes"]["n1"]) == {f.name for f in fields(NodeProgress)}
-    assert set(value["nodes"]["n1"]["baseline"]) == {f.name for f in fields(HealthSample)}
     assert value["format"] == FORMAT
 
 
@@ -129,9 +135,25 @@ def test_ints_given_for_floats_come_back_as_floats() -> None:
     assert isinstance(back.spec.wave_timeout_s, float)
 
 
-def test_a_record_without_optional_keys_takes_defaults() -> None:
+def test_a_format_1_record_loads_without_its_baseline_samples() -> None:
     old = {
         "format": 1,
+        "spec": {"rollout_id": "r", "model": V1.model_dump()},
+        "nodes": {
+            "n": {
+                "node_id": "n",
+                "wave": 0,
+                "baseline": {"ts": 1.0, "model_sha256": None, "inferences": 1},
+            }
+        },
+    }
+    record = record_from_json(json.dumps(old))
+    assert record.nodes == {"n": NodeProgress(node_id="n", wave=0)}
+
+
+def test_a_record_without_optional_keys_takes_defaults() -> None:
+    old = {
+        "format": 2,
         "spec": {"rollout_id": "r", "model": V1.model_dump()},
         "nodes": {"n": {"node_id": "n", "wave": 0}},
     }
@@ -172,7 +194,7 @@ BAD_INPUTS = [
     pytest.param("{", "invalid JSON", id="truncated"),
     pytest.param("[]", "must be an object", id="list"),
     pytest.param('{"format":1,"format":1}', "duplicate key", id="duplicate-key"),
-    pytest.param(_mutate(("format",), 2), "format 2", id="newer-format"),
+    pytest.param(_mutate(("format",), 3), "format 3", id="newer-format"),
     pytest.param(_mutate(("format",), _DELETE), "format: field required", id="no-format"),
     pytest.param(_mutate(("spec",), _DELETE), "spec: field required", id="no-spec"),
     pytest.param(_mutate(("extra",), 1), "extra: unknown field", id="unknown-top-key"),
@@ -193,11 +215,8 @@ BAD_INPUTS = [
     pytest.param(_mutate(("nodes",), []), "nodes must be an object", id="nodes-list"),
     pytest.param(_mutate(("nodes", "n1", "state"), "lost"), "unknown state", id="bad-node-state"),
     pytest.param(_mutate(("nodes", "n1", "wave"), _DELETE), "wave: field required", id="no-wave"),
-    pytest.param(
-        _mutate(("nodes", "n1", "baseline"), {"ts": 1}),
-        "baseline.model_sha256: field required",
-        id="baseline",
-    ),
+    pytest.param(_mutate(("nodes", "n1", "baseline"), None), "unknown field", id="baseline"),
+    pytest.param(_mutate(("spec", "gates"), "errors"), "must be a list", id="gates-string"),
     pytest.param(_mutate(("nodes", "n1", "code"), 7), "must be a string", id="code-number"),
     pytest.param('{"format":1,"wave":NaN}', "non-finite", id="nan"),
     pytest.param('{"format":1,"wave":99999999999999999999}', "64 bits", id="huge-int"),
@@ -231,7 +250,6 @@ _REF = st.builds(
     version=st.sampled_from(["0.0.1", "1.2.3", "2.0.0-rc.1", "10.0.0+b.5"]),
     sha256=st.from_regex(r"[0-9a-f]{64}", fullmatch=True),
 )
-_SAMPLE = st.builds(HealthSample, _FLOAT, st.none() | _TEXT, _INT, _INT, _FLOAT)
 _SPEC = st.builds(
     RolloutSpec,
     rollout_id=_ID,
@@ -244,6 +262,10 @@ _SPEC = st.builds(
     max_latency_regression=_FLOAT,
     min_latency_regression_ms=_FLOAT,
     max_error_increase=_FLOAT,
+    gates=st.lists(st.sampled_from(["errors", "latency"]), max_size=2).map(tuple),
+    confidence=_FLOAT,
+    min_samples=_INT,
+    breach_evaluations=_INT,
     auto_rollback=st.booleans(),
     activate_at=_OPT_FLOAT,
     max_retries=_INT,
@@ -268,8 +290,11 @@ def _records(draw: st.DrawFn) -> RolloutRecord:
                 from_model=st.none() | _REF,
                 code=st.none() | _TEXT,
                 reason=st.none() | _TEXT,
-                baseline=st.none() | _SAMPLE,
                 rollback_sent=st.booleans(),
+                evaluated_ts=_OPT_FLOAT,
+                runs=_INT,
+                breaches=_INT,
+                passes=_INT,
             )
         )
         for key in keys

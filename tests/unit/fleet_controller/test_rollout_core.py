@@ -42,6 +42,7 @@ from tests.unit.fleet_controller.rollout_kit import (
     fold,
     ids_in_wave,
     make_spec,
+    quiet,
     view,
     with_node,
 )
@@ -240,7 +241,7 @@ def test_nodes_of_later_waves_wait_for_their_wave() -> None:
 def test_wave_passes_only_when_every_member_is_settled() -> None:
     spec = make_spec(waves=(1.0, 10.0, 50.0, 100.0), health_window_s=60.0)
     first, second = ids_in_wave(spec, 0, 2), ids_in_wave(spec, 1, 2)
-    fleet = fleet_of(*first, *second)
+    fleet = quiet(fleet_of(*first, *second))
     record, _ = tick(RolloutRecord(spec=spec), fleet, now=NOW)
     record = fold(record, first[:1], N.SUCCEEDED, now=NOW + 10)
     record = fold(record, first[1:], N.SUCCEEDED, now=NOW + 40)
@@ -264,7 +265,7 @@ def test_wave_passes_only_when_every_member_is_settled() -> None:
 
 def test_last_wave_succeeds_and_clears_the_broadcast() -> None:
     spec = make_spec(health_window_s=30.0)
-    fleet = fleet_of("a", "b")
+    fleet = quiet(fleet_of("a", "b"))
     record, _ = tick(RolloutRecord(spec=spec), fleet, now=NOW)
     record = fold(record, ["a", "b"], N.SUCCEEDED, now=NOW + 1)
     record, actions = tick(record, fleet, now=NOW + 31)
@@ -312,9 +313,9 @@ def test_late_joiner_of_an_earlier_wave_is_enrolled_in_that_wave() -> None:
     first, late = ids_in_wave(spec, 0, 2)
     record, _ = tick(RolloutRecord(spec=spec), fleet_of(first), now=NOW)
     record = fold(record, [first], N.SUCCEEDED, now=NOW + 1)
-    record, actions = tick(record, fleet_of(first), now=NOW + 100)
+    record, actions = tick(record, quiet(fleet_of(first)), now=NOW + 100)
     assert actions == [SendWave(1, BUCKETS)]
-    record, actions = tick(record, fleet_of(first, late), now=NOW + 101)
+    record, actions = tick(record, quiet(fleet_of(first, late)), now=NOW + 101)
     assert actions == [SendNode(late, "deploy")]
     assert record.nodes[late].wave == 0
 

@@ -38,6 +38,7 @@ from tests.unit.fleet_controller.rollout_kit import (
     make_spec,
     node_sends,
     on_model,
+    quiet,
     sample,
     view,
     with_node,
@@ -350,11 +351,11 @@ def test_start_rollback(state: RolloutState) -> None:
 
 def test_paused_rollout_does_nothing_until_resumed() -> None:
     spec = make_spec(wave_timeout_s=30.0, health_window_s=10.0)
-    fleet = fleet_of("a", "b")
+    fleet = quiet(fleet_of("a", "b"))
     record, _ = tick(RolloutRecord(spec=spec), fleet, now=NOW)
     record = apply_node_status(record, "a", N.SUCCEEDED, now=NOW + 1)
     paused = replace(record, state=apply_event(record.state, E.PAUSE))
-    fleet["late"] = view("late")
+    fleet.update(quiet({"late": view("late")}))
     assert tick(paused, fleet, now=NOW + 10_000) == (paused, [])
 
     resumed = replace(paused, state=apply_event(paused.state, E.RESUME))

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from shared.codec import INT64_MAX, INT64_MIN
 from shared.envelope import Envelope, Signature, b64encode
 from shared.errors import DecodeError
+from shared.histogram import NUM_BUCKETS
 from shared.messages import (
     MESSAGE_TYPES,
     Ack,
@@ -37,6 +38,7 @@ from shared.messages import (
     NodeTarget,
     OperatorReply,
     OperatorRequest,
+    PeriodStats,
     ResultBatch,
     RollbackAction,
     Telemetry,
@@ -126,6 +128,24 @@ RESULTS = st.builds(
     corner_case=st.booleans(),
     source=optional(TEXT),
 )
+
+
+@st.composite
+def _periods(draw: st.DrawFn) -> PeriodStats:
+    """A valid period: ascending unique buckets, no more counted runs than inferences."""
+    buckets = draw(st.lists(st.integers(0, NUM_BUCKETS - 1), max_size=6, unique=True))
+    counts = draw(st.lists(st.integers(0, 1000), min_size=len(buckets), max_size=len(buckets)))
+    extra = draw(st.integers(0, 1000))
+    return PeriodStats(
+        since=draw(TIMESTAMPS),
+        inferences=sum(counts) + extra,
+        errors=draw(COUNTS),
+        latency=tuple(zip(sorted(buckets), counts, strict=True)),
+    )
+
+
+PERIODS = _periods()
+
 
 STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
     ModelManifest: st.builds(
@@ -222,6 +242,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
         cpu_percent=NON_NEGATIVE,
         memory_bytes=COUNTS,
         model=optional(MODEL_REFS),
+        period=optional(PERIODS),
     ),
     ResultBatch: st.builds(
         ResultBatch, node=IDS, seq=SEQS, results=tuples(RESULTS, min_size=1, max_size=2)
@@ -350,6 +371,26 @@ DECODE_REJECTIONS: list[Any] = [
         Command,
         _command_dict(target={"kind": "wave", "bucket_limit": 10_001, "wave": 0}),
         id="bucket-limit",
+    ),
+    pytest.param(
+        PeriodStats,
+        b'{"since":1,"inferences":5,"errors":0,"latency":[[3,1],[2,1]]}',
+        id="period-buckets-descending",
+    ),
+    pytest.param(
+        PeriodStats,
+        b'{"since":1,"inferences":5,"errors":0,"latency":[[3,1],[3,1]]}',
+        id="period-bucket-repeated",
+    ),
+    pytest.param(
+        PeriodStats,
+        b'{"since":1,"inferences":1,"errors":0,"latency":[[3,2]]}',
+        id="period-histogram-over-inferences",
+    ),
+    pytest.param(
+        PeriodStats,
+        b'{"since":1,"inferences":9,"errors":0,"latency":[[128,2]]}',
+        id="period-bucket-out-of-range",
     ),
     pytest.param(ModelManifest, _manifest_dict(version="1.0"), id="version-not-semver"),
     pytest.param(ModelManifest, _manifest_dict(version="1.0.0\n"), id="version-trailing-newline"),

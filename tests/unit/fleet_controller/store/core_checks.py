@@ -37,6 +37,7 @@ from tests.unit.fleet_controller.store.store_kit import (
     SHA2,
     N,
     batch,
+    health_sample,
     manifest,
     record,
     result,
@@ -236,10 +237,9 @@ def check_rollout_round_trip_and_events(store: Store) -> None:
         store.rollouts.create(first, "alice", NOW)
     assert store.rollouts.load("r1") == first
     assert store.rollouts.load("nope") is None
-    baseline = HealthSample(NOW - 5, SHA1, 10, 0, 4.0)
     running = record(
         {
-            "a": NodeProgress(node_id="a", wave=0, sent_at=NOW, from_model=REF1, baseline=baseline),
+            "a": NodeProgress(node_id="a", wave=0, sent_at=NOW, from_model=REF1, runs=10),
             "b": NodeProgress(node_id="b", wave=1, sent_at=NOW),
         },
         state=RolloutState.RUNNING,
@@ -336,7 +336,7 @@ def check_samples(store: Store) -> None:
     )
     found = store.ingest.samples(["n1", "n2", "quiet"], NOW)
     assert found == {
-        "n1": [HealthSample(NOW, SHA1, 100, 1, 7.5), HealthSample(NOW + 2, SHA1, 300, 3, 9.0)],
+        "n1": [health_sample(NOW), health_sample(NOW + 2, inferences=300, errors=3, p95=9.0)],
         "n2": [],
         "quiet": [],
     }
@@ -405,7 +405,7 @@ def check_step_reads_nodes_and_samples_in_its_transaction(store: Store) -> None:
 
     new, samples = store.rollouts.step("r1", decide, NOW + 2)
     assert new == record()
-    assert samples == {"a": [HealthSample(NOW + 1, SHA1, 100, 1, 7.5)]}
+    assert samples == {"a": [health_sample(NOW + 1)]}
     assert store.rollouts.events("r1") == []  # an unchanged record is not saved again
     with pytest.raises(UnknownRolloutError, match="unknown rollout r9"):
         store.rollouts.step("r9", decide, NOW)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from fleet_controller.rollout_core import NodeProgress, RolloutRecord, RolloutSpec
+from fleet_controller.rollout_core import HealthSample, NodeProgress, RolloutRecord, RolloutSpec
+from shared.histogram import bucket_of
 from shared.messages import (
     Capabilities,
     InferenceResult,
@@ -14,6 +15,7 @@ from shared.messages import (
     NodeRolloutState,
     NodeState,
     NodeStatus,
+    PeriodStats,
     ResultBatch,
     Telemetry,
     TensorData,
@@ -80,6 +82,12 @@ def telemetry(
         cpu_percent=12.5,
         memory_bytes=2**33,
         model=REF1,
+        period=PeriodStats(
+            since=ts - 1,
+            inferences=inferences,
+            errors=errors,
+            latency=((bucket_of(p95), inferences),),
+        ),
     )
 
 
@@ -126,3 +134,10 @@ def record(nodes: dict[str, NodeProgress] | None = None, **changes: object) -> R
     spec = RolloutSpec(rollout_id="r1", model=REF2, selector={"site": "a"})
     base = RolloutRecord(spec=spec, nodes=nodes or {})
     return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def health_sample(
+    ts: float, *, inferences: int = 100, errors: int = 1, p95: float = 7.5
+) -> HealthSample:
+    """The health sample :func:`telemetry` with the same arguments is stored as."""
+    return HealthSample(ts, SHA1, inferences, errors, ((bucket_of(p95), inferences),))

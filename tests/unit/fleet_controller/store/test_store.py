@@ -20,8 +20,10 @@ from tests.unit.fleet_controller.store.core_checks import CORE_CHECKS
 from tests.unit.fleet_controller.store.store_kit import (
     NOW,
     batch,
+    health_sample,
     manifest,
     record,
+    telemetry,
 )
 
 
@@ -139,6 +141,25 @@ def test_newer_schema_version_is_refused(db_path: Path) -> None:
         value = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
     conn.close()
     assert value == str(SCHEMA_VERSION + 1)
+
+
+def test_a_version_1_store_gains_the_period_columns(db_path: Path) -> None:
+    """Version 1 kept no telemetry periods: opening it adds the columns, keeps the rows."""
+    with Store.open(str(db_path)) as store:
+        store.ingest.write([], [], [telemetry("n1", NOW)], NOW)
+    with sqlite3.connect(db_path) as conn:
+        for column in ("period_inferences", "period_errors", "latency_hist"):
+            conn.execute(f"ALTER TABLE telemetry DROP COLUMN {column}")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.close()
+    with Store.open(str(db_path)) as store:
+        store.ingest.write([], [], [telemetry("n1", NOW + 1)], NOW)
+        assert store.ingest.samples(["n1"], NOW - 1) == {"n1": [health_sample(NOW + 1)]}
+    with sqlite3.connect(db_path) as conn:
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        rows = conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()
+    conn.close()
+    assert (version[0], rows[0]) == (str(SCHEMA_VERSION), 2)
 
 
 def test_errors_after_open_are_one_line_store_errors(db_path: Path) -> None:
