@@ -17,6 +17,8 @@ part, wired here and handed the small shared objects it needs
 
 What the whole guarantees:
 
+* without a usable trust list it does not start (:meth:`NodeAgent.run` raises
+  before connecting);
 * a failed download, load or warm-up never replaces the working model;
 * statuses and results leave the outbox only on the controller's ack, and go
   out again after every reconnect, in order; nothing is lost across a broker
@@ -52,7 +54,7 @@ from edge_node.state import NodeStore, StateKeeper
 from edgefleet_io.mqtt import MqttTransport
 from edgefleet_io.transport import Transport
 from shared.broker import BrokerAddress
-from shared.errors import EdgeFleetError
+from shared.errors import EdgeFleetError, TrustError
 from shared.messages import ModelRef
 
 __all__ = ["AgentConfig", "NodeAgent", "SourceKind"]
@@ -275,8 +277,18 @@ class NodeAgent:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Run until :meth:`stop`; then shut down cleanly."""
-        self._commands.load_trust()
+        """Run until :meth:`stop`; then shut down cleanly.
+
+        Raises:
+            TrustFileError: no usable trust list; the node stops before it
+                connects (no birth: a node that would refuse every command must
+                not look ready to the controller).
+        """
+        try:
+            self._commands.load_trust()
+        except TrustError:
+            await self._shutdown()
+            raise
         await self._commands.restore_active()
         self.ready.set()
         try:

@@ -11,27 +11,33 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import ssl
 import sys
+import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, NoReturn, cast
 
 from rich.console import Console
 from rich.table import Table
 
 from edge_node.agent import AgentConfig, NodeAgent, SourceKind
+from edge_node.inference_core import MAX_TOPK
 from edge_node.outbox import read_depths
 from edge_node.runtime import SessionOptionsConfig
-from edge_node.simulate import run_simulation
+from edge_node.simulate import node_ids, run_simulation
 from edge_node.sources import parse_source
 from edge_node.state import NodeStore
+from edge_node.validation import check_provider_names
+from edgefleet_io.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
 from shared import __version__
 from shared.broker import DEFAULT_BROKER_URL, parse_broker_url
-from shared.errors import DecodeError, EdgeFleetError, UsageError
+from shared.errors import DecodeError, EdgeFleetError, TrustError, UsageError
 from shared.topics import check_id
 from shared.waves import parse_selector
 
@@ -42,7 +48,7 @@ _RUN_KEYS = {
     "micro_batch", "swap_mode", "threads", "providers", "graph_optimization",
     "change_threshold", "corner_threshold",
     "topk", "batch_max", "batch_interval", "telemetry_interval", "resend_after",
-    "chunk_bytes", "ca_file", "log_level",
+    "chunk_bytes", "ca_file", "log_level", "log_format",
 }  # fmt: skip
 
 
@@ -88,37 +94,77 @@ def _setting(args: argparse.Namespace, toml: dict[str, Any], name: str, default:
     return toml.get(name, default)
 
 
-def _float(
-    args: argparse.Namespace,
-    toml: dict[str, Any],
-    name: str,
-    default: float,
-    *,
-    positive: bool = False,
-) -> float:
-    """A numeric setting; a string, list or bool from the TOML file is a usage error."""
-    value = _setting(args, toml, name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise UsageError(f"{name}: expected a number, got {value!r}")
-    if positive and not value > 0:
-        raise UsageError(f"{name} must be positive, got {value!r}")
-    return float(value)
+@dataclass(frozen=True, slots=True)
+class _Range:
+    """A numeric setting's bounds; ``above``: the lower bound itself is refused."""
+
+    low: float
+    high: float
+    whole: bool = False
+    above: bool = False
+
+    def check(self, value: object) -> float:
+        """``value`` if it is a finite number (whole when ``whole``) in range.
+
+        Raises: ValueError with the one-line reason.
+        """
+        number_ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number_ok or (self.whole and not isinstance(value, int)):
+            raise ValueError(self.expected(repr(value)))
+        number = float(cast(float, value))
+        low_ok = number > self.low if self.above else number >= self.low
+        if not (math.isfinite(number) and low_ok and number <= self.high):
+            raise ValueError(self.expected(repr(value)))
+        return int(number) if self.whole else number
+
+    def expected(self, got: str) -> str:
+        kind = "a whole number" if self.whole else "a number"
+        if self.above:
+            return f"expected {kind} above {self.low:g} and at most {self.high:g}, got {got}"
+        return f"expected {kind} from {self.low:g} to {self.high:g}, got {got}"
+
+    def flag(self) -> Callable[[str], float]:
+        """An argparse ``type=`` parsing and checking the flag's text (one line, exit 2)."""
+
+        def parse(text: str) -> float:
+            try:
+                return self.check(int(text) if self.whole else float(text))
+            except ValueError:
+                raise argparse.ArgumentTypeError(self.expected(repr(text[:40]))) from None
+
+        return parse
 
 
-def _int(
-    args: argparse.Namespace,
-    toml: dict[str, Any],
-    name: str,
-    default: int,
-    *,
-    minimum: int | None = None,
-) -> int:
-    value = _setting(args, toml, name, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UsageError(f"{name}: expected a whole number, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise UsageError(f"{name} must be at least {minimum}, got {value}")
-    return value
+#: Bounds of every numeric setting (flags and config file alike). Sizes and counts
+#: stay within what the wire allows (a result batch holds at most 1000 results,
+#: a chunk request at most 512 KiB); durations in seconds.
+_RANGES: dict[str, _Range] = {
+    "rate": _Range(0, 100_000),  # inputs per second; 0: flat out
+    "concurrency": _Range(1, 256, whole=True),
+    "micro_batch": _Range(1, 4096, whole=True),
+    "threads": _Range(0, 1024, whole=True),  # 0: onnxruntime chooses
+    "change_threshold": _Range(0, 1e9),  # mean absolute input change; 0: off
+    "corner_threshold": _Range(0, 1),  # a top score
+    "topk": _Range(1, MAX_TOPK, whole=True),
+    "batch_max": _Range(1, 1000, whole=True),
+    "batch_interval": _Range(0, 3600, above=True),
+    "telemetry_interval": _Range(0, 86_400, above=True),
+    "resend_after": _Range(0, 86_400, above=True),
+    "chunk_bytes": _Range(1024, 512 * 1024, whole=True),
+    "count": _Range(1, 10_000, whole=True),  # simulated nodes
+}
+
+
+def _number(args: argparse.Namespace, toml: dict[str, Any], name: str, default: float) -> float:
+    """A numeric setting within its :data:`_RANGES`. Raises: UsageError naming it."""
+    try:
+        return _RANGES[name].check(_setting(args, toml, name, default))
+    except ValueError as exc:
+        raise UsageError(f"{name}: {exc}") from None
+
+
+def _whole(args: argparse.Namespace, toml: dict[str, Any], name: str, default: int) -> int:
+    return int(_number(args, toml, name, default))
 
 
 def _text(args: argparse.Namespace, toml: dict[str, Any], name: str, default: Any) -> Any:
@@ -147,6 +193,36 @@ def _check_ca_file(ca_file: str | None) -> str | None:
     return ca_file
 
 
+def check_trust(data_dir: Path, trust_file: Path | None) -> None:
+    """Refuse to start a node that would have no usable trust list.
+
+    Raises:
+        UsageError: neither the shipped file nor a rotated copy in ``data_dir``
+            verifies (missing, unreadable, malformed, badly signed or expired).
+    """
+    try:
+        NodeStore(data_dir).load_trust(trust_file, now=time.time())
+    except TrustError as exc:
+        raise UsageError(f"{exc}: give --trust a valid root-signed trust.json") from None
+
+
+def _providers(value: object) -> tuple[str, ...] | None:
+    """``--providers A,B`` or the config's ``"A,B"`` / ``["A", "B"]``: each must be an
+    execution provider this machine's onnxruntime offers (None: the manifest's).
+
+    Raises: UsageError.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        names = [name.strip() for name in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(name, str) for name in value):
+        names = [name.strip() for name in value]
+    else:
+        raise UsageError(f"providers: expected names like CPUExecutionProvider, got {value!r}")
+    return check_provider_names([name for name in names if name], on_this_machine=True)
+
+
 def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -> AgentConfig:
     """Merge flags, the TOML file and the environment into an :class:`AgentConfig`.
 
@@ -169,17 +245,12 @@ def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -
     graph = _text(args, toml, "graph_optimization", "extended")
     if graph not in ("disable", "basic", "extended", "all"):
         raise UsageError(f"graph optimization {graph!r}: use disable, basic, extended or all")
-    rate = _float(args, toml, "rate", 10.0)
+    rate = _number(args, toml, "rate", 10.0)
     swap_mode = _text(args, toml, "swap_mode", "availability")
     if swap_mode not in ("availability", "resource"):
         raise UsageError(f"swap mode {swap_mode!r}: use availability or resource")
-    threads = _int(args, toml, "threads", 0, minimum=0)
-    provider_text = _setting(args, toml, "providers", None)
-    providers = (
-        tuple(p.strip() for p in str(provider_text).split(",") if p.strip())
-        if provider_text
-        else None
-    )
+    threads = _whole(args, toml, "threads", 0)
+    providers = _providers(_setting(args, toml, "providers", None))
     return AgentConfig(
         node_id=check_id(node_id, "node id"),
         data_dir=_check_data_dir(Path(data)),
@@ -190,20 +261,20 @@ def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -
         source=cast(SourceKind, source_kind),
         source_dir=source_dir,
         rate_hz=rate if rate > 0 else None,
-        concurrency=_int(args, toml, "concurrency", 1, minimum=1),
-        micro_batch=_int(args, toml, "micro_batch", 1, minimum=1),
+        concurrency=_whole(args, toml, "concurrency", 1),
+        micro_batch=_whole(args, toml, "micro_batch", 1),
         swap_mode=cast(Literal["availability", "resource"], swap_mode),
         session_options=SessionOptionsConfig(
             intra_op_threads=threads, graph_optimization=graph, providers=providers
         ),
-        change_threshold=_float(args, toml, "change_threshold", 0.0),
-        corner_threshold=_float(args, toml, "corner_threshold", 0.5),
-        topk=_int(args, toml, "topk", 3, minimum=1),
-        batch_max=_int(args, toml, "batch_max", 100, minimum=1),
-        batch_interval_s=_float(args, toml, "batch_interval", 1.0, positive=True),
-        telemetry_interval_s=_float(args, toml, "telemetry_interval", 10.0, positive=True),
-        resend_after_s=_float(args, toml, "resend_after", 15.0, positive=True),
-        chunk_bytes=_int(args, toml, "chunk_bytes", 256 * 1024, minimum=1),
+        change_threshold=_number(args, toml, "change_threshold", 0.0),
+        corner_threshold=_number(args, toml, "corner_threshold", 0.5),
+        topk=_whole(args, toml, "topk", 3),
+        batch_max=_whole(args, toml, "batch_max", 100),
+        batch_interval_s=_number(args, toml, "batch_interval", 1.0),
+        telemetry_interval_s=_number(args, toml, "telemetry_interval", 10.0),
+        resend_after_s=_number(args, toml, "resend_after", 15.0),
+        chunk_bytes=_whole(args, toml, "chunk_bytes", 256 * 1024),
         ca_file=_check_ca_file(_text(args, toml, "ca_file", None)),
     )
 
@@ -219,7 +290,10 @@ async def _run_agent(config: AgentConfig) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     toml = _load_toml(args.config)
     config = build_config(args, toml)
-    _setup_logging(str(_text(args, toml, "log_level", "info")))
+    check_trust(config.data_dir, config.trust_file)
+    setup_logging(
+        str(_text(args, toml, "log_level", "info")), str(_text(args, toml, "log_format", "text"))
+    )
     asyncio.run(_run_agent(config))
     return 0
 
@@ -253,21 +327,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
     broker = parse_broker_url(args.broker or os.environ.get("FLEET_BROKER", DEFAULT_BROKER_URL))
     fleet = check_id(args.fleet or os.environ.get("FLEET_FLEET", "default"), "fleet")
-    if args.count < 1:
-        raise UsageError("--count must be at least 1")
+    prefix = check_id(args.prefix, "prefix")
     base_dir = _check_data_dir(Path(args.data))
     source, _ = parse_source(args.source)
     if source not in ("synthetic", "none"):
         raise UsageError("simulated nodes take --source synthetic or none")
+    trust_file = Path(args.trust)
+    for node_id in node_ids(prefix, args.count):
+        check_trust(base_dir / node_id, trust_file)
+    setup_logging(args.log_level, args.log_format)
     asyncio.run(
         run_simulation(
             count=args.count,
-            prefix=check_id(args.prefix, "prefix"),
+            prefix=prefix,
             base_dir=base_dir,
-            trust_file=Path(args.trust) if args.trust else None,
+            trust_file=trust_file,
             broker=broker,
             fleet=fleet,
             labels=_labels(args.label),
@@ -278,19 +354,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiomqtt warns whenever more than ten publishes await their PUBACK; serving
-    # chunks and acks to many nodes does that by design.
-    logging.getLogger("mqtt").setLevel(max(logging.ERROR, logging.getLogger().level))
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-node", description="EdgeFleet edge node agent.")
+    parser = _Parser(prog="edge-node", description="EdgeFleet edge node agent.")
     parser.add_argument("--version", action="version", version=f"edge-node {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -305,29 +377,65 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fleet", help="fleet name (env FLEET_FLEET, default 'default')")
     run.add_argument("--label", action="append", metavar="K=V", help="node label (repeatable)")
     run.add_argument("--source", help="synthetic (default), dir:PATH, mqtt or none")
-    run.add_argument("--rate", type=float, help="synthetic inputs per second (0: flat out)")
-    run.add_argument("--concurrency", type=int, help="parallel inference requests")
+    run.add_argument(
+        "--rate", type=_RANGES["rate"].flag(), help="synthetic inputs per second (0: flat out)"
+    )
+    run.add_argument(
+        "--concurrency", type=_RANGES["concurrency"].flag(), help="parallel inference requests"
+    )
     run.add_argument(
         "--providers",
         help="onnxruntime execution providers in order, e.g. CUDAExecutionProvider,"
-        "CPUExecutionProvider (default: the manifest's, among those installed)",
+        "CPUExecutionProvider, each available here (default: the manifest's, among those "
+        "available)",
     )
     run.add_argument(
-        "--micro-batch", type=int, help="run up to N queued inputs as one batch (dynamic batch)"
+        "--micro-batch",
+        type=_RANGES["micro_batch"].flag(),
+        help="run up to N queued inputs as one batch (dynamic batch)",
     )
     run.add_argument("--swap-mode", help="availability (default) or resource (unload first)")
-    run.add_argument("--threads", type=int, help="onnxruntime intra-op threads (0: all cores)")
+    run.add_argument(
+        "--threads",
+        type=_RANGES["threads"].flag(),
+        help="onnxruntime intra-op threads (0: all cores)",
+    )
     run.add_argument("--graph-optimization", help="disable, basic, extended (default) or all")
-    run.add_argument("--change-threshold", type=float, help="skip inputs that barely changed")
-    run.add_argument("--corner-threshold", type=float, help="flag results below this score")
-    run.add_argument("--topk", type=int, help="top-k classes kept per result")
-    run.add_argument("--batch-max", type=int, help="results per message")
-    run.add_argument("--batch-interval", type=float, help="seconds between result messages")
-    run.add_argument("--telemetry-interval", type=float, help="seconds between telemetry")
-    run.add_argument("--resend-after", type=float, help="re-send unacknowledged after seconds")
-    run.add_argument("--chunk-bytes", type=int, help="artifact chunk size for MQTT transfer")
+    run.add_argument(
+        "--change-threshold",
+        type=_RANGES["change_threshold"].flag(),
+        help="skip inputs that barely changed",
+    )
+    run.add_argument(
+        "--corner-threshold",
+        type=_RANGES["corner_threshold"].flag(),
+        help="flag results below this score",
+    )
+    run.add_argument("--topk", type=_RANGES["topk"].flag(), help="top-k classes kept per result")
+    run.add_argument("--batch-max", type=_RANGES["batch_max"].flag(), help="results per message")
+    run.add_argument(
+        "--batch-interval",
+        type=_RANGES["batch_interval"].flag(),
+        help="seconds between result messages",
+    )
+    run.add_argument(
+        "--telemetry-interval",
+        type=_RANGES["telemetry_interval"].flag(),
+        help="seconds between telemetry",
+    )
+    run.add_argument(
+        "--resend-after",
+        type=_RANGES["resend_after"].flag(),
+        help="re-send unacknowledged after seconds",
+    )
+    run.add_argument(
+        "--chunk-bytes",
+        type=_RANGES["chunk_bytes"].flag(),
+        help="artifact chunk size for MQTT transfer",
+    )
     run.add_argument("--ca-file", help="CA bundle for mqtts://")
-    run.add_argument("--log-level", help="debug, info (default), warning, error")
+    run.add_argument("--log-level", choices=LOG_LEVELS, help="info by default")
+    run.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json lines")
     run.set_defaults(handler=_cmd_run)
 
     status = commands.add_parser("status", help="show a node's models and outbox")
@@ -336,24 +444,35 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=_cmd_status)
 
     simulate = commands.add_parser("simulate", help="run many nodes in one process")
-    simulate.add_argument("--count", type=int, required=True, help="number of nodes")
+    simulate.add_argument(
+        "--count", type=_RANGES["count"].flag(), required=True, help="number of nodes"
+    )
     simulate.add_argument("--prefix", default="sim", help="node id prefix (ids PREFIX-0001...)")
     simulate.add_argument(
         "--data", default="sim-data", help="base directory for the nodes' data (./sim-data)"
     )
-    simulate.add_argument("--trust", help="trust.json given to every node")
+    simulate.add_argument("--trust", required=True, help="trust.json given to every node")
     simulate.add_argument("--broker", help="broker URL (env FLEET_BROKER)")
     simulate.add_argument("--fleet", help="fleet name (env FLEET_FLEET)")
     simulate.add_argument("--label", action="append", metavar="K=V", help="label for every node")
     simulate.add_argument("--source", default="none", help="none (default) or synthetic")
-    simulate.add_argument("--rate", type=float, default=1.0, help="inputs per second per node")
-    simulate.add_argument("--log-level", default="warning")
+    simulate.add_argument(
+        "--rate", type=_RANGES["rate"].flag(), default=1.0, help="inputs per second per node"
+    )
+    simulate.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
+    simulate.add_argument(
+        "--log-format", default="text", choices=LOG_FORMATS, help="text or json lines"
+    )
     simulate.set_defaults(handler=_cmd_simulate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``edge-node`` with ``argv``; returns the exit code (never a traceback)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (2, one line printed), --help or --version (0)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.handler(args))
     except (DecodeError, ValueError) as exc:

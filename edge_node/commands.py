@@ -3,7 +3,8 @@
 Invariants:
 
 * every command goes through :func:`edge_node.core.verify_command`; without a
-  usable trust list every command is refused (fail closed);
+  usable trust list the node does not start at all (:meth:`CommandHandler.load_trust`
+  raises), so no command is ever judged without one;
 * the verifier state (last ``seq``, attempted keys) is saved *before* acting,
   and an accepted deploy or rollback is saved as ``pending`` in that same
   write, so a restart never applies a command twice and never forgets a job;
@@ -40,7 +41,7 @@ from edge_node.repeats import answer_duplicate
 from edge_node.runtime import ModelRuntime
 from edge_node.state import NodeStore, PendingCommand, StateKeeper
 from shared.envelope import Envelope
-from shared.errors import DecodeError, EdgeFleetError, TrustError
+from shared.errors import DecodeError, EdgeFleetError, TrustError, TrustFileError
 from shared.messages import (
     CancelAction,
     Command,
@@ -90,16 +91,24 @@ class CommandHandler:
         self._stopping = stopping
         self._clock = clock
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(_QUEUE_LENGTH)
-        self.trust: TrustStore | None = None
+        self._trust: TrustStore | None = None
 
     # ----- start ------------------------------------------------------------------
 
     def load_trust(self) -> None:
-        """The newest verifying trust list; none (every command refused) when there is none."""
-        try:
-            self.trust = self._store.load_trust(self._trust_file, now=self._clock())
-        except TrustError as exc:
-            log.error("%s", exc)  # fail closed: every command is refused
+        """Load the newest verifying trust list; call it before anything else.
+
+        Raises:
+            TrustFileError: there is none (the node must not start: fail closed).
+        """
+        self._trust = self._store.load_trust(self._trust_file, now=self._clock())
+
+    @property
+    def trust(self) -> TrustStore:
+        """The trust list in force. Raises: TrustFileError before :meth:`load_trust`."""
+        if self._trust is None:
+            raise TrustFileError("the trust list has not been loaded")
+        return self._trust
 
     async def restore_active(self) -> None:
         """Load the active model again after a restart, re-hashing its blob first."""
@@ -125,8 +134,6 @@ class CommandHandler:
         active and previous ones, recorded in ``state.json``) it is still used,
         and the blob's digest is checked again by the caller's load.
         """
-        if self.trust is None:
-            return None
         try:
             data = self._artifacts.load_manifest_bytes(sha256)
             if data is None:
@@ -173,15 +180,6 @@ class CommandHandler:
     # ----- one command ------------------------------------------------------------
 
     async def handle(self, data: bytes) -> None:
-        if self.trust is None:
-            log.error("refusing a command: no trust list (fail closed)")
-            await self._reporter.report(
-                NodeRolloutState.REJECTED,
-                None,
-                code="no_trust",
-                reason="node has no usable trust list",
-            )
-            return
         state = self._keeper.state
         outcome = verify_command(
             data, trust=self.trust, me=self._me, state=state.verifier_state(), now=self._clock()
@@ -253,7 +251,7 @@ class CommandHandler:
         new_trust = accepted.new_trust
         assert new_trust is not None
         await asyncio.to_thread(self._store.save_trust, new_trust)
-        self.trust = new_trust
+        self._trust = new_trust
         log.info("trust list rotated to v%d", new_trust.version)
         await self._reporter.report(
             NodeRolloutState.SUCCEEDED, accepted.command, reason=f"trust v{new_trust.version}"
@@ -268,9 +266,6 @@ class CommandHandler:
         """
         pending = self._keeper.state.pending
         if pending is None:
-            return
-        if self.trust is None:
-            log.error("cannot resume command %s: no trust list", pending.command_id)
             return
         try:
             command, body, manifest = _open_pending(pending, self.trust, now=self._clock())

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 
-from shared.errors import DecodeError, TrustError
+from shared.errors import DecodeError, TrustError, UsageError
 from shared.messages import (
     DType,
     ModelManifest,
@@ -37,6 +37,7 @@ from shared.messages import (
 
 __all__ = [
     "CPU_PROVIDER",
+    "MAX_PROVIDERS",
     "MAX_TENSORS",
     "MAX_TENSOR_ELEMS",
     "MAX_TOPK",
@@ -45,6 +46,7 @@ __all__ = [
     "InputSpecError",
     "ModelMismatchError",
     "OutputSummaryError",
+    "check_providers",
     "check_signature",
     "choose_providers",
     "dtype_of",
@@ -59,6 +61,7 @@ __all__ = [
 ]
 
 CPU_PROVIDER: Final = "CPUExecutionProvider"
+MAX_PROVIDERS: Final = 8  # as many as a manifest may name
 
 #: Wire limits of :class:`~shared.messages.InferenceResult` and :class:`TensorData`.
 MAX_TOPK: Final = 100
@@ -160,6 +163,38 @@ def spec_from_ort(name: str, ort_type: str, shape: Sequence[object] | None) -> T
         raise ModelMismatchError(
             f"tensor {name[:64]!r} cannot be described on the wire (name or rank too long)"
         ) from None
+
+
+def check_providers(
+    wanted: Sequence[str],
+    *,
+    known: Sequence[str],
+    available: Sequence[str] | None = None,
+) -> tuple[str, ...]:
+    """``wanted`` (in its order) if each is an execution provider onnxruntime
+    ``known``s and, when ``available`` is given, one this machine can use.
+
+    Raises:
+        UsageError: none given, more than :data:`MAX_PROVIDERS`, a repeat, or the
+            first provider that is unknown or unavailable (named, with the choices).
+    """
+    if not wanted:
+        raise UsageError("no execution provider given")
+    if len(wanted) > MAX_PROVIDERS:
+        raise UsageError(f"at most {MAX_PROVIDERS} execution providers")
+    for index, name in enumerate(wanted):
+        if name in wanted[:index]:
+            raise UsageError(f"execution provider {name!r} is given twice")
+        if name not in known:
+            raise UsageError(
+                f"unknown execution provider {name[:80]!r} (onnxruntime knows {', '.join(known)})"
+            )
+        if available is not None and name not in available:
+            raise UsageError(
+                f"execution provider {name!r} is not available on this machine "
+                f"(available: {', '.join(available)})"
+            )
+    return tuple(wanted)
 
 
 def choose_providers(

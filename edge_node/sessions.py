@@ -3,8 +3,10 @@ reference-counted handle requests run on.
 
 Invariants:
 
-* :class:`SessionOptionsConfig` only keeps providers this onnxruntime build has
-  (an unknown one would only warn), falling back to ``CPUExecutionProvider``;
+* :class:`SessionOptionsConfig` only asks for providers this machine offers: a
+  node's own ``providers`` are checked when it starts (``edge-node`` refuses
+  unknown or unavailable ones); a manifest's are preferences, of which those
+  missing here are skipped, falling back to ``CPUExecutionProvider``;
 * a :class:`LoadedModel` takes no new request once retired, and drops its
   session exactly once, when it is retired and its last request has returned;
   it is thread-safe.
@@ -57,10 +59,10 @@ class SessionOptionsConfig:
       transformations specific to the CPU it runs on: fine for a session built
       in memory on the device, but an optimized model *file* saved with it is
       tied to that CPU, so never ship one across the fleet.
-    * ``providers``: execution providers in order of preference. ``None`` uses
-      the manifest's ``providers``. Either way only providers this onnxruntime
-      build has are kept (an unknown one would only warn), falling back to
-      ``CPUExecutionProvider``.
+    * ``providers``: execution providers in order of preference, each one this
+      machine offers (``edge-node`` checks them at start). ``None`` uses the
+      manifest's ``providers``, keeping those this machine offers and falling
+      back to ``CPUExecutionProvider``.
     """
 
     intra_op_threads: int = 0

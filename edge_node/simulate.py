@@ -29,7 +29,7 @@ async def run_simulation(
     count: int,
     prefix: str,
     base_dir: Path,
-    trust_file: Path | None,
+    trust_file: Path,
     broker: BrokerAddress,
     fleet: str,
     labels: dict[str, str],

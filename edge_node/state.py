@@ -105,9 +105,13 @@ class NodeStore:
     def load_trust(self, shipped: Path | None, *, now: float) -> TrustStore:
         """The newest trust list that verifies: the rotated copy, else the shipped file.
 
+        The rotated copy may be missing (a node that never rotated); the shipped
+        file, when named, must be readable: a wrong path is a misconfiguration,
+        not a reason to carry on with whatever else is there.
+
         Raises:
-            TrustFileError: neither file is present and readable (fail closed).
-            TrustError: the shipped file does not verify.
+            TrustFileError: the shipped file cannot be read, or no list verifies
+                (missing, malformed, badly signed or expired; the reasons are named).
         """
         candidates: list[TrustStore] = []
         errors: list[str] = []
@@ -115,16 +119,20 @@ class NodeStore:
             if path is None:
                 continue
             try:
-                data: bytes | None = path.read_bytes()
-            except OSError:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                if path == shipped:
+                    raise TrustFileError(f"trust file {path} does not exist") from None
                 continue
+            except OSError as exc:
+                raise TrustFileError(f"cannot read trust file {path}: {exc.strerror}") from None
             try:
                 candidates.append(TrustStore.bootstrap(data, now=now))
             except EdgeFleetError as exc:
                 errors.append(f"{path}: {exc}")
         if not candidates:
-            detail = "; ".join(errors) or "no trust file found"
-            raise TrustFileError(f"no usable trust list ({detail}): refusing every command")
+            detail = "; ".join(errors) or "no trust file given and none rotated in"
+            raise TrustFileError(f"no usable trust list ({detail})")
         return max(candidates, key=lambda store: store.version)
 
     def save_trust(self, store: TrustStore) -> None:

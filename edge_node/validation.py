@@ -12,20 +12,37 @@ What it offers:
   reports them, in the wire's :class:`~shared.messages.TensorSpec` form (the
   same conversion a node applies when it checks a model against its manifest);
 * :func:`validate_model`: load, signature check and warm-up inference exactly
-  as a node's runtime does before it serves a model.
+  as a node's runtime does before it serves a model;
+* :func:`check_provider_names`: execution provider names as this onnxruntime
+  knows them (and, for a node's own settings, as this machine offers them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnxruntime as ort
 
-from edge_node.inference_core import CPU_PROVIDER, first_line, spec_from_ort
+from edge_node.inference_core import CPU_PROVIDER, check_providers, first_line, spec_from_ort
 from edge_node.runtime import ModelLoadError, ModelRuntime, SessionOptionsConfig
 from shared.messages import ModelManifest, TensorSpec
 
-__all__ = ["ModelLoadError", "read_signature", "validate_model"]
+__all__ = ["ModelLoadError", "check_provider_names", "read_signature", "validate_model"]
+
+
+def check_provider_names(names: Sequence[str], *, on_this_machine: bool = False) -> tuple[str, ...]:
+    """``names`` if each is an onnxruntime execution provider (``on_this_machine``:
+    also one this machine's onnxruntime can use).
+
+    A manifest's providers are preferences for a whole fleet (a node skips those
+    it lacks); a node's own ``--providers`` must all be usable where it runs.
+
+    Raises:
+        UsageError: see :func:`~edge_node.inference_core.check_providers`.
+    """
+    available = ort.get_available_providers() if on_this_machine else None
+    return check_providers(names, known=ort.get_all_providers(), available=available)
 
 
 def read_signature(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

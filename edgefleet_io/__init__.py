@@ -8,7 +8,9 @@
   :class:`~shared.errors.TransportError` at that one boundary;
 * :mod:`edgefleet_io.memory`: the same interface over an in-process broker that
   behaves like Mosquitto where EdgeFleet depends on it, for fast tests;
-* :mod:`edgefleet_io.files`: durable atomic file writes.
+* :mod:`edgefleet_io.files`: durable atomic file writes;
+* :mod:`edgefleet_io.logs`: the long-running programs' log handler (text or
+  JSON lines on stderr).
 
 Nothing here decides anything about the protocol: that is :mod:`shared`'s job.
 """

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import secrets
 from collections import Counter
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from fleet_controller.artifacts import Artifacts
 from fleet_controller.commands import plan_trust_update
 from fleet_controller.operator_api import Route, bind, route_table
 from fleet_controller.plan_core import Plan, plan_rollout
-from fleet_controller.steps import event_step
+from fleet_controller.steps import event_step, logged
 from fleet_controller.store import ACTIVE_ROLLOUT_STATES, NodeInfo, Store
 from fleet_controller.views import rollout_view
 from shared import operations as ops
@@ -42,6 +43,8 @@ from shared.trust import Role, TrustStore
 from shared.waves import format_selector
 
 __all__ = ["OperatorHandlers"]
+
+log = logging.getLogger(__name__)
 
 
 class OperatorHandlers:
@@ -180,25 +183,29 @@ class OperatorHandlers:
         return [e.to_dict() for e in events]
 
     async def rollout_pause(self, request: ops.RolloutRef, operator: str) -> dict[str, Any]:
-        return await self._change(request.rollout_id, core.RolloutEvent.PAUSE)
+        return await self._change(request.rollout_id, core.RolloutEvent.PAUSE, operator)
 
     async def rollout_resume(self, request: ops.RolloutRef, operator: str) -> dict[str, Any]:
-        return await self._change(request.rollout_id, core.RolloutEvent.RESUME)
+        return await self._change(request.rollout_id, core.RolloutEvent.RESUME, operator)
 
     async def rollout_abort(self, request: ops.RolloutRef, operator: str) -> dict[str, Any]:
-        return await self._change(request.rollout_id, core.RolloutEvent.ABORT)
+        return await self._change(request.rollout_id, core.RolloutEvent.ABORT, operator)
 
     async def rollout_rollback(self, request: ops.RolloutRef, operator: str) -> dict[str, Any]:
-        return await self._change(request.rollout_id, core.RolloutEvent.ROLLBACK)
+        return await self._change(request.rollout_id, core.RolloutEvent.ROLLBACK, operator)
 
-    async def _change(self, rollout_id: str, event: core.RolloutEvent) -> dict[str, Any]:
+    async def _change(
+        self, rollout_id: str, event: core.RolloutEvent, operator: str
+    ) -> dict[str, Any]:
         now = self._clock()
+        changes: list[str] = []
+        decide = logged(event_step(event, now), changes, operator=operator)
         try:
-            new, _ = await asyncio.to_thread(
-                self._store.rollouts.step, rollout_id, event_step(event, now), now
-            )
+            new, _ = await asyncio.to_thread(self._store.rollouts.step, rollout_id, decide, now)
         except core.IllegalTransitionError as exc:
             raise EdgeFleetError(str(exc)) from None
+        for line in changes:
+            log.info("%s", line)
         if new.state not in ACTIVE_ROLLOUT_STATES:
             await self._executor.execute(new, core.ClearBroadcast(), now)
             for progress in new.nodes.values():

@@ -8,7 +8,10 @@ What it keeps:
 * **A retained ``controller/state``**: ``online`` on every connect, with an
   ``offline`` Last Will for a connection that dies, and an explicit
   ``offline`` on a clean stop (:meth:`ControllerLink.announce_offline`). Each
-  connect counts a new ``session``, as nodes' births do.
+  connect counts a new ``session``, as nodes' births do. It names the store
+  (``store_id``): before joining, :meth:`ControllerLink.read_peer` reads what is
+  retained there and :func:`check_peer` refuses a live controller of another
+  store, which would split the fleet's records between two databases.
 * **Subscriptions**: node statuses, results and telemetry, artifact chunk
   requests and operator requests on shared subscriptions
   (``$share/controllers/...``) so replicas split them; node states without
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 
 from edgefleet_io.transport import Link, Message, Session, Transport, Will, reconnect_delays
 from shared import __version__, topics
-from shared.errors import BrokerUnavailableError, DecodeError, TransportError
+from shared.errors import BrokerUnavailableError, DecodeError, TransportError, UsageError
 from shared.messages import (
     ArtifactRequest,
     ControllerState,
@@ -52,10 +55,13 @@ from shared.rules import require_topic_node
 
 __all__ = [
     "MAX_RECONNECT_DELAY_S",
+    "PEER_WAIT_S",
     "ControllerLink",
     "Incoming",
     "Ingested",
     "Routes",
+    "StoreConflictError",
+    "check_peer",
     "decode_incoming",
 ]
 
@@ -63,6 +69,30 @@ log = logging.getLogger(__name__)
 
 MAX_RECONNECT_DELAY_S = 10.0
 OFFLINE_PUBLISH_TIMEOUT_S = 2.0
+PEER_WAIT_S = 2.0  # the longest wait for the retained controller/state at start
+
+
+class StoreConflictError(UsageError):
+    """A live controller of the same fleet works on another database."""
+
+
+def check_peer(peer: ControllerState | None, *, store_id: str) -> None:
+    """Whether a controller on ``store_id`` may join next to ``peer`` (the retained state).
+
+    Nothing retained, an offline controller, one that names no store (an older
+    version) and one on the same store (a replica) are fine.
+
+    Raises:
+        StoreConflictError: ``peer`` is online and names another store.
+    """
+    if peer is None or not peer.online or not peer.store_id or peer.store_id == store_id:
+        return
+    raise StoreConflictError(
+        f"controller {peer.controller_id} is live on this fleet with store {peer.store_id}, "
+        f"this one has store {store_id}: give --db the database it uses (replicas share "
+        "one PostgreSQL database) or serve another --fleet"
+    )
+
 
 Ingested = NodeStatus | ResultBatch | Telemetry | NodeState
 """What nodes send that the controller stores (and acks, for statuses and results)."""
@@ -117,12 +147,14 @@ class ControllerLink:
         *,
         fleet: str,
         controller_id: str,
+        store_id: str,
         clock: Callable[[], float],
         metrics: Counter[str],
     ) -> None:
         self._transport = transport
         self._fleet = fleet
         self._controller_id = controller_id
+        self._store_id = store_id
         self._clock = clock
         self._metrics = metrics
         self._link: Link | None = None
@@ -136,6 +168,7 @@ class ControllerLink:
                 online=online,
                 session=self.session,
                 version=__version__,
+                store_id=self._store_id,
                 ts=self._clock(),
             )
         )
@@ -168,6 +201,31 @@ class ControllerLink:
                 await self.publish(
                     topics.controller_state(self._fleet), self._state(online=False), retain=True
                 )
+
+    async def read_peer(self, wait_s: float = PEER_WAIT_S) -> ControllerState | None:
+        """The controller state retained for this fleet (None: nothing, or unreadable).
+
+        One connection without a Will, which publishes nothing others read: it
+        subscribes to ``controller/state`` and to its own reply topic, then
+        sends itself a marker there. The broker hands out retained messages on
+        subscribe, before the marker, so the marker arriving first means there
+        is nothing retained; ``wait_s`` bounds the wait either way.
+
+        Raises: TransportError (the broker cannot be reached).
+        """
+        state_topic = topics.controller_state(self._fleet)
+        marker_topic = topics.ctl_reply(self._fleet, self._controller_id)
+        async with self._transport.connect(Session(client_id=self._controller_id)) as link:
+            await link.subscribe([(state_topic, 1), (marker_topic, 1)])
+            await link.publish(marker_topic, b"{}", qos=1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    async for message in link.messages():
+                        if message.topic == marker_topic:
+                            return None
+                        if message.topic == state_topic and message.payload:
+                            return _peer_state(message.payload)
+        return None
 
     async def run(self, routes: Routes, stopping: asyncio.Event) -> None:
         """Stay connected until ``stopping`` is set, handing every message to ``routes``."""
@@ -231,3 +289,11 @@ class ControllerLink:
         except Exception:
             self._metrics["route_errors"] += 1
             log.exception("handling the message on %s failed", message.topic)
+
+
+def _peer_state(payload: bytes) -> ControllerState | None:
+    try:
+        return decode(ControllerState, payload)
+    except DecodeError as exc:
+        log.warning("ignoring a malformed retained controller state: %s", exc)
+        return None

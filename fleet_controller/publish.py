@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from fleet_controller.api import CtlClient
-from fleet_controller.registry import describe_model, sign_manifest, validate_model
+from fleet_controller.registry import (
+    DEFAULT_PROVIDERS,
+    describe_model,
+    sign_manifest,
+    validate_model,
+)
 from shared.envelope import SigningKey
 from shared.errors import EdgeFleetError
 from shared.messages import ModelManifest, WarmupInput
@@ -53,6 +58,7 @@ async def prepare_manifest(
     warmup: Sequence[WarmupInput] = (),
     labels: Sequence[str] = (),
     operator: str = "",
+    providers: Sequence[str] = DEFAULT_PROVIDERS,
 ) -> ModelManifest:
     """Inspect ``path`` and warm it up exactly as a node will (nothing is signed yet).
 
@@ -70,6 +76,7 @@ async def prepare_manifest(
         warmup=warmup,
         class_labels=labels,
         created_by=operator,
+        providers=providers,
     )
     try:
         await validate_model(path, manifest)

@@ -2,8 +2,9 @@
 
 ``describe_model`` reads the file's inputs and outputs and hashes it;
 ``validate_model`` loads it with the node's own runtime code (signature check
-and warm-up), so the registry refuses exactly the models a node would refuse.
-Both come through :mod:`edge_node.validation`, the one node module the
+and warm-up), so the registry refuses exactly the models a node would refuse;
+``check_providers`` accepts the execution provider names onnxruntime knows.
+All come through :mod:`edge_node.validation`, the one node module the
 controller imports. Signing happens with the operator's release key, never the
 controller's.
 """
@@ -14,18 +15,41 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge_node.validation import ModelLoadError, read_signature, validate_model
+from edge_node.validation import (
+    ModelLoadError,
+    check_provider_names,
+    read_signature,
+    validate_model,
+)
 from shared.envelope import PAYLOAD_MANIFEST, Envelope, SigningKey, sign_envelope
 from shared.errors import DecodeError, EdgeFleetError
 from shared.messages import ModelManifest, WarmupInput, encode
 
-__all__ = ["ModelFileError", "describe_model", "sha256_file", "sign_manifest", "validate_model"]
+__all__ = [
+    "DEFAULT_PROVIDERS",
+    "ModelFileError",
+    "check_providers",
+    "describe_model",
+    "sha256_file",
+    "sign_manifest",
+    "validate_model",
+]
 
 _HASH_BLOCK = 1024 * 1024
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)  # a manifest's, unless the operator says
 
 
 class ModelFileError(EdgeFleetError):
     """The file is not a model onnxruntime can open."""
+
+
+def check_providers(names: Sequence[str]) -> tuple[str, ...]:
+    """A manifest's preferred execution providers, in order: names onnxruntime knows
+    (they need not be available on this machine; nodes skip those they lack).
+
+    Raises: UsageError (an unknown name, a repeat, none, or too many).
+    """
+    return check_provider_names(names)
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
@@ -47,7 +71,7 @@ def describe_model(
     warmup: Sequence[WarmupInput] = (),
     class_labels: Sequence[str] = (),
     created_by: str = "",
-    providers: Sequence[str] = ("CPUExecutionProvider",),
+    providers: Sequence[str] = DEFAULT_PROVIDERS,
 ) -> ModelManifest:
     """The manifest of ``path`` (inputs, outputs, sha256, size).
 

@@ -28,6 +28,7 @@ in-memory one in tests) and time through an injected clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet_io.mqtt import MqttTransport
-from edgefleet_io.transport import Transport
+from edgefleet_io.transport import Transport, reconnect_delays
 from fleet_controller.actions import ActionExecutor, CommandSender
 from fleet_controller.artifacts import Artifacts
 from fleet_controller.blobs import BlobStore
@@ -46,11 +47,12 @@ from fleet_controller.handlers import OperatorHandlers
 from fleet_controller.http_artifacts import ArtifactHttpServer
 from fleet_controller.ingest import Ingest
 from fleet_controller.keys import load_key, load_trust
-from fleet_controller.link import ControllerLink, Routes
+from fleet_controller.link import MAX_RECONNECT_DELAY_S, ControllerLink, Routes, check_peer
 from fleet_controller.operator_api import OperatorApi
 from fleet_controller.store import Store, parse_database_url
 from fleet_controller.ticker import RolloutTicker
 from shared.broker import BrokerAddress
+from shared.errors import TransportError
 from shared.messages import ArtifactRequest, OperatorRequest
 from shared.trust import Role
 
@@ -143,6 +145,7 @@ class ControllerService:
             transport or MqttTransport(config.broker, ca_file=config.ca_file),
             fleet=fleet,
             controller_id=config.controller_id,
+            store_id=self.store.store_id,
             clock=clock,
             metrics=self.metrics,
         )
@@ -195,7 +198,20 @@ class ControllerService:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Serve until :meth:`stop`. Raises: StoreError when the store fails at start."""
+        """Serve until :meth:`stop`.
+
+        Raises:
+            StoreError: the store fails at start.
+            StoreConflictError: a live controller of this fleet uses another store.
+        """
+        try:
+            joining = await self._may_join()
+        except BaseException:
+            await asyncio.to_thread(self.store.close)
+            raise
+        if not joining:
+            await asyncio.to_thread(self.store.close)
+            return
         active = await asyncio.to_thread(self.store.rollouts.list, active_only=True)
         if active:
             names = ", ".join(info.rollout_id for info in active)
@@ -228,6 +244,27 @@ class ControllerService:
             if http is not None:
                 await asyncio.to_thread(http.close)
             await asyncio.to_thread(self.store.close)
+
+    async def _may_join(self) -> bool:
+        """Check the retained ``controller/state`` before joining (waiting for the
+        broker as long as it takes); False when stopped meanwhile.
+
+        Raises: StoreConflictError (see :func:`~fleet_controller.link.check_peer`).
+        """
+        delays = reconnect_delays(maximum_s=MAX_RECONNECT_DELAY_S)
+        while not self._stopping.is_set():
+            try:
+                peer = await self.link.read_peer()
+            except TransportError as exc:
+                log.warning("cannot reach the broker to check for other controllers: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(next(delays)):
+                        await self._stopping.wait()
+                continue
+            check_peer(peer, store_id=self.store.store_id)
+            log.info("store %s; joining fleet %s", self.store.store_id, self.config.fleet)
+            return True
+        return False
 
     def _on_chunk(self, request: ArtifactRequest) -> None:
         self._background.spawn(self.artifacts.serve_chunk(request), f"chunk-{request.node}")

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 from fleet_controller import rollout_core as core
-from fleet_controller.store import ACTIVE_ROLLOUT_STATES, PendingStatus, RolloutReader
+from fleet_controller.rollout_log import rollout_log_lines
+from fleet_controller.store import PendingStatus, RolloutReader
 from fleet_controller.store.rollouts import Decide
+
+T = TypeVar("T")
 
 __all__ = [
     "FLEET_LOOKBACK_S",
@@ -23,13 +27,14 @@ __all__ = [
     "event_step",
     "fleet_view",
     "fold_statuses",
+    "logged",
     "tick_step",
 ]
 
 FLEET_LOOKBACK_S = 600.0  # health samples read from this long before the first command
 
-TickOutcome = tuple[bool, list[core.RolloutAction]]
-"""Whether the rollout was active before the step, and the actions to carry out."""
+TickOutcome = list[core.RolloutAction]
+"""The actions to carry out."""
 
 
 def fold_statuses(
@@ -78,8 +83,7 @@ def tick_step(now: float) -> Decide[TickOutcome]:
         sent = [p.sent_at or now for p in current.nodes.values()]
         since = min(sent, default=now) - FLEET_LOOKBACK_S
         fleet = fleet_view(reader, current.spec, since)
-        new, actions = core.tick(fold_statuses(current, pending, now), fleet, now=now)
-        return new, (current.state in ACTIVE_ROLLOUT_STATES, actions)
+        return core.tick(fold_statuses(current, pending, now), fleet, now=now)
 
     return decide
 
@@ -101,3 +105,18 @@ def event_step(event: core.RolloutEvent, now: float) -> Decide[None]:
         return replace(new, reason=f"{event.value} by operator"), None
 
     return decide
+
+
+def logged(decide: Decide[T], lines: list[str], *, operator: str | None = None) -> Decide[T]:
+    """``decide``, also leaving in ``lines`` what the step changed, for the log
+    (:func:`~fleet_controller.rollout_log.rollout_log_lines`; ``operator``: whose
+    action the step is, None for a tick)."""
+
+    def wrapped(
+        current: core.RolloutRecord, pending: list[PendingStatus], reader: RolloutReader
+    ) -> tuple[core.RolloutRecord, T]:
+        new, outcome = decide(current, pending, reader)
+        lines[:] = rollout_log_lines(current, new, operator=operator)
+        return new, outcome
+
+    return wrapped

@@ -31,9 +31,8 @@ from collections import Counter
 from collections.abc import Callable
 
 from fleet_controller.actions import ActionExecutor
-from fleet_controller.steps import tick_step
+from fleet_controller.steps import logged, tick_step
 from fleet_controller.store import (
-    ACTIVE_ROLLOUT_STATES,
     RecordError,
     Store,
     StoreError,
@@ -105,13 +104,14 @@ class RolloutTicker:
 
     async def _step(self, rollout_id: str) -> None:
         now = self._clock()
-        new, (was_active, actions) = await asyncio.to_thread(
-            self._store.rollouts.step, rollout_id, tick_step(now), now
+        changes: list[str] = []
+        new, actions = await asyncio.to_thread(
+            self._store.rollouts.step, rollout_id, logged(tick_step(now), changes), now
         )
+        for line in changes:
+            log.info("%s", line)
         for action in actions:
             await self._executor.execute(new, action, now)
-        if was_active and new.state not in ACTIVE_ROLLOUT_STATES:
-            log.info("rollout %s ended: %s (%s)", rollout_id, new.state.value, new.reason)
 
     async def _fail(self, rollout_id: str, reason: str) -> None:
         """End a rollout that cannot tick: clear its broadcast, then mark it failed."""

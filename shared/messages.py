@@ -455,11 +455,19 @@ class ArtifactChunk(Message):
 
 
 class ControllerState(Message):
+    """Retained on ``controller/state``: online on connect, offline as the Will.
+
+    ``store_id`` names the controller's database: replicas sharing one database
+    publish the same one, and a controller finding a live one with another
+    refuses to start (empty: a controller that does not say).
+    """
+
     type: Literal["controller_state"] = "controller_state"
     controller_id: Id
     online: bool
     session: Count
     version: Text = ""
+    store_id: Text = Field(default="", description="identity of the controller's database")
     ts: Timestamp
 
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,9 +29,10 @@ from typing import Any, NoReturn, TypeAlias
 
 from rich.console import Console, RenderableType
 
+from edgefleet_io.logs import LOG_FORMATS, LOG_LEVELS
 from edgefleet_io.mqtt import MqttTransport
 from fleet_controller.api import CtlClient
-from fleet_controller.cli.flags import parse_duration
+from fleet_controller.cli.flags import named, parse_positive_duration
 from shared.broker import DEFAULT_BROKER_URL, BrokerAddress, parse_broker_url
 from shared.errors import EdgeFleetError, UsageError
 from shared.operations import Operation, parse_request
@@ -43,7 +42,9 @@ __all__ = [
     "DEBUG_ENV",
     "DEFAULT_TIMEOUT_S",
     "KEYS_ENV",
+    "LOG_FORMATS",
     "LOG_LEVELS",
+    "MAX_TIMEOUT_S",
     "PASSPHRASE_ENV",
     "Commands",
     "Handler",
@@ -63,7 +64,6 @@ __all__ = [
     "quiet_onnxruntime",
     "rows",
     "settings_from",
-    "setup_logging",
     "stdout",
 ]
 
@@ -71,7 +71,7 @@ PASSPHRASE_ENV = "FLEET_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a s
 KEYS_ENV = "FLEET_KEYS"
 DEBUG_ENV = "FLEET_DEBUG"  # set: unexpected errors show their traceback
 DEFAULT_TIMEOUT_S = 10.0
-LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_TIMEOUT_S = 3600.0
 
 Handler: TypeAlias = Callable[[argparse.Namespace], int]
 
@@ -117,7 +117,9 @@ def _global_options() -> Parser:
         "--operator", help="who you are, for the audit log (env FLEET_OPERATOR, default $USER)"
     )
     group.add_argument(
-        "--timeout", metavar="DURATION", help=f"wait for answers (default {DEFAULT_TIMEOUT_S:g}s)"
+        "--timeout",
+        metavar="DURATION",
+        help=f"wait for answers (default {DEFAULT_TIMEOUT_S:g}s, at most 1h)",
     )
     group.add_argument("--ca-file", help="CA bundle for mqtts:// (env FLEET_CA_FILE)")
     return options
@@ -171,11 +173,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
     if not 0 < len(operator) <= 128 or not operator.isprintable():
         raise UsageError(f"invalid operator name {operator[:40]!r}")
-    timeout_s = parse_duration(args.timeout) if args.timeout else DEFAULT_TIMEOUT_S
-    if timeout_s <= 0:
-        raise UsageError("--timeout must be above zero")
+    timeout_s = DEFAULT_TIMEOUT_S
+    if args.timeout:
+        timeout_s = named("--timeout", _timeout, args.timeout)
     ca_file = args.ca_file or os.environ.get("FLEET_CA_FILE") or None
     return Settings(broker, fleet, operator, timeout_s, ca_file)
+
+
+def _timeout(text: str) -> float:
+    return parse_positive_duration(text, maximum_s=MAX_TIMEOUT_S)
 
 
 def checked(
@@ -268,18 +274,6 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def setup_logging(level: str) -> None:
-    """Log lines on stderr at ``level`` (for the long-running commands)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiomqtt warns whenever more than ten publishes await their PUBACK; serving
-    # chunks and acks to many nodes does that by design.
-    logging.getLogger("mqtt").setLevel(max(logging.ERROR, logging.getLogger().level))
 
 
 def quiet_onnxruntime() -> None:

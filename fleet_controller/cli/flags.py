@@ -5,10 +5,15 @@ Every parser takes the text an operator typed and returns a value or raises
 them reads a file, the environment or the clock (``now`` is passed in). The
 formatters are the parsers' inverses: ``parse_duration(format_duration(s)) == s``,
 so a default shown in ``--help`` is one an operator can type back.
+
+Numeric flags are range-checked by argparse itself: :func:`whole_number` and
+:func:`number` make ``type=`` functions that refuse text that is not a finite
+number within the flag's bounds (argparse then prints one line, exit 2).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -31,17 +36,20 @@ __all__ = [
     "format_fraction",
     "format_waves",
     "named",
+    "number",
     "parse_activate_at",
     "parse_duration",
     "parse_fraction",
     "parse_model_ref",
     "parse_operators",
+    "parse_positive_duration",
     "parse_select",
     "parse_shape",
     "parse_warmup_input",
     "parse_waves",
     "render_acl",
     "render_secure_conf",
+    "whole_number",
 ]
 
 _NUMBER = r"\d+(?:\.\d+)?"
@@ -84,6 +92,59 @@ def parse_duration(text: str) -> float:
         if _DURATION.fullmatch(value):
             return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(value))
     raise UsageError(f"invalid duration {text[:40]!r}: use e.g. 90, 60s, 5m, 1h30m")
+
+
+def parse_positive_duration(text: str, *, maximum_s: float) -> float:
+    """:func:`parse_duration`, above zero and at most ``maximum_s``.
+
+    Raises:
+        UsageError: not a duration, zero, or longer than ``maximum_s``.
+    """
+    seconds = parse_duration(text)
+    if not 0 < seconds <= maximum_s:
+        raise UsageError(
+            f"duration {text.strip()[:40]!r} must be above zero and at most "
+            f"{format_duration(maximum_s)}"
+        )
+    return seconds
+
+
+def whole_number(minimum: int, maximum: int) -> Callable[[str], int]:
+    """An argparse ``type=``: a whole number from ``minimum`` to ``maximum``."""
+
+    def parse(text: str) -> int:
+        value = text.strip()
+        if len(value) <= _MAX_FLAG_CHARS and re.fullmatch(r"[+-]?\d+", value, re.ASCII):
+            number = int(value)
+            if minimum <= number <= maximum:
+                return number
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from {minimum} to {maximum}, got {text[:40]!r}"
+        )
+
+    return parse
+
+
+def number(minimum: float, maximum: float, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse ``type=``: a finite number from ``minimum`` (exclusive when
+    ``above``) to ``maximum``; NaN and infinities are refused."""
+    bounds = (
+        f"above {minimum:g} and at most {maximum:g}"
+        if above
+        else f"from {minimum:g} to {maximum:g}"
+    )
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text) if len(text) <= _MAX_FLAG_CHARS else math.nan
+        except ValueError:
+            value = math.nan
+        in_range = (value > minimum if above else value >= minimum) and value <= maximum
+        if math.isfinite(value) and in_range:
+            return value
+        raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text[:40]!r}")
+
+    return parse
 
 
 def _plain(value: float) -> str:

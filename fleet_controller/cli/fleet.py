@@ -11,8 +11,7 @@ import asyncio
 
 from fleet_controller import console as view
 from fleet_controller.cli import common
-from fleet_controller.cli.flags import named, parse_select
-from shared.errors import UsageError
+from fleet_controller.cli.flags import named, parse_select, whole_number
 from shared.operations import AUDIT_LIST, NODES_LIST, REPORT
 
 __all__ = ["register"]
@@ -33,8 +32,6 @@ def _nodes(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     settings = common.settings_from(args)
-    if not 1 <= args.limit <= 100_000:
-        raise UsageError("--limit must be between 1 and 100000")
     request = common.checked(AUDIT_LIST, {"limit": args.limit})
     rows = common.rows(asyncio.run(common.call(settings, AUDIT_LIST, request)), AUDIT_LIST.name)
     common.emit(
@@ -59,7 +56,9 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
     audit = common.add_command(
         commands, "audit", _audit, "show the audit log of operator actions", parents.with_json
     )
-    audit.add_argument("--limit", type=int, default=100, help="newest N entries (100)")
+    audit.add_argument(
+        "--limit", type=whole_number(1, 100_000), default=100, help="newest N entries (100)"
+    )
     common.add_command(
         commands,
         "report",

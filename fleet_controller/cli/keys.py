@@ -17,12 +17,15 @@ from rich.console import Console
 from rich.table import Table
 
 from fleet_controller.cli import common
+from fleet_controller.cli.flags import whole_number
 from fleet_controller.keys import DEFAULT_TRUST_DAYS, init_keys, rotate_key, trust_path
 from shared.errors import UsageError
 from shared.operations import TRUST_PUSH
 from shared.trust import Role, TrustList
 
-__all__ = ["register"]
+__all__ = ["MAX_TRUST_DAYS", "register"]
+
+MAX_TRUST_DAYS = 3650  # ten years: a trust list that outlives its keys' custody is a risk
 
 
 def _print_trust(trust: TrustList, directory: Path, *, as_json: bool) -> None:
@@ -109,7 +112,10 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
     key_options = common.Parser(add_help=False)
     key_options.add_argument("--dir", help=f"key directory (env {common.KEYS_ENV}, default ./keys)")
     key_options.add_argument(
-        "--valid-days", type=int, default=DEFAULT_TRUST_DAYS, help="trust list lifetime"
+        "--valid-days",
+        type=whole_number(1, MAX_TRUST_DAYS),
+        default=DEFAULT_TRUST_DAYS,
+        help=f"trust list lifetime in days, 1 to {MAX_TRUST_DAYS} ({DEFAULT_TRUST_DAYS})",
     )
     with_keys = [*parents.with_json, key_options]
     init = common.add_command(

@@ -147,6 +147,7 @@ class _ModelAdd:
     labels: tuple[str, ...]
     keys_dir: Path
     int8_path: Path | None
+    providers: tuple[str, ...]
 
 
 async def _model_add_async(request: _ModelAdd, settings: common.Settings) -> list[dict[str, Any]]:
@@ -172,6 +173,7 @@ async def _model_add_async(request: _ModelAdd, settings: common.Settings) -> lis
             labels=request.labels,
             operator=settings.operator,
             now=now,
+            providers=request.providers,
         )
 
     releases = [(request.path, await prepare(request.path, request.name))]
@@ -215,6 +217,22 @@ def _warmup_inputs(args: argparse.Namespace) -> list[WarmupInput]:
     return warmup
 
 
+def _providers(text: str | None) -> tuple[str, ...]:
+    """``--providers P1,P2``: the manifest's preferred providers (default CPU only).
+
+    Raises: UsageError naming ``--providers`` (a name onnxruntime does not know).
+    """
+    from fleet_controller.registry import DEFAULT_PROVIDERS, check_providers  # noqa: PLC0415 - loads onnxruntime
+
+    if text is None:
+        return DEFAULT_PROVIDERS
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    try:
+        return check_providers(names)
+    except UsageError as exc:
+        raise UsageError(f"--providers: {exc}") from None
+
+
 def _model_add(args: argparse.Namespace) -> int:
     settings = common.settings_from(args)
     path = Path(args.file)
@@ -227,6 +245,7 @@ def _model_add(args: argparse.Namespace) -> int:
     if args.quantize:
         check_id(f"{name}-int8", "model name")
     common.quiet_onnxruntime()
+    providers = _providers(args.providers)
     with tempfile.TemporaryDirectory(prefix="fleetctl-") as tmp:
         request = _ModelAdd(
             path=path,
@@ -236,6 +255,7 @@ def _model_add(args: argparse.Namespace) -> int:
             labels=tuple(labels),
             keys_dir=common.keys_dir(args.keys),
             int8_path=Path(tmp) / f"{name}-int8.onnx" if args.quantize else None,
+            providers=providers,
         )
         rows = asyncio.run(_model_add_async(request, settings))
     common.emit(
@@ -280,6 +300,13 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
     add.add_argument("--label-file", metavar="FILE", help="class labels, one per line")
     add.add_argument(
         "--quantize", action="store_true", help="also register an int8 variant as NAME-int8"
+    )
+    add.add_argument(
+        "--providers",
+        metavar="P1,P2",
+        help="execution providers nodes should prefer, in order, e.g. "
+        "CUDAExecutionProvider,CPUExecutionProvider (default CPUExecutionProvider); "
+        "a node skips those it lacks",
     )
     add.add_argument("--keys", help=f"key directory with release.pem (env {common.KEYS_ENV})")
     common.add_command(actions, "list", _model_list, "list registered models", parents.with_json)

@@ -37,6 +37,7 @@ from fleet_controller.cli.flags import (
     parse_model_ref,
     parse_select,
     parse_waves,
+    whole_number,
 )
 from shared.errors import TransportError, UsageError
 from shared.operations import (
@@ -247,8 +248,6 @@ def start_request(args: argparse.Namespace, *, now: float) -> dict[str, Any]:
     if args.auto_rollback is not None:
         request["auto_rollback"] = args.auto_rollback
     if args.max_retries is not None:
-        if args.max_retries < 0:
-            raise UsageError("--max-retries must not be negative")
         request["max_retries"] = args.max_retries
     if args.select is not None:
         request["select"] = named("--select", parse_select, args.select)
@@ -391,7 +390,11 @@ def _add_start(actions: common.Commands, parents: common.Parents) -> None:
         metavar="TIME",
         help="ISO 8601 with zone, UNIX seconds, or +DURATION (default: at once)",
     )
-    start.add_argument("--max-retries", type=int, help=f"per node {_default('max_retries')}")
+    start.add_argument(
+        "--max-retries",
+        type=whole_number(0, 100),
+        help=f"per node, 0 to 100 {_default('max_retries')}",
+    )
     start.add_argument("--id", help="rollout id (default: generated)")
     start.add_argument(
         "--dry-run",

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import re
 import signal
 from typing import Any
 
+from edgefleet_io.logs import setup_logging
 from fleet_controller.cli import common
-from fleet_controller.cli.flags import parse_duration
+from fleet_controller.cli.flags import named, number, parse_positive_duration
 from fleet_controller.keys import key_path, trust_path
 from shared.errors import EdgeFleetError, UsageError
 from shared.trust import Role
@@ -25,13 +25,20 @@ __all__ = ["DB_ENV", "DEFAULT_DB_URL", "register"]
 
 DB_ENV = "FLEET_DB"
 DEFAULT_DB_URL = "sqlite:///fleet-data/fleet.db"
+MAX_TICK_S = 60.0
+MAX_RETENTION_DAYS = 3650.0
 
 
 def _database_url(url: str) -> str:
-    """Check ``url`` as the store reads it, and create a SQLite file's folder.
+    """Check ``url`` as the store reads it; create a ``sqlite:///`` file's folder.
+
+    A plain file path must name a file in a folder that exists (a typo should
+    not create a database somewhere unexpected); a ``sqlite:///`` URL's folder
+    is created, as for the default.
 
     Raises:
-        UsageError: not a database URL the store supports (one line, no password).
+        UsageError: not a database URL the store supports, a plain path whose
+            folder does not exist, or a folder (one line, no password).
         EdgeFleetError: the SQLite file's folder cannot be created.
     """
     from fleet_controller.store import StoreError, parse_database_url  # noqa: PLC0415 - heavy
@@ -41,22 +48,28 @@ def _database_url(url: str) -> str:
     except StoreError as exc:
         message = str(exc).removeprefix("invalid database URL: ")
         raise UsageError(f"invalid database URL (--db): {message}") from None
-    if parsed.sqlite_path is not None:
-        folder = parsed.sqlite_path.parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise EdgeFleetError(f"cannot create {folder}: {exc.strerror}") from None
+    path = parsed.sqlite_path
+    if path is None:
+        return url
+    if path.is_dir():
+        raise UsageError(f"--db {path} is a directory: name the database file in it")
+    if "://" not in url:
+        if not path.parent.is_dir():
+            raise UsageError(
+                f"--db {path}: folder {path.parent} does not exist "
+                f"(create it, or write sqlite:///{path} to have it created)"
+            )
+        return url
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgeFleetError(f"cannot create {path.parent}: {exc.strerror}") from None
     return url
 
 
 def _serve(args: argparse.Namespace) -> int:
     settings = common.settings_from(args)
-    tick_s = parse_duration(args.tick)
-    if tick_s <= 0:
-        raise UsageError("--tick must be above zero")
-    if not math.isfinite(args.retention_days) or args.retention_days <= 0:
-        raise UsageError("--retention-days must be above zero")
+    tick_s = named("--tick", lambda t: parse_positive_duration(t, maximum_s=MAX_TICK_S), args.tick)
     keys_dir = common.keys_dir(args.keys)
     for needed in (key_path(keys_dir, Role.ROLLOUT), trust_path(keys_dir)):
         if not needed.is_file():
@@ -66,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
             )
     db_url = _database_url(args.db or os.environ.get(DB_ENV) or DEFAULT_DB_URL)
     http_listen, http_url = _http_settings(args.http, args.http_url)
-    common.setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
 
     from fleet_controller.service import ControllerConfig  # noqa: PLC0415 - heavy imports
 
@@ -132,11 +145,18 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
         description="Runs until SIGINT or SIGTERM. Keys must hold rollout.pem and trust.json; "
         f"{common.PASSPHRASE_ENV} unlocks encrypted keys.",
     )
-    serve.add_argument("--db", help=f"database URL (env {DB_ENV}, default {DEFAULT_DB_URL})")
-    serve.add_argument("--keys", help=f"key directory (env {common.KEYS_ENV}, default ./keys)")
-    serve.add_argument("--tick", default="1s", metavar="DURATION", help="rollout tick (1s)")
     serve.add_argument(
-        "--retention-days", type=float, default=30.0, help="keep telemetry and results (30)"
+        "--db", help=f"database URL or SQLite file path (env {DB_ENV}, default {DEFAULT_DB_URL})"
+    )
+    serve.add_argument("--keys", help=f"key directory (env {common.KEYS_ENV}, default ./keys)")
+    serve.add_argument(
+        "--tick", default="1s", metavar="DURATION", help="rollout tick (1s; at most 1m)"
+    )
+    serve.add_argument(
+        "--retention-days",
+        type=number(0, MAX_RETENTION_DAYS, above=True),
+        default=30.0,
+        help=f"keep telemetry and results this many days (30; at most {MAX_RETENTION_DAYS:g})",
     )
     serve.add_argument(
         "--http",
@@ -147,3 +167,6 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
         "--http-url", help="base URL nodes use for --http (default http://HOST:PORT)"
     )
     serve.add_argument("--log-level", default="info", choices=common.LOG_LEVELS)
+    serve.add_argument(
+        "--log-format", default="text", choices=common.LOG_FORMATS, help="text or json lines"
+    )

@@ -13,19 +13,21 @@ import asyncio
 from edgefleet_io.mqtt import MqttTransport
 from fleet_controller import console as view
 from fleet_controller.cli import common
-from fleet_controller.cli.flags import parse_duration
+from fleet_controller.cli.flags import named, parse_positive_duration
 from shared.errors import UsageError
 
-__all__ = ["register"]
+__all__ = ["MAX_INTERVAL_S", "register"]
+
+MAX_INTERVAL_S = 3600.0
 
 
 def _top(args: argparse.Namespace) -> int:
     settings = common.settings_from(args)
     if args.json and not args.once:
         raise UsageError("--json needs --once (one snapshot)")
-    interval_s = parse_duration(args.interval)
-    if interval_s <= 0:
-        raise UsageError("--interval must be above zero")
+    interval_s = named(
+        "--interval", lambda t: parse_positive_duration(t, maximum_s=MAX_INTERVAL_S), args.interval
+    )
     snapshot = asyncio.run(
         view.run_top(
             MqttTransport(settings.broker, ca_file=settings.ca_file),

@@ -19,12 +19,16 @@ Invariants:
   missing tables in one transaction (on PostgreSQL under an advisory lock, so
   two controllers starting together never both create them); a database
   written by a newer controller is refused, never modified.
+* **One identity per store.** The first opening writes a random
+  ``meta.store_id``; it never changes afterwards, so controllers sharing one
+  database share it, and controllers on different databases never do.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,13 +100,23 @@ def parse_database_url(url: str) -> DatabaseUrl:
     ``postgresql+psycopg://user@host/db`` (``postgresql://`` and ``postgres://``
     mean the same). Touches nothing: no file, no server.
 
+    A plain path may not contain ``:``: ``postgres:db`` or ``garbage:::`` is a
+    mistyped URL far more often than a file name (``sqlite:///a:b`` still names
+    such a file).
+
     Raises:
-        StoreError: an empty or malformed URL, an in-memory SQLite database, or
-            any other database (one line, without the password).
+        StoreError: an empty or malformed URL, a plain path with a ``:``, an
+            in-memory SQLite database, or any other database (one line, without
+            the password).
     """
     if "://" not in url:
         if not url.strip():
             raise StoreError("no database given: pass a file path or a database URL")
+        if ":" in url:
+            raise StoreError(
+                f"invalid database URL: {_first_line(url)[:60]!r} is neither a URL "
+                "(sqlite:///PATH, postgresql+psycopg://...) nor a plain file path"
+            )
         path = Path(url).expanduser()
         return _parsed(URL.create("sqlite", database=str(path)), path)
     try:
@@ -196,7 +210,7 @@ class Database:
             raise self._open_error(exc) from None
         self._writer = self._engine.execution_options(**{_WRITE: True})
         try:
-            self._prepare()
+            self.store_id = self._prepare()
         except SQLAlchemyError as exc:
             self._engine.dispose()
             raise self._open_error(exc) from None
@@ -237,8 +251,9 @@ class Database:
             return postgresql.insert(table)
         return sqlite.insert(table)
 
-    def _prepare(self) -> None:
-        """Check the schema version, create missing tables, seed ``meta``, in one transaction."""
+    def _prepare(self) -> str:
+        """Check the schema version, create missing tables, seed ``meta``, in one
+        transaction; returns the store's identity (``meta.store_id``)."""
         with self._writer.begin() as conn:
             if self.dialect == "postgresql":
                 # Two controllers starting together must not both CREATE TABLE.
@@ -253,7 +268,11 @@ class Database:
                 [
                     {"key": "schema_version", "value": str(SCHEMA_VERSION)},
                     {"key": "command_seq", "value": "0"},
+                    {"key": "store_id", "value": uuid.uuid4().hex},
                 ],
+            )
+            return str(
+                conn.execute(select(META.c.value).where(META.c.key == "store_id")).scalar_one()
             )
 
     @staticmethod

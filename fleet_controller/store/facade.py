@@ -72,6 +72,11 @@ class Store:
         return self._db.dialect
 
     @property
+    def store_id(self) -> str:
+        """This database's identity, written once when it was created (``meta.store_id``)."""
+        return self._db.store_id
+
+    @property
     def schema(self) -> str | None:
         """The PostgreSQL schema holding the tables (None: the default one)."""
         return self._db.schema

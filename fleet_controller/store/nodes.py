@@ -11,7 +11,10 @@ Invariants:
   before deciding, so a concurrent ingest sees the result.
 * ``revoked`` is only changed by :meth:`NodeRepository.set_revoked`, so a node
   revoked before it ever connected stays revoked when it does.
-* ``last_seen`` never goes back.
+* ``last_seen`` never goes back. A birth or death counts as heard at its own
+  ``ts`` (never later than now): one retained on the broker, which a
+  controller reads at start, says when the node was last there, not when the
+  controller started.
 """
 
 from __future__ import annotations
@@ -45,12 +48,15 @@ class NodeRepository:
 
         A birth (``online``) replaces everything the node reports and marks it
         online; its ``outbox_floor`` settles every slot below it. A death marks
-        the node offline. ``revoked`` is never touched here.
+        the node offline and keeps the agent version it names. Either moves
+        ``last_seen`` up to the message's ``ts`` (at most ``now``). ``revoked``
+        is never touched here.
 
         Raises: StoreError.
         """
+        heard = min(state.ts, now)
         with self._db.session(write=True) as s:
-            ensure_nodes(self._db, s, [state.node], now)
+            ensure_nodes(self._db, s, [state.node], heard)
             session, last_seen, acked = s.exec(
                 select(col(NodeRow.session), col(NodeRow.last_seen), col(NodeRow.acked_seq))
                 .where(col(NodeRow.node_id) == state.node)
@@ -58,9 +64,11 @@ class NodeRepository:
             ).one()
             if not accept_node_state(session, state):
                 return False
-            seen = max(last_seen, now)
+            seen = max(last_seen, heard)
             if not state.online:
                 values: dict[str, Any] = {"online": False, "session": state.session}
+                if state.agent_version:
+                    values["agent_version"] = state.agent_version
             else:
                 values = _birth_values(state)
                 if state.outbox_floor is not None:

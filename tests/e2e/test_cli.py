@@ -32,6 +32,7 @@ from shared.envelope import Envelope
 from shared.messages import NodeState
 from shared.trust import Role, TrustStore
 from tests.support.broker import Broker
+from tests.support.fleet import Fleet
 from tests.support.harness import Harness
 
 pytestmark = pytest.mark.e2e
@@ -345,14 +346,11 @@ def test_run_deploy_sigterm_then_status(
 # ----- edge-node run --config, and failing closed without a trust file -------------
 
 
-def test_config_file_and_missing_trust_file(
-    broker: Broker, fleet_id: str, tmp_path: Path, classifier_v1: Path
-) -> None:
+def test_config_file_and_missing_trust_file(broker: Broker, fleet_id: str, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
 
     async def scenario() -> None:
         async with Harness(broker.url, fleet_id, tmp_path) as harness:
-            model = harness.register(classifier_v1, "clf", "1.0.0")
             config = tmp_path / "node.toml"
             config.write_text(
                 "# settings of one node\n"
@@ -365,6 +363,7 @@ def test_config_file_and_missing_trust_file(
                 'source = "none"\n'
                 "telemetry-interval = 5.0\n"  # flag spelling works in the file too
                 'labels = { site = "lab", tier = "edge" }\n'
+                'log_format = "json"\n'
             )
             no_trust = node_args(
                 harness,
@@ -377,40 +376,29 @@ def test_config_file_and_missing_trust_file(
                 Cli(logs, "edge_node", "run", "--config", str(config)) as configured,
                 Cli(logs, *no_trust) as closed,
             ):
-                nodes = (configured, closed)
+                # Fail closed: without a trust list the node does not start at all.
+                assert await closed.exited() == 2
+                assert_one_line_error(closed, 2, "trust", "nowhere", "--trust")
                 await wait_until(
                     harness,
-                    lambda: (
-                        states_of(harness, "cfg-1", online=True)
-                        and states_of(harness, "closed-1", online=True)
-                    ),
-                    what="the births of cfg-1 and closed-1",
-                    procs=nodes,
+                    lambda: states_of(harness, "cfg-1", online=True),
+                    what="the birth of cfg-1",
+                    procs=(configured,),
                 )
                 birth = states_of(harness, "cfg-1", online=True)[0]
                 assert birth.labels == {"site": "lab", "tier": "edge"}
+                assert not [s for s in harness.states if s.node == "closed-1"]
 
-                # Fail closed: without a trust list every command is rejected.
-                await harness.deploy("closed-1", model)
-                await wait_until(
-                    harness,
-                    lambda: [s for s in harness.statuses if s.node == "closed-1"],
-                    what="a status from closed-1",
-                    procs=nodes,
-                )
-                for status in (s for s in harness.statuses if s.node == "closed-1"):
-                    assert status.state.value == "rejected"
-                    assert status.code == "no_trust"
-
-                for cli in nodes:
-                    cli.proc.send_signal(signal.SIGTERM)
-                for cli in nodes:
-                    assert await cli.exited() == 0, cli.stderr
-                    assert "Traceback" not in cli.stderr
-                assert "trust" in closed.stderr  # the operator is told why
-            state = json.loads((tmp_path / "closed-1" / "state.json").read_text())
-            assert state["active"] is None
-            assert state["last_seq"] == 0
+                configured.proc.send_signal(signal.SIGTERM)
+                assert await configured.exited() == 0, configured.stderr
+                # log_format = "json": every line on stderr is one JSON object.
+                entries = [json.loads(line) for line in configured.stderr.splitlines()]
+                assert any(
+                    e["logger"] == "edge_node.link" and e["message"].startswith("connected to")
+                    for e in entries
+                ), entries
+                assert {e["level"] for e in entries} <= {"info", "warning"}
+            assert not (tmp_path / "closed-1" / "state.json").exists()
 
     asyncio.run(scenario())
 
@@ -438,7 +426,14 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:
             ("not a directory",),
         ),
         "no status dir": (("edge_node", "status", "--data", str(tmp_path / "none")), ("none",)),
-        "bad count": (("edge_node", "simulate", "--count", "0", "--data", str(data)), ("count",)),
+        "bad count": (
+            ("edge_node", "simulate", "--count", "0", "--data", str(data), "--trust", "t.json"),
+            ("count",),
+        ),
+        "simulate without trust": (
+            ("edge_node", "simulate", "--count", "1", "--data", str(data)),
+            ("--trust",),
+        ),
     }
     clis = run_all(logs, *(command for command, _ in cases.values()))
     for (case, (_, words)), cli in zip(cases.items(), clis, strict=True):
@@ -447,6 +442,41 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:
         except AssertionError as exc:
             raise AssertionError(f"{case}: {exc}") from None
     assert not (data / "state.json").exists(), "a refused start touches nothing"
+
+
+# ----- fleetctl serve: one store per fleet ----------------------------------------------
+
+
+def test_serve_refuses_a_second_store_and_admits_a_replica(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.serve(f"sqlite:///{tmp_path}/a/fleet.db")
+    env = _clean_env(
+        FLEET_BROKER=fleet.broker_url, FLEET_FLEET=fleet.fleet_id, FLEET_KEYS=str(fleet.keys_dir)
+    )
+    refused = run(
+        tmp_path / "cli-logs",
+        *("fleet_controller", "serve", "--db", f"sqlite:///{tmp_path}/b/fleet.db"),
+        env=env,
+    )
+    assert_one_line_error(refused, 2, "is live on this fleet with store", "--db")
+    with Cli(
+        tmp_path / "cli-logs",
+        *("fleet_controller", "serve", "--db", f"sqlite:///{tmp_path}/a/fleet.db"),
+        *("--log-format", "json"),
+        env=env,
+    ) as replica:
+
+        def serving() -> list[dict[str, object]] | None:
+            assert replica.proc.poll() is None, replica.stderr
+            text = replica.stderr
+            complete = text[: text.rfind("\n") + 1]  # not a line still being written
+            entries = [json.loads(line) for line in complete.splitlines()]
+            joined = any(str(e["message"]).startswith("controller ") for e in entries)
+            return entries if joined else None
+
+        entries = fleet.wait_until(serving, timeout_s=EVENT_TIMEOUT_S, what="the replica")
+        assert {e["logger"] for e in entries} >= {"fleet_controller.link"}
+        replica.proc.send_signal(signal.SIGTERM)
+        assert replica.wait() == 0, replica.stderr
 
 
 # ----- edge-node simulate ---------------------------------------------------------

@@ -71,8 +71,10 @@ def test_newer_schema_version_is_refused(pg_admin: Engine, schema: str) -> None:
 def test_reopen_keeps_data(schema: str) -> None:
     with Store.open(PG_URL, schema=schema) as store:
         assert store.next_command_seq() == 1
+        store_id = store.store_id
     with Store.open(PG_URL, schema=schema) as store:
         assert store.next_command_seq() == 2
+        assert store.store_id == store_id  # replicas on one database share its identity
 
 
 @pytest.mark.parametrize("scheme", ["postgresql", "postgres"])

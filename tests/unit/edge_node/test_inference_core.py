@@ -13,6 +13,7 @@ from edge_node.inference_core import (
     InputSpecError,
     ModelMismatchError,
     OutputSummaryError,
+    check_providers,
     check_signature,
     choose_providers,
     dtype_of,
@@ -25,7 +26,7 @@ from edge_node.inference_core import (
     split_outputs,
     stack_requests,
 )
-from shared.errors import DecodeError, TrustError
+from shared.errors import DecodeError, TrustError, UsageError
 from shared.messages import DType, ModelManifest, TensorSpec, WarmupInput
 
 SHA = "ab" * 32
@@ -115,6 +116,33 @@ def test_choose_providers(
     preferred: tuple[str, ...], available: tuple[str, ...], expected: tuple[str, ...]
 ) -> None:
     assert choose_providers(preferred, available) == expected
+
+
+KNOWN = ("CUDAExecutionProvider", "XnnpackExecutionProvider", "CPUExecutionProvider")
+HERE = ("CPUExecutionProvider",)
+
+
+@pytest.mark.parametrize(
+    ("wanted", "available", "error"),
+    [
+        (("CUDAExecutionProvider", "CPUExecutionProvider"), None, None),
+        (("CPUExecutionProvider",), HERE, None),
+        (("CUDAExecutionProvider",), HERE, "'CUDAExecutionProvider' is not available on this"),
+        (("GpuProvider",), None, "unknown execution provider 'GpuProvider' (onnxruntime knows"),
+        (("CPUExecutionProvider", "CPUExecutionProvider"), None, "is given twice"),
+        ((), None, "no execution provider given"),
+        (("CPUExecutionProvider",) * 9, None, "at most 8"),
+    ],
+)
+def test_check_providers(
+    wanted: tuple[str, ...], available: tuple[str, ...] | None, error: str | None
+) -> None:
+    if error is None:
+        assert check_providers(wanted, known=KNOWN, available=available) == wanted
+        return
+    with pytest.raises(UsageError) as caught:
+        check_providers(wanted, known=KNOWN, available=available)
+    assert error in str(caught.value)
 
 
 def test_first_line() -> None:

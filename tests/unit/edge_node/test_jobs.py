@@ -21,14 +21,16 @@ from pathlib import Path
 
 import pytest
 
+from edge_node.agent import NodeAgent
 from edge_node.state import NodeStore, PendingCommand
 from edgefleet_io.memory import MemoryBroker
 from fleet_controller.registry import sign_manifest
 from fleet_controller.signing import sign_command
 from shared import topics
 from shared.envelope import Envelope
+from shared.errors import TrustFileError
 from shared.messages import DeployAction, NodeTarget
-from tests.support.harness import Harness, Registered, start_node
+from tests.support.harness import Harness, Registered, node_config, start_node
 from tests.support.models import make_classifier, make_failing_warmup_model
 from tests.support.node_checks import (
     DEADLINE_S,
@@ -401,22 +403,24 @@ def test_replayed_commands_are_answered_as_duplicates(
     asyncio.run(scenario())
 
 
-def test_node_without_trust_file_rejects_every_command(
-    memory: MemoryBroker, fleet_id: str, tmp_path: Path, classifier_v1: Path
+def test_node_without_a_usable_trust_list_does_not_start(
+    memory: MemoryBroker, fleet_id: str, tmp_path: Path
 ) -> None:
+    """Fail closed by not starting: no birth, so no rollout ever counts the node."""
+
     async def scenario() -> None:
         async with Harness(memory, fleet_id, tmp_path) as harness:
-            model = harness.register(classifier_v1, "clf", "1.0.0")
-            nope = tmp_path / "nope.json"
-            async with start_node(harness, "n1", tmp_path / "n1", trust_file=nope) as node:
-                await harness.deploy("n1", model)
-                status = await wait_status(
-                    harness, "n1", lambda s: True, after=0, what="an answer to the deploy"
-                )
-                assert (status.state.value, status.code) == ("rejected", "no_trust")
-                assert status.command_id is None  # nothing unverified is believed
-                assert node.agent.active is None
-                assert not harness.chunk_requests
+            agent = NodeAgent(
+                node_config(harness, "n1", tmp_path / "n1", trust_file=tmp_path / "nope.json"),
+                transport=harness.transport,
+            )
+            with pytest.raises(TrustFileError, match=r"nope\.json does not exist"):
+                await asyncio.wait_for(agent.run(), DEADLINE_S)
+            assert not agent.ready.is_set()
+            assert not memory.connected("n1")  # it never dialled the broker
+            assert memory.retained(topics.state(fleet_id, "n1")) is None  # no birth
+            assert not [s for s in harness.states if s.node == "n1"]
+            assert not (tmp_path / "n1" / "state.json").exists()
 
     asyncio.run(scenario())
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from fleet_controller.keys import load_key, rotate_key
 from fleet_controller.registry import sign_manifest
@@ -199,7 +202,11 @@ def test_rollout_start_plans_refuses_and_forces(tmp_path: Path, keys: Path) -> N
     run(scenario)
 
 
-def test_rollout_events_abort_and_cancel(tmp_path: Path, keys: Path) -> None:
+def test_rollout_events_abort_and_cancel(
+    tmp_path: Path, keys: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fleet_controller")
+
     async def scenario() -> None:
         async with (
             controller(tmp_path, keys, tick_s=3600) as ctl,
@@ -244,6 +251,17 @@ def test_rollout_events_abort_and_cancel(tmp_path: Path, keys: Path) -> None:
             ]
 
     run(scenario)
+    # What the operator reads in the log: the ticker's steps and the handlers' own.
+    where = ("fleet_controller.ticker", "fleet_controller.handlers")
+    logged = [r.getMessage() for r in caplog.records if r.name in where]
+    assert logged == [
+        "rollout r1: started: clf@1.0.0, waves 100%",
+        "rollout r1: wave 1/1 started (100% of the selection)",
+        "rollout r1: paused by alice",
+        "rollout r1: resumed by alice",
+        "rollout r1: aborted by alice",
+        "rollout r1 ended: aborted: abort by operator",
+    ]
 
 
 def test_trust_push_broadcasts_a_rotation_once(tmp_path: Path, keys: Path) -> None:

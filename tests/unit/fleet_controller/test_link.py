@@ -10,7 +10,13 @@ import pytest
 
 from edgefleet_io.memory import MemoryBroker
 from edgefleet_io.transport import Message, Session
-from fleet_controller.link import ControllerLink, Routes, decode_incoming
+from fleet_controller.link import (
+    ControllerLink,
+    Routes,
+    StoreConflictError,
+    check_peer,
+    decode_incoming,
+)
 from shared import topics
 from shared.errors import BrokerUnavailableError, DecodeError
 from shared.messages import (
@@ -77,7 +83,12 @@ def test_malformed_or_misaddressed_messages_are_refused(
 def test_a_route_that_raises_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
     metrics: Counter[str] = Counter()
     link = ControllerLink(
-        MemoryBroker().transport(), fleet=FLEET, controller_id="c1", clock=Clock(), metrics=metrics
+        MemoryBroker().transport(),
+        fleet=FLEET,
+        controller_id="c1",
+        store_id="s1",
+        clock=Clock(),
+        metrics=metrics,
     )
 
     def explode(_: object) -> None:
@@ -134,13 +145,20 @@ def test_the_controller_survives_a_broker_outage(tmp_path: Path, keys: Path) -> 
 def test_the_link_subscribes_shared_except_for_node_states(tmp_path: Path, keys: Path) -> None:
     async def scenario() -> None:
         async with controller(tmp_path, keys) as ctl:
-            # A second replica shares the work; both get every node state.
-            other = make_service(tmp_path / "b", keys, ctl.broker, ctl.clock, controller_id="ctl-2")
+            # A second replica on the same database shares the work; both get every node state.
+            other = make_service(
+                tmp_path / "b",
+                keys,
+                ctl.broker,
+                ctl.clock,
+                controller_id="ctl-2",
+                db_url=str(ctl.db),
+            )
+            replicas = (ctl.service, other)
             async with running(other), ctl.node("n1") as node:
                 await node.birth()
                 await eventually(
-                    "both store the birth",
-                    lambda: all(s.store.nodes.get("n1") for s in (ctl.service, other)),
+                    "both store the birth", lambda: all(s.metrics["stored"] == 1 for s in replicas)
                 )
                 async with ctl.broker.transport().connect(Session(client_id="n2")) as n2:
                     await n2.subscribe([(topics.ack(FLEET, "n2"), 1)])
@@ -149,13 +167,91 @@ def test_the_link_subscribes_shared_except_for_node_states(tmp_path: Path, keys:
                         await n2.publish(topics.status(FLEET, "n2"), encode(status))
                     await eventually(
                         "each replica stored one status",
-                        lambda: (
-                            [
-                                s.store.results.table_counts()["statuses"]
-                                for s in (ctl.service, other)
-                            ]
-                            == [1, 1]
-                        ),
+                        lambda: [s.metrics["stored"] for s in replicas] == [2, 2],
                     )
+                assert ctl.store.results.table_counts()["statuses"] == 2
+
+    run(scenario)
+
+
+# ----- the store's identity in controller/state -------------------------------------------
+
+
+def _state(*, online: bool = True, store_id: str = "s-other") -> ControllerState:
+    return ControllerState(
+        controller_id="ctl-9", online=online, session=1, store_id=store_id, ts=NOW
+    )
+
+
+@pytest.mark.parametrize(
+    ("peer", "refused"),
+    [
+        pytest.param(None, False, id="nothing-retained"),
+        pytest.param(_state(online=False), False, id="offline-controller"),
+        pytest.param(_state(store_id=""), False, id="controller-naming-no-store"),
+        pytest.param(_state(store_id="s-mine"), False, id="replica-on-the-same-store"),
+        pytest.param(_state(), True, id="live-controller-on-another-store"),
+    ],
+)
+def test_check_peer(peer: ControllerState | None, refused: bool) -> None:
+    if not refused:
+        check_peer(peer, store_id="s-mine")
+        return
+    with pytest.raises(StoreConflictError) as caught:
+        check_peer(peer, store_id="s-mine")
+    message = str(caught.value)
+    assert "ctl-9" in message
+    assert "s-other" in message
+    assert "s-mine" in message
+    assert "\n" not in message
+
+
+def test_read_peer_returns_what_is_retained_and_none_at_once_without(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        link = ControllerLink(
+            broker.transport(),
+            fleet=FLEET,
+            controller_id="c1",
+            store_id="s1",
+            clock=Clock(),
+            metrics=Counter(),
+        )
+        # Nothing retained: the marker comes back first, long before the wait ends.
+        started = asyncio.get_running_loop().time()
+        assert await link.read_peer(wait_s=DEADLINE_S) is None
+        assert asyncio.get_running_loop().time() - started < DEADLINE_S / 2
+        async with broker.transport().connect(Session(client_id="other")) as other:
+            await other.publish(topics.controller_state(FLEET), encode(_state()), retain=True)
+        assert await link.read_peer(wait_s=DEADLINE_S) == _state()
+        # The probe left nothing behind: the retained state is untouched.
+        assert broker.retained(topics.controller_state(FLEET)) == encode(_state())
+
+    run(scenario)
+
+
+def test_the_store_identity_is_published_and_another_store_is_refused(
+    tmp_path: Path, keys: Path
+) -> None:
+    async def scenario() -> None:
+        async with controller(tmp_path, keys) as ctl:
+            retained = ctl.broker.retained(topics.controller_state(FLEET)) or b""
+            store_id = ctl.store.store_id
+            assert decode(ControllerState, retained).store_id == store_id
+            stranger = make_service(tmp_path / "b", keys, ctl.broker, ctl.clock, controller_id="x")
+            assert stranger.store.store_id != store_id
+            with pytest.raises(StoreConflictError, match=f"ctl-1 .* {store_id}"):
+                await stranger.run()
+            assert not ctl.broker.connected("x")
+            assert (
+                decode(
+                    ControllerState, ctl.broker.retained(topics.controller_state(FLEET)) or b""
+                ).controller_id
+                == "ctl-1"
+            )
+            # Once the first controller has stopped cleanly (offline), another store may serve.
+        later = make_service(tmp_path / "b", keys, ctl.broker, ctl.clock, controller_id="y")
+        async with running(later):
+            assert later.connected.is_set()
 
     run(scenario)

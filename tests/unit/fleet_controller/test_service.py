@@ -13,7 +13,7 @@ from fleet_controller import service as service_module
 from fleet_controller.service import ControllerConfig, ControllerService
 from shared import topics
 from shared.broker import BrokerAddress
-from shared.messages import ArtifactRequest, encode
+from shared.messages import ArtifactRequest, NodeState, encode
 from tests.unit.fleet_controller.kit import (
     FLEET,
     NOW,
@@ -104,5 +104,34 @@ def test_stop_stores_what_is_queued_and_says_offline(tmp_path: Path, keys: Path)
             ctl.service.ingest.offer(result_batch("n1", 1, [1, 2]))
         assert ctl.service.metrics["stored"] == 1
         assert b'"online":false' in (ctl.broker.retained(topics.controller_state(FLEET)) or b"")
+
+    run(scenario)
+
+
+def test_nodes_learned_from_retained_states_at_start_keep_their_time_and_version(
+    tmp_path: Path, keys: Path
+) -> None:
+    """A controller that starts after the nodes did learns them from the births and
+    deaths the broker retained: as last seen then, running the agent they named."""
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        async with broker.transport().connect(Session(client_id="old-news")) as link:
+            for node, online, ts in (("n1", True, NOW - 3600), ("n2", False, NOW - 7200)):
+                state = NodeState(node=node, online=online, session=3, agent_version="0.9.1", ts=ts)
+                await link.publish(topics.state(FLEET, node), encode(state), retain=True)
+        service = make_service(tmp_path, keys, broker, Clock())
+        async with running(service):
+            await eventually(
+                "both nodes stored",
+                lambda: len(service.store.nodes.list()) == 2,
+            )
+            n1, n2 = service.store.nodes.list()
+        assert (n1.node_id, n1.online, n1.agent_version, n1.last_seen) == (
+            "n1", True, "0.9.1", NOW - 3600,
+        )  # fmt: skip
+        assert (n2.node_id, n2.online, n2.agent_version, n2.last_seen) == (
+            "n2", False, "0.9.1", NOW - 7200,
+        )  # fmt: skip
 
     run(scenario)

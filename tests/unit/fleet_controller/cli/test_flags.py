@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from fleet_controller.cli import flags
@@ -262,3 +264,59 @@ def test_check_node_username_refuses(node: str) -> None:
     with pytest.raises(DecodeError):
         flags.check_node_username(node)
     assert flags.check_node_username("node-1") == "node-1"
+
+
+# ----- numeric flags ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("1", 1), ("3650", 3650), (" 7 ", 7), ("+12", 12), ("0012", 12)]
+)
+def test_whole_number(text: str, value: int) -> None:
+    assert flags.whole_number(1, 3650)(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "3651", "1.5", "1e3", "ten", "", "nan", "9" * 80])
+def test_whole_number_refuses(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="a whole number from 1 to 3650"):
+        flags.whole_number(1, 3650)(text)
+
+
+@pytest.mark.parametrize(
+    ("above", "text", "value"),
+    [(True, "0.5", 0.5), (True, "3650", 3650.0), (False, "0", 0.0), (False, "1e2", 100.0)],
+)
+def test_number(above: bool, text: str, value: float) -> None:
+    assert flags.number(0, 3650, above=above)(text) == value
+
+
+@pytest.mark.parametrize(
+    ("above", "text"),
+    [
+        (True, "0"),
+        (False, "-0.1"),
+        (False, "3650.5"),
+        (False, "nan"),
+        (False, "inf"),
+        (False, "-inf"),
+        (False, "lots"),
+        (False, "1" * 80),
+    ],
+)
+def test_number_refuses(above: bool, text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected a number (above|from) 0"):
+        flags.number(0, 3650, above=above)(text)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("1s", 1.0), ("250ms", 0.25), ("1m", 60.0)])
+def test_parse_positive_duration(text: str, seconds: float) -> None:
+    assert flags.parse_positive_duration(text, maximum_s=60) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("0", "must be above zero and at most 1m"), ("61s", "at most 1m"), ("-1", "invalid")],
+)
+def test_parse_positive_duration_refuses(text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        flags.parse_positive_duration(text, maximum_s=60)

@@ -44,7 +44,10 @@ def test_requests_sent(
     ("argv", "message"),
     [
         (["nodes", "--select", "k"], "fleetctl: --select: "),
-        (["audit", "--limit", "100001"], "fleetctl: --limit must be between 1 and 100000"),
+        (
+            ["audit", "--limit", "100001"],
+            "fleetctl audit: argument --limit: expected a whole number from 1 to 100000",
+        ),
     ],
 )
 def test_refused_before_the_controller(

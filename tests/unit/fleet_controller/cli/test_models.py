@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from fleet_controller.cli import common
+from shared.envelope import Envelope
+from shared.messages import ModelManifest, decode
 from tests.support.models import make_classifier, make_failing_warmup_model
 from tests.unit.fleet_controller.cli._kit import one_line, run
 
@@ -120,3 +126,79 @@ def test_model_add_missing_file_and_missing_key_exit_2(
     )  # fmt: skip
     assert code == 2
     assert "no release key" in one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("providers", "message"),
+    [
+        ("FooExecutionProvider", "--providers: unknown execution provider 'FooExecutionProvider'"),
+        ("CPUExecutionProvider,CPUExecutionProvider", "given twice"),
+        (",", "--providers: no execution provider given"),
+    ],
+)
+def test_model_add_refuses_unknown_providers(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    keys: Path,
+    closed_broker: str,
+    providers: str,
+    message: str,
+) -> None:
+    model = make_classifier(tmp_path / "c.onnx")
+    code, _, err = run(
+        capsys, "model", "add", str(model), "--name", "c", "--version", "1.0.0",
+        "--providers", providers, "--keys", str(keys), "--broker", closed_broker,
+    )  # fmt: skip
+    assert code == 2
+    assert message in one_line(err)
+
+
+class _RecordingController:
+    """The operator API as ``model add`` uses it: uploads complete at once, adds are kept."""
+
+    def __init__(self) -> None:
+        self.added: list[ModelManifest] = []
+
+    async def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op == "model.upload":
+            return {"received": args["size"], "complete": True}
+        payload = Envelope.from_bytes(args["envelope"].encode()).payload_bytes()
+        manifest = decode(ModelManifest, payload)
+        self.added.append(manifest)
+        return {"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256}
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], ("CPUExecutionProvider",)),
+        # Known to onnxruntime, whether or not this machine has it: nodes skip what they lack.
+        (
+            ["--providers", "CUDAExecutionProvider, CPUExecutionProvider"],
+            ("CUDAExecutionProvider", "CPUExecutionProvider"),
+        ),
+    ],
+)
+def test_model_add_providers_go_into_every_signed_manifest(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    keys: Path,
+    flags: list[str],
+    expected: tuple[str, ...],
+) -> None:
+    fake = _RecordingController()
+
+    @contextlib.asynccontextmanager
+    async def controller(settings: common.Settings) -> AsyncIterator[_RecordingController]:
+        yield fake
+
+    monkeypatch.setattr(common, "controller", controller)
+    model = make_classifier(tmp_path / "c.onnx")
+    code, _, err = run(
+        capsys, "model", "add", str(model), "--name", "c", "--version", "1.0.0", "--quantize",
+        *flags, "--keys", str(keys), "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert [m.name for m in fake.added] == ["c", "c-int8"]
+    assert all(m.providers == expected for m in fake.added)

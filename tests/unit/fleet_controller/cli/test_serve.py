@@ -30,9 +30,13 @@ def test_serve_without_keys_exits_2(
     ("extra", "message"),
     [
         (["--db", "nosuchdriver+x:///db"], "invalid database URL"),
-        (["--tick", "0"], "--tick must be above zero"),
+        (["--tick", "0"], "--tick: duration '0' must be above zero and at most 1m"),
+        (["--tick", "2m"], "at most 1m"),
         (["--tick", "soon"], "invalid duration"),
-        (["--retention-days", "0"], "--retention-days must be above zero"),
+        (["--retention-days", "0"], "--retention-days: expected a number above 0"),
+        (["--retention-days", "nan"], "--retention-days: expected a number above 0"),
+        (["--retention-days", "-1"], "--retention-days: expected a number above 0"),
+        (["--retention-days", "1e9"], "and at most 3650"),
         (["--log-level", "loud"], "invalid choice"),
     ],
 )
@@ -42,3 +46,34 @@ def test_serve_refuses_bad_settings(
     code, _, err = run(capsys, "serve", "--keys", str(keys), *extra)
     assert code == 2
     assert message in one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("db", "message"),
+    [
+        pytest.param("garbage:::", "neither a URL", id="garbage"),
+        pytest.param("postgres:fleet", "neither a URL", id="url-without-slashes"),
+        pytest.param("{tmp}/missing/fleet.db", "does not exist", id="plain-path-no-folder"),
+        pytest.param("{tmp}", "is a directory", id="a-folder"),
+        pytest.param("sqlite:///{tmp}", "is a directory", id="a-folder-as-url"),
+    ],
+)
+def test_serve_refuses_a_bad_db(
+    capsys: pytest.CaptureFixture[str],
+    keys: Path,
+    tmp_path: Path,
+    closed_broker: str,
+    monkeypatch: pytest.MonkeyPatch,
+    db: str,
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    code, _, err = run(
+        capsys,
+        *("serve", "--keys", str(keys), "--broker", closed_broker),
+        *("--db", db.format(tmp=tmp_path)),
+    )
+    assert code == 2
+    assert message in one_line(err)
+    assert sorted(tmp_path.iterdir()) == before  # no database file, no folder created

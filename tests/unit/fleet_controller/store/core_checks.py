@@ -119,7 +119,8 @@ def check_stale_death_is_ignored(store: Store) -> None:
     assert node.capabilities.cpus == 4
     assert node.agent_version == "0.1.0"
     # A death of the same session marks it offline and keeps what the birth said.
-    assert store.nodes.apply_state(state("n1", online=False, session=2, model=None), NOW + 2)
+    death = state("n1", online=False, session=2, model=None, ts=NOW + 2)
+    assert store.nodes.apply_state(death, NOW + 2)
     node = store.nodes.get("n1")
     assert node is not None
     assert (node.online, node.session, node.last_seen, node.model) == (False, 2, NOW + 2, REF1)
@@ -133,6 +134,31 @@ def check_stale_death_is_ignored(store: Store) -> None:
     gone = store.nodes.get("n9")
     assert gone is not None
     assert (gone.online, gone.session) == (False, 7)
+
+
+def check_retained_states_keep_their_own_time_and_version(store: Store) -> None:
+    """A controller starting now reads births and deaths retained long ago: the nodes
+    were last seen when those were sent, not now, and say which agent they run."""
+    born = state("b1", online=True, session=4, ts=NOW - 3600, agent_version="1.2.3")
+    died = state("d1", online=False, session=2, ts=NOW - 7200, agent_version="1.2.0")
+    assert store.nodes.apply_state(born, NOW)
+    assert store.nodes.apply_state(died, NOW)
+    b1, d1 = store.nodes.get("b1"), store.nodes.get("d1")
+    assert b1 is not None
+    assert d1 is not None
+    assert (b1.online, b1.agent_version, b1.last_seen) == (True, "1.2.3", NOW - 3600)
+    assert (d1.online, d1.agent_version, d1.last_seen) == (False, "1.2.0", NOW - 7200)
+    # A node's clock ahead of ours counts as now; last_seen never goes back.
+    assert store.nodes.apply_state(state("b1", online=True, session=5, ts=NOW + 60), NOW)
+    assert store.nodes.apply_state(state("b1", online=False, session=5, ts=NOW - 60), NOW + 1)
+    b1 = store.nodes.get("b1")
+    assert b1 is not None
+    assert (b1.online, b1.last_seen) == (False, NOW)
+    # A death that names no agent version keeps the one the birth gave.
+    assert store.nodes.apply_state(state("d1", online=False, session=2, agent_version=""), NOW)
+    d1 = store.nodes.get("d1")
+    assert d1 is not None
+    assert (d1.agent_version, d1.last_seen) == ("1.2.0", NOW)
 
 
 def check_nodes_selector_revoke_touch(store: Store) -> None:
@@ -413,6 +439,7 @@ CORE_CHECKS: list[Callable[[Store], None]] = [
     check_contiguous_ack_with_out_of_order_slots,
     check_unknown_nodes_are_created_offline,
     check_stale_death_is_ignored,
+    check_retained_states_keep_their_own_time_and_version,
     check_nodes_selector_revoke_touch,
     check_models,
     check_rollout_round_trip_and_events,

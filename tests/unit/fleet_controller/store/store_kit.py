@@ -98,19 +98,22 @@ def state(
     session: int,
     labels: dict[str, str] | None = None,
     model: ModelRef | None = REF1,
+    ts: float = NOW,
+    agent_version: str = "0.1.0",
 ) -> NodeState:
+    """A birth or death, sent at ``ts`` (by the node's clock)."""
     return NodeState(
         node=node,
         online=online,
         session=session,
-        agent_version="0.1.0",
+        agent_version=agent_version,
         model=model,
         previous_model=REF2 if model is not None else None,
         labels=labels or {},
         capabilities=Capabilities(
             providers=("CPUExecutionProvider",), cpus=4, memory_bytes=2**32, disk_free_bytes=2**34
         ),
-        ts=NOW,
+        ts=ts,
     )
 
 

@@ -16,6 +16,13 @@ HOME = Path("~").expanduser()
     [
         pytest.param("fleet.db", "sqlite:///fleet.db", "sqlite:///fleet.db", Path("fleet.db")),
         pytest.param(
+            "sqlite:///odd:name.db",
+            "sqlite:///odd%3Aname.db",
+            "sqlite:///odd%3Aname.db",
+            Path("odd:name.db"),
+            id="colon-in-a-sqlite-url",
+        ),
+        pytest.param(
             "/var/lib/edgefleet/fleet.db",
             "sqlite:////var/lib/edgefleet/fleet.db",
             "sqlite:////var/lib/edgefleet/fleet.db",
@@ -90,6 +97,9 @@ def test_urls_are_normalised(
             "postgresql+psycopg://u:secret@h:notaport/db", "invalid database URL", id="port"
         ),
         pytest.param("://nothing", "invalid database URL", id="no-scheme"),
+        pytest.param("garbage:::", "neither a URL", id="garbage"),
+        pytest.param("postgres:fleet", "neither a URL", id="no-slashes"),
+        pytest.param("sqlite:fleet.db", "neither a URL", id="sqlite-no-slashes"),
     ],
 )
 def test_bad_urls_are_one_line_store_errors(url: str, message: str) -> None:

@@ -58,6 +58,25 @@ def test_sqlite_file_is_in_wal_mode_and_survives_reopen(db_path: Path) -> None:
         assert [m.version for m in store.models.list()] == ["1.0.0"]
 
 
+def test_store_id_is_written_once_and_differs_between_databases(tmp_path: Path) -> None:
+    with Store.open(str(tmp_path / "a.db")) as a, Store.open(str(tmp_path / "b.db")) as b:
+        first = a.store_id
+        assert len(first) == 32
+        assert int(first, 16) >= 0
+        assert b.store_id != first
+    with Store.open(f"sqlite:///{tmp_path}/a.db") as again:
+        assert again.store_id == first
+    # A database made before stores had an identity gets one when next opened, then keeps it.
+    with sqlite3.connect(tmp_path / "a.db") as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'store_id'")
+    conn.close()
+    with Store.open(str(tmp_path / "a.db")) as upgraded:
+        given = upgraded.store_id
+    assert given != first
+    with Store.open(str(tmp_path / "a.db")) as again:
+        assert again.store_id == given
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
