@@ -38,8 +38,8 @@ from edgefleet_io.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
 from shared import __version__
 from shared.broker import DEFAULT_BROKER_URL, parse_broker_url
 from shared.errors import DecodeError, EdgeFleetError, TrustError, UsageError
+from shared.labels import parse_labels
 from shared.topics import check_id
-from shared.waves import parse_selector
 
 __all__ = ["main"]
 
@@ -84,7 +84,7 @@ def _labels(values: object) -> dict[str, str]:
         }
     if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
         raise UsageError('labels: use a table (labels = {k = "v"}) or a list of "k=v"')
-    return parse_selector(",".join(values))
+    return parse_labels(",".join(values))
 
 
 def _setting(args: argparse.Namespace, toml: dict[str, Any], name: str, default: Any) -> Any:

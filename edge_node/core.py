@@ -10,12 +10,13 @@ returns one outcome:
   command seen again on reconnect, a later wave of a rollout this node took
   part in): acknowledge, do not re-run;
 * :class:`Ignored` — a broadcast not meant for this node (outside the wave or
-  the selector, or superseded by a newer command): nothing is reported;
+  the selector, excluded by id, or superseded by a newer command): nothing is
+  reported;
 * :class:`Rejected` — refused with a machine-readable ``code``; nothing changes.
 
 Rules, in order: a well-formed DSSE envelope; a threshold of rollout-role
 signatures; a well-formed command for this fleet; addressed to this node
-(explicit id, or the wave's selector and hash bucket); not expired; a
+(explicit id, or the wave's selector, exclusions and hash bucket); not expired; a
 release-role signature on the embedded manifest; not already attempted; a
 ``seq`` above the highest applied (replay); no downgrade unless it is a signed
 rollback; a trust update must rotate (newer, signed by old and new root).
@@ -35,6 +36,7 @@ from shared.errors import (
     ReplayError,
     TrustError,
 )
+from shared.labels import matches
 from shared.messages import (
     Command,
     DeployAction,
@@ -47,7 +49,7 @@ from shared.messages import (
 )
 from shared.trust import Role, TrustStore
 from shared.version import SemVer
-from shared.waves import in_wave, matches
+from shared.waves import in_wave
 
 __all__ = [
     "MAX_REMEMBERED_KEYS",
@@ -146,6 +148,8 @@ def _addressed(command: Command, me: NodeIdentity) -> Ignored | Rejected | None:
             return Rejected(NotAddressedError("wave command without a rollout id"), command)
         if not matches(target.selector, me.labels):
             return Ignored("labels do not match the rollout's selector")
+        if me.node_id in target.exclude:
+            return Ignored("excluded by the controller (relabelled out of the selection)")
         if not in_wave(command.rollout_id, me.node_id, target.bucket_limit):
             return Ignored(f"not in wave {target.wave}")
         return None

@@ -114,7 +114,7 @@ def plan_command(
     spec = record.spec
     if isinstance(action, SendWave):
         target: WaveTarget | NodeTarget = WaveTarget(
-            selector=dict(spec.selector), bucket_limit=action.bucket_limit, wave=action.wave
+            selector=spec.selector, bucket_limit=action.bucket_limit, wave=action.wave
         )
     else:
         target = NodeTarget(node=action.node_id)

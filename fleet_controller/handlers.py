@@ -38,9 +38,9 @@ from fleet_controller.views import rollout_view
 from shared import operations as ops
 from shared.envelope import Envelope, b64decode
 from shared.errors import EdgeFleetError, UsageError
+from shared.labels import format_selector
 from shared.messages import ModelManifest, ModelRef, decode
 from shared.trust import Role, TrustStore
-from shared.waves import format_selector
 
 __all__ = ["OperatorHandlers"]
 
@@ -124,7 +124,7 @@ class OperatorHandlers:
         if info is None:
             raise EdgeFleetError(f"unknown model {request.model}: add it with `fleetctl model add`")
         selector = request.selector
-        nodes = await asyncio.to_thread(self._store.nodes.list, selector or None)
+        nodes = await asyncio.to_thread(self._store.nodes.list, selector)
         if not [n for n in nodes if not n.revoked]:
             raise EdgeFleetError(
                 f"selection {format_selector(selector) or '(all)'} matches no known node"
@@ -218,7 +218,7 @@ class OperatorHandlers:
     # ----- nodes, trust, audit, report ---------------------------------------------------
 
     async def nodes_list(self, request: ops.NodesList, operator: str) -> list[dict[str, Any]]:
-        nodes = await asyncio.to_thread(self._store.nodes.list, request.selector or None)
+        nodes = await asyncio.to_thread(self._store.nodes.list, request.selector)
         return [n.to_dict() for n in nodes]
 
     async def node_revoke(self, request: ops.NodeRevoke, operator: str) -> dict[str, Any]:

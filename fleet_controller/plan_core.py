@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fleet_controller.rollout_core import RolloutRecord, RolloutSpec, wave_of
+from shared.labels import matches
 from shared.messages import Capabilities, ModelManifest, ModelRef
 from shared.version import SemVer
-from shared.waves import matches
 
 __all__ = ["CPU_PROVIDER", "NodeFacts", "Plan", "plan_rollout", "refusal"]
 

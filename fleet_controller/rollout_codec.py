@@ -9,7 +9,8 @@ Invariants:
   record: enums travel as their values, ``ModelRef`` as its three fields,
   tuples as lists (rebuilt as tuples), mappings as objects (rebuilt as dicts),
   floats as floats (an ``int`` given for a float field comes back as ``float``,
-  which compares equal).
+  which compares equal), a selector as its canonical text (so a record's
+  selector must be canonical, as :func:`shared.labels.parse_selector` makes it).
 * **Deterministic.** Compact, key-sorted JSON: equal records give equal text.
 * **Strict.** The text is read with :func:`shared.codec.decode_json` (no
   duplicate keys, no NaN, 64-bit integers); every object must hold exactly the
@@ -32,6 +33,7 @@ from pydantic import ValidationError
 from fleet_controller.rollout_core import NodeProgress, RolloutRecord, RolloutSpec
 from shared.codec import decode_json
 from shared.errors import DecodeError
+from shared.labels import Selector, format_labels, format_selector, parse_selector
 from shared.messages import ModelRef, NodeRolloutState, RolloutState
 
 __all__ = ["FORMAT", "MAX_RECORD_BYTES", "record_from_json", "record_to_json"]
@@ -56,7 +58,7 @@ def _spec(spec: RolloutSpec) -> dict[str, Any]:
     return {
         "rollout_id": spec.rollout_id,
         "model": _ref(spec.model),
-        "selector": dict(spec.selector),
+        "selector": format_selector(spec.selector),
         "waves": list(spec.waves),
         "max_failures": spec.max_failures,
         "wave_timeout_s": spec.wave_timeout_s,
@@ -195,10 +197,16 @@ def _model_ref(value: Any, where: str) -> ModelRef:
         raise DecodeError(f"rollout record: {where}.{field}: {first['msg']}") from None
 
 
-def _labels(value: Any, where: str) -> dict[str, str]:
-    if not isinstance(value, dict):
-        raise DecodeError(f"rollout record: {where} must be an object")
-    return {key: _str(item, f"{where}.{key}") for key, item in value.items()}
+def _selector(value: Any, where: str) -> Selector:
+    """The selector's canonical text; a label map (records written before selectors
+    had operators) means those ``key=value`` terms."""
+    if isinstance(value, dict):
+        labels = {key: _str(item, f"{where}.{key}") for key, item in value.items()}
+        value = format_labels(labels)
+    try:
+        return parse_selector(_str(value, where))
+    except DecodeError as exc:
+        raise DecodeError(f"rollout record: {where}: {exc}") from None
 
 
 def _strs(value: Any, where: str) -> tuple[str, ...]:
@@ -229,7 +237,7 @@ def _kwargs(
 _SPEC_CHECKS: Mapping[str, Callable[[Any, str], Any]] = {
     "rollout_id": _str,
     "model": _model_ref,
-    "selector": _labels,
+    "selector": _selector,
     "waves": _floats,
     "max_failures": _float,
     "wave_timeout_s": _float,

@@ -53,8 +53,9 @@ from fleet_controller.rollout_records import (
     SendWave,
 )
 from shared.errors import EdgeFleetError
+from shared.labels import matches
 from shared.messages import NodeRolloutState, RolloutState
-from shared.waves import bucket, buckets_for_percent, matches
+from shared.waves import bucket, buckets_for_percent
 
 __all__ = [
     "DETERMINISTIC_FAILURES",

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fleet_controller.health import HealthSample
+from shared.labels import Selector
 from shared.messages import ModelRef, NodeRolloutState, RolloutState
 from shared.operations import DEFAULT_POLICY, RolloutPolicy
 
@@ -45,7 +46,7 @@ class RolloutSpec:
 
     rollout_id: str
     model: ModelRef
-    selector: Mapping[str, str] = field(default_factory=dict)
+    selector: Selector = ()
     waves: tuple[float, ...] = _P.waves
     max_failures: float = _P.max_failures
     wave_timeout_s: float = _P.wave_timeout_s
@@ -69,13 +70,13 @@ class RolloutSpec:
         *,
         rollout_id: str,
         model: ModelRef,
-        selector: Mapping[str, str],
+        selector: Selector,
     ) -> RolloutSpec:
         """The spec of a rollout started with ``policy``'s tunables."""
         return cls(
             rollout_id=rollout_id,
             model=model,
-            selector=dict(selector),
+            selector=selector,
             waves=policy.waves,
             max_failures=policy.max_failures,
             wave_timeout_s=policy.wave_timeout_s,

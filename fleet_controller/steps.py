@@ -59,7 +59,7 @@ def fleet_view(
     reader: RolloutReader, spec: core.RolloutSpec, since: float
 ) -> dict[str, core.NodeView]:
     """The selected, unrevoked nodes with their health samples since ``since``."""
-    nodes = reader.nodes(dict(spec.selector) or None)
+    nodes = reader.nodes(spec.selector)
     samples = reader.samples([n.node_id for n in nodes], since)
     return {
         n.node_id: core.NodeView(

@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Any
 
 from fleet_controller.rollout_core import NodeProgress, RolloutRecord
-from shared.waves import format_selector
+from shared.labels import format_selector
 
 __all__ = ["rollout_view"]
 

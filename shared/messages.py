@@ -1,7 +1,9 @@
 """Typed, frozen models of every payload on the wire, and their strict decoder.
 
-Every message has ``v`` (schema version, now 1) and ``type`` (its kind), so a
-payload on the wrong topic fails to decode instead of being misread. Unknown
+Every message has ``v`` (its kind's schema version: 2 for :class:`Command`, 1
+for every other kind) and ``type`` (its kind), so a payload on the wrong topic,
+or of a version the receiver does not know, fails to decode instead of being
+misread. Unknown
 fields are refused (``extra="forbid"``), numbers must be finite, and every list,
 map and string is bounded. :func:`decode` is the only way bytes become a
 message: size limit first, then strict JSON (:mod:`shared.codec`), then the
@@ -27,9 +29,12 @@ from shared.codec import DEFAULT_MAX_PAYLOAD_BYTES, decode_json, encode_json
 from shared.envelope import Envelope
 from shared.errors import DecodeError
 from shared.histogram import NUM_BUCKETS
+from shared.labels import WireSelector
 from shared.version import SEMVER_PATTERN, SemVer, VersionError
 
 __all__ = [
+    "COMMAND_SCHEMA_VERSION",
+    "MAX_EXCLUDED_NODES",
     "MESSAGE_TYPES",
     "Ack",
     "ArtifactChunk",
@@ -69,6 +74,10 @@ __all__ = [
 ]
 
 SCHEMA_VERSION: Literal[1] = 1
+# Version 2: a wave target's selector is a list of typed requirements, and it
+# may exclude nodes by id (version 1 had a label map and no exclusions).
+COMMAND_SCHEMA_VERSION: Literal[2] = 2
+MAX_EXCLUDED_NODES = 4096  # ids in one wave target's ``exclude``
 
 
 def _semver(text: str) -> str:
@@ -99,8 +108,12 @@ class _Frozen(BaseModel):
 
 
 class Message(_Frozen):
-    """Base of every top-level payload."""
+    """Base of every top-level payload; each kind pins its schema version ``v``."""
 
+    v: int
+
+
+class _MessageV1(Message):
     v: Literal[1] = SCHEMA_VERSION
 
 
@@ -142,7 +155,7 @@ class ModelRef(_Frozen):
     sha256: Sha256
 
 
-class ModelManifest(Message):
+class ModelManifest(_MessageV1):
     """What the release role vouches for; signed as a DSSE envelope."""
 
     type: Literal["manifest"] = "manifest"
@@ -175,7 +188,7 @@ class Capabilities(_Frozen):
     swap_modes: tuple[Literal["availability", "resource"], ...] = ("availability", "resource")
 
 
-class NodeState(Message):
+class NodeState(_MessageV1):
     """Retained on ``node/{node}/state``: birth on connect, death as the Will.
 
     ``session`` grows with every connect; a death whose session is older than
@@ -207,10 +220,16 @@ class NodeTarget(_Frozen):
 
 
 class WaveTarget(_Frozen):
-    """Every node matching ``selector`` whose bucket is below ``bucket_limit``."""
+    """Every node matching ``selector``, not named in ``exclude``, whose bucket is
+    below ``bucket_limit``.
+
+    ``exclude`` lists nodes whose own labels match but which the controller has
+    relabelled out of the selection (see the protocol's wave targets).
+    """
 
     kind: Literal["wave"] = "wave"
-    selector: Labels = Field(default_factory=dict)
+    selector: WireSelector = ()
+    exclude: tuple[Id, ...] = Field(default=(), max_length=MAX_EXCLUDED_NODES)
     bucket_limit: int = Field(ge=0, le=10_000)
     wave: int = Field(ge=0, le=64)
 
@@ -254,6 +273,7 @@ class Command(Message):
     command only when its ``seq`` is above the highest it has applied.
     """
 
+    v: Literal[2] = COMMAND_SCHEMA_VERSION
     type: Literal["command"] = "command"
     command_id: Id
     seq: Seq
@@ -296,7 +316,7 @@ class RolloutState(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
-class NodeStatus(Message):
+class NodeStatus(_MessageV1):
     """Progress of one command on one node (through the outbox: ``seq`` is its slot)."""
 
     type: Literal["status"] = "status"
@@ -343,7 +363,7 @@ class PeriodStats(_Frozen):
         return self
 
 
-class Telemetry(Message):
+class Telemetry(_MessageV1):
     """Periodic metrics; counters are totals since the agent started, ``period``
     covers only the time since the previous message (or the last swap)."""
 
@@ -390,7 +410,7 @@ class InferenceResult(_Frozen):
     source: Text | None = None
 
 
-class ResultBatch(Message):
+class ResultBatch(_MessageV1):
     """Results in per-node ``InferenceResult.seq`` order; ``seq`` is the outbox slot."""
 
     type: Literal["results"] = "results"
@@ -399,7 +419,7 @@ class ResultBatch(Message):
     results: tuple[InferenceResult, ...] = Field(min_length=1, max_length=1000)
 
 
-class Ack(Message):
+class Ack(_MessageV1):
     """Controller → node: every outbox slot up to ``seq`` is durably stored."""
 
     type: Literal["ack"] = "ack"
@@ -408,7 +428,7 @@ class Ack(Message):
     ts: Timestamp
 
 
-class InferRequest(Message):
+class InferRequest(_MessageV1):
     """A local application asks the node to infer; the reply goes to ``client``."""
 
     type: Literal["infer_request"] = "infer_request"
@@ -417,7 +437,7 @@ class InferRequest(Message):
     inputs: tuple[TensorData, ...] = Field(min_length=1, max_length=64)
 
 
-class InferReply(Message):
+class InferReply(_MessageV1):
     type: Literal["infer_reply"] = "infer_reply"
     id: Id
     ok: bool
@@ -428,7 +448,7 @@ class InferReply(Message):
 # ----- artifacts ------------------------------------------------------------
 
 
-class ArtifactRequest(Message):
+class ArtifactRequest(_MessageV1):
     """Ask for ``length`` bytes of blob ``sha256`` starting at ``offset``."""
 
     type: Literal["artifact_request"] = "artifact_request"
@@ -439,7 +459,7 @@ class ArtifactRequest(Message):
     length: int = Field(ge=1, le=512 * 1024, description="bytes")
 
 
-class ArtifactChunk(Message):
+class ArtifactChunk(_MessageV1):
     """One chunk (``data`` base64) or an ``error`` when the blob is unknown."""
 
     type: Literal["artifact_chunk"] = "artifact_chunk"
@@ -454,7 +474,7 @@ class ArtifactChunk(Message):
 # ----- controller and operator API ------------------------------------------
 
 
-class ControllerState(Message):
+class ControllerState(_MessageV1):
     """Retained on ``controller/state``: online on connect, offline as the Will.
 
     ``store_id`` names the controller's database: replicas sharing one database
@@ -471,7 +491,7 @@ class ControllerState(Message):
     ts: Timestamp
 
 
-class OperatorRequest(Message):
+class OperatorRequest(_MessageV1):
     """``fleetctl`` → controller; the reply goes to ``ctl/reply/{client}``."""
 
     type: Literal["ctl_request"] = "ctl_request"
@@ -483,7 +503,7 @@ class OperatorRequest(Message):
     expires_at: Timestamp
 
 
-class OperatorReply(Message):
+class OperatorReply(_MessageV1):
     """``code`` follows the CLI: 0 ok, 1 operation failed, 2 usage or input error."""
 
     type: Literal["ctl_reply"] = "ctl_reply"

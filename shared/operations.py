@@ -40,9 +40,10 @@ from pydantic import (
 )
 
 from shared.errors import DecodeError, UsageError
+from shared.labels import MAX_SELECTOR_CHARS, Selector, parse_selector
 from shared.topics import check_id
 from shared.version import SemVer
-from shared.waves import buckets_for_percent, parse_selector
+from shared.waves import buckets_for_percent
 
 __all__ = [
     "CLOCK_SKEW_S",
@@ -93,8 +94,11 @@ def _selector(text: str) -> str:
     return text
 
 
-Selector = Annotated[
-    str, Strict(), Field(max_length=4096, description="k=v,k2=v2"), AfterValidator(_selector)
+SelectorText = Annotated[
+    str,
+    Strict(),
+    Field(max_length=MAX_SELECTOR_CHARS, description="label selector, e.g. site in (a,b),!canary"),
+    AfterValidator(_selector),
 ]
 
 
@@ -198,7 +202,7 @@ class RolloutStart(RolloutPolicy):
     """Start a rollout of ``model`` (``NAME@VERSION``) to the nodes ``select`` matches."""
 
     model: Annotated[str, Strict(), Field(min_length=3, max_length=200)]
-    select: Selector = ""
+    select: SelectorText = ""
     rollout_id: Id | None = None
     dry_run: Bool = False
     """Only say what would happen: the plan, nothing started."""
@@ -227,7 +231,7 @@ class RolloutStart(RolloutPolicy):
         return self.model.partition("@")[2]
 
     @property
-    def selector(self) -> dict[str, str]:
+    def selector(self) -> Selector:
         return parse_selector(self.select)
 
 
@@ -242,10 +246,10 @@ class RolloutList(Request):
 
 
 class NodesList(Request):
-    select: Selector = ""
+    select: SelectorText = ""
 
     @property
-    def selector(self) -> dict[str, str]:
+    def selector(self) -> Selector:
         return parse_selector(self.select)
 
 

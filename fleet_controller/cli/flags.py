@@ -24,10 +24,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from shared.errors import DecodeError, EdgeFleetError, UsageError
+from shared.labels import format_selector, parse_selector
 from shared.messages import WarmupInput
 from shared.topics import check_id
 from shared.version import SemVer
-from shared.waves import format_selector, parse_selector
 
 __all__ = [
     "check_node_username",
@@ -213,10 +213,10 @@ def format_waves(waves: Sequence[float]) -> str:
 
 
 def parse_select(text: str) -> str:
-    """A label selector ``k=v,k2=v2`` in canonical form (sorted; empty: every node).
+    """A label selector (:mod:`shared.labels`) in canonical form (empty: every node).
 
     Raises:
-        DecodeError: a term is not ``key=value`` with valid ids, or a key repeats.
+        DecodeError: the text does not follow the selector grammar or its bounds.
     """
     return format_selector(parse_selector(text))
 

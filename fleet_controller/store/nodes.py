@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import delete, update
@@ -31,6 +31,7 @@ from fleet_controller.store.database import Database
 from fleet_controller.store.errors import StoreError
 from fleet_controller.store.records import NodeInfo, model_ref
 from fleet_controller.store.tables import NODES, SLOTS, NodeRow
+from shared.labels import Selector, matches
 from shared.messages import Capabilities, ModelRef, NodeState
 from shared.rules import SlotLedger, accept_node_state
 
@@ -119,9 +120,8 @@ class NodeRepository:
             ensure_nodes(self._db, s, [node_id], 0.0)
             s.exec(update(NODES).where(NODES.c.node_id == node_id).values(revoked=revoked))
 
-    def list(self, selector: Mapping[str, str] | None = None) -> builtins.list[NodeInfo]:
-        """Every node (revoked ones too) whose labels hold every ``key=value`` of
-        ``selector``, by node id.
+    def list(self, selector: Selector = ()) -> builtins.list[NodeInfo]:
+        """Every node (revoked ones too) whose labels match ``selector``, by node id.
 
         Raises: StoreError.
         """
@@ -148,13 +148,13 @@ def ensure_nodes(db: Database, s: Session, node_ids: Iterable[str], now: float) 
         s.exec(db.insert(NODES).on_conflict_do_nothing(index_elements=["node_id"]), params=rows)
 
 
-def select_nodes(s: Session, selector: Mapping[str, str] | None) -> list[NodeInfo]:
+def select_nodes(s: Session, selector: Selector) -> list[NodeInfo]:
     """The nodes matching ``selector`` (all when empty), by node id. Raises: StoreError."""
     rows = s.exec(select(NodeRow).order_by(col(NodeRow.node_id))).all()
     nodes = [node_info(row) for row in rows]
     if not selector:
         return nodes
-    return [n for n in nodes if all(n.labels.get(k) == v for k, v in selector.items())]
+    return [n for n in nodes if matches(selector, n.labels)]
 
 
 def node_info(row: NodeRow) -> NodeInfo:

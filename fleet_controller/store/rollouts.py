@@ -61,6 +61,7 @@ from fleet_controller.store.tables import (
     RolloutRow,
 )
 from shared.errors import DecodeError
+from shared.labels import Selector
 from shared.messages import NodeRolloutState, RolloutState
 
 __all__ = ["Decide", "RolloutReader", "RolloutRepository"]
@@ -83,7 +84,7 @@ class RolloutReader:
     def __init__(self, s: Session) -> None:
         self._s = s
 
-    def nodes(self, selector: Mapping[str, str] | None) -> list[NodeInfo]:
+    def nodes(self, selector: Selector) -> list[NodeInfo]:
         """The nodes (revoked ones too) matching ``selector``, by id. Raises: StoreError."""
         return select_nodes(self._s, selector)
 

@@ -94,9 +94,19 @@ ACCEPTED: list[object] = [
         id="wave-node-inside-bucket-limit",
     ),
     pytest.param(
-        send(lambda k: k.wave(selector={"site": "berlin"})),
+        send(lambda k: k.wave(selector="site=berlin")),
         ("c:cmd-1", f"r:{ROLLOUT}:deploy:{SHA_NEW}"),
         id="wave-selector-subset-of-labels",
+    ),
+    pytest.param(
+        send(lambda k: k.wave(selector="site in (paris,berlin),hw!=pi,!canary,hw")),
+        ("c:cmd-1", f"r:{ROLLOUT}:deploy:{SHA_NEW}"),
+        id="wave-selector-with-every-operator",
+    ),
+    pytest.param(
+        send(lambda k: k.wave(selector="site=berlin", exclude=("other-1", "other-2"))),
+        ("c:cmd-1", f"r:{ROLLOUT}:deploy:{SHA_NEW}"),
+        id="wave-excluding-other-nodes",
     ),
     pytest.param(
         send(lambda k: k.make_command(k.deploy("2.1.0")), state=RUNNING_2_0),

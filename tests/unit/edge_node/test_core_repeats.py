@@ -33,13 +33,20 @@ from tests.unit.edge_node.verifier_kit import (
 # ----- ignored ----------------------------------------------------------------
 
 IGNORED: list[object] = [
-    pytest.param(send(lambda k: k.wave(selector={"site": "paris"})), id="selector-value-differs"),
+    pytest.param(send(lambda k: k.wave(selector="site=paris")), id="selector-value-differs"),
+    pytest.param(send(lambda k: k.wave(selector="gpu=yes")), id="selector-key-missing-from-labels"),
     pytest.param(
-        send(lambda k: k.wave(selector={"gpu": "yes"})), id="selector-key-missing-from-labels"
+        send(lambda k: k.wave(selector="site=berlin"), me=as_node(NODE, hw="jetson")),
+        id="node-without-the-selected-label",
+    ),
+    pytest.param(send(lambda k: k.wave(selector="site notin (berlin)")), id="selector-notin"),
+    pytest.param(send(lambda k: k.wave(selector="!hw")), id="selector-label-must-be-absent"),
+    pytest.param(
+        send(lambda k: k.wave(selector="site in (paris,rome)")), id="selector-value-not-in-set"
     ),
     pytest.param(
-        send(lambda k: k.wave(selector={"site": "berlin"}), me=as_node(NODE, hw="jetson")),
-        id="node-without-the-selected-label",
+        send(lambda k: k.wave(selector="site=berlin", exclude=("x", NODE))),
+        id="excluded-by-id",
     ),
     pytest.param(
         send(lambda k: k.wave(1000), me=as_node(node_outside_wave(1000))),

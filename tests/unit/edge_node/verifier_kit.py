@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -26,6 +26,7 @@ from shared.envelope import (
     b64encode,
     sign_envelope,
 )
+from shared.labels import parse_selector
 from shared.messages import (
     CancelAction,
     Command,
@@ -195,11 +196,17 @@ class Kit:
         bucket_limit: int = BUCKETS,
         *,
         wave: int = 0,
-        selector: Mapping[str, str] | None = None,
+        selector: str = "",
+        exclude: tuple[str, ...] = (),
         **kw: object,
     ) -> bytes:
         """A broadcast deploy of ``ROLLOUT`` to the first ``bucket_limit`` buckets."""
-        target = WaveTarget(selector=dict(selector or {}), bucket_limit=bucket_limit, wave=wave)
+        target = WaveTarget(
+            selector=parse_selector(selector),
+            exclude=exclude,
+            bucket_limit=bucket_limit,
+            wave=wave,
+        )
         return self.make_command(target=target, **kw)  # type: ignore[arg-type]
 
 

@@ -16,6 +16,7 @@ from fleet_controller.commands import (
 )
 from fleet_controller.rollout_core import RolloutRecord, RolloutSpec, SendNode, SendWave
 from shared.envelope import PAYLOAD_MANIFEST, Envelope
+from shared.labels import parse_selector
 from shared.messages import (
     CancelAction,
     DeployAction,
@@ -26,15 +27,14 @@ from shared.messages import (
     WaveTarget,
 )
 
+SELECTOR = parse_selector("site in (berlin,paris),!canary")
 NEW = ModelRef(name="clf", version="2.0.0", sha256="b" * 64)
 OLD = ModelRef(name="clf", version="1.0.0", sha256="a" * 64)
 NEW_ENV = Envelope(payloadType=PAYLOAD_MANIFEST, payload="bmV3", signatures=())
 OLD_ENV = Envelope(payloadType=PAYLOAD_MANIFEST, payload="b2xk", signatures=())
 MANIFESTS = {NEW.sha256: NEW_ENV, OLD.sha256: OLD_ENV}
 BASE = "http://ctl:8080/"
-SPEC = RolloutSpec(
-    rollout_id="r1", model=NEW, selector={"site": "berlin"}, activate_at=1_900_000_000.0
-)
+SPEC = RolloutSpec(rollout_id="r1", model=NEW, selector=SELECTOR, activate_at=1_900_000_000.0)
 RECORD = RolloutRecord(spec=SPEC, reason="wave 1 failed")
 
 # name, action, artifact base -> the expected target and body (None: nothing to send)
@@ -44,7 +44,7 @@ CASES: list[tuple[str, SendWave | SendNode, str | None, CommandPlan | None]] = [
         SendWave(wave=1, bucket_limit=1000),
         None,
         CommandPlan(
-            WaveTarget(selector={"site": "berlin"}, bucket_limit=1000, wave=1),
+            WaveTarget(selector=SELECTOR, bucket_limit=1000, wave=1),
             DeployAction(manifest=NEW_ENV, activate_at=1_900_000_000.0, url=None),
         ),
     ),
@@ -53,7 +53,7 @@ CASES: list[tuple[str, SendWave | SendNode, str | None, CommandPlan | None]] = [
         SendWave(wave=0, bucket_limit=100),
         BASE,
         CommandPlan(
-            WaveTarget(selector={"site": "berlin"}, bucket_limit=100, wave=0),
+            WaveTarget(selector=SELECTOR, bucket_limit=100, wave=0),
             DeployAction(
                 manifest=NEW_ENV,
                 activate_at=1_900_000_000.0,

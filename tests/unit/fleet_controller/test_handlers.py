@@ -14,6 +14,7 @@ from fleet_controller.keys import load_key, rotate_key
 from fleet_controller.registry import sign_manifest
 from shared import topics
 from shared.envelope import Envelope
+from shared.labels import parse_selector
 from shared.messages import CancelAction, Command, NodeRolloutState, decode
 from shared.trust import Role
 from tests.unit.fleet_controller.kit import (
@@ -151,7 +152,7 @@ def test_rollout_start_takes_every_policy_field(tmp_path: Path, keys: Path) -> N
                 5.0,
                 NOW + 600,
             )
-            assert dict(spec.selector) == {"site": "berlin"}
+            assert spec.selector == parse_selector("site=berlin")
             exists = await op.request("rollout.start", {"model": "clf@1.0.0", "rollout_id": "r1"})
             assert (exists.code, exists.error) == (2, "rollout r1 exists already")
             listed = await op.call("rollout.list", {"active_only": True})

@@ -10,6 +10,7 @@ import pytest
 
 from fleet_controller.plan_core import Plan, plan_rollout, refusal
 from fleet_controller.rollout_core import NodeProgress, RolloutRecord, RolloutSpec, wave_of
+from shared.labels import parse_selector
 from shared.messages import Capabilities, ModelManifest, ModelRef, RolloutState, TensorSpec
 from tests.support.shared_kit import manifest
 
@@ -118,7 +119,7 @@ def test_a_rollout_every_node_would_refuse_is_refused_even_forced() -> None:
 def test_overlap_with_an_active_rollout_is_refused_unless_forced() -> None:
     nodes = [Node(f"n{k}", labels={"site": "a" if k < 5 else "b"}) for k in range(10)]
     other = RolloutRecord(
-        spec=RolloutSpec(rollout_id="r-old", model=ref("1.5.0"), selector={"site": "a"}),
+        spec=RolloutSpec(rollout_id="r-old", model=ref("1.5.0"), selector=parse_selector("site=a")),
         state=RolloutState.RUNNING,
         nodes={"n7": NodeProgress(node_id="n7", wave=0)},  # enrolled before a relabel
     )
@@ -133,7 +134,7 @@ def test_overlap_with_an_active_rollout_is_refused_unless_forced() -> None:
 def test_a_disjoint_active_rollout_is_no_overlap() -> None:
     nodes = [Node("n1", labels={"site": "b"})]
     other = RolloutRecord(
-        spec=RolloutSpec(rollout_id="r-old", model=ref("1.5.0"), selector={"site": "a"})
+        spec=RolloutSpec(rollout_id="r-old", model=ref("1.5.0"), selector=parse_selector("site=a"))
     )
     assert plan_rollout(SPEC, NEW, nodes, {}, [other]).overlapping == {}
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from fleet_controller.rollout_codec import FORMAT, record_from_json, record_to_json
 from fleet_controller.rollout_core import NodeProgress, RolloutRecord, RolloutSpec
 from shared.errors import DecodeError
+from shared.labels import parse_selector
 from shared.messages import ModelRef, NodeRolloutState, RolloutState
 from tests.support.shared_kit import PROPERTY
 
@@ -25,7 +26,7 @@ def rich_record() -> RolloutRecord:
     spec = RolloutSpec(
         rollout_id="r-42",
         model=V2,
-        selector={"site": "berlin", "tier": "edge"},
+        selector=parse_selector("site in (berlin,paris),tier=edge,!canary"),
         waves=(1.0, 12.5, 100.0),
         max_failures=0.25,
         wave_timeout_s=120.0,
@@ -107,7 +108,7 @@ def test_output_is_deterministic_whatever_the_mapping_order() -> None:
     shuffled = replace(
         record,
         nodes=dict(reversed(list(record.nodes.items()))),
-        spec=replace(record.spec, selector=dict(reversed(list(record.spec.selector.items())))),
+        spec=replace(record.spec, selector=tuple(reversed(record.spec.selector))),
     )
     assert record_to_json(shuffled) == record_to_json(record)
     text = record_to_json(record)
@@ -163,6 +164,16 @@ def test_a_record_without_optional_keys_takes_defaults() -> None:
     )
 
 
+def test_a_label_map_selector_of_an_older_record_means_equality_terms() -> None:
+    old = {
+        "format": 1,
+        "spec": {"rollout_id": "r", "model": V1.model_dump(), "selector": {"site": "a", "hw": "b"}},
+    }
+    record = record_from_json(json.dumps(old))
+    assert record.spec.selector == parse_selector("hw=b,site=a")
+    assert json.loads(record_to_json(record))["spec"]["selector"] == "hw=b,site=a"
+
+
 def test_non_finite_floats_cannot_be_encoded() -> None:
     record = RolloutRecord(spec=RolloutSpec(rollout_id="r", model=V1, wave_timeout_s=float("inf")))
     with pytest.raises(ValueError, match="JSON"):
@@ -209,6 +220,8 @@ BAD_INPUTS = [
     pytest.param(_mutate(("spec", "waves"), [1, "x"]), r"waves\[1\]", id="waves-item"),
     pytest.param(_mutate(("spec", "auto_rollback"), 1), "true or false", id="bool-as-int"),
     pytest.param(_mutate(("spec", "selector"), {"a": 1}), "selector.a", id="label-not-str"),
+    pytest.param(_mutate(("spec", "selector"), "a in b"), "selector: selector", id="bad-selector"),
+    pytest.param(_mutate(("spec", "selector"), 3), "must be a string", id="selector-number"),
     pytest.param(_mutate(("spec", "model", "sha256"), "xyz"), "sha256", id="bad-sha"),
     pytest.param(_mutate(("spec", "model", "version"), "1.0"), "version", id="bad-version"),
     pytest.param(_mutate(("spec", "model"), None), "must be an object", id="model-null"),
@@ -254,7 +267,7 @@ _SPEC = st.builds(
     RolloutSpec,
     rollout_id=_ID,
     model=_REF,
-    selector=st.dictionaries(_ID, _ID, max_size=3),
+    selector=st.sampled_from(["", "a=b", "a in (x,y),!b,c!=d,e"]).map(parse_selector),
     waves=st.lists(_FLOAT, max_size=5).map(tuple),
     max_failures=_FLOAT,
     wave_timeout_s=_FLOAT,

@@ -30,6 +30,7 @@ from fleet_controller.rollout_core import (
     wave_of,
 )
 from shared.errors import DecodeError
+from shared.labels import parse_selector
 from shared.messages import NodeRolloutState, RolloutState
 from shared.waves import BUCKETS, in_wave
 from tests.support.shared_kit import NOW
@@ -212,7 +213,7 @@ def test_first_tick_starts_the_rollout_and_sends_wave_zero() -> None:
 
 
 def test_enrols_selected_nodes_only() -> None:
-    spec = make_spec(selector={"site": "berlin"})
+    spec = make_spec(selector=parse_selector("site=berlin"))
     fleet = {
         "a": view("a", labels={"site": "berlin", "tier": "edge"}),
         "b": view("b", labels={"site": "paris"}),
@@ -294,7 +295,7 @@ def test_empty_fleet_runs_through_every_wave() -> None:
 
 
 def test_late_joiner_gets_a_per_node_deploy() -> None:
-    spec = make_spec(selector={"site": "berlin"})
+    spec = make_spec(selector=parse_selector("site=berlin"))
     berlin = {"site": "berlin"}
     fleet = {"a": view("a", labels=berlin)}
     record, _ = tick(RolloutRecord(spec=spec), fleet, now=NOW)

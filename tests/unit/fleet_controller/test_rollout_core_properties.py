@@ -21,6 +21,7 @@ from fleet_controller.rollout_core import (
     start_rollback,
     tick,
 )
+from shared.labels import parse_selector
 from shared.messages import ModelRef
 from tests.support.shared_kit import NOW, PROPERTY
 from tests.unit.fleet_controller.rollout_kit import (
@@ -47,7 +48,7 @@ OPERATOR = (E.PAUSE, E.RESUME, E.ABORT, E.ROLLBACK)
 SPECS = st.builds(
     make_spec,
     waves=st.sampled_from([(100.0,), (34.0, 67.0, 100.0), (1.0, 50.0)]),
-    selector=st.sampled_from([{}, {"site": "a"}]),
+    selector=st.sampled_from(["", "site=a", "site notin (b)"]).map(parse_selector),
     max_failures=st.sampled_from([0.0, 0.34, 1.0]),
     auto_rollback=st.booleans(),
     max_retries=st.integers(0, 2),

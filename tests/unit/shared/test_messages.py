@@ -14,6 +14,7 @@ from shared.codec import INT64_MAX, INT64_MIN
 from shared.envelope import Envelope, Signature, b64encode
 from shared.errors import DecodeError
 from shared.histogram import NUM_BUCKETS
+from shared.labels import MAX_TERMS, parse_selector
 from shared.messages import (
     MESSAGE_TYPES,
     Ack,
@@ -66,6 +67,7 @@ FLOATS = st.floats(allow_nan=False, allow_infinity=False)
 NON_NEGATIVE = st.floats(min_value=0, allow_nan=False, allow_infinity=False)
 TIMESTAMPS = NON_NEGATIVE
 LABELS = st.dictionaries(IDS, IDS, max_size=3)
+SELECTORS = st.sampled_from(["", "site=a", "site in (a,b),!canary,hw!=pi,gpu"]).map(parse_selector)
 
 
 def optional(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -195,7 +197,8 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
         target=st.builds(NodeTarget, node=IDS)
         | st.builds(
             WaveTarget,
-            selector=LABELS,
+            selector=SELECTORS,
+            exclude=tuples(IDS),
             bucket_limit=st.integers(0, 10_000),
             wave=st.integers(0, 64),
         ),
@@ -391,6 +394,50 @@ DECODE_REJECTIONS: list[Any] = [
         PeriodStats,
         b'{"since":1,"inferences":9,"errors":0,"latency":[[128,2]]}',
         id="period-bucket-out-of-range",
+    ),
+    pytest.param(Command, _command_dict(v=1), id="command-of-version-1"),
+    pytest.param(
+        Command,
+        _command_dict(
+            target={"kind": "wave", "bucket_limit": 1, "wave": 0, "selector": {"site": "a"}}
+        ),
+        id="version-1-label-map-selector",
+    ),
+    pytest.param(
+        Command,
+        _command_dict(
+            target={
+                "kind": "wave",
+                "bucket_limit": 1,
+                "wave": 0,
+                "selector": [{"key": "k", "op": "eq", "values": ["a"]}] * 2,
+            }
+        ),
+        id="selector-repeats-a-term",
+    ),
+    pytest.param(
+        Command,
+        _command_dict(
+            target={
+                "kind": "wave",
+                "bucket_limit": 1,
+                "wave": 0,
+                "selector": [{"key": f"k{i}", "op": "exists"} for i in range(MAX_TERMS + 1)],
+            }
+        ),
+        id="selector-too-many-terms",
+    ),
+    pytest.param(
+        Command,
+        _command_dict(
+            target={"kind": "wave", "bucket_limit": 1, "wave": 0, "exclude": ["n"] * 4097}
+        ),
+        id="too-many-exclusions",
+    ),
+    pytest.param(
+        Command,
+        _command_dict(target={"kind": "wave", "bucket_limit": 1, "wave": 0, "exclude": ["a/b"]}),
+        id="exclusion-not-an-id",
     ),
     pytest.param(ModelManifest, _manifest_dict(version="1.0"), id="version-not-semver"),
     pytest.param(ModelManifest, _manifest_dict(version="1.0.0\n"), id="version-trailing-newline"),

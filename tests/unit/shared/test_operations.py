@@ -66,7 +66,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("rollout.start", {"model": "clf@1.0.0", "max_retries": True}, "max_retries"),
     ("rollout.start", {"model": "clf@1.0.0", "max_retries": 1000}, "max_retries"),
     ("rollout.start", {"model": "clf@1.0.0", "auto_rollback": "yes"}, "auto_rollback"),
-    ("rollout.start", {"model": "clf@1.0.0", "select": "site"}, "select"),
+    ("rollout.start", {"model": "clf@1.0.0", "select": "site="}, "select"),
     ("rollout.start", {"model": "clf@1.0.0", "rollout_id": "a/b"}, "rollout_id"),
     ("rollout.start", {"model": "clf@1.0.0", "max_error_increase": 2}, "max_error_increase"),
     ("rollout.start", {"model": "clf@1.0.0", "retry_backoff_s": 1e9}, "retry_backoff_s"),
@@ -113,7 +113,7 @@ def test_rollout_defaults_are_stated_once_in_the_policy() -> None:
     assert isinstance(request, RolloutStart)
     for name in ops.RolloutPolicy.model_fields:
         assert getattr(request, name) == getattr(DEFAULT_POLICY, name)
-    assert (request.name, request.version, request.selector) == ("clf", "1.2.3", {})
+    assert (request.name, request.version, request.selector) == ("clf", "1.2.3", ())
 
 
 def test_activation_a_little_in_the_past_is_within_clock_skew() -> None:

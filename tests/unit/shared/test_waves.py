@@ -1,4 +1,4 @@
-"""Wave membership and label selectors (shared.waves)."""
+"""Wave membership (shared.waves)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.errors import DecodeError
-from shared.waves import (
-    BUCKETS,
-    bucket,
-    buckets_for_percent,
-    format_selector,
-    in_wave,
-    matches,
-    parse_selector,
-)
+from shared.waves import BUCKETS, bucket, buckets_for_percent, in_wave
 from tests.support.shared_kit import PROPERTY
 
 # ----- waves --------------------------------------------------------------------
@@ -92,73 +84,3 @@ def test_buckets_for_percent(percent: float, buckets: int) -> None:
 def test_buckets_for_percent_rejects(percent: float) -> None:
     with pytest.raises(DecodeError):
         buckets_for_percent(percent)
-
-
-# ----- selectors ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        pytest.param("", {}, id="empty-selects-all"),
-        pytest.param("  ", {}, id="blank"),
-        pytest.param("site=berlin", {"site": "berlin"}, id="one"),
-        pytest.param("site=berlin,hw=jetson", {"site": "berlin", "hw": "jetson"}, id="two"),
-        pytest.param(
-            " site = berlin , hw=jetson ", {"site": "berlin", "hw": "jetson"}, id="spaces"
-        ),
-        pytest.param("site=berlin,", {"site": "berlin"}, id="trailing-comma"),
-        pytest.param(",,a=b,,", {"a": "b"}, id="empty-terms"),
-        pytest.param("a.b-c_d=1.2.3", {"a.b-c_d": "1.2.3"}, id="id-characters"),
-    ],
-)
-def test_parse_selector(text: str, expected: dict[str, str]) -> None:
-    assert parse_selector(text) == expected
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        pytest.param("site", id="no-equals"),
-        pytest.param("site=", id="empty-value"),
-        pytest.param("=berlin", id="empty-key"),
-        pytest.param("a=b=c", id="two-equals"),
-        pytest.param("a=b,a=c", id="repeated-key"),
-        pytest.param("a=b, a =b", id="repeated-key-with-spaces"),
-        pytest.param("a/b=c", id="slash-in-key"),
-        pytest.param("a=+", id="wildcard-value"),
-        pytest.param("a=#", id="hash-value"),
-        pytest.param("a=b c", id="space-in-value"),
-        pytest.param("st\u00e4dt=x", id="non-ascii-key"),
-        pytest.param("a=" + "x" * 65, id="long-value"),
-    ],
-)
-def test_parse_selector_rejects(text: str) -> None:
-    with pytest.raises(DecodeError):
-        parse_selector(text)
-
-
-LABEL_IDS = st.from_regex(r"[A-Za-z0-9_.-]{1,16}", fullmatch=True)
-
-
-@PROPERTY
-@given(st.dictionaries(LABEL_IDS, LABEL_IDS, max_size=5))
-def test_format_then_parse_selector(selector: dict[str, str]) -> None:
-    text = format_selector(selector)
-    assert parse_selector(text) == selector
-    assert text == format_selector(dict(reversed(list(selector.items()))))  # canonical
-
-
-@pytest.mark.parametrize(
-    ("selector", "labels", "expected"),
-    [
-        ({}, {}, True),
-        ({}, {"site": "berlin"}, True),
-        ({"site": "berlin"}, {"site": "berlin", "hw": "jetson"}, True),
-        ({"site": "berlin"}, {"site": "paris"}, False),
-        ({"site": "berlin"}, {}, False),
-        ({"site": "berlin", "hw": "jetson"}, {"site": "berlin"}, False),
-    ],
-)
-def test_matches(selector: dict[str, str], labels: dict[str, str], expected: bool) -> None:
-    assert matches(selector, labels) is expected

@@ -117,13 +117,16 @@ def test_parse_waves_refuses(text: str, message: str) -> None:
         ("site=a", "site=a"),
         ("site=a,hw=jetson", "hw=jetson,site=a"),
         (" site = a , hw=pi ", "hw=pi,site=a"),
+        ("site in (b,a), !canary, gpu", "!canary,gpu,site in (a,b)"),
     ],
 )
 def test_parse_select(text: str, canonical: str) -> None:
     assert flags.parse_select(text) == canonical
 
 
-@pytest.mark.parametrize("text", ["site", "site=a,site=b", "si te=a", "site=a/b", "site=+"])
+@pytest.mark.parametrize(
+    "text", ["site=", "site=a,site=b", "si te=a", "site=a/b", "site=+", "k in x", "!"]
+)
 def test_parse_select_refuses(text: str) -> None:
     with pytest.raises(DecodeError):
         flags.parse_select(text)
@@ -256,7 +259,7 @@ def test_format_waves_is_read_back_by_parse_waves() -> None:
 def test_named_puts_the_option_first() -> None:
     assert flags.named("--waves", flags.parse_waves, "1,100") == [1.0, 100.0]
     with pytest.raises(UsageError, match=r"^--select: "):
-        flags.named("--select", flags.parse_select, "site")
+        flags.named("--select", flags.parse_select, "site=")
 
 
 @pytest.mark.parametrize("node", ["controller", "Controller", "operator", "operator-x", "a/b"])

@@ -43,7 +43,7 @@ def test_requests_sent(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["nodes", "--select", "k"], "fleetctl: --select: "),
+        (["nodes", "--select", "k="], "fleetctl: --select: "),
         (
             ["audit", "--limit", "100001"],
             "fleetctl audit: argument --limit: expected a whole number from 1 to 100000",

@@ -123,7 +123,7 @@ def test_rollout_start_sends_only_the_flags_given(
         (["--health-window", "soon"], "--health-window: invalid duration"),
         (["--activate-at", "2020-01-01T00:00:00Z"], "--activate-at: activation time"),
         (["--max-retries", "-1"], "--max-retries: expected a whole number from 0 to 100"),
-        (["--select", "site"], "--select: "),
+        (["--select", "site in (a"], "--select: "),
         (["--id", "has/slash"], "invalid rollout id"),
         # Flags that parse but that the controller would refuse: the field is named.
         (["--wave-timeout", "8d"], "invalid rollout.start: wave_timeout_s: "),

@@ -24,6 +24,7 @@ from fleet_controller.store import (
     Store,
     UnknownRolloutError,
 )
+from shared.labels import parse_selector
 from shared.messages import (
     NodeRolloutState,
     ResultBatch,
@@ -168,9 +169,10 @@ def check_nodes_selector_revoke_touch(store: Store) -> None:
     )
     store.nodes.apply_state(state("c", online=True, session=1, labels={"site": "y"}), NOW)
     assert [n.node_id for n in store.nodes.list()] == ["a", "b", "c"]
-    assert [n.node_id for n in store.nodes.list({"site": "x"})] == ["a", "b"]
-    assert [n.node_id for n in store.nodes.list({"site": "x", "tier": "1"})] == ["b"]
-    assert store.nodes.list({"site": "z"}) == []
+    assert [n.node_id for n in store.nodes.list(parse_selector("site=x"))] == ["a", "b"]
+    assert [n.node_id for n in store.nodes.list(parse_selector("site=x,tier=1"))] == ["b"]
+    assert store.nodes.list(parse_selector("site=z")) == []
+    assert [n.node_id for n in store.nodes.list(parse_selector("site notin (x)"))] == ["c"]
     store.nodes.set_revoked("b", revoked=True)
     assert [n.node_id for n in store.nodes.list() if n.revoked] == ["b"]
     # A later birth keeps the revocation and the ack position.

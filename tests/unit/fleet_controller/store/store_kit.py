@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from fleet_controller.rollout_core import HealthSample, NodeProgress, RolloutRecord, RolloutSpec
 from shared.histogram import bucket_of
+from shared.labels import parse_selector
 from shared.messages import (
     Capabilities,
     InferenceResult,
@@ -131,7 +132,7 @@ def manifest(version: str, sha: str = SHA1, name: str = "det") -> ModelManifest:
 
 
 def record(nodes: dict[str, NodeProgress] | None = None, **changes: object) -> RolloutRecord:
-    spec = RolloutSpec(rollout_id="r1", model=REF2, selector={"site": "a"})
+    spec = RolloutSpec(rollout_id="r1", model=REF2, selector=parse_selector("site=a"))
     base = RolloutRecord(spec=spec, nodes=nodes or {})
     return replace(base, **changes)  # type: ignore[arg-type]
 
