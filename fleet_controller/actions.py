@@ -81,6 +81,11 @@ class ActionExecutor:
         """Clear the rollout's retained command. Raises: TransportError."""
         await self._link.publish(topics.rollout_cmd(self._fleet, rollout_id), b"", retain=True)
 
+    async def clear_node_state(self, node_id: str) -> None:
+        """Clear a node's retained birth or death (a forgotten node is not learnt
+        again from it at the next start). Raises: TransportError."""
+        await self._link.publish(topics.state(self._fleet, node_id), b"", retain=True)
+
     async def execute(
         self, record: core.RolloutRecord, action: core.RolloutAction, now: float
     ) -> None:

@@ -114,7 +114,10 @@ def plan_command(
     spec = record.spec
     if isinstance(action, SendWave):
         target: WaveTarget | NodeTarget = WaveTarget(
-            selector=spec.selector, bucket_limit=action.bucket_limit, wave=action.wave
+            selector=spec.selector,
+            exclude=action.exclude,
+            bucket_limit=action.bucket_limit,
+            wave=action.wave,
         )
     else:
         target = NodeTarget(node=action.node_id)

@@ -24,21 +24,22 @@ import logging
 import secrets
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from fleet_controller import rollout_core as core
 from fleet_controller.actions import ActionExecutor, CommandSender
 from fleet_controller.artifacts import Artifacts
 from fleet_controller.commands import plan_trust_update
 from fleet_controller.operator_api import Route, bind, route_table
-from fleet_controller.plan_core import Plan, plan_rollout
+from fleet_controller.plan_core import Plan
+from fleet_controller.plans import load_plan
 from fleet_controller.steps import event_step, logged
 from fleet_controller.store import ACTIVE_ROLLOUT_STATES, NodeInfo, Store
 from fleet_controller.views import rollout_view
 from shared import operations as ops
 from shared.envelope import Envelope, b64decode
 from shared.errors import EdgeFleetError, UsageError
-from shared.labels import format_selector
+from shared.labels import format_labels, format_selector
 from shared.messages import ModelManifest, ModelRef, decode
 from shared.trust import Role, TrustStore
 
@@ -83,6 +84,8 @@ class OperatorHandlers:
             bind(ops.ROLLOUT_ROLLBACK, self.rollout_rollback),
             bind(ops.NODES_LIST, self.nodes_list),
             bind(ops.NODE_REVOKE, self.node_revoke),
+            bind(ops.NODE_FORGET, self.node_forget),
+            bind(ops.NODE_LABEL, self.node_label),
             bind(ops.TRUST_PUSH, self.trust_push),
             bind(ops.AUDIT_LIST, self.audit_list),
             bind(ops.REPORT, self.report),
@@ -149,17 +152,7 @@ class OperatorHandlers:
 
     def _plan(self, spec: core.RolloutSpec, manifest: ModelManifest, nodes: list[NodeInfo]) -> Plan:
         """The plan of ``spec`` (:func:`plan_rollout`), from the store (blocking)."""
-        running: dict[str, ModelManifest] = {}
-        for sha in {n.model.sha256 for n in nodes if n.model is not None}:
-            if (known := self._store.models.by_sha(sha)) is not None:
-                running[sha] = known.manifest
-        active = [
-            record
-            for info in self._store.rollouts.list(active_only=True)
-            if (record := self._store.rollouts.load(info.rollout_id)) is not None
-        ]
-        selected = [n for n in nodes if not n.revoked]
-        return plan_rollout(spec, manifest, selected, running, active)
+        return load_plan(self._store, spec, manifest, nodes)
 
     async def _record(self, rollout_id: str) -> core.RolloutRecord:
         record = await asyncio.to_thread(self._store.rollouts.load, rollout_id)
@@ -226,6 +219,28 @@ class OperatorHandlers:
             functools.partial(self._store.nodes.set_revoked, request.node_id, revoked=True)
         )
         return {"node_id": request.node_id, "revoked": True}
+
+    async def node_forget(self, request: ops.NodeForget, operator: str) -> dict[str, Any]:
+        """Remove a node that is gone for good; its retained birth is cleared too,
+        so no controller learns it again at start."""
+        info = await asyncio.to_thread(self._store.nodes.forget, request.node_id)
+        await self._executor.clear_node_state(request.node_id)
+        log.info("node %s forgotten by %s", request.node_id, operator)
+        return {"node_id": info.node_id, "forgotten": True}
+
+    async def node_label(self, request: ops.NodeLabel, operator: str) -> dict[str, Any]:
+        """Set, hide or reset the labels operators give a node; returns the node."""
+        changes: dict[str, str | Literal[False] | None] = dict(request.set)
+        changes.update(dict.fromkeys(request.hide, None))
+        changes.update(dict.fromkeys(request.reset, False))
+        info = await asyncio.to_thread(self._store.nodes.set_labels, request.node_id, changes)
+        log.info(
+            "node %s relabelled by %s: labels now %s",
+            request.node_id,
+            operator,
+            format_labels(info.labels) or "(none)",
+        )
+        return info.to_dict()
 
     async def trust_push(self, request: ops.TrustPush, operator: str) -> dict[str, Any]:
         """Adopt a rotated trust list and broadcast it (retained) to every node.

@@ -261,10 +261,19 @@ def _allowed_failures(spec: RolloutSpec, members: int) -> int:
 
 
 def tick(
-    record: RolloutRecord, fleet: Mapping[str, NodeView], *, now: float
+    record: RolloutRecord,
+    fleet: Mapping[str, NodeView],
+    *,
+    now: float,
+    excluded: tuple[str, ...] = (),
 ) -> tuple[RolloutRecord, list[RolloutAction]]:
     """Advance ``record`` to ``now``: enrol nodes, time out, gate health, retry,
-    pass waves, halt, roll back, finish. Returns the new record and the actions."""
+    pass waves, halt, roll back, finish. Returns the new record and the actions.
+
+    ``fleet`` holds the selected nodes (by their effective labels); ``excluded``
+    names the nodes whose own labels match the selector but whose effective
+    ones do not, which a wave's broadcast must tell to stay out.
+    """
     if record.state is R.PENDING:
         record = replace(record, state=apply_event(record.state, E.START))
     if record.state is R.ROLLING_BACK:
@@ -276,13 +285,20 @@ def tick(
     limits = wave_limits(spec.waves)
     if record.wave_started_at is None:
         record = replace(record, wave_started_at=now)
-        actions.append(SendWave(record.wave, limits[record.wave]))
+        actions.extend(_broadcast(spec, record.wave, limits, excluded))
     record, enrol = _enrol(record, fleet, now)
     actions.extend(enrol)
     nodes = dict(record.nodes)
     samples = FleetSamples({node_id: view.samples for node_id, view in fleet.items()})
     for node_id, progress in record.nodes.items():
-        updated, action = _advance_node(spec, progress, fleet.get(node_id), samples, now)
+        view = fleet.get(node_id)
+        if view is None and progress.state in IN_FLIGHT and not progress.rollback_sent:
+            # Revoked, forgotten or relabelled out of the selection while working.
+            reason = "no longer selected (relabelled, revoked or forgotten)"
+            nodes[node_id] = replace(progress, state=N.CANCELED, code="deselected", reason=reason)
+            actions.append(SendNode(node_id, "cancel"))
+            continue
+        updated, action = _advance_node(spec, progress, view, samples, now)
         nodes[node_id] = updated
         if action is not None:
             actions.append(action)
@@ -296,13 +312,22 @@ def tick(
         return record, actions  # an empty wave passes at once
     if record.wave + 1 < len(limits):
         record = replace(record, wave=record.wave + 1, wave_started_at=now)
-        actions.append(SendWave(record.wave, limits[record.wave]))
+        actions.extend(_broadcast(spec, record.wave, limits, excluded))
         # Enrol its members now: they get the broadcast, not a per-node command.
         record, enrol = _enrol(record, fleet, now)
         return record, actions + enrol
     record = replace(record, state=apply_event(record.state, E.COMPLETE), reason="all waves passed")
     actions.append(ClearBroadcast())
     return record, actions
+
+
+def _broadcast(
+    spec: RolloutSpec, wave: int, limits: tuple[int, ...], excluded: tuple[str, ...]
+) -> list[RolloutAction]:
+    """The broadcast of ``wave`` (none for a rollout to listed nodes: each gets its own)."""
+    if spec.nodes:
+        return []
+    return [SendWave(wave, limits[wave], tuple(sorted(excluded)))]
 
 
 def _settled(progress: NodeProgress, spec: RolloutSpec) -> bool:
@@ -327,22 +352,28 @@ def _enrol(
     """Add selected nodes of the current (cumulative) waves that are not tracked yet.
 
     Nodes already in the wave when its broadcast goes out get it from the
-    retained command; a node that appears later gets a per-node command.
+    retained command; a node that appears later, one that matches only by the
+    labels operators gave it (its own do not match the broadcast), and every
+    node of a rollout to listed nodes get a per-node command.
     """
     spec = record.spec
     nodes = dict(record.nodes)
     actions: list[RolloutAction] = []
+    listed = frozenset(spec.nodes)
     for node_id, view in sorted(fleet.items()):
         if node_id in nodes or not matches(spec.selector, view.labels):
+            continue
+        if listed and node_id not in listed:
             continue
         wave = wave_of(spec, node_id)
         if wave is None or wave > record.wave:
             continue
         late = record.wave_started_at is not None and record.wave_started_at < now
+        relabelled = view.announced is not None and not matches(spec.selector, view.announced)
         nodes[node_id] = NodeProgress(
             node_id=node_id, wave=wave, sent_at=now, from_model=view.model
         )
-        if late:
+        if late or relabelled or listed:
             actions.append(SendNode(node_id, "deploy"))
     return replace(record, nodes=nodes), actions
 

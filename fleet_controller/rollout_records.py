@@ -42,11 +42,17 @@ class RolloutSpec:
     """What the operator asked for. Fractions are 0..1; durations in seconds.
 
     The tunables and their meaning are those of :class:`shared.operations.RolloutPolicy`.
+    ``nodes``, when not empty, narrows the selection to those nodes, and each
+    gets a command of its own instead of the broadcast (a deployment catching
+    up with nodes that joined its group late). ``deployment`` names the
+    deployment that started the rollout, if one did.
     """
 
     rollout_id: str
     model: ModelRef
     selector: Selector = ()
+    nodes: tuple[str, ...] = ()
+    deployment: str | None = None
     waves: tuple[float, ...] = _P.waves
     max_failures: float = _P.max_failures
     wave_timeout_s: float = _P.wave_timeout_s
@@ -71,12 +77,16 @@ class RolloutSpec:
         rollout_id: str,
         model: ModelRef,
         selector: Selector,
+        nodes: tuple[str, ...] = (),
+        deployment: str | None = None,
     ) -> RolloutSpec:
         """The spec of a rollout started with ``policy``'s tunables."""
         return cls(
             rollout_id=rollout_id,
             model=model,
             selector=selector,
+            nodes=nodes,
+            deployment=deployment,
             waves=policy.waves,
             max_failures=policy.max_failures,
             wave_timeout_s=policy.wave_timeout_s,
@@ -130,10 +140,11 @@ class NodeView:
     """What the controller knows of a node when it decides."""
 
     node_id: str
-    labels: Mapping[str, str]
+    labels: Mapping[str, str]  # effective: what selections go by
     online: bool
     model: ModelRef | None
     samples: tuple[HealthSample, ...] = ()
+    announced: Mapping[str, str] | None = None  # its own labels (None: the same)
 
 
 # ----- actions --------------------------------------------------------------------
@@ -141,10 +152,12 @@ class NodeView:
 
 @dataclass(frozen=True, slots=True)
 class SendWave:
-    """Publish (retained) the broadcast deploy for wave ``wave`` covering ``bucket_limit``."""
+    """Publish (retained) the broadcast deploy for wave ``wave`` covering
+    ``bucket_limit``, naming the nodes operators relabelled out (``exclude``)."""
 
     wave: int
     bucket_limit: int
+    exclude: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

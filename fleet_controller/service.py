@@ -7,6 +7,8 @@ invariants, stated in its module:
   ``controller/state`` with its Will, subscriptions, strict decoding, routing);
 * :mod:`fleet_controller.ingest`: bounded queue, batch writer, acks after commit;
 * :mod:`fleet_controller.ticker`: rollout ticks (saved before acted on), pruning;
+* :mod:`fleet_controller.deployments`: the deployment operations and the
+  reconciler that brings late joiners of a group to its model;
 * :mod:`fleet_controller.actions`: signing and publishing rollout commands, as
   planned by :mod:`fleet_controller.commands`;
 * :mod:`fleet_controller.operator_api`: operator requests (parse once, dispatch
@@ -43,6 +45,7 @@ from edgefleet_io.transport import Transport, reconnect_delays
 from fleet_controller.actions import ActionExecutor, CommandSender
 from fleet_controller.artifacts import Artifacts
 from fleet_controller.blobs import BlobStore
+from fleet_controller.deployments import Deployments
 from fleet_controller.handlers import OperatorHandlers
 from fleet_controller.http_artifacts import ArtifactHttpServer
 from fleet_controller.ingest import Ingest
@@ -185,8 +188,15 @@ class ControllerService:
             clock=clock,
             metrics=self.metrics,
         )
+        self.deployments = Deployments(
+            store=self.store, handlers=handlers, connected=self.link.connected, clock=clock
+        )
         self.operator_api = OperatorApi(
-            handlers.routes(), store=self.store, link=self.link, fleet=fleet, clock=clock
+            {**handlers.routes(), **self.deployments.routes()},
+            store=self.store,
+            link=self.link,
+            fleet=fleet,
+            clock=clock,
         )
 
     @property
@@ -233,6 +243,7 @@ class ControllerService:
                     "ingest": self.ingest.run,
                     "ticker": lambda: self.ticker.run(stopping),
                     "pruner": lambda: self.ticker.prune(stopping),
+                    "reconciler": lambda: self.deployments.run(stopping),
                 }
                 for name, loop in loops.items():
                     group.create_task(self._keep_running(name, loop), name=name)

@@ -16,8 +16,9 @@ from typing import TypeVar
 
 from fleet_controller import rollout_core as core
 from fleet_controller.rollout_log import rollout_log_lines
-from fleet_controller.store import PendingStatus, RolloutReader
+from fleet_controller.store import NodeInfo, PendingStatus, RolloutReader
 from fleet_controller.store.rollouts import Decide
+from shared.labels import matches
 
 T = TypeVar("T")
 
@@ -57,21 +58,34 @@ def fold_statuses(
 
 def fleet_view(
     reader: RolloutReader, spec: core.RolloutSpec, since: float
-) -> dict[str, core.NodeView]:
-    """The selected, unrevoked nodes with their health samples since ``since``."""
-    nodes = reader.nodes(spec.selector)
+) -> tuple[dict[str, core.NodeView], tuple[str, ...]]:
+    """The selected, unrevoked nodes with their health samples since ``since``,
+    and the unrevoked nodes that match the selector only by their own labels
+    (operators relabelled them out: a broadcast must exclude them)."""
+    listed = frozenset(spec.nodes)
+    nodes: list[NodeInfo] = []
+    excluded: list[str] = []
+    for n in reader.nodes(()):
+        if n.revoked:
+            continue
+        if matches(spec.selector, n.labels):
+            if not listed or n.node_id in listed:
+                nodes.append(n)
+        elif spec.selector and matches(spec.selector, n.announced):
+            excluded.append(n.node_id)
     samples = reader.samples([n.node_id for n in nodes], since)
-    return {
+    fleet = {
         n.node_id: core.NodeView(
             node_id=n.node_id,
             labels=n.labels,
             online=n.online,
             model=n.model,
             samples=tuple(samples.get(n.node_id, ())),
+            announced=n.announced,
         )
         for n in nodes
-        if not n.revoked
     }
+    return fleet, tuple(excluded)
 
 
 def tick_step(now: float) -> Decide[TickOutcome]:
@@ -82,8 +96,8 @@ def tick_step(now: float) -> Decide[TickOutcome]:
     ) -> tuple[core.RolloutRecord, TickOutcome]:
         sent = [p.sent_at or now for p in current.nodes.values()]
         since = min(sent, default=now) - FLEET_LOOKBACK_S
-        fleet = fleet_view(reader, current.spec, since)
-        return core.tick(fold_statuses(current, pending, now), fleet, now=now)
+        fleet, excluded = fleet_view(reader, current.spec, since)
+        return core.tick(fold_statuses(current, pending, now), fleet, now=now, excluded=excluded)
 
     return decide
 

@@ -41,7 +41,7 @@ from fleet_controller.store import (
 from shared.errors import EdgeFleetError, TransportError
 from shared.messages import RolloutState
 
-__all__ = ["PRUNE_EVERY_S", "RolloutTicker"]
+__all__ = ["PRUNE_EVERY_S", "RolloutTicker", "wait_or_stop"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class RolloutTicker:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Tick every active rollout each ``tick_s`` while connected, until ``stopping``."""
-        while not await _wait(stopping, self._tick_s):
+        while not await wait_or_stop(stopping, self._tick_s):
             if not self._connected.is_set():
                 continue
             try:
@@ -133,7 +133,7 @@ class RolloutTicker:
 
     async def prune(self, stopping: asyncio.Event) -> None:
         """Once an hour, drop telemetry and results older than the retention, until ``stopping``."""
-        while not await _wait(stopping, PRUNE_EVERY_S):
+        while not await wait_or_stop(stopping, PRUNE_EVERY_S):
             cutoff = self._clock() - self._retention_days * 86_400
             try:
                 telemetry, results = await asyncio.to_thread(
@@ -146,7 +146,7 @@ class RolloutTicker:
                 log.info("pruned %d telemetry rows and %d results", telemetry, results)
 
 
-async def _wait(stopping: asyncio.Event, seconds: float) -> bool:
+async def wait_or_stop(stopping: asyncio.Event, seconds: float) -> bool:
     """Wait ``seconds`` or until ``stopping``; returns whether it is set."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):

@@ -37,10 +37,11 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from shared.errors import DecodeError, UsageError
-from shared.labels import MAX_SELECTOR_CHARS, Selector, parse_selector
+from shared.labels import MAX_LABELS, MAX_SELECTOR_CHARS, Selector, parse_selector
 from shared.topics import check_id
 from shared.version import SemVer
 from shared.waves import buckets_for_percent
@@ -51,9 +52,14 @@ __all__ = [
     "MAX_ACTIVATE_AHEAD_S",
     "OPERATIONS",
     "AuditList",
+    "DeploymentList",
+    "DeploymentRef",
+    "DeploymentSet",
     "ModelAdd",
     "ModelList",
     "ModelUpload",
+    "NodeForget",
+    "NodeLabel",
     "NodeRevoke",
     "NodesList",
     "Operation",
@@ -198,16 +204,11 @@ class RolloutPolicy(Request):
 DEFAULT_POLICY = RolloutPolicy()
 
 
-class RolloutStart(RolloutPolicy):
-    """Start a rollout of ``model`` (``NAME@VERSION``) to the nodes ``select`` matches."""
+class _Targeted(RolloutPolicy):
+    """A model (``NAME@VERSION``) for the nodes ``select`` matches, and the policy."""
 
     model: Annotated[str, Strict(), Field(min_length=3, max_length=200)]
     select: SelectorText = ""
-    rollout_id: Id | None = None
-    dry_run: Bool = False
-    """Only say what would happen: the plan, nothing started."""
-    force: Bool = False
-    """Start even though another active rollout targets some of the same nodes."""
 
     @field_validator("model")
     @classmethod
@@ -235,6 +236,45 @@ class RolloutStart(RolloutPolicy):
         return parse_selector(self.select)
 
 
+class RolloutStart(_Targeted):
+    """Start a rollout of ``model`` (``NAME@VERSION``) to the nodes ``select`` matches."""
+
+    rollout_id: Id | None = None
+    dry_run: Bool = False
+    """Only say what would happen: the plan, nothing started."""
+    force: Bool = False
+    """Start even though another active rollout targets some of the same nodes."""
+
+
+class DeploymentSet(_Targeted):
+    """What the group ``deployment`` (the nodes ``select`` matches) should run.
+
+    A new group or a changed target starts a staged rollout with this policy;
+    nodes that join the group later get the model by rollouts of their own.
+    """
+
+    deployment: Id
+    force: Bool = False
+    """Set it even though another active rollout targets some of the group's nodes."""
+
+    @field_validator("activate_at")
+    @classmethod
+    def _no_activation_time(cls, when: float | None) -> float | None:
+        if when is not None:
+            raise ValueError("a deployment has no activation time: its rollouts start at once")
+        return when
+
+
+class DeploymentRef(Request):
+    """One deployment, by name (show, delete)."""
+
+    deployment: Id
+
+
+class DeploymentList(Request):
+    pass
+
+
 class RolloutRef(Request):
     """One rollout, by id (status, pause, resume, abort, rollback, events)."""
 
@@ -255,6 +295,34 @@ class NodesList(Request):
 
 class NodeRevoke(Request):
     node_id: Id
+
+
+class NodeForget(Request):
+    node_id: Id
+
+
+class NodeLabel(Request):
+    """Change the labels operators give a node, on top of those it announces.
+
+    ``set`` adds or overrides labels, ``hide`` hides labels the node announces,
+    ``reset`` drops the operators' entry for a key (the node's own value, if
+    any, shows again). A key may appear in only one of them.
+    """
+
+    node_id: Id
+    set: Annotated[dict[Id, Id], Field(max_length=MAX_LABELS)] = Field(default_factory=dict)
+    hide: Annotated[tuple[Id, ...], Field(strict=False, max_length=MAX_LABELS)] = ()
+    reset: Annotated[tuple[Id, ...], Field(strict=False, max_length=MAX_LABELS)] = ()
+
+    @model_validator(mode="after")
+    def _each_key_once(self) -> NodeLabel:
+        keys = [*self.set, *self.hide, *self.reset]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"label {repeated[0]!r} is changed twice")
+        if not keys:
+            raise ValueError("no label to change")
+        return self
 
 
 class TrustPush(Request):
@@ -298,6 +366,12 @@ ROLLOUT_ABORT = Operation("rollout.abort", RolloutRef, mutating=True)
 ROLLOUT_ROLLBACK = Operation("rollout.rollback", RolloutRef, mutating=True)
 NODES_LIST = Operation("nodes.list", NodesList, mutating=False)
 NODE_REVOKE = Operation("node.revoke", NodeRevoke, mutating=True)
+NODE_FORGET = Operation("node.forget", NodeForget, mutating=True)
+NODE_LABEL = Operation("node.label", NodeLabel, mutating=True)
+DEPLOYMENT_SET = Operation("deployment.set", DeploymentSet, mutating=True)
+DEPLOYMENT_LIST = Operation("deployment.list", DeploymentList, mutating=False)
+DEPLOYMENT_SHOW = Operation("deployment.show", DeploymentRef, mutating=False)
+DEPLOYMENT_DELETE = Operation("deployment.delete", DeploymentRef, mutating=True)
 TRUST_PUSH = Operation("trust.push", TrustPush, mutating=True)
 AUDIT_LIST = Operation("audit.list", AuditList, mutating=False)
 REPORT = Operation("report", Report, mutating=False)
@@ -318,6 +392,12 @@ OPERATIONS: Mapping[str, Operation[Any]] = {
         ROLLOUT_ROLLBACK,
         NODES_LIST,
         NODE_REVOKE,
+        NODE_FORGET,
+        NODE_LABEL,
+        DEPLOYMENT_SET,
+        DEPLOYMENT_LIST,
+        DEPLOYMENT_SHOW,
+        DEPLOYMENT_DELETE,
         TRUST_PUSH,
         AUDIT_LIST,
         REPORT,

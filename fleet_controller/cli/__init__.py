@@ -23,7 +23,18 @@ import sys
 from collections.abc import Callable, Sequence
 
 from fleet_controller.api import OperationError
-from fleet_controller.cli import broker, common, demo, fleet, keys, models, rollouts, serve, top
+from fleet_controller.cli import (
+    broker,
+    common,
+    demo,
+    deployments,
+    fleet,
+    keys,
+    models,
+    rollouts,
+    serve,
+    top,
+)
 from shared import __version__
 from shared.errors import DecodeError, EdgeFleetError
 
@@ -34,6 +45,7 @@ _GROUPS: tuple[Callable[[common.Commands, common.Parents], None], ...] = (
     serve.register,
     models.register,
     rollouts.register,
+    deployments.register,
     fleet.register,
     top.register,
     demo.register,

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from fleet_controller.cli import common
+from fleet_controller.cli import common, deployments
 from fleet_controller.cli.flags import (
     check_node_username,
     parse_operators,
@@ -225,7 +225,9 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
     init.add_argument(
         "--force", action="store_true", help="replace config and ACL (passwd is kept)"
     )
-    node = commands.add_parser("node", help="broker credentials of nodes")
+    node = commands.add_parser(
+        "node", help="nodes: broker credentials, operators' labels, forgetting"
+    )
     node_actions = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
     enroll = common.add_command(
         node_actions,
@@ -246,3 +248,4 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
     )
     revoke.add_argument("id", metavar="NODE_ID")
     revoke.add_argument("--passwd-file", required=True, help="Mosquitto password file")
+    deployments.add_node_actions(node_actions, parents)

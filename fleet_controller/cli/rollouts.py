@@ -55,7 +55,7 @@ from shared.operations import (
 )
 from shared.topics import check_id
 
-__all__ = ["events_table", "register", "start_request"]
+__all__ = ["add_policy_flags", "events_table", "policy_request", "register", "start_request"]
 
 _ENDED_OK = "succeeded"
 _ACTIVE_ROLLOUT_STATES = frozenset({"pending", "running", "paused", "rolling_back"})
@@ -228,12 +228,10 @@ def _default(field: str, show: Callable[[Any], str] = str) -> str:
     return f"(default {show(getattr(DEFAULT_POLICY, field))})".replace("%", "%%")
 
 
-def start_request(args: argparse.Namespace, *, now: float) -> dict[str, Any]:
-    """The ``rollout.start`` arguments: ``model`` and the flags given, nothing else.
+def policy_request(args: argparse.Namespace) -> dict[str, Any]:
+    """``model``, ``select`` and the policy flags given (:func:`add_policy_flags`).
 
-    Raises:
-        UsageError: a flag's value (the message names the flag), or the request as
-            the controller would check it (the message names the field).
+    Raises: UsageError naming the flag.
     """
     name, version = parse_model_ref(args.model)
     request: dict[str, Any] = {"model": f"{name}@{version}"}
@@ -241,16 +239,27 @@ def start_request(args: argparse.Namespace, *, now: float) -> dict[str, Any]:
         text = getattr(args, tunable.dest)
         if text is not None:
             request[tunable.field] = named(tunable.option, tunable.parse, text)
-    if args.activate_at is not None:
-        request["activate_at"] = named(
-            "--activate-at", lambda t: parse_activate_at(t, now=now), args.activate_at
-        )
     if args.auto_rollback is not None:
         request["auto_rollback"] = args.auto_rollback
     if args.max_retries is not None:
         request["max_retries"] = args.max_retries
     if args.select is not None:
         request["select"] = named("--select", parse_select, args.select)
+    return request
+
+
+def start_request(args: argparse.Namespace, *, now: float) -> dict[str, Any]:
+    """The ``rollout.start`` arguments: ``model`` and the flags given, nothing else.
+
+    Raises:
+        UsageError: a flag's value (the message names the flag), or the request as
+            the controller would check it (the message names the field).
+    """
+    request = policy_request(args)
+    if args.activate_at is not None:
+        request["activate_at"] = named(
+            "--activate-at", lambda t: parse_activate_at(t, now=now), args.activate_at
+        )
     if args.id is not None:
         request["rollout_id"] = check_id(args.id, "rollout id")
     for flag in ("dry_run", "force"):
@@ -362,6 +371,28 @@ def _rollout_list(args: argparse.Namespace) -> int:
 # ----- the parser -------------------------------------------------------------------------
 
 
+def add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    """``--select`` and the rollout policy's flags (read by :func:`policy_request`)."""
+    parser.add_argument("--select", metavar="K=V,...", help="label selector (default: every node)")
+    for tunable in _TUNABLES:
+        parser.add_argument(
+            tunable.option,
+            metavar=tunable.metavar,
+            help=f"{tunable.help} {_default(tunable.field, tunable.show)}",
+        )
+    parser.add_argument(
+        "--auto-rollback",
+        action=argparse.BooleanOptionalAction,
+        help="roll activated nodes back when the rollout fails "
+        + _default("auto_rollback", lambda on: "yes" if on else "no"),
+    )
+    parser.add_argument(
+        "--max-retries",
+        type=whole_number(0, 100),
+        help=f"per node, 0 to 100 {_default('max_retries')}",
+    )
+
+
 def _add_start(actions: common.Commands, parents: common.Parents) -> None:
     start = common.add_command(
         actions,
@@ -372,28 +403,11 @@ def _add_start(actions: common.Commands, parents: common.Parents) -> None:
         description="Flags left out take the controller's defaults, shown here.",
     )
     start.add_argument("model", metavar="NAME@VERSION")
-    start.add_argument("--select", metavar="K=V,...", help="label selector (default: every node)")
-    for tunable in _TUNABLES:
-        start.add_argument(
-            tunable.option,
-            metavar=tunable.metavar,
-            help=f"{tunable.help} {_default(tunable.field, tunable.show)}",
-        )
-    start.add_argument(
-        "--auto-rollback",
-        action=argparse.BooleanOptionalAction,
-        help="roll activated nodes back when the rollout fails "
-        + _default("auto_rollback", lambda on: "yes" if on else "no"),
-    )
+    add_policy_flags(start)
     start.add_argument(
         "--activate-at",
         metavar="TIME",
         help="ISO 8601 with zone, UNIX seconds, or +DURATION (default: at once)",
-    )
-    start.add_argument(
-        "--max-retries",
-        type=whole_number(0, 100),
-        help=f"per node, 0 to 100 {_default('max_retries')}",
     )
     start.add_argument("--id", help="rollout id (default: generated)")
     start.add_argument(

@@ -50,11 +50,13 @@ invariants; these hold for the whole store:
 from __future__ import annotations
 
 from fleet_controller.store.database import SCHEMA_VERSION, DatabaseUrl, parse_database_url
+from fleet_controller.store.deployments import DeploymentInfo
 from fleet_controller.store.errors import (
     DuplicateModelError,
     DuplicateRolloutError,
     RecordError,
     StoreError,
+    UnknownNodeError,
     UnknownRolloutError,
 )
 from fleet_controller.store.facade import Store
@@ -75,6 +77,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AuditInfo",
     "DatabaseUrl",
+    "DeploymentInfo",
     "DuplicateModelError",
     "DuplicateRolloutError",
     "ModelInfo",
@@ -87,6 +90,7 @@ __all__ = [
     "RolloutReader",
     "Store",
     "StoreError",
+    "UnknownNodeError",
     "UnknownRolloutError",
     "parse_database_url",
 ]

@@ -56,8 +56,11 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: telemetry keeps each period's runs for the health gate
+# 2: telemetry keeps each period's runs for the health gate;
+# 3: operators' labels on nodes (nodes.central_labels) and deployments
+SCHEMA_VERSION = 3
 _PERIOD_COLUMNS = 2  # the schema version that added telemetry's period columns
+_CENTRAL_LABELS = 3  # the schema version that added nodes.central_labels
 _PERIOD_COLUMN_TYPES = (
     ("period_inferences", "BIGINT"),
     ("period_errors", "BIGINT"),
@@ -289,8 +292,12 @@ class Database:
         if version < _PERIOD_COLUMNS:
             for column, kind in _PERIOD_COLUMN_TYPES:
                 conn.exec_driver_sql(f"ALTER TABLE telemetry ADD COLUMN {column} {kind}")
-            _log.info("database %s: schema upgraded from version %d", self.url.display, version)
+        if version < _CENTRAL_LABELS:
+            conn.exec_driver_sql(
+                "ALTER TABLE nodes ADD COLUMN central_labels TEXT NOT NULL DEFAULT '{}'"
+            )
         if version < SCHEMA_VERSION:
+            _log.info("database %s: schema upgraded from version %d", self.url.display, version)
             conn.execute(
                 update(META).where(META.c.key == "schema_version").values(value=str(SCHEMA_VERSION))
             )

@@ -13,6 +13,7 @@ __all__ = [
     "DuplicateRolloutError",
     "RecordError",
     "StoreError",
+    "UnknownNodeError",
     "UnknownRolloutError",
 ]
 
@@ -27,6 +28,10 @@ class DuplicateModelError(StoreError):
 
 class DuplicateRolloutError(StoreError):
     """A rollout with that id exists already."""
+
+
+class UnknownNodeError(StoreError):
+    """No node with that id is stored."""
 
 
 class UnknownRolloutError(StoreError):

@@ -18,6 +18,7 @@ from sqlalchemy import BigInteger, String, case, cast, literal, update
 
 from fleet_controller.store.audit import AuditRepository
 from fleet_controller.store.database import Database, Dialect, Synchronous
+from fleet_controller.store.deployments import DeploymentRepository
 from fleet_controller.store.errors import StoreError
 from fleet_controller.store.ingest import IngestRepository
 from fleet_controller.store.models import ModelRepository
@@ -39,6 +40,7 @@ class Store:
         ingest: the ingest transaction and health samples (:class:`IngestRepository`).
         results: stored results, the report, table counts, pruning (:class:`ResultRepository`).
         audit: the audit log (:class:`AuditRepository`).
+        deployments: what groups of nodes should run (:class:`DeploymentRepository`).
     """
 
     def __init__(self, database: Database) -> None:
@@ -49,6 +51,7 @@ class Store:
         self.ingest = IngestRepository(database)
         self.results = ResultRepository(database)
         self.audit = AuditRepository(database)
+        self.deployments = DeploymentRepository(database)
 
     @classmethod
     def open(

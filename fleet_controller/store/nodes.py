@@ -11,6 +11,11 @@ Invariants:
   before deciding, so a concurrent ingest sees the result.
 * ``revoked`` is only changed by :meth:`NodeRepository.set_revoked`, so a node
   revoked before it ever connected stays revoked when it does.
+* **Two layers of labels.** ``labels`` is what the node announced in its last
+  birth (replaced by every birth); ``central_labels`` is what operators set
+  (:meth:`NodeRepository.set_labels`, never touched by a birth). A node's
+  effective labels, which every selection uses, are the announced ones with
+  the central ones on top (:func:`shared.labels.overlay`).
 * ``last_seen`` never goes back. A birth or death counts as heard at its own
   ``ts`` (never later than now): one retained on the broker, which a
   controller reads at start, says when the node was last there, not when the
@@ -21,21 +26,25 @@ from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import Any, Literal
 
 from sqlalchemy import delete, update
 from sqlmodel import Session, col, select
 
 from fleet_controller.store.database import Database
-from fleet_controller.store.errors import StoreError
+from fleet_controller.store.errors import StoreError, UnknownNodeError
 from fleet_controller.store.records import NodeInfo, model_ref
 from fleet_controller.store.tables import NODES, SLOTS, NodeRow
-from shared.labels import Selector, matches
+from shared.labels import MAX_LABELS, Selector, matches, overlay
 from shared.messages import Capabilities, ModelRef, NodeState
 from shared.rules import SlotLedger, accept_node_state
 
 __all__ = ["NodeRepository", "ensure_nodes", "select_nodes"]
+
+LabelChanges = Mapping[str, "str | Literal[False] | None"]
+"""Per key: a value sets it, None hides the node's own, False drops the operators' entry."""
 
 
 class NodeRepository:
@@ -120,6 +129,61 @@ class NodeRepository:
             ensure_nodes(self._db, s, [node_id], 0.0)
             s.exec(update(NODES).where(NODES.c.node_id == node_id).values(revoked=revoked))
 
+    def set_labels(self, node_id: str, changes: LabelChanges) -> NodeInfo:
+        """Change the operators' labels of a known node; returns it as it is now.
+
+        Raises:
+            UnknownNodeError: no node has that id.
+            StoreError: the effective labels would exceed ``MAX_LABELS``, or the
+                database failed.
+        """
+        with self._db.session(write=True) as s:
+            row = s.exec(
+                select(NodeRow).where(col(NodeRow.node_id) == node_id).with_for_update()
+            ).one_or_none()
+            if row is None:
+                raise UnknownNodeError(f"unknown node {node_id}")
+            info = node_info(row)
+            central = dict(info.central)
+            for key, value in changes.items():
+                if value is False:
+                    central.pop(key, None)
+                else:
+                    central[key] = value
+            if len(overlay(info.announced, central)) > MAX_LABELS:
+                raise StoreError(f"node {node_id} would have more than {MAX_LABELS} labels")
+            s.exec(
+                update(NODES)
+                .where(NODES.c.node_id == node_id)
+                .values(central_labels=_json(central))
+            )
+        return replace(info, central=central, labels=overlay(info.announced, central))
+
+    def forget(self, node_id: str) -> NodeInfo:
+        """Remove an offline node: its row and its held slots (its stored results,
+        telemetry and rollout history stay). Returns what was removed.
+
+        Raises:
+            UnknownNodeError: no node has that id.
+            StoreError: the node is online (it would be learnt again at once), or
+                the database failed.
+        """
+        with self._db.session(write=True) as s:
+            row = s.exec(
+                select(NodeRow).where(col(NodeRow.node_id) == node_id).with_for_update()
+            ).one_or_none()
+            if row is None:
+                raise UnknownNodeError(f"unknown node {node_id}")
+            if row.online:
+                raise StoreError(
+                    f"node {node_id} is online: only a node that is gone can be forgotten "
+                    "(revoke it to shut it out)"
+                )
+            info = node_info(row)
+            s.exec(delete(SLOTS).where(SLOTS.c.node_id == node_id))
+            s.exec(delete(NODES).where(NODES.c.node_id == node_id))
+        return info
+
     def list(self, selector: Selector = ()) -> builtins.list[NodeInfo]:
         """Every node (revoked ones too) whose labels match ``selector``, by node id.
 
@@ -138,6 +202,7 @@ def ensure_nodes(db: Database, s: Session, node_ids: Iterable[str], now: float) 
             "session": 0,
             "agent_version": "",
             "labels": "{}",
+            "central_labels": "{}",
             "last_seen": now,
             "acked_seq": 0,
             "revoked": False,
@@ -157,11 +222,16 @@ def select_nodes(s: Session, selector: Selector) -> list[NodeInfo]:
     return [n for n in nodes if matches(selector, n.labels)]
 
 
+def _json(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
 def node_info(row: NodeRow) -> NodeInfo:
     """Raises: StoreError when the stored labels, capabilities or models are corrupt."""
     what = f"node {row.node_id}"
     try:
-        labels = json.loads(row.labels)
+        announced = json.loads(row.labels)
+        central = json.loads(row.central_labels)
         capabilities = (
             None if row.capabilities is None else Capabilities.model_validate_json(row.capabilities)
         )
@@ -173,7 +243,9 @@ def node_info(row: NodeRow) -> NodeInfo:
         online=row.online,
         session=row.session,
         agent_version=row.agent_version,
-        labels=labels,
+        labels=overlay(announced, central),
+        announced=announced,
+        central=central,
         capabilities=capabilities,
         model=model_ref(row.model_name, row.model_version, row.model_sha256, what),
         previous_model=previous,
@@ -190,9 +262,7 @@ def _birth_values(state: NodeState) -> dict[str, Any]:
         "online": True,
         "session": state.session,
         "agent_version": state.agent_version,
-        "labels": json.dumps(
-            state.labels, separators=(",", ":"), sort_keys=True, ensure_ascii=False
-        ),
+        "labels": _json(state.labels),
         "capabilities": None
         if state.capabilities is None
         else state.capabilities.model_dump_json(),

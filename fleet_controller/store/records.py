@@ -93,13 +93,15 @@ class NodeInfo:
     online: bool
     session: int
     agent_version: str
-    labels: Mapping[str, str]
+    labels: Mapping[str, str]  # effective: ``announced`` with ``central`` on top
     capabilities: Capabilities | None
     model: ModelRef | None
     previous_model: ModelRef | None
     last_seen: float  # UNIX seconds
     acked_seq: int
     revoked: bool
+    announced: Mapping[str, str] = field(default_factory=dict)  # the node's own labels
+    central: Mapping[str, str | None] = field(default_factory=dict)  # operators' labels
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -109,6 +111,8 @@ class NodeInfo:
             "session": self.session,
             "agent_version": self.agent_version,
             "labels": dict(self.labels),
+            "announced_labels": dict(self.announced),
+            "central_labels": dict(self.central),
             "capabilities": None
             if self.capabilities is None
             else self.capabilities.model_dump(mode="json"),

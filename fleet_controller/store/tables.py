@@ -18,6 +18,7 @@ from sqlmodel import Field, SQLModel
 __all__ = [
     "ALL_TABLES",
     "AUDIT",
+    "DEPLOYMENTS",
     "META",
     "MODELS",
     "NODES",
@@ -29,6 +30,7 @@ __all__ = [
     "STATUSES",
     "TELEMETRY",
     "AuditRow",
+    "DeploymentRow",
     "MetaRow",
     "ModelRow",
     "NodeRow",
@@ -61,7 +63,9 @@ class NodeRow(SQLModel, table=True):
     online: bool = False
     session: int = Field(default=0, sa_type=_BIG)
     agent_version: str = ""
-    labels: str = Field(default="{}", sa_type=Text)  # JSON object
+    labels: str = Field(default="{}", sa_type=Text)  # JSON object: what the node announces
+    # JSON object: operators' labels on top (a value sets, null hides the node's own)
+    central_labels: str = Field(default="{}", sa_type=Text)
     capabilities: str | None = Field(default=None, sa_type=Text)  # JSON of Capabilities
     model_name: str | None = None
     model_version: str | None = None
@@ -70,6 +74,24 @@ class NodeRow(SQLModel, table=True):
     last_seen: float = 0.0
     acked_seq: int = Field(default=0, sa_type=_BIG)  # highest contiguous stored slot
     revoked: bool = False
+
+
+class DeploymentRow(SQLModel, table=True):
+    """What a group of nodes should run (``fleetctl deployment set``)."""
+
+    __tablename__ = "deployments"
+
+    name: str = Field(primary_key=True, max_length=64)
+    selector: str = Field(sa_type=Text)  # canonical selector text
+    model_name: str
+    model_version: str
+    model_sha256: str = Field(max_length=64)
+    policy_json: str = Field(sa_type=Text)  # the RolloutPolicy new rollouts get
+    rollout_id: str | None = Field(default=None, max_length=64)  # the latest one started
+    held: str = Field(default="{}", sa_type=Text)  # JSON {node: reason}: given up on target
+    created_by: str
+    created_at: float
+    updated_at: float
 
 
 class ModelRow(SQLModel, table=True):
@@ -230,6 +252,7 @@ RESULTS = _table(ResultRow)
 SLOTS = _table(StoredSlotRow)
 STATUSES = _table(StatusRow)
 AUDIT = _table(AuditRow)
+DEPLOYMENTS = _table(DeploymentRow)
 ALL_TABLES = (
     META,
     NODES,
@@ -242,4 +265,5 @@ ALL_TABLES = (
     SLOTS,
     STATUSES,
     AUDIT,
+    DEPLOYMENTS,
 )

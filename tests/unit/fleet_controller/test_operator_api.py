@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from edgefleet_io.transport import Session
+from fleet_controller.deployments import Deployments
 from fleet_controller.handlers import OperatorHandlers
 from fleet_controller.operator_api import _audit_args
 from shared import topics
@@ -31,7 +32,9 @@ def audit_rows(audit: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 def test_every_operation_has_a_handler() -> None:
     # Built without a store: only the binding is looked at.
     handlers = OperatorHandlers.__new__(OperatorHandlers)
-    routes = handlers.routes()
+    deployments = Deployments.__new__(Deployments)
+    routes = {**handlers.routes(), **deployments.routes()}
+    assert not set(handlers.routes()) & set(deployments.routes())
     assert set(routes) == set(OPERATIONS)
     assert all(routes[name].operation is OPERATIONS[name] for name in routes)
 

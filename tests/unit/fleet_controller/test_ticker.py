@@ -45,10 +45,10 @@ def test_a_tick_that_raises_fails_its_rollout_only(
 ) -> None:
     real_tick = rollout_core.tick
 
-    def exploding(record: RolloutRecord, fleet: Any, *, now: float) -> Any:
+    def exploding(record: RolloutRecord, fleet: Any, *, now: float, excluded: Any) -> Any:
         if record.spec.rollout_id == "bad":
             raise RuntimeError("boom")
-        return real_tick(record, fleet, now=now)
+        return real_tick(record, fleet, now=now, excluded=excluded)
 
     monkeypatch.setattr(rollout_core, "tick", exploding)
 

@@ -23,6 +23,7 @@ from tests.unit.fleet_controller.store.store_kit import (
     health_sample,
     manifest,
     record,
+    state,
     telemetry,
 )
 
@@ -150,6 +151,8 @@ def test_a_version_1_store_gains_the_period_columns(db_path: Path) -> None:
     with sqlite3.connect(db_path) as conn:
         for column in ("period_inferences", "period_errors", "latency_hist"):
             conn.execute(f"ALTER TABLE telemetry DROP COLUMN {column}")
+        conn.execute("ALTER TABLE nodes DROP COLUMN central_labels")
+        conn.execute("DROP TABLE deployments")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.close()
     with Store.open(str(db_path)) as store:
@@ -160,6 +163,26 @@ def test_a_version_1_store_gains_the_period_columns(db_path: Path) -> None:
         rows = conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()
     conn.close()
     assert (version[0], rows[0]) == (str(SCHEMA_VERSION), 2)
+
+
+def test_a_version_2_store_gains_central_labels_and_deployments(db_path: Path) -> None:
+    """Version 2 had no operators' labels and no deployments: opening it adds
+    both and keeps the nodes, whose effective labels are then their own."""
+    with Store.open(str(db_path)) as store:
+        store.nodes.apply_state(state("n1", online=True, session=1, labels={"site": "a"}), NOW)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("ALTER TABLE nodes DROP COLUMN central_labels")
+        conn.execute("DROP TABLE deployments")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
+    with Store.open(str(db_path)) as store:
+        node = store.nodes.set_labels("n1", {"tier": "gold"})
+        assert dict(node.labels) == {"site": "a", "tier": "gold"}
+        assert store.deployments.list() == []
+    with sqlite3.connect(db_path) as conn:
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    conn.close()
+    assert version[0] == str(SCHEMA_VERSION)
 
 
 def test_errors_after_open_are_one_line_store_errors(db_path: Path) -> None:
