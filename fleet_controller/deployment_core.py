@@ -68,12 +68,12 @@ class Membership:
     held: tuple[str, ...]  # members held with a reason
 
     def to_dict(self) -> dict[str, object]:
+        """JSON-ready; the held nodes are the deployment's own ``held`` map."""
         return {
             "members": len(self.members),
             "on_target": len(self.on_target),
             "drifted": list(self.drifted),
             "offline": list(self.offline),
-            "held": list(self.held),
         }
 
 

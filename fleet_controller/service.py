@@ -45,7 +45,7 @@ from edgefleet_io.transport import Transport, reconnect_delays
 from fleet_controller.actions import ActionExecutor, CommandSender
 from fleet_controller.artifacts import Artifacts
 from fleet_controller.blobs import BlobStore
-from fleet_controller.deployments import Deployments
+from fleet_controller.deployments import RECONCILE_EVERY_S, Deployments
 from fleet_controller.handlers import OperatorHandlers
 from fleet_controller.http_artifacts import ArtifactHttpServer
 from fleet_controller.ingest import Ingest
@@ -74,6 +74,7 @@ class ControllerConfig:
     fleet: str = "default"
     controller_id: str = field(default_factory=lambda: f"controller-{secrets.token_hex(4)}")
     tick_s: float = 1.0
+    reconcile_s: float = RECONCILE_EVERY_S  # how often deployments are reconciled
     queue_max: int = 20_000  # messages waiting to be stored
     batch_max: int = 500  # messages per ingest transaction
     retention_days: float = 30.0
@@ -189,7 +190,11 @@ class ControllerService:
             metrics=self.metrics,
         )
         self.deployments = Deployments(
-            store=self.store, handlers=handlers, connected=self.link.connected, clock=clock
+            store=self.store,
+            handlers=handlers,
+            connected=self.link.connected,
+            clock=clock,
+            interval_s=config.reconcile_s,
         )
         self.operator_api = OperatorApi(
             {**handlers.routes(), **self.deployments.routes()},

@@ -87,8 +87,13 @@ class DeploymentRepository:
                     created_at=old.created_at,
                     held=info.held if not same else {**old.held, **info.held},
                 )
-                s.exec(delete(DEPLOYMENTS).where(DEPLOYMENTS.c.name == info.name))
-            s.add(_row(info))
+                s.exec(
+                    update(DEPLOYMENTS)
+                    .where(DEPLOYMENTS.c.name == info.name)
+                    .values(**_row(info).model_dump())
+                )
+            else:
+                s.add(_row(info))
         return info
 
     def get(self, name: str) -> DeploymentInfo | None:

@@ -49,6 +49,15 @@ CASES: list[tuple[str, SendWave | SendNode, str | None, CommandPlan | None]] = [
         ),
     ),
     (
+        "wave broadcast excluding relabelled nodes",
+        SendWave(wave=1, bucket_limit=1000, exclude=("n7", "n9")),
+        None,
+        CommandPlan(
+            WaveTarget(selector=SELECTOR, exclude=("n7", "n9"), bucket_limit=1000, wave=1),
+            DeployAction(manifest=NEW_ENV, activate_at=1_900_000_000.0, url=None),
+        ),
+    ),
+    (
         "wave broadcast over HTTP",
         SendWave(wave=0, bucket_limit=100),
         BASE,

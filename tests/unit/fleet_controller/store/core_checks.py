@@ -15,6 +15,7 @@ import pytest
 from fleet_controller.rollout_core import HealthSample, NodeProgress, RolloutRecord
 from fleet_controller.store import (
     AuditInfo,
+    DeploymentInfo,
     DuplicateModelError,
     DuplicateRolloutError,
     NodeInfo,
@@ -22,6 +23,8 @@ from fleet_controller.store import (
     RolloutInfo,
     RolloutReader,
     Store,
+    StoreError,
+    UnknownNodeError,
     UnknownRolloutError,
 )
 from shared.labels import parse_selector
@@ -30,6 +33,7 @@ from shared.messages import (
     ResultBatch,
     RolloutState,
 )
+from shared.operations import RolloutPolicy
 from tests.unit.fleet_controller.store.store_kit import (
     NOW,
     REF1,
@@ -431,7 +435,69 @@ def check_birth_floor_settles_slots_a_wiped_node_no_longer_has(store: Store) -> 
     assert node.acked_seq == 1_000
 
 
+def check_operators_labels_and_forget(store: Store) -> None:
+    store.nodes.apply_state(
+        state("a", online=True, session=1, labels={"site": "x", "gpu": "1"}), NOW
+    )
+    node = store.nodes.set_labels("a", {"site": "y", "gpu": None, "tier": "gold"})
+    assert (dict(node.labels), dict(node.announced)) == (
+        {"site": "y", "tier": "gold"},
+        {"site": "x", "gpu": "1"},
+    )
+    assert [n.node_id for n in store.nodes.list(parse_selector("site=y,!gpu"))] == ["a"]
+    assert store.nodes.list(parse_selector("site=x")) == []
+    # A birth replaces the announced labels, never the operators'.
+    store.nodes.apply_state(state("a", online=True, session=2, labels={"site": "z"}), NOW + 1)
+    node = store.nodes.set_labels("a", {"site": False})
+    assert dict(node.labels) == {"site": "z", "tier": "gold"}
+    stored = store.nodes.get("a")
+    assert stored is not None
+    assert stored.to_dict()["central_labels"] == {"gpu": None, "tier": "gold"}
+    with pytest.raises(UnknownNodeError, match="unknown node nobody"):
+        store.nodes.set_labels("nobody", {"k": "v"})
+    with pytest.raises(StoreError, match="node a is online"):
+        store.nodes.forget("a")
+    store.nodes.apply_state(state("a", online=False, session=2), NOW + 2)
+    assert store.nodes.forget("a").node_id == "a"
+    assert store.nodes.get("a") is None
+    with pytest.raises(UnknownNodeError):
+        store.nodes.forget("a")
+
+
+def check_deployments(store: Store) -> None:
+    policy = RolloutPolicy(waves=(50.0, 100.0))
+    info = DeploymentInfo(
+        name="cams",
+        selector=parse_selector("site=a"),
+        model=REF1,
+        policy=policy,
+        created_by="alice",
+        created_at=NOW,
+        updated_at=NOW,
+    )
+    assert store.deployments.put(info) == info
+    assert store.deployments.get("cams") == info
+    assert store.deployments.hold("cams", SHA1, {"n1": "rejected"}, now=NOW + 1)
+    assert not store.deployments.hold("cams", SHA2, {"n2": "x"}, now=NOW + 1)  # not its target
+    assert store.deployments.claim("cams", SHA1, None, "r1", now=NOW + 2)
+    assert not store.deployments.claim("cams", SHA1, None, "r2", now=NOW + 2)  # lost the race
+    got = store.deployments.get("cams")
+    assert got is not None
+    assert (got.rollout_id, dict(got.held)) == ("r1", {"n1": "rejected"})
+    # The same target keeps what is held; a new one empties it and keeps the creator.
+    later = replace(info, policy=RolloutPolicy(), created_by="bob", updated_at=NOW + 3)
+    assert dict(store.deployments.put(later).held) == {"n1": "rejected"}
+    moved = store.deployments.put(replace(later, model=REF2))
+    assert (dict(moved.held), moved.created_by, moved.policy) == ({}, "alice", RolloutPolicy())
+    assert [d.name for d in store.deployments.list()] == ["cams"]
+    assert store.deployments.delete("cams")
+    assert not store.deployments.delete("cams")
+    assert store.deployments.get("cams") is None
+
+
 CORE_CHECKS: list[Callable[[Store], None]] = [
+    check_operators_labels_and_forget,
+    check_deployments,
     check_birth_floor_settles_slots_a_wiped_node_no_longer_has,
     check_step_rollout_folds_each_stored_status_once,
     check_step_reads_nodes_and_samples_in_its_transaction,
