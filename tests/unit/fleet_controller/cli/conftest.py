@@ -50,8 +50,17 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
             return [{"node_id": "n1", "online": True, "labels": {"site": "a"}, "model": None}]
         if op.name == "rollout.events":
             return EVENTS
-        if op.name == "audit.list":
+        if op.name in ("audit.list", "deployment.list"):
             return []
+        if op.name == "node.label":
+            return {
+                "node_id": "n1",
+                "labels": {"site": "b"},
+                "announced_labels": {"site": "a", "gpu": "1"},
+                "central_labels": {"site": "b", "gpu": None},
+            }
+        if op.name.startswith("deployment."):
+            return {"name": "cams", "model": "c@1.0.0", "held": {"n9": "rejected in r0"}}
         return rollout
 
     monkeypatch.setattr(common, "call", fake)
