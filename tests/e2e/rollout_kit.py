@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,11 @@ def bring_up(
     models: Sequence[tuple[Path, str]],
     *,
     rate_hz: float = RATE_HZ,
+    labels: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Simulated nodes and the controller (booting side by side), then register ``models``
     (``(file, NAME@VERSION)``, in parallel) and wait for every node to be known online."""
-    fleet.simulate(count, rate_hz=rate_hz)
+    fleet.simulate(count, rate_hz=rate_hz, labels=labels)
     fleet.serve(db_url)
     commands = []
     for path, ref in models:
