@@ -14,6 +14,9 @@ rollouts:
   changes;
 * when the group's staged rollout did not succeed (halted, aborted, rolled
   back), the release did not pass for this group: nobody else gets it;
+* a member that another deployment with another model also selects is in
+  *conflict*: neither sends it anything (they would take turns replacing
+  each other's model) until operators relabel it or change a selector;
 * otherwise every online, unrevoked member that runs another model, is not
   held and is not part of an active rollout is *drifted*, and one rollout to
   exactly those nodes brings them to the target, with the deployment's policy
@@ -33,7 +36,16 @@ from fleet_controller.rollout_records import RolloutRecord
 from shared.labels import Selector, matches
 from shared.messages import ModelManifest, ModelRef, NodeRolloutState, RolloutState
 
-__all__ = ["ACTIVE", "Member", "Membership", "Reconcile", "busy_nodes", "membership", "reconcile"]
+__all__ = [
+    "ACTIVE",
+    "Member",
+    "Membership",
+    "Reconcile",
+    "busy_nodes",
+    "claimed_by_others",
+    "membership",
+    "reconcile",
+]
 
 N = NodeRolloutState
 R = RolloutState
@@ -55,6 +67,7 @@ class Reconcile:
     hold: Mapping[str, str] = field(default_factory=dict)
     start: tuple[str, ...] = ()
     waiting: str | None = None  # why nothing is sent now, when that is not the normal case
+    conflicts: Mapping[str, str] = field(default_factory=dict)  # node -> the other deployment
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,15 +142,24 @@ def reconcile(
     nodes: Sequence[Member],
     running: Mapping[str, ModelManifest],
     busy: frozenset[str],
+    claimed: Mapping[str, str] | None = None,
 ) -> Reconcile:
     """What the deployment does now (see the module docstring).
 
     ``last`` is its latest rollout (None: none, or no longer stored);
     ``running`` maps the sha256 of models nodes run to their manifests, for
-    the plan's refusal rules; ``busy`` are the nodes of active rollouts.
+    the plan's refusal rules; ``busy`` are the nodes of active rollouts;
+    ``claimed`` maps nodes other deployments with other models select to the
+    name of one of them.
     """
+    claimed = claimed or {}
+    conflicts = {
+        n.node_id: claimed[n.node_id]
+        for n in nodes
+        if n.node_id in claimed and not n.revoked and matches(selector, n.labels)
+    }
     if last is not None and last.state in ACTIVE:
-        return Reconcile()
+        return Reconcile(conflicts=conflicts)
     hold = {} if last is None else _failed_on_target(last, target)
     hold = {k: v for k, v in hold.items() if k not in held}
     if last is not None and not last.spec.nodes and last.state is not R.SUCCEEDED:
@@ -145,6 +167,7 @@ def reconcile(
             hold=hold,
             waiting=f"its rollout {last.spec.rollout_id} ended {last.state.value}: "
             "no node gets this model until the target changes",
+            conflicts=conflicts,
         )
     start: list[str] = []
     for node in nodes:
@@ -154,6 +177,7 @@ def reconcile(
             or node.node_id in held
             or node.node_id in hold
             or node.node_id in busy
+            or node.node_id in conflicts
             or not matches(selector, node.labels)
             or (node.model is not None and node.model.sha256 == target.sha256)
         ):
@@ -164,4 +188,22 @@ def reconcile(
             hold[node.node_id] = f"would refuse: {why}"
         else:
             start.append(node.node_id)
-    return Reconcile(hold=hold, start=tuple(sorted(start)))
+    return Reconcile(hold=hold, start=tuple(sorted(start)), conflicts=conflicts)
+
+
+def claimed_by_others(
+    name: str,
+    target: ModelRef,
+    others: Sequence[tuple[str, Selector, ModelRef]],
+    nodes: Sequence[Member],
+) -> dict[str, str]:
+    """Nodes that deployments other than ``name``, with a model other than
+    ``target``, select: node -> the first such deployment's name."""
+    claimed: dict[str, str] = {}
+    for other, selector, model in sorted(others, key=lambda o: o[0]):
+        if other == name or model.sha256 == target.sha256:
+            continue
+        for node in nodes:
+            if not node.revoked and matches(selector, node.labels):
+                claimed.setdefault(node.node_id, other)
+    return claimed

@@ -34,6 +34,7 @@ from fleet_controller.deployment_core import (
     ACTIVE,
     Reconcile,
     busy_nodes,
+    claimed_by_others,
     membership,
     reconcile,
 )
@@ -123,6 +124,7 @@ class Deployments:
             return {**kept.to_dict(), "started": None}
         nodes = await asyncio.to_thread(self._store.nodes.list, info.selector)
         nodes = [n for n in nodes if not n.revoked]
+        await asyncio.to_thread(self._refuse_conflicts, info, nodes)
         rollout: core.RolloutRecord | None = None
         if nodes:
             rollout = await self._staged(info, model.manifest, nodes, old, request.force)
@@ -141,6 +143,18 @@ class Deployments:
             f", rollout {info.rollout_id} started" if rollout is not None else "",
         )
         return {**stored.to_dict(), "started": None if rollout is None else rollout_view(rollout)}
+
+    def _refuse_conflicts(self, info: DeploymentInfo, nodes: list[NodeInfo]) -> None:
+        """Raises: EdgeFleetError when another deployment with another model selects
+        some of ``nodes`` (a node follows one deployment); StoreError."""
+        others = [(d.name, d.selector, d.model) for d in self._store.deployments.list()]
+        claimed = claimed_by_others(info.name, info.model, others, nodes)
+        if claimed:
+            node, other = sorted(claimed.items())[0]
+            raise EdgeFleetError(
+                f"deployment not set: {len(claimed)} of its nodes (e.g. {node}) are in "
+                f"deployment {other} too, with another model; a node follows one deployment"
+            )
 
     async def _staged(
         self,
@@ -205,12 +219,14 @@ class Deployments:
         last = None
         if info.rollout_id is not None:
             last = await asyncio.to_thread(self._store.rollouts.load, info.rollout_id)
-        step, _ = await asyncio.to_thread(self._decide, info)
+        every = await asyncio.to_thread(self._store.deployments.list)
+        step, _ = await asyncio.to_thread(self._decide, info, every)
         return {
             **info.to_dict(),
             **group.to_dict(),
             "rollout_state": None if last is None else last.state.value,
             "waiting": step.waiting,
+            "conflicts": dict(step.conflicts),
         }
 
     async def deployment_delete(self, request: ops.DeploymentRef, operator: str) -> dict[str, Any]:
@@ -246,13 +262,14 @@ class Deployments:
             return
         for info in deployments:
             try:
-                await self.reconcile_one(info)
+                await self.reconcile_one(info, deployments)
             except (EdgeFleetError, TransportError) as exc:
                 log.warning("deployment %s: reconcile postponed: %s", info.name, exc)
 
-    async def reconcile_one(self, info: DeploymentInfo) -> None:
-        """Hold the nodes the deployment failed on; bring drifted members to the target."""
-        step, manifest = await asyncio.to_thread(self._decide, info)
+    async def reconcile_one(self, info: DeploymentInfo, every: list[DeploymentInfo]) -> None:
+        """Hold the nodes the deployment failed on; bring drifted members to the target
+        (``every``: all deployments, to leave alone the nodes another one claims)."""
+        step, manifest = await asyncio.to_thread(self._decide, info, every)
         now = self._clock()
         if step.hold:
             for node_id, why in sorted(step.hold.items()):
@@ -273,9 +290,7 @@ class Deployments:
             deployment=info.name,
         )
         claimed = await asyncio.to_thread(
-            lambda: self._store.deployments.claim(
-                info.name, info.model.sha256, info.rollout_id, spec.rollout_id, now=now
-            )
+            lambda: self._store.deployments.claim(info, spec.rollout_id, now=now)
         )
         if not claimed:
             return  # changed meanwhile (an operator, or another controller): next pass
@@ -291,7 +306,9 @@ class Deployments:
             _shown(step.start),
         )
 
-    def _decide(self, info: DeploymentInfo) -> tuple[Reconcile, ModelManifest | None]:
+    def _decide(
+        self, info: DeploymentInfo, every: list[DeploymentInfo]
+    ) -> tuple[Reconcile, ModelManifest | None]:
         """Read what :func:`reconcile` needs and ask it (blocking). Raises: StoreError."""
         last = None
         if info.rollout_id is not None:
@@ -303,6 +320,7 @@ class Deployments:
             return Reconcile(waiting=f"model {info.model.sha256[:12]} is not registered"), None
         nodes = self._store.nodes.list()
         active = active_records(self._store)
+        others = [(d.name, d.selector, d.model) for d in every]
         step = reconcile(
             selector=info.selector,
             target=info.model,
@@ -312,5 +330,6 @@ class Deployments:
             nodes=nodes,
             running=running_manifests(self._store, nodes),
             busy=busy_nodes(active, nodes),
+            claimed=claimed_by_others(info.name, info.model, others, nodes),
         )
         return step, model.manifest

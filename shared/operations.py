@@ -264,6 +264,13 @@ class DeploymentSet(_Targeted):
             raise ValueError("a deployment has no activation time: its rollouts start at once")
         return when
 
+    @field_validator("waves")
+    @classmethod
+    def _whole_group(cls, waves: tuple[float, ...]) -> tuple[float, ...]:
+        if waves and waves[-1] != 100:
+            raise ValueError("a deployment's last wave must be 100 (the whole group)")
+        return waves
+
 
 class DeploymentRef(Request):
     """One deployment, by name (show, delete)."""

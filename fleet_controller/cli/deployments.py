@@ -179,6 +179,10 @@ def _show_view(d: Mapping[str, Any]) -> RenderableType:
     if isinstance(held, Mapping) and held:
         rows = [{"node": node, "why": why} for node, why in sorted(held.items())]
         parts.append(view.records_table(rows, title="held (not sent this model again)"))
+    conflicts = d.get("conflicts") or {}
+    if isinstance(conflicts, Mapping) and conflicts:
+        rows = [{"node": node, "also in": other} for node, other in sorted(conflicts.items())]
+        parts.append(view.records_table(rows, title="in another deployment too (left alone)"))
     return Group(*parts)
 
 

@@ -128,19 +128,22 @@ class DeploymentRepository:
             )
         return True
 
-    def claim(
-        self, name: str, sha256: str, previous: str | None, rollout_id: str, *, now: float
-    ) -> bool:
-        """Make ``rollout_id`` the deployment's latest rollout, only if it still
-        targets ``sha256`` and its latest rollout is still ``previous``: of two
+    def claim(self, read: DeploymentInfo, rollout_id: str, *, now: float) -> bool:
+        """Make ``rollout_id`` the deployment's latest rollout, only if its target
+        (model and selector) and latest rollout are still those of ``read``: of two
         controllers reconciling together, exactly one wins. Raises: StoreError."""
         with self._db.session(write=True) as s:
-            row = self._locked(s, name)
-            if row is None or row.model_sha256 != sha256 or row.rollout_id != previous:
+            row = self._locked(s, read.name)
+            if (
+                row is None
+                or row.model_sha256 != read.model.sha256
+                or row.selector != format_selector(read.selector)
+                or row.rollout_id != read.rollout_id
+            ):
                 return False
             s.exec(
                 update(DEPLOYMENTS)
-                .where(DEPLOYMENTS.c.name == name)
+                .where(DEPLOYMENTS.c.name == read.name)
                 .values(rollout_id=rollout_id, updated_at=now)
             )
         return True

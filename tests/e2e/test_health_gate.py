@@ -37,8 +37,9 @@ pytestmark = pytest.mark.e2e
 FLEET_SIZE = 50
 RATE_HZ = 4.0
 WAVES = (10.0, 50.0, 100.0)
-WORK = 96  # layers of the base model: about a millisecond per run here, so that three
-# times the work is well beyond the default 1 ms floor of a latency regression
+WORK = 192  # layers of the base model: 1.3-2 ms per run here (idle or loaded), so
+# that three times the work (about 2.4 times the latency) stays well beyond the
+# default 1 ms floor of a latency regression on an idle machine too
 # Telemetry periods of simulated nodes are 5 s. A verdict needs 20 runs a side (5 s
 # at 4 Hz); 10% errors are certain at about 80 runs, so bad releases get a window
 # of 20 s, four periods (the same-speed upgrade 10 s).

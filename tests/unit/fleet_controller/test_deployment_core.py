@@ -10,7 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleet_controller.deployment_core import Reconcile, busy_nodes, membership, reconcile
+from fleet_controller.deployment_core import (
+    Reconcile,
+    busy_nodes,
+    claimed_by_others,
+    membership,
+    reconcile,
+)
 from fleet_controller.rollout_core import NodeProgress, RolloutRecord, RolloutSpec
 from shared.labels import parse_selector
 from shared.messages import Capabilities, ModelRef, NodeRolloutState, RolloutState
@@ -58,8 +64,10 @@ def decide(
     last: RolloutRecord | None = None,
     held: Mapping[str, str] | None = None,
     busy: frozenset[str] = frozenset(),
+    claimed: Mapping[str, str] | None = None,
 ) -> Reconcile:
     return reconcile(
+        claimed=claimed,
         selector=GROUP,
         target=TARGET,
         manifest=NEW_MANIFEST,
@@ -219,3 +227,19 @@ def test_never_sends_to_nodes_it_must_leave_alone(
         assert node_id not in held
         assert node_id not in busy
     assert set(step.start).isdisjoint(step.hold)
+
+
+def test_nodes_another_deployment_claims_with_another_model_are_left_alone() -> None:
+    nodes = [Node("n1"), Node("n2", labels={"site": "a", "hw": "jetson"}), Node("n3")]
+    others = [
+        ("jetsons", parse_selector("hw=jetson"), OLD),
+        ("same", parse_selector("site=a"), TARGET),  # the same model: no conflict
+        ("cams", GROUP, OLD),  # this deployment itself
+    ]
+    claimed = claimed_by_others("cams", TARGET, others, nodes)
+    assert claimed == {"n2": "jetsons"}
+    step = decide(nodes, claimed=claimed)
+    assert (step.start, dict(step.conflicts)) == (("n1", "n3"), {"n2": "jetsons"})
+    # Also while its rollout runs, the conflict is said.
+    running = decide(nodes, claimed=claimed, last=rollout(R.RUNNING))
+    assert (running.start, dict(running.conflicts)) == ((), {"n2": "jetsons"})

@@ -241,5 +241,15 @@ def test_a_new_target_starts_a_staged_rollout_and_supersedes_the_old(
             assert (gone.code, gone.error) == (1, "unknown deployment cams")
             unknown = await op.request("deployment.set", {**group, "model": "clf@9.0.0"})
             assert unknown.code == 1
+            # Two deployments with other models may not share nodes.
+            await op.call("deployment.set", {**group, "model": "clf@1.0.0", "force": True})
+            other = {"deployment": "n3-only", "model": "clf@2.0.0", "select": "site=a"}
+            clash = await op.request("deployment.set", other)
+            assert clash.code == 1
+            assert clash.error == (
+                "deployment not set: 3 of its nodes (e.g. n1) are in deployment cams too, "
+                "with another model; a node follows one deployment"
+            )
+            assert [d["name"] for d in await op.call("deployment.list")] == ["cams"]
 
     run(scenario)

@@ -98,6 +98,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("deployment.set", {"deployment": "d", "model": "clf@1.0.0", "waves": [0]}, "waves"),
     ("deployment.set", {"deployment": "d", "model": "clf"}, "model"),
+    ("deployment.set", {"deployment": "d", "model": "clf@1.0.0", "waves": [10, 50]}, "waves"),
     ("deployment.list", {"all": True}, "all"),
     ("deployment.show", {}, "deployment"),
     ("deployment.delete", {"deployment": 5}, "deployment"),

@@ -479,8 +479,10 @@ def check_deployments(store: Store) -> None:
     assert store.deployments.get("cams") == info
     assert store.deployments.hold("cams", SHA1, {"n1": "rejected"}, now=NOW + 1)
     assert not store.deployments.hold("cams", SHA2, {"n2": "x"}, now=NOW + 1)  # not its target
-    assert store.deployments.claim("cams", SHA1, None, "r1", now=NOW + 2)
-    assert not store.deployments.claim("cams", SHA1, None, "r2", now=NOW + 2)  # lost the race
+    assert store.deployments.claim(info, "r1", now=NOW + 2)
+    assert not store.deployments.claim(info, "r2", now=NOW + 2)  # lost the race
+    moved_away = replace(info, rollout_id="r1", selector=parse_selector("site=b"))
+    assert not store.deployments.claim(moved_away, "r2", now=NOW + 2)  # not what it read
     got = store.deployments.get("cams")
     assert got is not None
     assert (got.rollout_id, dict(got.held)) == ("r1", {"n1": "rejected"})
