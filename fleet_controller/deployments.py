@@ -65,8 +65,16 @@ def _policy(request: ops.DeploymentSet) -> ops.RolloutPolicy:
     )
 
 
-def _rollout_id(name: str) -> str:
-    return f"{name[:48]}-{secrets.token_hex(4)}"
+def _spec(info: DeploymentInfo, nodes: tuple[str, ...] = ()) -> core.RolloutSpec:
+    """A new rollout of the deployment: over its group, or to ``nodes`` of it."""
+    return core.RolloutSpec.from_policy(
+        info.policy,
+        rollout_id=f"{info.name[:48]}-{secrets.token_hex(4)}",
+        model=info.model,
+        selector=info.selector,
+        nodes=nodes,
+        deployment=info.name,
+    )
 
 
 def _shown(nodes: tuple[str, ...]) -> str:
@@ -166,13 +174,7 @@ class Deployments:
     ) -> core.RolloutRecord:
         """The staged rollout of a new target over the group, checked like ``rollout start``
         (the deployment's own previous rollout, aborted next, is no overlap)."""
-        spec = core.RolloutSpec.from_policy(
-            info.policy,
-            rollout_id=_rollout_id(info.name),
-            model=info.model,
-            selector=info.selector,
-            deployment=info.name,
-        )
+        spec = _spec(info)
         plan = await asyncio.to_thread(load_plan, self._store, spec, manifest, nodes)
         if old is not None and old.rollout_id is not None:
             others = {k: v for k, v in plan.overlapping.items() if k != old.rollout_id}
@@ -281,14 +283,7 @@ class Deployments:
             )
         if not step.start or manifest is None:
             return
-        spec = core.RolloutSpec.from_policy(
-            info.policy,
-            rollout_id=_rollout_id(info.name),
-            model=info.model,
-            selector=info.selector,
-            nodes=step.start,
-            deployment=info.name,
-        )
+        spec = _spec(info, step.start)
         claimed = await asyncio.to_thread(
             lambda: self._store.deployments.claim(info, spec.rollout_id, now=now)
         )

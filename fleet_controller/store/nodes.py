@@ -138,11 +138,7 @@ class NodeRepository:
                 database failed.
         """
         with self._db.session(write=True) as s:
-            row = s.exec(
-                select(NodeRow).where(col(NodeRow.node_id) == node_id).with_for_update()
-            ).one_or_none()
-            if row is None:
-                raise UnknownNodeError(f"unknown node {node_id}")
+            row = _locked(s, node_id)
             info = node_info(row)
             central = dict(info.central)
             for key, value in changes.items():
@@ -169,11 +165,7 @@ class NodeRepository:
                 the database failed.
         """
         with self._db.session(write=True) as s:
-            row = s.exec(
-                select(NodeRow).where(col(NodeRow.node_id) == node_id).with_for_update()
-            ).one_or_none()
-            if row is None:
-                raise UnknownNodeError(f"unknown node {node_id}")
+            row = _locked(s, node_id)
             if row.online:
                 raise StoreError(
                     f"node {node_id} is online: only a node that is gone can be forgotten "
@@ -191,6 +183,16 @@ class NodeRepository:
         """
         with self._db.session(write=False) as s:
             return select_nodes(s, selector)
+
+
+def _locked(s: Session, node_id: str) -> NodeRow:
+    """The node's row, locked for this transaction. Raises: UnknownNodeError."""
+    row = s.exec(
+        select(NodeRow).where(col(NodeRow.node_id) == node_id).with_for_update()
+    ).one_or_none()
+    if row is None:
+        raise UnknownNodeError(f"unknown node {node_id}")
+    return row
 
 
 def ensure_nodes(db: Database, s: Session, node_ids: Iterable[str], now: float) -> None:
