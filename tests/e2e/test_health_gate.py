@@ -91,7 +91,11 @@ def roll(fleet: Fleet, ref: str, prefix: str, ids: list[str], window: str) -> di
         fleet, ref, rollout_id, waves=WAVES, health_window=window, wave_timeout="90s", extra=GATE
     )
     fleet.wait_rollout(rollout_id, timeout_s=3 * ROLLOUT_DEADLINE_S)
-    return final_status(fleet, rollout_id)
+    status = final_status(fleet, rollout_id)
+    # For benchmarks/README.md (shown with -s): the outcome and a verdict per wave.
+    first = {n["wave"]: n["reason"] for n in reversed(status["nodes"])}
+    print(f"{ref}: {status['state']}, counts {status['counts']}, one verdict per wave: {first}")
+    return status
 
 
 def assert_halted_in_the_first_wave(fleet: Fleet, status: dict[str, Any], why: str) -> None:
