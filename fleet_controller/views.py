@@ -38,6 +38,7 @@ def rollout_view(record: RolloutRecord, *, nodes: bool = False) -> dict[str, Any
         "wave": record.wave + 1,
         "waves": list(spec.waves),
         "selector": format_selector(spec.selector),
+        "deployment": spec.deployment,
         "reason": record.reason,
         "nodes_total": len(record.nodes),
         "counts": dict(counts),
