@@ -203,7 +203,7 @@ class CommandHandler:
 
     async def _accept(self, accepted: Accepted, data: bytes) -> None:
         """Persist the verifier state (and a job as pending) before acting."""
-        verifier = record(self._keeper.state.verifier_state(), accepted)
+        verifier = record(self._keeper.state.verifier_state(), accepted, now=self._clock())
         update: dict[str, Any] = {
             "last_seq": verifier.last_seq,
             "attempted": list(verifier.attempted),

@@ -17,9 +17,14 @@ returns one outcome:
 Rules, in order: a well-formed DSSE envelope; a threshold of rollout-role
 signatures; a well-formed command for this fleet; addressed to this node
 (explicit id, or the wave's selector, exclusions and hash bucket); not expired; a
-release-role signature on the embedded manifest; not already attempted; a
-``seq`` above the highest applied (replay); no downgrade unless it is a signed
-rollback; a trust update must rotate (newer, signed by old and new root).
+release-role signature on the embedded manifest; not already attempted; not
+issued ahead of the node's clock (:data:`CLOCK_SKEW_S`), living at most
+:data:`MAX_COMMAND_LIFETIME_S`, with a ``seq`` neither ahead of the clock in
+milliseconds nor at or below the highest applied (replay; a stored counter
+beyond the clock is taken as the clock, :func:`effective_last_seq`); no
+downgrade unless it is a signed rollback, and a rollback only to the node's own
+previous model; a trust update must rotate (newer, signed by old and new root)
+and is ordered by its version alone, never by ``seq``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from shared.errors import (
     DowngradeError,
     ExpiredError,
     NotAddressedError,
+    OutOfBoundsError,
     ReplayError,
+    RollbackTargetError,
     TrustError,
 )
 from shared.labels import matches
@@ -52,6 +59,8 @@ from shared.version import SemVer
 from shared.waves import in_wave
 
 __all__ = [
+    "CLOCK_SKEW_S",
+    "MAX_COMMAND_LIFETIME_S",
     "MAX_REMEMBERED_KEYS",
     "Accepted",
     "Duplicate",
@@ -60,11 +69,19 @@ __all__ = [
     "Outcome",
     "Rejected",
     "VerifierState",
+    "effective_last_seq",
     "record",
     "verify_command",
 ]
 
 MAX_REMEMBERED_KEYS = 512
+CLOCK_SKEW_S = 300.0
+"""How far ahead of this node's clock a command's ``issued_at`` and ``seq`` may be.
+
+The controller numbers commands from its clock in milliseconds, so a ``seq``
+above ``(now + CLOCK_SKEW_S) * 1000`` cannot be honest: accepting it would make
+every later command a replay."""
+MAX_COMMAND_LIFETIME_S = 30 * 86_400.0  # expires_at - issued_at (the controller uses 7 days)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +98,7 @@ class VerifierState:
     last_seq: int = 0
     attempted: tuple[str, ...] = ()
     active: ModelRef | None = None
+    previous: ModelRef | None = None  # what a rollback may go back to
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,20 +212,68 @@ def verify_command(
             return Duplicate(command, f"already attempted ({_dedupe_key(command, keys)})", manifest)
         if command.expires_at <= now:
             raise ExpiredError(f"command {command.command_id} expired")
-        if command.seq <= state.last_seq:
+        _check_bounds(command, now)
+        # A trust update is ordered by the list's own version (rotate() below),
+        # never by the command counter, so a wrong counter cannot block it.
+        last_seq = effective_last_seq(state.last_seq, now)
+        if command.seq <= last_seq and not isinstance(body, TrustUpdateAction):
             if isinstance(command.target, WaveTarget):
                 return Ignored(f"wave command seq {command.seq} superseded")
-            raise ReplayError(
-                f"command seq {command.seq} is not above the last applied {state.last_seq}"
-            )
+            raise ReplayError(f"command seq {command.seq} is not above the last applied {last_seq}")
         if isinstance(body, DeployAction) and manifest is not None:
             _check_upgrade(manifest, state.active)
+        if isinstance(body, RollbackAction) and manifest is not None:
+            _check_rollback(manifest, state.active, state.previous)
         new_trust = None
         if isinstance(body, TrustUpdateAction):
             new_trust = trust.rotate(body.trust, now=now)
         return Accepted(command, manifest, keys, new_trust)
     except (TrustError, DecodeError) as exc:
         return Rejected(exc, command)
+
+
+def effective_last_seq(last_seq: int, now: float) -> int:
+    """The highest applied ``seq``, or the clock in milliseconds when the stored
+    one is beyond the clock and its skew (no honest command could have set it:
+    a node whose counter went wrong recovers by itself, and commands issued
+    before now, all numbered below the clock, stay replays)."""
+    ceiling = int((now + CLOCK_SKEW_S) * 1000)
+    return int(now * 1000) if last_seq > ceiling else last_seq
+
+
+def _check_bounds(command: Command, now: float) -> None:
+    """Raises: OutOfBoundsError for a command from the future or living too long."""
+    if command.issued_at > now + CLOCK_SKEW_S:
+        raise OutOfBoundsError(
+            f"command {command.command_id} is issued {command.issued_at - now:.0f} s "
+            f"ahead of this node's clock (at most {CLOCK_SKEW_S:g} s)"
+        )
+    if command.expires_at - command.issued_at > MAX_COMMAND_LIFETIME_S:
+        raise OutOfBoundsError(
+            f"command {command.command_id} lives longer than "
+            f"{MAX_COMMAND_LIFETIME_S / 86_400:g} days"
+        )
+    if command.seq > (now + CLOCK_SKEW_S) * 1000 and not isinstance(
+        command.body, TrustUpdateAction
+    ):
+        raise OutOfBoundsError(
+            f"command seq {command.seq} is ahead of this node's clock in milliseconds"
+        )
+
+
+def _check_rollback(
+    manifest: ModelManifest, active: ModelRef | None, previous: ModelRef | None
+) -> None:
+    """A rollback goes back to this node's own previous model (or stays on the
+    active one: a rollback resumed after it was applied), nothing else."""
+    if active is not None and manifest.sha256 == active.sha256:
+        return
+    if previous is not None and manifest.sha256 == previous.sha256:
+        return
+    had = f"{previous.name} {previous.version}" if previous is not None else "none"
+    raise RollbackTargetError(
+        f"rollback to {manifest.name} {manifest.version} is not this node's previous model ({had})"
+    )
 
 
 def _check_upgrade(manifest: ModelManifest, active: ModelRef | None) -> None:
@@ -224,11 +290,17 @@ def _check_upgrade(manifest: ModelManifest, active: ModelRef | None) -> None:
         )
 
 
-def record(state: VerifierState, accepted: Accepted) -> VerifierState:
-    """The state to persist once ``accepted`` is about to be acted on."""
+def record(state: VerifierState, accepted: Accepted, *, now: float) -> VerifierState:
+    """The state to persist once ``accepted`` (verified at ``now``) is about to be acted on.
+
+    A trust update leaves ``last_seq`` alone: it is ordered by its own version."""
     attempted = (state.attempted + accepted.keys)[-MAX_REMEMBERED_KEYS:]
+    command = accepted.command
+    counted = not isinstance(command.body, TrustUpdateAction)  # not ordered by seq
+    last_seq = effective_last_seq(state.last_seq, now)
     return VerifierState(
-        last_seq=max(state.last_seq, accepted.command.seq),
+        last_seq=max(last_seq, command.seq) if counted else state.last_seq,
         attempted=attempted,
         active=state.active,
+        previous=state.previous,
     )

@@ -352,8 +352,10 @@ class Outbox:
         """Delete every entry with ``seq`` at or below the given one; return how many.
 
         ``seq`` is the controller's highest contiguous durably stored slot. An ack
-        above the last assigned ``seq`` is clamped to it (and logged): it cannot
-        acknowledge an entry that does not exist yet. Idempotent.
+        above the last assigned ``seq``, or reaching an entry never sent, is
+        clamped to just below it (and logged): nothing can acknowledge an entry
+        the controller has not been sent, so a forged ack cannot free results
+        still waiting to go out. Idempotent.
 
         Raises:
             OutboxError: the outbox is closed or the database failed.
@@ -371,6 +373,17 @@ class Outbox:
                         last_seq,
                     )
                     seq = last_seq
+                unsent = conn.execute(
+                    "SELECT MIN(seq) FROM entries WHERE attempts = 0 AND seq <= ?", (seq,)
+                ).fetchone()[0]
+                if unsent is not None:
+                    _log.warning(
+                        "outbox %s: ack for seq %d reaches seq %d, never sent; clamped",
+                        self._path,
+                        seq,
+                        unsent,
+                    )
+                    seq = int(unsent) - 1
                 n, size = conn.execute(
                     "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries WHERE seq <= ?", (seq,)
                 ).fetchone()

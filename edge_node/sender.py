@@ -129,10 +129,13 @@ class OutboxSender:
             telemetry = await asyncio.to_thread(self.outbox.telemetry_due, _TELEMETRY_LIMIT)
             if not entries and not telemetry:
                 return
+            if entries:
+                # Marked before they go: an ack may come back before the last
+                # publish returns, and the outbox frees only entries sent. One that
+                # then fails to go is due again on the reconnect (requeue_all).
+                await asyncio.to_thread(self.outbox.mark_sent, [e.seq for e in entries], now)
             for entry in entries:
                 await link.publish(entry.topic, entry.payload, qos=1)
-            if entries:
-                await asyncio.to_thread(self.outbox.mark_sent, [e.seq for e in entries], now)
             for item in telemetry:
                 await link.publish(item.topic, item.payload, qos=1)
             if telemetry:

@@ -70,7 +70,10 @@ class PersistedState(BaseModel):
 
     def verifier_state(self) -> VerifierState:
         return VerifierState(
-            last_seq=self.last_seq, attempted=tuple(self.attempted), active=self.active
+            last_seq=self.last_seq,
+            attempted=tuple(self.attempted),
+            active=self.active,
+            previous=self.previous,
         )
 
 

@@ -22,8 +22,10 @@ __all__ = [
     "EdgeFleetError",
     "ExpiredError",
     "NotAddressedError",
+    "OutOfBoundsError",
     "ReplayError",
     "RequestTimeoutError",
+    "RollbackTargetError",
     "ThresholdError",
     "TransferError",
     "TransportError",
@@ -96,6 +98,19 @@ class NotAddressedError(TrustError):
 
 class DowngradeError(TrustError):
     code = "downgrade"
+
+
+class RollbackTargetError(TrustError):
+    """A rollback names a model other than the node's own previous one."""
+
+    code = "rollback_target"
+
+
+class OutOfBoundsError(TrustError):
+    """A command claims a time or sequence number ahead of the node's clock, or a
+    lifetime longer than any command may have."""
+
+    code = "out_of_bounds"
 
 
 class DigestMismatchError(TrustError):

@@ -10,6 +10,7 @@ from edge_node.core import (
     Accepted,
     Duplicate,
     Ignored,
+    VerifierState,
 )
 from shared.trust import TrustStore
 from shared.waves import bucket
@@ -18,6 +19,7 @@ from tests.unit.edge_node.verifier_kit import (
     NODE,
     NOW,
     ROLLOUT,
+    RUNNING_2_0,
     SHA_OTHER,
     Delivery,
     Kit,
@@ -113,7 +115,9 @@ DUPLICATES: list[object] = [
 def test_duplicate(kit: Kit, store: TrustStore, pair: Callable[[Kit], tuple[bytes, bytes]]) -> None:
     first, second = pair(kit)
     me = as_node(node_in_wave(1000))  # inside every wave these scenarios send
-    state = accept(Delivery(first, me=me), store)
+    # A node that ran 1.5.0 before: the rollback scenario goes back to it.
+    before = VerifierState(previous=RUNNING_2_0.previous)
+    state = accept(Delivery(first, me=me, state=before), store)
 
     outcome = Delivery(second, me=me, state=state).verify(store)
 

@@ -242,7 +242,7 @@ def accepted(seq: int, *keys: str) -> Accepted:
 def test_record_keeps_the_highest_seq(last_seq: int, seq: int, expected: int) -> None:
     state = replace(RUNNING_2_0, last_seq=last_seq)
 
-    new = record(state, accepted(seq, "c:x"))
+    new = record(state, accepted(seq, "c:x"), now=NOW)
 
     assert new.last_seq == expected
     assert new.active == state.active
@@ -251,7 +251,7 @@ def test_record_keeps_the_highest_seq(last_seq: int, seq: int, expected: int) ->
 def test_record_appends_keys_and_leaves_active_unchanged() -> None:
     state = replace(RUNNING_2_0, attempted=("c:a",))
 
-    new = record(state, accepted(9, "c:b", "r:ro:deploy:" + SHA_NEW))
+    new = record(state, accepted(9, "c:b", "r:ro:deploy:" + SHA_NEW), now=NOW)
 
     assert new.attempted == ("c:a", "c:b", "r:ro:deploy:" + SHA_NEW)
     assert new.active == RUNNING_2_0.active
@@ -263,7 +263,7 @@ def test_record_bounds_remembered_keys_dropping_the_oldest(already: int) -> None
     old = tuple(f"c:old-{i}" for i in range(already))
     state = VerifierState(last_seq=1, attempted=old)
 
-    new = record(state, accepted(2, "c:new", "r:ro:cancel:-"))
+    new = record(state, accepted(2, "c:new", "r:ro:cancel:-"), now=NOW)
 
     assert len(new.attempted) == MAX_REMEMBERED_KEYS
     assert new.attempted[-2:] == ("c:new", "r:ro:cancel:-")

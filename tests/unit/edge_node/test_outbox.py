@@ -67,6 +67,7 @@ def test_seq_continues_after_reopen_even_when_everything_was_acked(db: Path) -> 
     with Outbox(db) as ob:
         for _ in range(3):
             ob.put("results", TOPIC, payload_for)
+        ob.mark_sent([1, 2, 3], 1.0)
         assert ob.ack(3) == 3
         assert ob.depth() == 0
     with Outbox(db) as ob:
@@ -128,6 +129,7 @@ def test_mark_sent_ignores_acked_and_unknown_seqs(db: Path) -> None:
     with Outbox(db) as ob:
         for _ in range(2):
             ob.put("results", TOPIC, payload_for)
+        ob.mark_sent([1], 5.0)
         ob.ack(1)
         ob.mark_sent([1, 2, 99], 10.0)
         ob.mark_sent([], 11.0)
@@ -155,12 +157,13 @@ def test_ack_deletes_up_to_seq_and_is_idempotent(db: Path) -> None:
     with Outbox(db) as ob:
         for _ in range(6):
             ob.put("results", TOPIC, payload_for)
+        ob.mark_sent(range(1, 7), 1.0)
         assert ob.ack(0) == 0
         assert ob.ack(3) == 3
         assert ob.depth() == 3
         assert ob.ack(3) == 0
         assert ob.ack(2) == 0
-        assert [e.seq for e in ob.due(0.0, resend_after_s=1.0, limit=10)] == [4, 5, 6]
+        assert [e.seq for e in ob.due(10.0, resend_after_s=1.0, limit=10)] == [4, 5, 6]
         assert ob.ack(6) == 3
         assert ob.depth() == 0
         assert ob.bytes_used() == 0
@@ -172,6 +175,7 @@ def test_ack_above_last_seq_is_clamped_and_logged(
     with Outbox(db) as ob:
         for _ in range(2):
             ob.put("results", TOPIC, payload_for)
+        ob.mark_sent([1, 2], 1.0)
         with caplog.at_level(logging.WARNING, logger="edge_node.outbox"):
             assert ob.ack(10) == 2
         assert "ack for seq 10 above last assigned seq 2" in caplog.text
@@ -179,7 +183,27 @@ def test_ack_above_last_seq_is_clamped_and_logged(
         assert ob.put("results", TOPIC, payload_for) == 3
         assert ob.depth() == 1
         assert [e.seq for e in ob.due(0.0, resend_after_s=1.0, limit=10)] == [3]
+        ob.mark_sent([3], 2.0)
         assert ob.ack(3) == 1
+
+
+def test_a_forged_ack_cannot_free_entries_never_sent(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ack is only the controller's word for what it was sent: entries that
+    never went out stay, whatever seq an ack names."""
+    with Outbox(db) as ob:
+        for _ in range(5):
+            ob.put("results", TOPIC, payload_for)
+        ob.mark_sent([1, 2], 1.0)
+        with caplog.at_level(logging.WARNING, logger="edge_node.outbox"):
+            assert ob.ack(5) == 2
+        assert "ack for seq 5 reaches seq 3, never sent; clamped" in caplog.text
+        assert [e.seq for e in ob.due(0.0, resend_after_s=1.0, limit=10)] == [3, 4, 5]
+        ob.requeue_all()  # a reconnect makes sent entries due again: still "sent before"
+        ob.mark_sent([3, 4, 5], 2.0)
+        assert ob.ack(5) == 3
+        assert ob.depth() == 0
 
 
 def test_ack_on_an_empty_outbox_is_clamped_to_zero(db: Path) -> None:
@@ -264,7 +288,8 @@ def test_cap_drops_oldest_telemetry_first_then_refuses_results(db: Path) -> None
         assert ob.telemetry_depth() == 0
         assert ob.stats().dropped_telemetry == 6
 
-        # An ack makes room; the next seq follows with no gap.
+        # An ack of what was sent makes room; the next seq follows with no gap.
+        ob.mark_sent([1], 1.0)
         assert ob.ack(1) == 1
         assert ob.put("results", "t", lambda seq: sized(99)) == 3
 
@@ -340,6 +365,7 @@ def test_first_seq_numbers_a_new_outbox_only(tmp_path: Path) -> None:
         assert outbox.floor() == 5_000
         assert outbox.put("status", "t", lambda seq: b"%d" % seq) == 5_000
         assert outbox.put("status", "t", lambda seq: b"%d" % seq) == 5_001
+        outbox.mark_sent([5_000, 5_001], 1.0)
         outbox.ack(5_000)
         assert outbox.floor() == 5_001
         outbox.ack(5_001)

@@ -22,6 +22,7 @@ def test_depths_are_read_while_the_node_holds_the_outbox_open(tmp_path: Path) ->
             outbox.put("status", "t/status", lambda seq: f'{{"seq": {seq}}}'.encode())
         outbox.put_telemetry("t/telemetry", b"{}")
         assert read_depths(path) == (3, 1)
+        outbox.mark_sent([1, 2], 1.0)
         outbox.ack(2)
         assert read_depths(path) == (1, 1)
         outbox.put("results", "t/results", lambda seq: b"[]")  # still writable

@@ -119,6 +119,7 @@ def test_usable_from_worker_threads_via_asyncio_to_thread(db: Path) -> None:
             seqs = [
                 await asyncio.to_thread(ob.put, "results", TOPIC, payload_for) for _ in range(3)
             ]
+            await asyncio.to_thread(ob.mark_sent, [1], 1.0)
             await asyncio.to_thread(ob.ack, 1)
             due = await asyncio.to_thread(lambda: ob.due(0.0, resend_after_s=1.0, limit=10))
             assert [e.seq for e in due] == [2, 3]

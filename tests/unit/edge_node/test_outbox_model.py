@@ -119,6 +119,10 @@ class OutboxModel(RuleBasedStateMachine):
             choices |= st.sampled_from(sorted(self.pending))
         seq = data.draw(choices, label="ack seq")
         upto = min(seq, self.last_seq)
+        # Never beyond an entry that was never sent: a forged ack frees nothing unsent.
+        unsent = [s for s in self.pending if s <= upto and self.attempts[s] == 0]
+        if unsent:
+            upto = min(unsent) - 1
         gone = [s for s in self.pending if s <= upto]
         assert self.ob.ack(seq) == len(gone)
         for s in gone:

@@ -58,7 +58,9 @@ SHA_OTHER = "c" * 64
 ME = NodeIdentity(node_id=NODE, fleet=FLEET, labels={"site": "berlin", "hw": "jetson"})
 FRESH = VerifierState()
 RUNNING_2_0 = VerifierState(
-    last_seq=5, active=ModelRef(name=MODEL, version="2.0.0", sha256=SHA_ACTIVE)
+    last_seq=5,
+    active=ModelRef(name=MODEL, version="2.0.0", sha256=SHA_ACTIVE),
+    previous=ModelRef(name=MODEL, version="1.5.0", sha256=SHA_OTHER),  # what it ran before
 )
 APPLIED_10 = VerifierState(last_seq=10)
 
@@ -174,6 +176,7 @@ class Kit:
         fleet: str = FLEET,
         rollout_id: str | None = ROLLOUT,
         expires_at: float = NOW + 600,
+        issued_at: float = NOW - 60,
         signers: list[SigningKey] | None = None,
         payload_type: str = PAYLOAD_COMMAND,
     ) -> bytes:
@@ -183,7 +186,7 @@ class Kit:
             seq=seq,
             fleet=fleet,
             rollout_id=rollout_id,
-            issued_at=NOW - 60,
+            issued_at=issued_at,
             expires_at=expires_at,
             target=target or NodeTarget(node=NODE),
             body=body or self.deploy(),
@@ -244,4 +247,4 @@ def accept(delivery: Delivery, store: TrustStore) -> VerifierState:
     """Verify ``delivery``, insist it is accepted, and return the state to persist."""
     outcome = delivery.verify(store)
     assert isinstance(outcome, Accepted), outcome
-    return record(delivery.state, outcome)
+    return record(delivery.state, outcome, now=delivery.now)
