@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -28,6 +28,7 @@ from shared.operations import (
     DEPLOYMENT_SHOW,
     NODE_FORGET,
     NODE_LABEL,
+    Operation,
 )
 from shared.topics import check_id
 
@@ -70,15 +71,28 @@ def parse_label_changes(terms: list[str]) -> dict[str, Any]:
     return {k: v for k, v in changes.items() if v}
 
 
-def _node_label(args: argparse.Namespace) -> int:
+def _ask(
+    args: argparse.Namespace,
+    operation: Operation[Any],
+    request: dict[str, Any],
+    render: Callable[[Any], RenderableType],
+    *,
+    now: float | None = None,
+    shape: Callable[[Any, str], Any] = common.mapping,
+) -> int:
+    """Check ``request`` locally, run ``operation`` on the controller, print its
+    answer (which must be of ``shape``: an object, or ``common.rows``)."""
     settings = common.settings_from(args)
-    node = check_id(args.id, "node id")
-    request = common.checked(NODE_LABEL, {"node_id": node, **parse_label_changes(args.changes)})
-    answer = common.mapping(
-        asyncio.run(common.call(settings, NODE_LABEL, request)), NODE_LABEL.name
-    )
-    common.emit(args, answer, _labels_view)
+    checked = common.checked(operation, request, now=now)
+    answer = asyncio.run(common.call(settings, operation, checked))
+    common.emit(args, shape(answer, operation.name), render)
     return 0
+
+
+def _node_label(args: argparse.Namespace) -> int:
+    node = check_id(args.id, "node id")
+    request = {"node_id": node, **parse_label_changes(args.changes)}
+    return _ask(args, NODE_LABEL, request, _labels_view)
 
 
 def _labels_view(node: Mapping[str, Any]) -> RenderableType:
@@ -98,26 +112,15 @@ def _labels_view(node: Mapping[str, Any]) -> RenderableType:
 
 
 def _node_forget(args: argparse.Namespace) -> int:
-    settings = common.settings_from(args)
-    request = common.checked(NODE_FORGET, {"node_id": check_id(args.id, "node id")})
-    answer = common.mapping(
-        asyncio.run(common.call(settings, NODE_FORGET, request)), NODE_FORGET.name
-    )
-    common.emit(args, answer, lambda a: f"node {a.get('node_id')} forgotten")
-    return 0
+    request = {"node_id": check_id(args.id, "node id")}
+    return _ask(args, NODE_FORGET, request, lambda a: f"node {a.get('node_id')} forgotten")
 
 
 def _deployment_set(args: argparse.Namespace) -> int:
-    settings = common.settings_from(args)
     request = {"deployment": check_id(args.name, "deployment name"), **policy_request(args)}
     if args.force:
         request["force"] = True
-    request = common.checked(DEPLOYMENT_SET, request, now=time.time())
-    answer = common.mapping(
-        asyncio.run(common.call(settings, DEPLOYMENT_SET, request)), DEPLOYMENT_SET.name
-    )
-    common.emit(args, answer, _set_view)
-    return 0
+    return _ask(args, DEPLOYMENT_SET, request, _set_view, now=time.time())
 
 
 def _set_view(answer: Mapping[str, Any]) -> RenderableType:
@@ -135,25 +138,18 @@ def _summary(deployment: Mapping[str, Any]) -> RenderableType:
 
 
 def _deployment_list(args: argparse.Namespace) -> int:
-    settings = common.settings_from(args)
-    request = common.checked(DEPLOYMENT_LIST, {})
-    rows = common.rows(
-        asyncio.run(common.call(settings, DEPLOYMENT_LIST, request)), DEPLOYMENT_LIST.name
+    return _ask(
+        args,
+        DEPLOYMENT_LIST,
+        {},
+        lambda r: view.records_table(r, title="deployments", columns=_LIST_COLUMNS),
+        shape=common.rows,
     )
-    common.emit(
-        args, rows, lambda r: view.records_table(r, title="deployments", columns=_LIST_COLUMNS)
-    )
-    return 0
 
 
 def _deployment_show(args: argparse.Namespace) -> int:
-    settings = common.settings_from(args)
-    request = common.checked(DEPLOYMENT_SHOW, {"deployment": check_id(args.name, "name")})
-    answer = common.mapping(
-        asyncio.run(common.call(settings, DEPLOYMENT_SHOW, request)), DEPLOYMENT_SHOW.name
-    )
-    common.emit(args, answer, _show_view)
-    return 0
+    request = {"deployment": check_id(args.name, "name")}
+    return _ask(args, DEPLOYMENT_SHOW, request, _show_view)
 
 
 def _nodes(ids: Any) -> str:
@@ -187,15 +183,13 @@ def _show_view(d: Mapping[str, Any]) -> RenderableType:
 
 
 def _deployment_delete(args: argparse.Namespace) -> int:
-    settings = common.settings_from(args)
-    request = common.checked(DEPLOYMENT_DELETE, {"deployment": check_id(args.name, "name")})
-    answer = common.mapping(
-        asyncio.run(common.call(settings, DEPLOYMENT_DELETE, request)), DEPLOYMENT_DELETE.name
+    request = {"deployment": check_id(args.name, "name")}
+    return _ask(
+        args,
+        DEPLOYMENT_DELETE,
+        request,
+        lambda a: f"deployment {a.get('name')} deleted; its nodes keep their models",
     )
-    common.emit(
-        args, answer, lambda a: f"deployment {a.get('name')} deleted; its nodes keep their models"
-    )
-    return 0
 
 
 def add_node_actions(actions: common.Commands, parents: common.Parents) -> None:
