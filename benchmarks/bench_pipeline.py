@@ -53,7 +53,7 @@ import onnxruntime as ort
 from edge_node.agent import AgentConfig, NodeAgent
 from edge_node.runtime import ModelRuntime, SessionOptionsConfig
 from edgefleet_io.mqtt import MqttTransport
-from fleet_controller.api import CtlClient
+from fleet_controller.api import CtlClient, OperatorIdentity
 from fleet_controller.demo import N_IN, build_classifier, local_mosquitto, running
 from fleet_controller.keys import init_keys, load_key
 from fleet_controller.publish import prepare_manifest, publish, sign_release
@@ -344,7 +344,9 @@ async def bench(root: Path, broker: BrokerAddress, args: argparse.Namespace) -> 
     async with running(controller):
         async with asyncio.timeout(30):
             await controller.connected.wait()
-        async with CtlClient(MqttTransport(broker), fleet=FLEET, operator="bench") as ctl:
+        async with CtlClient(
+            MqttTransport(broker), fleet=FLEET, identity=OperatorIdentity.load(keys)
+        ) as ctl:
             first = models[0]
             await publish(ctl, sign_release(first.path, first.manifest, release_key))
             for concurrency, micro_batch in ((1, 1), (2, 1), (1, 16)):

@@ -48,7 +48,7 @@ from typing import Any
 from edge_node.agent import AgentConfig, NodeAgent
 from edgefleet_io.mqtt import MqttTransport
 from edgefleet_io.transport import Session
-from fleet_controller.api import CtlClient
+from fleet_controller.api import CtlClient, OperatorIdentity
 from fleet_controller.demo import build_classifier, local_mosquitto
 from fleet_controller.keys import init_keys, load_key
 from fleet_controller.publish import prepare_manifest, publish, sign_release
@@ -233,7 +233,9 @@ async def measure(root: Path, broker: BrokerAddress, args: argparse.Namespace) -
         async with asyncio.timeout(30):
             await controller.connected.wait()
         async with (
-            CtlClient(MqttTransport(broker), fleet=FLEET, operator="bench") as ctl,
+            CtlClient(
+                MqttTransport(broker), fleet=FLEET, identity=OperatorIdentity.load(keys)
+            ) as ctl,
             BrokerCounters(broker) as counters,
         ):
             await publish(ctl, release)

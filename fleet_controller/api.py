@@ -1,8 +1,10 @@
 """The operator API over MQTT: request/response with correlation ids.
 
-``fleetctl`` publishes an :class:`~shared.messages.OperatorRequest` on
-``ctl/request`` and waits for the :class:`~shared.messages.OperatorReply` with
-the same ``id`` on its own ``ctl/reply/{client}``. Pending replies are keyed by
+``fleetctl`` signs an :class:`~shared.messages.OperatorRequest` with the
+operator's key (a DSSE envelope, :data:`~shared.envelope.PAYLOAD_REQUEST`),
+publishes it on ``ctl/request`` and waits for the
+:class:`~shared.messages.OperatorReply` with the same ``id`` on the operator's
+own ``ctl/reply/{operator}``. Pending replies are keyed by
 correlation id and removed in ``finally``. Operations, their typed arguments
 and which of them are audited are listed once, in :data:`shared.operations.OPERATIONS`.
 """
@@ -14,11 +16,15 @@ import contextlib
 import secrets
 import time
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from edgefleet_io.transport import Link, Session, Transport
+from fleet_controller.keys import FIRST_OPERATOR, load_operator_key, operator_key_path
 from shared import topics
+from shared.envelope import PAYLOAD_REQUEST, SigningKey, sign_envelope
 from shared.errors import (
     BrokerUnavailableError,
     DecodeError,
@@ -28,7 +34,25 @@ from shared.errors import (
 )
 from shared.messages import OperatorReply, OperatorRequest, decode, encode
 
-__all__ = ["CtlClient", "OperationError"]
+__all__ = ["CtlClient", "OperationError", "OperatorIdentity"]
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorIdentity:
+    """An operator as the trust list names them, with the private key they sign with."""
+
+    name: str
+    key: SigningKey
+
+    @classmethod
+    def load(
+        cls, keys_dir: Path, name: str = FIRST_OPERATOR, passphrase: bytes | None = None
+    ) -> OperatorIdentity:
+        """Operator ``name`` with its key from ``keys_dir/operators/``.
+
+        Raises: TrustError when the key cannot be read.
+        """
+        return cls(name, load_operator_key(operator_key_path(keys_dir, name), passphrase))
 
 
 class OperationError(EdgeFleetError):
@@ -42,10 +66,10 @@ class OperationError(EdgeFleetError):
 class CtlClient:
     """One operator connection: ``async with CtlClient(transport, ...) as ctl: ...``.
 
-    Replies come on ``ctl/reply/{reply_to}``; without ``reply_to`` on the
-    client's own id. Behind a broker ACL an operator may read only
-    ``ctl/reply/<username>``, so callers pass the broker username there;
-    correlation ids keep concurrent sessions on one reply topic apart.
+    Replies come on ``ctl/reply/{operator}``, the only reply topic the broker
+    lets that operator read; correlation ids keep concurrent sessions of one
+    operator apart. ``client_id`` defaults to the operator's name and a random
+    suffix (the broker may require the operator's name as the prefix).
     """
 
     def __init__(
@@ -53,16 +77,14 @@ class CtlClient:
         transport: Transport,
         *,
         fleet: str,
-        operator: str,
-        reply_to: str | None = None,
+        identity: OperatorIdentity,
         timeout_s: float = 10.0,
     ) -> None:
         self._transport = transport
         self._fleet = fleet
-        self._operator = operator
+        self._identity = identity
         self._timeout_s = timeout_s
-        self._client_id = f"fleetctl-{secrets.token_hex(6)}"
-        self._reply_to = reply_to or self._client_id
+        self._client_id = f"{identity.name}-{secrets.token_hex(6)}"
         self._connection: AbstractAsyncContextManager[Link] | None = None
         self._link: Link | None = None
         self._pending: dict[str, asyncio.Future[OperatorReply]] = {}
@@ -77,7 +99,7 @@ class CtlClient:
                 f"cannot reach the broker at {self._transport}: {exc}"
             ) from None
         try:
-            await link.subscribe([(topics.ctl_reply(self._fleet, self._reply_to), 1)])
+            await link.subscribe([(topics.ctl_reply(self._fleet, self._identity.name), 1)])
         except TransportError as exc:
             with contextlib.suppress(TransportError):
                 await connection.__aexit__(None, None, None)
@@ -123,21 +145,24 @@ class CtlClient:
             BrokerUnavailableError: the broker connection failed.
         """
         request_id = secrets.token_hex(8)
+        now = time.time()
         request = OperatorRequest(
             id=request_id,
-            client=self._reply_to,
-            operator=self._operator,
+            operator=self._identity.name,
+            nonce=secrets.token_hex(16),
             op=op,
             args=args or {},
-            expires_at=time.time() + self._timeout_s,
+            issued_at=now,
+            expires_at=now + self._timeout_s,
         )
+        signed = sign_envelope(encode(request), PAYLOAD_REQUEST, [self._identity.key]).to_bytes()
         link = self._link
         if link is None:
             raise BrokerUnavailableError("the operator connection is not open")
         future: asyncio.Future[OperatorReply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            await link.publish(topics.ctl_request(self._fleet), encode(request), qos=1)
+            await link.publish(topics.ctl_request(self._fleet), signed, qos=1)
             async with asyncio.timeout(self._timeout_s):
                 reply = await future
         except TimeoutError:

@@ -29,7 +29,7 @@ from broker_config import config_path
 from edge_node.agent import AgentConfig, NodeAgent
 from edge_node.sessions import SessionOptionsConfig
 from edgefleet_io.mqtt import MqttTransport
-from fleet_controller.api import CtlClient
+from fleet_controller.api import CtlClient, OperatorIdentity
 from fleet_controller.keys import init_keys, load_key
 from fleet_controller.publish import prepare_manifest, publish, sign_release
 from fleet_controller.service import ControllerConfig, ControllerService
@@ -369,6 +369,9 @@ async def run_demo(
             # The controller shares this process with twelve nodes: on a busy
             # machine an answer can take longer than an operator's usual 10 s.
             async with CtlClient(
-                MqttTransport(address), fleet=FLEET, operator="demo", timeout_s=30.0
+                MqttTransport(address),
+                fleet=FLEET,
+                identity=OperatorIdentity.load(keys),
+                timeout_s=30.0,
             ) as ctl:
                 await _story(ctl, workdir, keys, console, nodes)

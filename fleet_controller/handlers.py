@@ -24,8 +24,10 @@ import logging
 import secrets
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
+from edgefleet_io.files import atomic_write
 from fleet_controller import rollout_core as core
 from fleet_controller.actions import ActionExecutor, CommandSender
 from fleet_controller.artifacts import Artifacts
@@ -57,6 +59,7 @@ class OperatorHandlers:
         executor: ActionExecutor,
         sender: CommandSender,
         trust: TrustStore,
+        trust_file: Path,
         clock: Callable[[], float],
         metrics: Counter[str],
     ) -> None:
@@ -65,8 +68,14 @@ class OperatorHandlers:
         self._executor = executor
         self._sender = sender
         self._trust = trust
+        self._trust_file = trust_file
         self._clock = clock
         self._metrics = metrics
+
+    @property
+    def trust(self) -> TrustStore:
+        """The trust list the controller believes now (it changes on ``trust.push``)."""
+        return self._trust
 
     def routes(self) -> dict[str, Route[Any]]:
         """The dispatch table: every operation of :data:`shared.operations.OPERATIONS`."""
@@ -243,7 +252,8 @@ class OperatorHandlers:
         return info.to_dict()
 
     async def trust_push(self, request: ops.TrustPush, operator: str) -> dict[str, Any]:
-        """Adopt a rotated trust list and broadcast it (retained) to every node.
+        """Adopt a rotated trust list, keep it in the controller's ``trust.json``
+        and broadcast it (retained) to every node.
 
         The list must be a valid rotation of the controller's own (signed by the
         current and the new root, newer, not expired), exactly as nodes check it.
@@ -254,6 +264,15 @@ class OperatorHandlers:
         rollout_id = f"trust-v{rotated.version}"
         await self._sender.send(plan_trust_update(envelope), rollout_id=rollout_id, now=now)
         self._trust = rotated
+        try:
+            await asyncio.to_thread(
+                atomic_write, self._trust_file, rotated.envelope_bytes(), mode=0o644
+            )
+        except OSError as exc:
+            raise EdgeFleetError(
+                f"trust v{rotated.version} is in force and sent, but {self._trust_file} "
+                f"was not updated ({exc.strerror}): copy it there before a restart"
+            ) from None
         return {"version": rotated.version, "rollout_id": rollout_id}
 
     async def audit_list(self, request: ops.AuditList, operator: str) -> list[dict[str, Any]]:

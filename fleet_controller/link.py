@@ -39,13 +39,13 @@ from dataclasses import dataclass
 
 from edgefleet_io.transport import Link, Message, Session, Transport, Will, reconnect_delays
 from shared import __version__, topics
+from shared.envelope import Envelope
 from shared.errors import BrokerUnavailableError, DecodeError, TransportError, UsageError
 from shared.messages import (
     ArtifactRequest,
     ControllerState,
     NodeState,
     NodeStatus,
-    OperatorRequest,
     ResultBatch,
     Telemetry,
     decode,
@@ -97,15 +97,15 @@ def check_peer(peer: ControllerState | None, *, store_id: str) -> None:
 Ingested = NodeStatus | ResultBatch | Telemetry | NodeState
 """What nodes send that the controller stores (and acks, for statuses and results)."""
 
-Incoming = Ingested | ArtifactRequest | OperatorRequest
+Incoming = Ingested | ArtifactRequest | Envelope
+"""An operator request arrives as the DSSE envelope its operator signed."""
 
-_MODELS: dict[topics.TopicKind, type[Incoming]] = {
+_MODELS: dict[topics.TopicKind, type[Ingested | ArtifactRequest]] = {
     topics.TopicKind.STATUS: NodeStatus,
     topics.TopicKind.RESULTS: ResultBatch,
     topics.TopicKind.TELEMETRY: Telemetry,
     topics.TopicKind.STATE: NodeState,
     topics.TopicKind.ARTIFACT_REQUEST: ArtifactRequest,
-    topics.TopicKind.CTL_REQUEST: OperatorRequest,
 }
 
 
@@ -117,12 +117,12 @@ def decode_incoming(topic: str, data: bytes) -> Incoming | None:
             another node (or blob) than its topic.
     """
     parsed = topics.parse_topic(topic)
+    if parsed.kind is topics.TopicKind.CTL_REQUEST:
+        return Envelope.from_bytes(data)
     model = _MODELS.get(parsed.kind)
     if model is None:
         return None
     item = decode(model, data)
-    if isinstance(item, OperatorRequest):
-        return item
     require_topic_node(parsed.node, item.node)
     if isinstance(item, ArtifactRequest) and item.sha256 != parsed.sha256:
         raise DecodeError(f"request names blob {item.sha256[:12]}, topic {parsed.sha256}")
@@ -135,7 +135,7 @@ class Routes:
 
     ingest: Callable[[Ingested], None]
     artifact: Callable[[ArtifactRequest], None]
-    operator: Callable[[OperatorRequest], None]
+    operator: Callable[[Envelope], None]
 
 
 class ControllerLink:
@@ -282,7 +282,7 @@ class ControllerLink:
         try:
             if isinstance(item, ArtifactRequest):
                 routes.artifact(item)
-            elif isinstance(item, OperatorRequest):
+            elif isinstance(item, Envelope):
                 routes.operator(item)
             elif item is not None:
                 routes.ingest(item)

@@ -49,14 +49,15 @@ from fleet_controller.deployments import RECONCILE_EVERY_S, Deployments
 from fleet_controller.handlers import OperatorHandlers
 from fleet_controller.http_artifacts import ArtifactHttpServer
 from fleet_controller.ingest import Ingest
-from fleet_controller.keys import load_key, load_trust
+from fleet_controller.keys import load_key, load_trust, trust_path
 from fleet_controller.link import MAX_RECONNECT_DELAY_S, ControllerLink, Routes, check_peer
 from fleet_controller.operator_api import OperatorApi
 from fleet_controller.store import Store, parse_database_url
 from fleet_controller.ticker import RolloutTicker
 from shared.broker import BrokerAddress
+from shared.envelope import Envelope
 from shared.errors import TransportError
-from shared.messages import ArtifactRequest, OperatorRequest
+from shared.messages import ArtifactRequest
 from shared.trust import Role
 
 __all__ = ["ControllerConfig", "ControllerService"]
@@ -64,6 +65,7 @@ __all__ = ["ControllerConfig", "ControllerService"]
 log = logging.getLogger(__name__)
 
 RESTART_PAUSE_S = 1.0  # before a crashed loop starts again
+MAX_PENDING_REQUESTS = 256  # operator requests being handled at once; more are dropped
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,15 +104,22 @@ class _Background:
 
     def __init__(self, metrics: Counter[str]) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
+        self._counts: Counter[str] = Counter()
         self._metrics = metrics
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
+        self._counts[name] += 1
         task.add_done_callback(self._done)
+
+    def count(self, name: str) -> int:
+        """Tasks named ``name`` still running."""
+        return self._counts[name]
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._counts[task.get_name()] -= 1
         if task.cancelled():
             return
         exc = task.exception()
@@ -186,6 +195,7 @@ class ControllerService:
             executor=executor,
             sender=sender,
             trust=trust,
+            trust_file=trust_path(config.keys_dir),
             clock=clock,
             metrics=self.metrics,
         )
@@ -201,7 +211,9 @@ class ControllerService:
             store=self.store,
             link=self.link,
             fleet=fleet,
+            trust=lambda: handlers.trust,
             clock=clock,
+            metrics=self.metrics,
         )
 
     @property
@@ -285,8 +297,11 @@ class ControllerService:
     def _on_chunk(self, request: ArtifactRequest) -> None:
         self._background.spawn(self.artifacts.serve_chunk(request), f"chunk-{request.node}")
 
-    def _on_request(self, request: OperatorRequest) -> None:
-        self._background.spawn(self.operator_api.handle(request), f"ctl-{request.id}")
+    def _on_request(self, request: Envelope) -> None:
+        if self._background.count("ctl") >= MAX_PENDING_REQUESTS:
+            self.metrics["ctl_overflow"] += 1
+            return
+        self._background.spawn(self.operator_api.handle(request), "ctl")
 
     async def _keep_running(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``loop`` until it returns; if it raises, log it and start it again."""

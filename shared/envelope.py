@@ -29,6 +29,7 @@ from shared.errors import BadSignatureError, DecodeError, TrustError
 __all__ = [
     "PAYLOAD_COMMAND",
     "PAYLOAD_MANIFEST",
+    "PAYLOAD_REQUEST",
     "PAYLOAD_TRUST",
     "Envelope",
     "Signature",
@@ -45,6 +46,7 @@ __all__ = [
 PAYLOAD_TRUST = "application/vnd.edgefleet.trust+json"
 PAYLOAD_MANIFEST = "application/vnd.edgefleet.manifest+json"
 PAYLOAD_COMMAND = "application/vnd.edgefleet.command+json"
+PAYLOAD_REQUEST = "application/vnd.edgefleet.request+json"
 
 _MAX_SIGNATURES = 16
 

@@ -492,14 +492,20 @@ class ControllerState(_MessageV1):
 
 
 class OperatorRequest(_MessageV1):
-    """``fleetctl`` → controller; the reply goes to ``ctl/reply/{client}``."""
+    """``fleetctl`` → controller, as the payload of a DSSE envelope the operator
+    signs; the reply goes to ``ctl/reply/{operator}``.
+
+    ``operator`` must name the signer; ``nonce`` is never accepted twice while
+    the request is live (``issued_at`` to ``expires_at``).
+    """
 
     type: Literal["ctl_request"] = "ctl_request"
     id: Id
-    client: Id
-    operator: Name
+    operator: Id
+    nonce: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
     op: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
     args: dict[Name, Any] = Field(default_factory=dict, max_length=64)
+    issued_at: Timestamp
     expires_at: Timestamp
 
 

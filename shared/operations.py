@@ -43,6 +43,7 @@ from pydantic import (
 from shared.errors import DecodeError, UsageError
 from shared.labels import MAX_LABELS, MAX_SELECTOR_CHARS, Selector, parse_selector
 from shared.topics import check_id
+from shared.trust import OperatorRole
 from shared.version import SemVer
 from shared.waves import buckets_for_percent
 
@@ -353,35 +354,39 @@ R = TypeVar("R", bound=Request)
 
 @dataclass(frozen=True, slots=True)
 class Operation(Generic[R]):
-    """One operation: its name on the wire, its arguments, and whether it is audited."""
+    """One operation: its name on the wire, its arguments, whether it is audited,
+    and the least operator role that may run it."""
 
     name: str
     request: type[R]
     mutating: bool
+    role: OperatorRole
 
 
-MODEL_UPLOAD = Operation("model.upload", ModelUpload, mutating=False)
-MODEL_ADD = Operation("model.add", ModelAdd, mutating=True)
-MODEL_LIST = Operation("model.list", ModelList, mutating=False)
-ROLLOUT_START = Operation("rollout.start", RolloutStart, mutating=True)
-ROLLOUT_STATUS = Operation("rollout.status", RolloutRef, mutating=False)
-ROLLOUT_LIST = Operation("rollout.list", RolloutList, mutating=False)
-ROLLOUT_EVENTS = Operation("rollout.events", RolloutRef, mutating=False)
-ROLLOUT_PAUSE = Operation("rollout.pause", RolloutRef, mutating=True)
-ROLLOUT_RESUME = Operation("rollout.resume", RolloutRef, mutating=True)
-ROLLOUT_ABORT = Operation("rollout.abort", RolloutRef, mutating=True)
-ROLLOUT_ROLLBACK = Operation("rollout.rollback", RolloutRef, mutating=True)
-NODES_LIST = Operation("nodes.list", NodesList, mutating=False)
-NODE_REVOKE = Operation("node.revoke", NodeRevoke, mutating=True)
-NODE_FORGET = Operation("node.forget", NodeForget, mutating=True)
-NODE_LABEL = Operation("node.label", NodeLabel, mutating=True)
-DEPLOYMENT_SET = Operation("deployment.set", DeploymentSet, mutating=True)
-DEPLOYMENT_LIST = Operation("deployment.list", DeploymentList, mutating=False)
-DEPLOYMENT_SHOW = Operation("deployment.show", DeploymentRef, mutating=False)
-DEPLOYMENT_DELETE = Operation("deployment.delete", DeploymentRef, mutating=True)
-TRUST_PUSH = Operation("trust.push", TrustPush, mutating=True)
-AUDIT_LIST = Operation("audit.list", AuditList, mutating=False)
-REPORT = Operation("report", Report, mutating=False)
+_VIEW, _DEPLOY, _ADMIN = OperatorRole.VIEWER, OperatorRole.DEPLOYER, OperatorRole.ADMIN
+
+MODEL_UPLOAD = Operation("model.upload", ModelUpload, mutating=True, role=_DEPLOY)
+MODEL_ADD = Operation("model.add", ModelAdd, mutating=True, role=_DEPLOY)
+MODEL_LIST = Operation("model.list", ModelList, mutating=False, role=_VIEW)
+ROLLOUT_START = Operation("rollout.start", RolloutStart, mutating=True, role=_DEPLOY)
+ROLLOUT_STATUS = Operation("rollout.status", RolloutRef, mutating=False, role=_VIEW)
+ROLLOUT_LIST = Operation("rollout.list", RolloutList, mutating=False, role=_VIEW)
+ROLLOUT_EVENTS = Operation("rollout.events", RolloutRef, mutating=False, role=_VIEW)
+ROLLOUT_PAUSE = Operation("rollout.pause", RolloutRef, mutating=True, role=_DEPLOY)
+ROLLOUT_RESUME = Operation("rollout.resume", RolloutRef, mutating=True, role=_DEPLOY)
+ROLLOUT_ABORT = Operation("rollout.abort", RolloutRef, mutating=True, role=_DEPLOY)
+ROLLOUT_ROLLBACK = Operation("rollout.rollback", RolloutRef, mutating=True, role=_DEPLOY)
+NODES_LIST = Operation("nodes.list", NodesList, mutating=False, role=_VIEW)
+NODE_REVOKE = Operation("node.revoke", NodeRevoke, mutating=True, role=_ADMIN)
+NODE_FORGET = Operation("node.forget", NodeForget, mutating=True, role=_ADMIN)
+NODE_LABEL = Operation("node.label", NodeLabel, mutating=True, role=_DEPLOY)
+DEPLOYMENT_SET = Operation("deployment.set", DeploymentSet, mutating=True, role=_DEPLOY)
+DEPLOYMENT_LIST = Operation("deployment.list", DeploymentList, mutating=False, role=_VIEW)
+DEPLOYMENT_SHOW = Operation("deployment.show", DeploymentRef, mutating=False, role=_VIEW)
+DEPLOYMENT_DELETE = Operation("deployment.delete", DeploymentRef, mutating=True, role=_DEPLOY)
+TRUST_PUSH = Operation("trust.push", TrustPush, mutating=True, role=_ADMIN)
+AUDIT_LIST = Operation("audit.list", AuditList, mutating=False, role=_VIEW)
+REPORT = Operation("report", Report, mutating=False, role=_VIEW)
 
 OPERATIONS: Mapping[str, Operation[Any]] = {
     op.name: op

@@ -4,7 +4,14 @@ Roles:
 
 * ``root`` — offline; signs trust lists (this document).
 * ``release`` — signs model manifests; held by operators, never by the controller.
-* ``rollout`` — online, held by the controller; signs commands.
+* ``rollout`` — online, held by the controller; signs commands and acks.
+
+Beside the roles, the list names the **operators**: each has one or more keys
+and an operator role (:class:`OperatorRole`: viewer, deployer or admin). An
+operator signs each request to the controller with one of its keys
+(:meth:`TrustStore.open_request`); the signature, not anything the request
+says, is who asked. Operators are added, removed and rotated like any other
+key: a new trust list version signed by root.
 
 Invariants:
 
@@ -22,8 +29,10 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -31,6 +40,7 @@ from shared.codec import decode_json, encode_json
 from shared.envelope import (
     PAYLOAD_COMMAND,
     PAYLOAD_MANIFEST,
+    PAYLOAD_REQUEST,
     PAYLOAD_TRUST,
     Envelope,
     SigningKey,
@@ -51,14 +61,21 @@ from shared.errors import (
 )
 
 __all__ = [
+    "MAX_OPERATORS",
     "ROLE_PAYLOAD_TYPES",
     "KeyEntry",
+    "OperatorEntry",
+    "OperatorRole",
+    "Principal",
     "Role",
     "RoleEntry",
     "TrustList",
     "TrustStore",
     "sign_trust_list",
 ]
+
+MAX_OPERATORS = 256
+_MAX_KEYS = 64 + 4 * MAX_OPERATORS
 
 
 class Role(StrEnum):
@@ -74,6 +91,19 @@ ROLE_PAYLOAD_TYPES: dict[Role, str] = {
 }
 
 _KEYID = r"^[0-9a-f]{64}$"
+_OPERATOR_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class OperatorRole(StrEnum):
+    """What an operator may do; each role may do everything the ones before it may."""
+
+    VIEWER = "viewer"  # read only
+    DEPLOYER = "deployer"  # models, rollouts, deployments, labels
+    ADMIN = "admin"  # nodes, trust, operators
+
+    def allows(self, required: OperatorRole) -> bool:
+        order = list(OperatorRole)
+        return order.index(self) >= order.index(required)
 
 
 class KeyEntry(BaseModel):
@@ -81,6 +111,10 @@ class KeyEntry(BaseModel):
 
     keytype: Literal["ed25519"] = "ed25519"
     public: str = Field(max_length=64, description="raw 32-byte public key, base64")
+
+    @property
+    def keyid(self) -> str:
+        return key_id(public_key_from_b64(self.public))
 
 
 class RoleEntry(BaseModel):
@@ -96,6 +130,21 @@ class RoleEntry(BaseModel):
         return self
 
 
+class OperatorEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    keyids: tuple[str, ...] = Field(min_length=1, max_length=4)
+    role: OperatorRole
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An operator whose signature verified: who asked, and what they may do."""
+
+    name: str
+    role: OperatorRole
+
+
 class TrustList(BaseModel):
     """The signed payload of ``trust.json``."""
 
@@ -105,8 +154,11 @@ class TrustList(BaseModel):
     type: Literal["trust"] = "trust"
     version: int = Field(ge=1)
     expires_at: float = Field(description="UNIX seconds")
-    keys: dict[str, KeyEntry] = Field(max_length=64)
+    keys: dict[str, KeyEntry] = Field(max_length=_MAX_KEYS)
     roles: dict[Role, RoleEntry]
+    operators: dict[Annotated[str, Field(pattern=_OPERATOR_NAME)], OperatorEntry] = Field(
+        default_factory=dict, max_length=MAX_OPERATORS
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -120,7 +172,24 @@ class TrustList(BaseModel):
             unknown = [k for k in role_entry.keyids if k not in self.keys]
             if unknown:
                 raise ValueError(f"role {role} names unknown key {unknown[0][:12]}")
+        role_keys = {k for entry in self.roles.values() for k in entry.keyids}
+        owners: dict[str, str] = {}
+        for name, operator in self.operators.items():
+            for keyid in operator.keyids:
+                if keyid not in self.keys:
+                    raise ValueError(f"operator {name} names unknown key {keyid[:12]}")
+                if keyid in role_keys:
+                    raise ValueError(f"operator {name}'s key {keyid[:12]} also holds a role")
+                if owners.setdefault(keyid, name) != name:
+                    raise ValueError(f"key {keyid[:12]} belongs to two operators")
         return self
+
+    def operator_of(self, keyid: str) -> tuple[str, OperatorEntry] | None:
+        """The operator holding ``keyid``, if any."""
+        for name, operator in self.operators.items():
+            if keyid in operator.keyids:
+                return name, operator
+        return None
 
     @classmethod
     def build(
@@ -130,13 +199,21 @@ class TrustList(BaseModel):
         expires_at: float,
         roles: dict[Role, list[SigningKey]],
         thresholds: dict[Role, int] | None = None,
+        operators: Mapping[str, tuple[OperatorRole, list[KeyEntry]]] | None = None,
     ) -> TrustList:
-        """A trust list naming the public halves of ``roles``' keys."""
+        """A trust list naming the public halves of ``roles``' keys, and ``operators``
+        (name: role and public keys)."""
         keys = {k.keyid: KeyEntry(public=k.public_b64()) for ks in roles.values() for k in ks}
+        operator_entries: dict[str, OperatorEntry] = {}
+        for name, (role, entries) in (operators or {}).items():
+            ids = tuple(entry.keyid for entry in entries)
+            keys.update(zip(ids, entries, strict=True))
+            operator_entries[name] = OperatorEntry(keyids=ids, role=role)
         return cls(
             version=version,
             expires_at=expires_at,
             keys=keys,
+            operators=operator_entries,
             roles={
                 role: RoleEntry(
                     keyids=tuple(k.keyid for k in ks),
@@ -264,6 +341,35 @@ class TrustStore:
         if self._trust.expires_at <= now and not allow_expired:
             raise ExpiredError(f"trust list v{self._trust.version} has expired")
         return _verify(self._trust, envelope, role)
+
+    def open_request(self, envelope: Envelope, *, now: float) -> tuple[Principal, bytes]:
+        """Verify an operator's signed request; the operator and the payload bytes.
+
+        The first signature by a key that an operator holds decides: it must
+        verify. Signatures by other keys are ignored.
+
+        Raises:
+            ExpiredError: the trust list itself has expired.
+            WrongRoleError: the envelope is not an operator request.
+            UnknownKeyError: no signature is by an operator's key.
+            BadSignatureError: the operator's signature does not verify.
+            DecodeError: the payload is not base64.
+        """
+        if self._trust.expires_at <= now:
+            raise ExpiredError(f"trust list v{self._trust.version} has expired")
+        if envelope.payloadType != PAYLOAD_REQUEST:
+            kind = envelope.payloadType
+            raise WrongRoleError(f"payload type {kind!r} is not an operator request")
+        payload = envelope.payload_bytes()
+        for signature in envelope.signatures:
+            found = self._trust.operator_of(signature.keyid)
+            if found is None:
+                continue
+            name, operator = found
+            public = public_key_from_b64(self._trust.keys[signature.keyid].public)
+            verify_signature(public, envelope.payloadType, payload, signature)
+            return Principal(name, operator.role), payload
+        raise UnknownKeyError(f"request not signed by an operator of trust v{self._trust.version}")
 
     def expired(self, now: float) -> bool:
         return self._trust.expires_at <= now

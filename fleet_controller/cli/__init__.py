@@ -31,6 +31,7 @@ from fleet_controller.cli import (
     fleet,
     keys,
     models,
+    operators,
     rollouts,
     serve,
     top,
@@ -42,6 +43,7 @@ __all__ = ["build_parser", "main"]
 
 _GROUPS: tuple[Callable[[common.Commands, common.Parents], None], ...] = (
     keys.register,
+    operators.register,
     serve.register,
     models.register,
     rollouts.register,

@@ -1,10 +1,11 @@
 """What every ``fleetctl`` command shares: options, settings, the controller, output.
 
-* The global options (``--broker``, ``--fleet``, ``--operator``, ``--timeout``,
-  ``--ca-file``) and ``--json`` are parent parsers (:class:`Parents`, made by
-  :func:`option_groups`) that each command group's ``register(commands,
-  parents)`` hands to its subcommands; :func:`settings_from` resolves them,
-  flags first, then the environment, then defaults.
+* The global options (``--broker``, ``--fleet``, ``--operator``,
+  ``--operator-key``, ``--timeout``, ``--ca-file``) and ``--json`` are parent
+  parsers (:class:`Parents`, made by :func:`option_groups`) that each command
+  group's ``register(commands, parents)`` hands to its subcommands;
+  :func:`settings_from` resolves them, flags first, then the environment,
+  then defaults.
 * :class:`Parser` turns argparse's usage errors into one line on stderr, exit 2.
 * An operator API call goes through :func:`call` (the seam unit tests replace),
   or :func:`controller` for several calls on one connection; :func:`checked`
@@ -31,10 +32,11 @@ from rich.console import Console, RenderableType
 
 from edgefleet_io.logs import LOG_FORMATS, LOG_LEVELS
 from edgefleet_io.mqtt import MqttTransport
-from fleet_controller.api import CtlClient
+from fleet_controller.api import CtlClient, OperatorIdentity
 from fleet_controller.cli.flags import named, parse_positive_duration
+from fleet_controller.keys import FIRST_OPERATOR, load_operator_key, operator_key_path
 from shared.broker import DEFAULT_BROKER_URL, BrokerAddress, parse_broker_url
-from shared.errors import EdgeFleetError, UsageError
+from shared.errors import EdgeFleetError
 from shared.operations import Operation, parse_request
 from shared.topics import check_id
 
@@ -45,6 +47,8 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "MAX_TIMEOUT_S",
+    "OPERATOR_ENV",
+    "OPERATOR_KEY_ENV",
     "PASSPHRASE_ENV",
     "Commands",
     "Handler",
@@ -69,6 +73,8 @@ __all__ = [
 
 PASSPHRASE_ENV = "FLEET_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 KEYS_ENV = "FLEET_KEYS"
+OPERATOR_ENV = "FLEET_OPERATOR"
+OPERATOR_KEY_ENV = "FLEET_OPERATOR_KEY"
 DEBUG_ENV = "FLEET_DEBUG"  # set: unexpected errors show their traceback
 DEFAULT_TIMEOUT_S = 10.0
 MAX_TIMEOUT_S = 3600.0
@@ -114,7 +120,13 @@ def _global_options() -> Parser:
     )
     group.add_argument("--fleet", help="fleet name (env FLEET_FLEET, default 'default')")
     group.add_argument(
-        "--operator", help="who you are, for the audit log (env FLEET_OPERATOR, default $USER)"
+        "--operator",
+        help=f"your operator name in trust.json (env {OPERATOR_ENV}, default {FIRST_OPERATOR})",
+    )
+    group.add_argument(
+        "--operator-key",
+        metavar="FILE",
+        help=f"your private key (env {OPERATOR_KEY_ENV}, default KEYS/operators/NAME.pem)",
     )
     group.add_argument(
         "--timeout",
@@ -156,6 +168,7 @@ class Settings:
     broker: BrokerAddress
     fleet: str
     operator: str
+    operator_key: Path
     timeout_s: float
     ca_file: str | None
 
@@ -168,16 +181,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
     """
     broker = parse_broker_url(args.broker or os.environ.get("FLEET_BROKER") or DEFAULT_BROKER_URL)
     fleet = check_id(args.fleet or os.environ.get("FLEET_FLEET") or "default", "fleet")
-    operator = (
-        args.operator or os.environ.get("FLEET_OPERATOR") or os.environ.get("USER") or "operator"
-    )
-    if not 0 < len(operator) <= 128 or not operator.isprintable():
-        raise UsageError(f"invalid operator name {operator[:40]!r}")
+    operator = check_id(args.operator or os.environ.get(OPERATOR_ENV) or FIRST_OPERATOR, "operator")
+    key_text = args.operator_key or os.environ.get(OPERATOR_KEY_ENV)
+    # A command's own key folder (``model add --keys``, ``keys push --dir``) holds it too.
+    folder = keys_dir(getattr(args, "keys", None) or getattr(args, "dir", None))
+    operator_key = Path(key_text) if key_text else operator_key_path(folder, operator)
     timeout_s = DEFAULT_TIMEOUT_S
     if args.timeout:
         timeout_s = named("--timeout", _timeout, args.timeout)
     ca_file = args.ca_file or os.environ.get("FLEET_CA_FILE") or None
-    return Settings(broker, fleet, operator, timeout_s, ca_file)
+    return Settings(broker, fleet, operator, operator_key, timeout_s, ca_file)
 
 
 def _timeout(text: str) -> float:
@@ -202,12 +215,16 @@ def checked(
 
 @contextlib.asynccontextmanager
 async def controller(settings: Settings) -> AsyncIterator[CtlClient]:
-    """A connected operator API client."""
+    """A connected operator API client, signing as the operator.
+
+    Raises:
+        TrustError: the operator's key cannot be read.
+    """
+    key = load_operator_key(settings.operator_key, passphrase())
     async with CtlClient(
         MqttTransport(settings.broker, ca_file=settings.ca_file),
         fleet=settings.fleet,
-        operator=settings.operator,
-        reply_to=settings.broker.username,
+        identity=OperatorIdentity(settings.operator, key),
         timeout_s=settings.timeout_s,
     ) as ctl:
         yield ctl

@@ -3,6 +3,9 @@
 Invariants:
 
 * Append-only: entries are never updated or deleted here.
+* A request nonce is claimed once: :meth:`AuditRepository.claim_nonce` is an
+  insert that does nothing on a conflict, so two replicas handed the same
+  request cannot both claim it.
 * Arguments are stored as canonical JSON; a value JSON cannot hold is stored
   as its text, and an entry whose stored arguments are unreadable is still
   listed (under ``_unreadable``), never dropped.
@@ -15,11 +18,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from sqlmodel import col, select
+from sqlmodel import col, delete, select
 
 from fleet_controller.store.database import Database
 from fleet_controller.store.records import AuditInfo
-from fleet_controller.store.tables import AUDIT, AuditRow
+from fleet_controller.store.tables import AUDIT, NONCES, AuditRow, RequestNonceRow
 
 __all__ = ["AuditRepository"]
 
@@ -55,6 +58,21 @@ class AuditRepository:
         }
         with self._db.session(write=True) as s:
             s.exec(AUDIT.insert(), params=[row])
+
+    def claim_nonce(self, nonce: str, operator: str, *, expires_at: float, now: float) -> bool:
+        """Record ``nonce`` until ``expires_at``; False when it is already recorded
+        (a replay). Forgets nonces whose requests expired before ``now``.
+
+        Raises: StoreError.
+        """
+        row = {"nonce": nonce, "operator": operator, "expires_at": expires_at}
+        with self._db.session(write=True) as s:
+            s.exec(delete(RequestNonceRow).where(col(RequestNonceRow.expires_at) < now))
+            result = s.exec(
+                self._db.insert(NONCES).on_conflict_do_nothing(index_elements=["nonce"]),
+                params=row,
+            )
+            return bool(result.rowcount)
 
     def list(self, limit: int = 100) -> builtins.list[AuditInfo]:
         """The ``limit`` newest entries, newest first. Raises: StoreError."""

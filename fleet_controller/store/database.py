@@ -58,7 +58,7 @@ _log = logging.getLogger(__name__)
 
 # 2: telemetry keeps each period's runs for the health gate;
 # 3: operators' labels on nodes (nodes.central_labels) and deployments
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: request_nonces (created like any missing table)
 _PERIOD_COLUMNS = 2  # the schema version that added telemetry's period columns
 _CENTRAL_LABELS = 3  # the schema version that added nodes.central_labels
 _PERIOD_COLUMN_TYPES = (

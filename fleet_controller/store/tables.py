@@ -22,6 +22,7 @@ __all__ = [
     "META",
     "MODELS",
     "NODES",
+    "NONCES",
     "RESULTS",
     "ROLLOUTS",
     "ROLLOUT_EVENTS",
@@ -34,6 +35,7 @@ __all__ = [
     "MetaRow",
     "ModelRow",
     "NodeRow",
+    "RequestNonceRow",
     "ResultRow",
     "RolloutEventRow",
     "RolloutNodeRow",
@@ -234,6 +236,16 @@ class AuditRow(SQLModel, table=True):
     detail: str | None = Field(default=None, sa_type=Text)
 
 
+class RequestNonceRow(SQLModel, table=True):
+    """Nonces of operator requests still live: a request seen twice is a replay."""
+
+    __tablename__ = "request_nonces"
+
+    nonce: str = Field(primary_key=True, max_length=32)
+    operator: str = Field(max_length=64)
+    expires_at: float = Field(index=True)
+
+
 def _table(model: type[SQLModel]) -> Table:
     table = model.__dict__.get("__table__")
     if not isinstance(table, Table):  # pragma: no cover - every class above is a table
@@ -253,6 +265,7 @@ SLOTS = _table(StoredSlotRow)
 STATUSES = _table(StatusRow)
 AUDIT = _table(AuditRow)
 DEPLOYMENTS = _table(DeploymentRow)
+NONCES = _table(RequestNonceRow)
 ALL_TABLES = (
     META,
     NODES,
@@ -266,4 +279,5 @@ ALL_TABLES = (
     STATUSES,
     AUDIT,
     DEPLOYMENTS,
+    NONCES,
 )

@@ -5,7 +5,9 @@
   the test moves.
 * :class:`Operator` is a raw request/reply client of the operator API: unlike
   ``fleetctl``'s :class:`~fleet_controller.api.CtlClient` it dates requests by
-  the test's clock (so a test can send expired ones) and returns whole replies.
+  the test's clock (so a test can send expired ones), can sign as anyone or
+  send anything, and returns whole replies. The key fixture names the
+  operators of :data:`OPERATORS`.
 * :class:`FakeNode` is a client publishing what an agent publishes (births,
   statuses, result batches, telemetry) and reading its acks and commands.
 
@@ -26,11 +28,12 @@ from typing import Any
 
 from edgefleet_io.memory import MemoryBroker
 from edgefleet_io.transport import Link, Message, Session
-from fleet_controller.keys import load_key
+from fleet_controller.keys import load_key, load_operator_key, operator_key_path
 from fleet_controller.registry import sign_manifest
 from fleet_controller.service import ControllerConfig, ControllerService
 from shared import topics
 from shared.broker import BrokerAddress
+from shared.envelope import PAYLOAD_REQUEST, SigningKey, sign_envelope
 from shared.messages import (
     Ack,
     Capabilities,
@@ -54,6 +57,7 @@ from shared.trust import Role
 NOW = 1_800_000_000.0  # as in tests/unit/shared/test_operations.py
 FLEET = "f1"
 DEADLINE_S = 5.0
+OPERATORS = {"alice": "admin", "dave": "deployer", "vera": "viewer"}
 
 
 @dataclass
@@ -114,11 +118,16 @@ class Controller:
         return manifest.ref
 
     @asynccontextmanager
-    async def operator(self, name: str = "alice") -> AsyncIterator[Operator]:
+    async def operator(
+        self, name: str = "alice", *, key: SigningKey | None = None
+    ) -> AsyncIterator[Operator]:
+        """Operator ``name``, signing with their key from the key folder (or ``key``),
+        reading ``name``'s replies."""
         client = f"op-{secrets.token_hex(3)}"
+        key = key or load_operator_key(operator_key_path(self.keys, name), None)
         async with self.broker.transport().connect(Session(client_id=client)) as link:
-            await link.subscribe([(topics.ctl_reply(FLEET, client), 1)])
-            yield Operator(link, client=client, name=name, clock=self.clock)
+            await link.subscribe([(topics.ctl_reply(FLEET, name), 1)])
+            yield Operator(link, name=name, key=key, clock=self.clock)
 
     @asynccontextmanager
     async def node(self, node_id: str) -> AsyncIterator[FakeNode]:
@@ -188,8 +197,8 @@ async def running(service: ControllerService) -> AsyncIterator[ControllerService
 @dataclass
 class Operator:
     link: Link
-    client: str
     name: str
+    key: SigningKey
     clock: Clock
     _messages: AsyncIterator[Message] | None = field(default=None, repr=False)
 
@@ -198,18 +207,42 @@ class Operator:
             self._messages = aiter(self.link.messages())
         return await anext(self._messages)
 
-    async def send(self, op: str, args: dict[str, Any] | None = None, *, ttl_s: float = 60) -> str:
-        """Publish a request; returns its id."""
+    def signed(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        *,
+        ttl_s: float = 60,
+        issued_at: float | None = None,
+        operator: str | None = None,
+    ) -> tuple[str, bytes]:
+        """A request signed with this operator's key: its id and the envelope's bytes."""
+        issued = self.clock() if issued_at is None else issued_at
         request = OperatorRequest(
             id=secrets.token_hex(6),
-            client=self.client,
-            operator=self.name,
+            operator=operator or self.name,
+            nonce=secrets.token_hex(16),
             op=op,
             args=args or {},
-            expires_at=self.clock() + ttl_s,
+            issued_at=issued,
+            expires_at=issued + ttl_s,
         )
-        await self.link.publish(topics.ctl_request(FLEET), encode(request), qos=1)
-        return request.id
+        envelope = sign_envelope(encode(request), PAYLOAD_REQUEST, [self.key])
+        return request.id, envelope.to_bytes()
+
+    async def publish(self, data: bytes) -> None:
+        await self.link.publish(topics.ctl_request(FLEET), data, qos=1)
+
+    async def send(self, op: str, args: dict[str, Any] | None = None, *, ttl_s: float = 60) -> str:
+        """Publish a signed request; returns its id."""
+        request_id, data = self.signed(op, args, ttl_s=ttl_s)
+        await self.publish(data)
+        return request_id
+
+    async def next_reply(self) -> OperatorReply:
+        """The next reply on this operator's topic, whichever request it answers."""
+        async with asyncio.timeout(DEADLINE_S):
+            return decode(OperatorReply, (await self._next()).payload)
 
     async def reply(self, request_id: str) -> OperatorReply:
         async with asyncio.timeout(DEADLINE_S):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from edgefleet_io.memory import MemoryBroker
-from fleet_controller.api import CtlClient, OperationError
+from fleet_controller.api import CtlClient, OperationError, OperatorIdentity
+from shared.envelope import SigningKey
 from shared.errors import BrokerUnavailableError, RequestTimeoutError
 from tests.unit.fleet_controller.kit import FLEET, Clock, controller, run
 
@@ -21,7 +22,8 @@ def test_calls_return_results_and_refusals_carry_their_exit_code(
         # CtlClient dates its requests by the wall clock: so does this controller.
         async with controller(tmp_path, keys, clock=Clock(time.time())) as ctl_side:
             transport = ctl_side.broker.transport()
-            async with CtlClient(transport, fleet=FLEET, operator="alice", timeout_s=5) as ctl:
+            alice = OperatorIdentity.load(keys, "alice")
+            async with CtlClient(transport, fleet=FLEET, identity=alice, timeout_s=5) as ctl:
                 assert await ctl.call("nodes.list") == []
                 with pytest.raises(OperationError, match="unknown rollout nope") as failed:
                     await ctl.call("rollout.status", {"rollout_id": "nope"})
@@ -34,16 +36,16 @@ def test_calls_return_results_and_refusals_carry_their_exit_code(
 
 
 def test_no_controller_is_a_timeout_and_no_broker_is_unavailable() -> None:
+    alice = OperatorIdentity("alice", SigningKey.generate())
+
     async def scenario() -> None:
         broker = MemoryBroker()
-        async with CtlClient(
-            broker.transport(), fleet=FLEET, operator="alice", timeout_s=0.2
-        ) as ctl:
+        async with CtlClient(broker.transport(), fleet=FLEET, identity=alice, timeout_s=0.2) as ctl:
             with pytest.raises(RequestTimeoutError, match="is `fleetctl serve` running"):
                 await ctl.call("nodes.list")
         broker.stop()
         with pytest.raises(BrokerUnavailableError, match="cannot reach the broker"):
-            async with CtlClient(broker.transport(), fleet=FLEET, operator="alice"):
+            async with CtlClient(broker.transport(), fleet=FLEET, identity=alice):
                 pass
 
     run(scenario)

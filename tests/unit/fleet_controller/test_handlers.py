@@ -107,10 +107,12 @@ def test_bad_uploads_are_refused_and_their_parts_dropped(tmp_path: Path, keys: P
             )
             assert unsigned.code == 1
             audit = await op.call("audit.list")
-            assert [(a["action"], a["outcome"]) for a in audit] == [
-                ("model.add", "failed"),
-                ("model.upload", "refused"),
-                ("model.upload", "refused"),
+            # Every chunk is audited under the signer's name: uploads fill the controller's disk.
+            assert [(a["action"], a["outcome"], a["operator"]) for a in audit] == [
+                ("model.add", "failed", "alice"),
+                ("model.upload", "refused", "alice"),
+                ("model.upload", "failed", "alice"),
+                ("model.upload", "refused", "alice"),
             ]
 
     run(scenario)
@@ -268,13 +270,15 @@ def test_rollout_events_abort_and_cancel(
 def test_trust_push_broadcasts_a_rotation_once(tmp_path: Path, keys: Path) -> None:
     async def scenario() -> None:
         async with controller(tmp_path, keys) as ctl, ctl.operator() as op:
-            rotate_key(keys, Role.RELEASE, now=NOW)
+            version = rotate_key(keys, Role.RELEASE, now=NOW).trust.version
             trust = (keys / "trust.json").read_text()
+            (keys / "trust.json").unlink()  # the controller writes what it adopts
             assert await op.call("trust.push", {"trust": trust}) == {
-                "version": 2,
-                "rollout_id": "trust-v2",
+                "version": version,
+                "rollout_id": f"trust-v{version}",
             }
-            assert ctl.broker.retained(topics.rollout_cmd(FLEET, "trust-v2")) is not None
+            assert ctl.broker.retained(topics.rollout_cmd(FLEET, f"trust-v{version}")) is not None
+            assert (keys / "trust.json").read_text() == trust
             same = await op.request("trust.push", {"trust": trust})
             assert same.code == 1
 

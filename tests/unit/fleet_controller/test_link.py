@@ -18,6 +18,7 @@ from fleet_controller.link import (
     decode_incoming,
 )
 from shared import topics
+from shared.envelope import PAYLOAD_REQUEST, Envelope, SigningKey, sign_envelope
 from shared.errors import BrokerUnavailableError, DecodeError
 from shared.messages import (
     ArtifactRequest,
@@ -45,7 +46,15 @@ STATUS = NodeStatus(
     node="n1", seq=1, command_id="c1", rollout_id="r1", state=NodeRolloutState.QUEUED, ts=NOW
 )
 CHUNK = ArtifactRequest(node="n1", sha256=SHA, request_id="q1", offset=0, length=10)
-REQUEST = OperatorRequest(id="i1", client="c", operator="alice", op="report", expires_at=NOW)
+REQUEST = sign_envelope(
+    encode(
+        OperatorRequest(
+            id="i1", operator="alice", nonce="0" * 32, op="report", issued_at=NOW, expires_at=NOW
+        )
+    ),
+    PAYLOAD_REQUEST,
+    [SigningKey.generate()],
+)
 
 
 @pytest.mark.parametrize(
@@ -53,14 +62,15 @@ REQUEST = OperatorRequest(id="i1", client="c", operator="alice", op="report", ex
     [
         (topics.status(FLEET, "n1"), STATUS, STATUS),
         (topics.artifact_request(FLEET, SHA, "n1"), CHUNK, CHUNK),
-        (topics.ctl_request(FLEET), REQUEST, REQUEST),
+        (topics.ctl_request(FLEET), REQUEST, REQUEST),  # the signed envelope, as it came
         (topics.node_cmd(FLEET, "n1"), STATUS, None),  # not a topic the controller reads
     ],
 )
 def test_incoming_messages_are_decoded_by_topic(
-    topic: str, message: NodeStatus | ArtifactRequest | OperatorRequest, expected: object
+    topic: str, message: NodeStatus | ArtifactRequest | Envelope, expected: object
 ) -> None:
-    assert decode_incoming(topic, encode(message)) == expected
+    data = message.to_bytes() if isinstance(message, Envelope) else encode(message)
+    assert decode_incoming(topic, data) == expected
 
 
 @pytest.mark.parametrize(

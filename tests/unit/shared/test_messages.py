@@ -283,10 +283,11 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
     OperatorRequest: st.builds(
         OperatorRequest,
         id=IDS,
-        client=IDS,
-        operator=NAMES,
+        operator=IDS,
+        nonce=st.from_regex(r"[0-9a-f]{32}", fullmatch=True),
         op=st.from_regex(r"[a-z][a-z0-9_.]{0,20}", fullmatch=True),
         args=st.dictionaries(NAMES, JSON_VALUES, max_size=3),
+        issued_at=TIMESTAMPS,
         expires_at=TIMESTAMPS,
     ),
     OperatorReply: st.builds(
@@ -459,10 +460,11 @@ DECODE_REJECTIONS: list[Any] = [
             {
                 "type": "ctl_request",
                 "id": "i",
-                "client": "c",
                 "operator": "o",
+                "nonce": "0" * 32,
                 "op": "x",
                 "args": {"a": "\ud800"},
+                "issued_at": 1,
                 "expires_at": 1,
             }
         ).encode(),

@@ -15,6 +15,7 @@ from shared.operations import (
     lookup,
     parse_request,
 )
+from shared.trust import OperatorRole
 
 NOW = 1_800_000_000.0
 SHA = "a" * 64
@@ -147,9 +148,20 @@ def test_activation_a_little_in_the_past_is_within_clock_skew() -> None:
     assert request.activate_at == NOW - 30
 
 
+def test_viewers_only_read_and_admins_alone_manage_nodes_and_trust() -> None:
+    by_role = {
+        role: {name for name, op in OPERATIONS.items() if op.role is role} for role in OperatorRole
+    }
+    assert by_role[OperatorRole.VIEWER] == {
+        name for name, op in OPERATIONS.items() if not op.mutating
+    }
+    assert by_role[OperatorRole.ADMIN] == {"node.revoke", "node.forget", "trust.push"}
+
+
 def test_mutating_operations_are_the_ones_that_change_the_fleet() -> None:
     mutating = {name for name, op in OPERATIONS.items() if op.mutating}
     assert mutating == {
+        "model.upload",
         "model.add",
         "rollout.start",
         "rollout.pause",

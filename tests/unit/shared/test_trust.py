@@ -14,6 +14,7 @@ from shared import errors
 from shared.envelope import (
     PAYLOAD_COMMAND,
     PAYLOAD_MANIFEST,
+    PAYLOAD_REQUEST,
     PAYLOAD_TRUST,
     Envelope,
     Signature,
@@ -34,6 +35,9 @@ from shared.errors import (
 )
 from shared.messages import encode
 from shared.trust import (
+    KeyEntry,
+    OperatorRole,
+    Principal,
     Role,
     TrustList,
     TrustStore,
@@ -455,3 +459,53 @@ def test_every_byte_flip_of_signature_and_payload_tail_is_refused(
             flipped[position] ^= mask
             with pytest.raises((DecodeError, TrustError)):
                 store.open(Envelope.from_bytes(bytes(flipped)), role, now=NOW)
+
+
+# ----- operators ----------------------------------------------------------------
+
+
+def _with_operators(k: Keys, operators: dict[str, tuple[OperatorRole, list[SigningKey]]]) -> Any:
+    return TrustList.build(
+        version=1,
+        expires_at=NOW + YEAR_S,
+        roles=k.roles(),
+        operators={
+            name: (role, [KeyEntry(public=key.public_b64()) for key in keys])
+            for name, (role, keys) in operators.items()
+        },
+    )
+
+
+def test_an_operator_request_opens_as_its_signer_with_their_role() -> None:
+    k = Keys()
+    alice, vera = SigningKey.generate(), SigningKey.generate()
+    trust = _with_operators(
+        k, {"alice": (OperatorRole.ADMIN, [alice]), "vera": (OperatorRole.VIEWER, [vera])}
+    )
+    store = TrustStore.bootstrap(trust_bytes(trust, [k.root]), now=NOW)
+    principal, payload = store.open_request(
+        sign_envelope(b"{}", PAYLOAD_REQUEST, [SigningKey.generate(), vera]), now=NOW
+    )
+    assert (principal, payload) == (Principal("vera", OperatorRole.VIEWER), b"{}")
+    forged = sign_envelope(b"{}", PAYLOAD_REQUEST, [alice])
+    forged = forged.model_copy(update={"payload": b64encode(b"[]")})
+    with pytest.raises(BadSignatureError):
+        store.open_request(forged, now=NOW)
+    with pytest.raises(UnknownKeyError):
+        store.open_request(sign_envelope(b"{}", PAYLOAD_REQUEST, [k.rollout]), now=NOW)
+    # An operator's key never counts for a role.
+    with pytest.raises(WrongRoleError):
+        store.open(sign_envelope(b"{}", PAYLOAD_COMMAND, [alice]), Role.ROLLOUT, now=NOW)
+
+
+def test_operator_keys_are_their_own() -> None:
+    k = Keys()
+    shared = SigningKey.generate()
+    with pytest.raises(ValueError, match="also holds a role"):
+        _with_operators(k, {"alice": (OperatorRole.ADMIN, [k.rollout])})
+    with pytest.raises(ValueError, match="belongs to two operators"):
+        _with_operators(
+            k, {"a": (OperatorRole.ADMIN, [shared]), "b": (OperatorRole.VIEWER, [shared])}
+        )
+    with pytest.raises(ValueError, match="operators"):
+        _with_operators(k, {"a/b": (OperatorRole.ADMIN, [shared])})

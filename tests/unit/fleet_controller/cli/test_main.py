@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -71,12 +72,39 @@ def test_bad_broker_url_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_unreachable_broker_exits_1_with_one_line(
-    capsys: pytest.CaptureFixture[str], closed_broker: str
+    capsys: pytest.CaptureFixture[str],
+    closed_broker: str,
+    keys: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv(common.KEYS_ENV, str(keys))
     code, out, err = run(capsys, "model", "list", "--json", "--broker", closed_broker)
     assert code == 1
     assert out == ""
     assert "cannot reach the broker" in one_line(err)
+
+
+def test_a_missing_operator_key_exits_1_before_the_broker_is_tried(
+    capsys: pytest.CaptureFixture[str], closed_broker: str, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nobody.pem"
+    code, out, err = run(
+        capsys, "model", "list", "--broker", closed_broker, "--operator-key", str(missing)
+    )
+    assert code == 1
+    assert out == ""
+    assert (
+        one_line(err)
+        == f"fleetctl: cannot read operator key {missing}: No such file or directory\n"
+    )
+
+
+def test_an_invalid_operator_name_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], closed_broker: str
+) -> None:
+    code, _, err = run(capsys, "model", "list", "--broker", closed_broker, "--operator", "a/b")
+    assert code == 2
+    assert "operator" in one_line(err)
 
 
 def test_operation_error_exits_with_its_code(
