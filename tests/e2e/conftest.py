@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from tests.support.broker import Broker
-from tests.support.fleet import Fleet, program
+from tests.support.fleet import OPERATOR, Fleet, program
 from tests.support.models import make_broken_model, make_classifier, make_slow_model
 from tests.support.postgres import PG_URL
 
@@ -40,7 +40,8 @@ class ModelFiles:
 
 @pytest.fixture(scope="module")
 def e2e_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Root, release and rollout keys and ``trust.json``, made by ``fleetctl keys init``."""
+    """Root, release and rollout keys, the tests' operator and ``trust.json``, made by
+    ``fleetctl keys init`` and ``fleetctl operator add``."""
     keys = tmp_path_factory.mktemp("keys") / "keys"
     done = subprocess.run(
         [*program("fleetctl"), "keys", "init", "--dir", str(keys), "--json"],
@@ -52,6 +53,16 @@ def e2e_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert done.returncode == 0, f"fleetctl keys init failed: {done.stderr}"
     assert (keys / "trust.json").is_file()
+    # The tests act as their own admin: the audit log must show that name, from the key.
+    added = subprocess.run(
+        [*program("fleetctl"), "operator", "add", OPERATOR, "--role", "admin", "--dir", str(keys)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "FLEET_KEY_PASSPHRASE"},
+    )
+    assert added.returncode == 0, f"fleetctl operator add failed: {added.stderr}"
     return keys
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from edge_node.agent import AgentConfig, NodeAgent
 from edgefleet_io.mqtt import MqttTransport
-from fleet_controller.api import CtlClient, OperationError
+from fleet_controller.api import CtlClient, OperationError, OperatorIdentity
 from fleet_controller.keys import init_keys, load_key, rotate_key
 from fleet_controller.publish import publish, sign_release
 from fleet_controller.registry import describe_model
@@ -69,7 +69,9 @@ def test_trust_push_reaches_nodes_over_the_air(
                 await service.connected.wait()
                 await node.connected.wait()
             rotate_key(keys, Role.RELEASE, now=time.time())
-            async with CtlClient(MqttTransport(address), fleet=fleet_id, operator="alice") as ctl:
+            async with CtlClient(
+                MqttTransport(address), fleet=fleet_id, identity=OperatorIdentity.load(keys)
+            ) as ctl:
                 pushed = await ctl.call("trust.push", {"trust": (keys / "trust.json").read_text()})
                 assert pushed == {"version": 2, "rollout_id": "trust-v2"}
                 with pytest.raises(OperationError):  # the same list again is no rotation
@@ -141,7 +143,9 @@ def test_a_wiped_node_loses_nothing_it_sends_afterwards(
         try:
             async with asyncio.timeout(20):
                 await service.connected.wait()
-            async with CtlClient(MqttTransport(address), fleet=fleet_id, operator="alice") as ctl:
+            async with CtlClient(
+                MqttTransport(address), fleet=fleet_id, identity=OperatorIdentity.load(keys)
+            ) as ctl:
                 release = load_key(keys, Role.RELEASE, None)
                 manifest = describe_model(classifier_v1, name="clf", version="1.0.0", now=0.0)
                 await publish(ctl, sign_release(classifier_v1, manifest, release))
@@ -164,7 +168,9 @@ def test_a_wiped_node_loses_nothing_it_sends_afterwards(
                 async with asyncio.timeout(30):
                     await first_task
             await run_until_drained(node(), results_at_least=1)  # drains what was left
-            async with CtlClient(MqttTransport(address), fleet=fleet_id, operator="alice") as ctl:
+            async with CtlClient(
+                MqttTransport(address), fleet=fleet_id, identity=OperatorIdentity.load(keys)
+            ) as ctl:
                 await wait_online(ctl, "n1", online=False)  # its death is stored
             before = stored_results()
             # Reinstall: the data directory is gone, the model comes back with a rollout.
@@ -173,7 +179,9 @@ def test_a_wiped_node_loses_nothing_it_sends_afterwards(
             again_task = asyncio.get_running_loop().create_task(again.run())
             async with (
                 asyncio.timeout(20),
-                CtlClient(MqttTransport(address), fleet=fleet_id, operator="alice") as ctl,
+                CtlClient(
+                    MqttTransport(address), fleet=fleet_id, identity=OperatorIdentity.load(keys)
+                ) as ctl,
             ):
                 await again.connected.wait()
                 await wait_online(ctl, "n1")  # the birth with its outbox floor is stored

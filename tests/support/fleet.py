@@ -40,7 +40,8 @@ from typing import Any, Self, TypeVar
 from sqlalchemy import create_engine, text
 
 from edgefleet_io.mqtt import MqttTransport
-from fleet_controller.api import CtlClient
+from fleet_controller.api import CtlClient, OperatorIdentity
+from fleet_controller.keys import operator_key_path
 from shared.broker import parse_broker_url
 from shared.errors import EdgeFleetError
 
@@ -155,6 +156,7 @@ class Fleet:
             "FLEET_BROKER": broker_url,
             "FLEET_FLEET": fleet_id,
             "FLEET_OPERATOR": OPERATOR,
+            "FLEET_OPERATOR_KEY": str(operator_key_path(self.keys_dir, OPERATOR)),
             "PYTHONUNBUFFERED": "1",
             "COLUMNS": "200",
         }
@@ -302,9 +304,11 @@ class Fleet:
     # ----- operator ------------------------------------------------------------------
 
     def init_keys(self) -> dict[str, Any]:
-        """``fleetctl keys init --dir keys --json``."""
+        """``fleetctl keys init --dir keys --json``, then ``fleetctl operator add``
+        :data:`OPERATOR` as an admin."""
         result = self.fleetctl("keys", "init", "--dir", str(self.keys_dir))
         assert isinstance(result, dict), result
+        self.fleetctl("operator", "add", OPERATOR, "--role", "admin", "--dir", str(self.keys_dir))
         return result
 
     def fleetctl(self, *args: str, as_json: bool = True, expect_rc: int | None = 0) -> Any:
@@ -386,8 +390,7 @@ class Fleet:
             async with CtlClient(
                 MqttTransport(address),
                 fleet=self.fleet_id,
-                operator=OPERATOR,
-                reply_to=address.username,
+                identity=OperatorIdentity.load(self.keys_dir, OPERATOR),
                 timeout_s=timeout_s,
             ) as ctl:
                 return await ctl.call(op, args)
