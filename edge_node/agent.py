@@ -208,12 +208,17 @@ class NodeAgent:
         )
         return commands, runner
 
+    def _on_ack(self, data: bytes) -> None:
+        seq = self._commands.verified_ack(data)
+        if seq is not None:
+            self._background.spawn(self._sender.on_ack(seq))
+
     def _make_link(self) -> NodeLink:
         cfg = self.config
         pipeline = self._pipeline
         inbound = Inbound(
             command=self._commands.offer,
-            ack=lambda seq: self._background.spawn(self._sender.on_ack(seq)),
+            ack=self._on_ack,
             chunk=self._downloader.deliver,
             infer_request=pipeline.offer_request if pipeline.takes_requests else None,
         )
@@ -265,6 +270,7 @@ class NodeAgent:
             "skips": self._pipeline.gate.skipped,
             "pending": len(self._pipeline.pending),
             "stacked_runs": self._runtime.stacked_runs,
+            "refused_acks": self._commands.refused_acks,
         }
 
     def outbox_stats(self) -> OutboxStats:

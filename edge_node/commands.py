@@ -40,6 +40,7 @@ from edge_node.jobs import JobRunner, StatusReporter
 from edge_node.repeats import answer_duplicate
 from edge_node.runtime import ModelRuntime
 from edge_node.state import NodeStore, PendingCommand, StateKeeper
+from shared.acks import open_ack
 from shared.envelope import Envelope
 from shared.errors import DecodeError, EdgeFleetError, TrustError, TrustFileError
 from shared.messages import (
@@ -92,6 +93,7 @@ class CommandHandler:
         self._clock = clock
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(_QUEUE_LENGTH)
         self._trust: TrustStore | None = None
+        self.refused_acks = 0
 
     # ----- start ------------------------------------------------------------------
 
@@ -162,6 +164,17 @@ class CommandHandler:
             return envelope.payload_bytes()
 
     # ----- the queue --------------------------------------------------------------
+
+    def verified_ack(self, data: bytes) -> int | None:
+        """The ``seq`` of a signed ack for this node; None (logged, counted in
+        ``refused_acks``) when it does not verify, so nothing is freed."""
+        try:
+            ack = open_ack(data, trust=self.trust, node=self._me.node_id, now=self._clock())
+        except (DecodeError, TrustError) as exc:
+            self.refused_acks += 1
+            log.warning("refusing an ack: %s", exc)
+            return None
+        return ack.seq
 
     def offer(self, data: bytes) -> None:
         """Queue a received command envelope (called for every message on a command topic)."""

@@ -37,7 +37,6 @@ from edgefleet_io.transport import Link, Message, Session, Transport, Will, reco
 from shared import __version__, topics
 from shared.errors import DecodeError, TransportError
 from shared.messages import (
-    Ack,
     ArtifactChunk,
     Capabilities,
     InferRequest,
@@ -58,7 +57,8 @@ class Inbound:
     """Where incoming messages go (each callback runs on the event loop and must not block)."""
 
     command: Callable[[bytes], None]
-    ack: Callable[[int], None]
+    ack: Callable[[bytes], None]
+    """A signed ack, as it came: the receiver verifies it before freeing anything."""
     chunk: Callable[[ArtifactChunk], None]
     infer_request: Callable[[InferRequest], None] | None = None
 
@@ -231,9 +231,7 @@ class NodeLink:
         if kind in (topics.TopicKind.NODE_CMD, topics.TopicKind.ROLLOUT_CMD):
             inbound.command(data)
         elif kind is topics.TopicKind.ACK:
-            ack = decode(Ack, data)
-            if ack.node == self._settings.node_id:
-                inbound.ack(ack.seq)
+            inbound.ack(data)
         elif kind is topics.TopicKind.ARTIFACT_DATA:
             inbound.chunk(decode(ArtifactChunk, data))
         elif kind is topics.TopicKind.INFER_REQUEST and inbound.infer_request is not None:

@@ -9,7 +9,9 @@ Invariants:
 * **Durable before ack.** The writer takes up to ``batch_max`` queued messages,
   stores them off the event loop (births and deaths first, then statuses,
   results and telemetry in one transaction, :meth:`IngestRepository.write`)
-  and only then publishes ``node/{id}/ack`` with each node's contiguous mark.
+  and only then publishes ``node/{id}/ack`` with each node's contiguous mark,
+  signed with the rollout key (:func:`shared.acks.sign_ack`): nodes free
+  nothing on an ack that does not verify.
   Node statuses are folded into their rollouts later, from the database, by
   the ticker (``store.rollouts.step``), so acking now loses nothing even if
   this controller dies before the next tick.
@@ -31,8 +33,10 @@ from dataclasses import dataclass, field
 from fleet_controller.link import ControllerLink, Ingested
 from fleet_controller.store import Store
 from shared import topics
+from shared.acks import sign_ack
+from shared.envelope import SigningKey
 from shared.errors import EdgeFleetError, TransportError
-from shared.messages import Ack, NodeState, NodeStatus, ResultBatch, Telemetry, encode
+from shared.messages import Ack, NodeState, NodeStatus, ResultBatch, Telemetry
 
 __all__ = ["Ingest"]
 
@@ -78,10 +82,12 @@ class Ingest:
         fleet: str,
         clock: Callable[[], float],
         metrics: Counter[str],
+        ack_key: SigningKey,
         queue_max: int,
         batch_max: int,
     ) -> None:
         self._store = store
+        self._ack_key = ack_key
         self._link = link
         self._fleet = fleet
         self._clock = clock
@@ -167,7 +173,7 @@ class Ingest:
             try:
                 await self._link.publish(
                     topics.ack(self._fleet, node_id),
-                    encode(Ack(node=node_id, seq=seq, ts=now)),
+                    sign_ack(Ack(node=node_id, seq=seq, ts=now), self._ack_key),
                     qos=1,
                 )
             except TransportError as exc:

@@ -168,6 +168,7 @@ class ControllerService:
             fleet=fleet,
             clock=clock,
             metrics=self.metrics,
+            ack_key=rollout_key,
             queue_max=config.queue_max,
             batch_max=config.batch_max,
         )

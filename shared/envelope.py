@@ -27,6 +27,7 @@ from shared.codec import decode_json, encode_json
 from shared.errors import BadSignatureError, DecodeError, TrustError
 
 __all__ = [
+    "PAYLOAD_ACK",
     "PAYLOAD_COMMAND",
     "PAYLOAD_MANIFEST",
     "PAYLOAD_REQUEST",
@@ -47,6 +48,7 @@ PAYLOAD_TRUST = "application/vnd.edgefleet.trust+json"
 PAYLOAD_MANIFEST = "application/vnd.edgefleet.manifest+json"
 PAYLOAD_COMMAND = "application/vnd.edgefleet.command+json"
 PAYLOAD_REQUEST = "application/vnd.edgefleet.request+json"
+PAYLOAD_ACK = "application/vnd.edgefleet.ack+json"
 
 _MAX_SIGNATURES = 16
 

@@ -4,7 +4,8 @@ Roles:
 
 * ``root`` — offline; signs trust lists (this document).
 * ``release`` — signs model manifests; held by operators, never by the controller.
-* ``rollout`` — online, held by the controller; signs commands and acks.
+* ``rollout`` — online, held by the controller; signs commands and, under
+  their own payload type (:data:`~shared.envelope.PAYLOAD_ACK`), acks.
 
 Beside the roles, the list names the **operators**: each has one or more keys
 and an operator role (:class:`OperatorRole`: viewer, deployer or admin). An
@@ -38,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.codec import decode_json, encode_json
 from shared.envelope import (
+    PAYLOAD_ACK,
     PAYLOAD_COMMAND,
     PAYLOAD_MANIFEST,
     PAYLOAD_REQUEST,
@@ -89,6 +91,8 @@ ROLE_PAYLOAD_TYPES: dict[Role, str] = {
     Role.RELEASE: PAYLOAD_MANIFEST,
     Role.ROLLOUT: PAYLOAD_COMMAND,
 }
+"""What each role signs by default; :data:`_OTHER_PAYLOAD_TYPES` lists the rest."""
+_OTHER_PAYLOAD_TYPES: dict[Role, frozenset[str]] = {Role.ROLLOUT: frozenset({PAYLOAD_ACK})}
 
 _KEYID = r"^[0-9a-f]{64}$"
 _OPERATOR_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -231,8 +235,10 @@ def sign_trust_list(trust: TrustList, root_keys: list[SigningKey]) -> Envelope:
     return sign_envelope(trust.to_bytes(), PAYLOAD_TRUST, root_keys)
 
 
-def _verify(trust: TrustList, envelope: Envelope, role: Role) -> bytes:
-    expected_type = ROLE_PAYLOAD_TYPES[role]
+def _verify(
+    trust: TrustList, envelope: Envelope, role: Role, payload_type: str | None = None
+) -> bytes:
+    expected_type = payload_type or ROLE_PAYLOAD_TYPES[role]
     if envelope.payloadType != expected_type:
         raise WrongRoleError(
             f"payload type {envelope.payloadType!r} is not signed by the {role} role"
@@ -324,9 +330,18 @@ class TrustStore:
         return cls(trust, envelope)
 
     def open(
-        self, envelope: Envelope, role: Role, *, now: float, allow_expired: bool = False
+        self,
+        envelope: Envelope,
+        role: Role,
+        *,
+        now: float,
+        payload_type: str | None = None,
+        allow_expired: bool = False,
     ) -> bytes:
         """Verify ``envelope`` for ``role`` and return its payload bytes.
+
+        ``payload_type`` asks for another of the role's payload types than its
+        default (:data:`ROLE_PAYLOAD_TYPES`): the rollout role's acks.
 
         ``allow_expired`` skips the trust list's own expiry; it is only for
         carrying a root-signed rotation to a node whose list has expired (the
@@ -340,7 +355,9 @@ class TrustStore:
         """
         if self._trust.expires_at <= now and not allow_expired:
             raise ExpiredError(f"trust list v{self._trust.version} has expired")
-        return _verify(self._trust, envelope, role)
+        if payload_type is not None and payload_type not in _OTHER_PAYLOAD_TYPES.get(role, ()):
+            raise ValueError(f"the {role} role does not sign {payload_type}")
+        return _verify(self._trust, envelope, role, payload_type)
 
     def open_request(self, envelope: Envelope, *, now: float) -> tuple[Principal, bytes]:
         """Verify an operator's signed request; the operator and the payload bytes.

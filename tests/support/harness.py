@@ -45,6 +45,7 @@ from fleet_controller.blobs import BlobStore, answer_chunk
 from fleet_controller.registry import describe_model, sign_manifest
 from fleet_controller.signing import sign_command
 from shared import topics
+from shared.acks import sign_ack
 from shared.broker import parse_broker_url
 from shared.envelope import Envelope, SigningKey, b64decode, b64encode
 from shared.errors import TransportError
@@ -264,7 +265,7 @@ class Harness:
         if due is not None and self.acking:
             self.acked[node] = due
             ack = Ack(node=node, seq=due, ts=time.time())
-            await link.publish(topics.ack(self.fleet, node), encode(ack), qos=1)
+            await link.publish(topics.ack(self.fleet, node), sign_ack(ack, self.rollout), qos=1)
 
     # ----- models and commands ------------------------------------------------
 
@@ -280,10 +281,14 @@ class Harness:
     async def publish_command(
         self, topic: str, envelope: Envelope, *, retain: bool = False
     ) -> None:
+        await self.publish(topic, envelope.to_bytes(), retain=retain)
+
+    async def publish(self, topic: str, data: bytes, *, retain: bool = False) -> None:
+        """Publish ``data`` as it is, as the controller (or the broker) could."""
         async with asyncio.timeout(20):
             await self._connected.wait()
         assert self._link is not None
-        await self._link.publish(topic, envelope.to_bytes(), qos=1, retain=retain)
+        await self._link.publish(topic, data, qos=1, retain=retain)
 
     async def deploy(
         self, node: str, model: Registered, *, rollout_id: str = "r1", url: str | None = None

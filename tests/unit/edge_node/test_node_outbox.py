@@ -12,10 +12,15 @@ in ``tests/integration/test_agent_inference.py``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from pathlib import Path
 
 from edgefleet_io.memory import MemoryBroker
+from shared import topics
+from shared.acks import sign_ack
+from shared.envelope import PAYLOAD_COMMAND, SigningKey, sign_envelope
+from shared.messages import Ack, encode
 from tests.support.harness import Harness, RunningNode, node_config
 from tests.support.node_checks import (
     NODE,
@@ -75,6 +80,47 @@ def test_unacknowledged_entries_are_resent_until_acked(
         seqs = sorted(results_of(harness))
         assert_contiguous(seqs, "result seqs")
         assert len(seqs) >= flushed
+
+    asyncio.run(scenario())
+
+
+def test_forged_acks_free_nothing_and_a_signed_one_does(
+    fleet_id: str, tmp_path: Path, classifier_v1: Path
+) -> None:
+    async def scenario() -> None:
+        async with Harness(MemoryBroker(), fleet_id, tmp_path) as harness:
+            model = harness.register(classifier_v1, "clf", "1.0.0")
+            config = node_config(harness, NODE, tmp_path / NODE, source="synthetic", rate_hz=100.0)
+            async with RunningNode(config, transport=harness.transport) as node:
+                await deploy_and_wait(harness, NODE, model, "r1")
+                harness.acking = False
+                await poll_until(
+                    lambda: node.agent.outbox_stats().depth >= 5, what="an unacked outbox"
+                )
+                depth = node.agent.outbox_stats().depth
+                high = Ack(node=NODE, seq=2**62, ts=time.time())
+                ack_topic = topics.ack(fleet_id, NODE)
+                forged = [
+                    encode(high),  # unsigned, as acks were
+                    sign_ack(high, SigningKey.generate()),  # a key nobody trusts
+                    sign_ack(high.model_copy(update={"node": "other"}), harness.rollout),
+                    sign_envelope(encode(high), PAYLOAD_COMMAND, [harness.rollout]).to_bytes(),
+                ]
+                for data in forged:
+                    await harness.publish(ack_topic, data)
+                await poll_until(
+                    lambda: node.agent.stats()["refused_acks"] == len(forged),
+                    what="every forged ack refused",
+                )
+                assert node.agent.outbox_stats().depth >= depth
+                # The positive control: the controller's own signature frees what was sent.
+                sent = node.agent.outbox_stats().last_seq
+                await harness.publish(ack_topic, sign_ack(high, harness.rollout))
+                await poll_until(
+                    lambda: node.agent.outbox_stats().depth < depth,
+                    what="a signed ack to free entries",
+                )
+                assert node.agent.outbox_stats().last_seq >= sent
 
     asyncio.run(scenario())
 

@@ -28,14 +28,14 @@ from typing import Any
 
 from edgefleet_io.memory import MemoryBroker
 from edgefleet_io.transport import Link, Message, Session
-from fleet_controller.keys import load_key, load_operator_key, operator_key_path
+from fleet_controller.keys import load_key, load_operator_key, load_trust, operator_key_path
 from fleet_controller.registry import sign_manifest
 from fleet_controller.service import ControllerConfig, ControllerService
 from shared import topics
+from shared.acks import open_ack
 from shared.broker import BrokerAddress
 from shared.envelope import PAYLOAD_REQUEST, SigningKey, sign_envelope
 from shared.messages import (
-    Ack,
     Capabilities,
     InferenceResult,
     LatencyStats,
@@ -135,7 +135,7 @@ class Controller:
             await link.subscribe(
                 [(topics.ack(FLEET, node_id), 1), (topics.node_cmd(FLEET, node_id), 1)]
             )
-            yield FakeNode(link, node_id, self.clock)
+            yield FakeNode(link, node_id, self.clock, self.keys)
 
 
 def make_service(
@@ -286,6 +286,7 @@ class FakeNode:
     link: Link
     node_id: str
     clock: Clock
+    keys: Path
     _messages: AsyncIterator[Message] | None = field(default=None, repr=False)
 
     async def next_message(self) -> Message:
@@ -299,9 +300,11 @@ class FakeNode:
         while True:
             message = await self.next_message()
             if message.topic == topics.ack(FLEET, self.node_id):
-                ack = decode(Ack, message.payload)
-                assert ack.node == self.node_id
-                return ack.seq
+                # As a node does: the ack must verify against the trust list.
+                trust = load_trust(self.keys, now=self.clock())
+                return open_ack(
+                    message.payload, trust=trust, node=self.node_id, now=self.clock()
+                ).seq
 
     async def birth(
         self,
