@@ -295,6 +295,7 @@ class NodeAgent:
         except TrustError:
             await self._shutdown()
             raise
+        await self._commands.remember_trust()
         await self._commands.restore_active()
         self.ready.set()
         try:

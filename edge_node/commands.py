@@ -98,12 +98,19 @@ class CommandHandler:
     # ----- start ------------------------------------------------------------------
 
     def load_trust(self) -> None:
-        """Load the newest verifying trust list; call it before anything else.
+        """Walk the trust chain from the shipped list; call it before anything else.
 
         Raises:
             TrustFileError: there is none (the node must not start: fail closed).
         """
         self._trust = self._store.load_trust(self._trust_file, now=self._clock())
+
+    async def remember_trust(self) -> None:
+        """Record the trust list in force as the highest taken (``state.json``)."""
+        trust = self.trust
+        state = self._keeper.state
+        if (state.trust_version, state.trust_digest) != (trust.version, trust.digest):
+            await self._keeper.update(trust_version=trust.version, trust_digest=trust.digest)
 
     @property
     def trust(self) -> TrustStore:
@@ -265,6 +272,7 @@ class CommandHandler:
         assert new_trust is not None
         await asyncio.to_thread(self._store.save_trust, new_trust)
         self._trust = new_trust
+        await self.remember_trust()
         log.info("trust list rotated to v%d", new_trust.version)
         await self._reporter.report(
             NodeRolloutState.SUCCEEDED, accepted.command, reason=f"trust v{new_trust.version}"

@@ -1,4 +1,4 @@
-"""The node's small persistent state: ``state.json`` and its copy of the trust list.
+"""The node's small persistent state: ``state.json`` and its trust chain.
 
 Invariants:
 
@@ -13,13 +13,18 @@ Invariants:
 * result sequence numbers are reserved in blocks (``result_seq_reserved`` is
   saved before a number of a new block is used; :mod:`edge_node.numbering`
   decides when): after a restart numbering resumes above every number handed
-  out before, so ``(node, seq)`` stays unique for the controller's store.
+  out before, so ``(node, seq)`` stays unique for the controller's store;
+* the trust list in force is the one reached by walking ``trust-chain.json``
+  from the shipped trust list (TUF's root walk), never a file taken on its
+  own; ``state.json`` records the highest version taken and its digest, so a
+  deleted or shortened chain stops the node instead of reviving old keys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge_node.core import VerifierState
 from edge_node.numbering import RESULT_SEQ_BLOCK
 from edgefleet_io.files import atomic_write
-from shared.errors import EdgeFleetError, TrustFileError
+from shared.codec import decode_json, encode_json
+from shared.errors import DecodeError, EdgeFleetError, TrustFileError
 from shared.messages import ModelRef
 from shared.trust import TrustStore
 
@@ -41,6 +47,11 @@ __all__ = [
     "StateFileError",
     "StateKeeper",
 ]
+
+
+log = logging.getLogger(__name__)
+
+_MAX_CHAIN_BYTES = 64 * 1024 * 1024
 
 
 class StateFileError(EdgeFleetError):
@@ -67,6 +78,10 @@ class PersistedState(BaseModel):
     previous: ModelRef | None = None
     result_seq_reserved: int = 0
     pending: PendingCommand | None = None
+    trust_version: int = 0
+    """The highest trust list version this node has taken, and its digest: a
+    trust chain that no longer reaches it was cut short (the node refuses to start)."""
+    trust_digest: str | None = None
 
     def verifier_state(self) -> VerifierState:
         return VerifierState(
@@ -78,12 +93,15 @@ class PersistedState(BaseModel):
 
 
 class NodeStore:
-    """``DATA/state.json`` and ``DATA/trust.json`` (the rotated trust list)."""
+    """``DATA/state.json`` and ``DATA/trust-chain.json`` (the rotations taken since
+    the shipped trust list, in order)."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.state_path = data_dir / "state.json"
-        self.trust_path = data_dir / "trust.json"
+        self.chain_path = data_dir / "trust-chain.json"
+        self.legacy_trust_path = data_dir / "trust.json"  # the one rotated copy of 0.1
+        self._links: list[bytes] = []  # the chain as last walked
         data_dir.mkdir(parents=True, exist_ok=True)
 
     def load(self) -> PersistedState:
@@ -106,40 +124,75 @@ class NodeStore:
         atomic_write(self.state_path, state.model_dump_json(indent=2).encode())
 
     def load_trust(self, shipped: Path | None, *, now: float) -> TrustStore:
-        """The newest trust list that verifies: the rotated copy, else the shipped file.
+        """The trust list reached by walking the stored chain from the shipped one.
 
-        The rotated copy may be missing (a node that never rotated); the shipped
-        file, when named, must be readable: a wrong path is a misconfiguration,
-        not a reason to carry on with whatever else is there.
+        The shipped file is the anchor: every stored rotation must follow from
+        it, version by version, so a file planted in the data directory cannot
+        replace it. A chain that no longer reaches the version ``state.json``
+        records (deleted or cut short) is refused: rotated-out keys never come back.
 
         Raises:
-            TrustFileError: the shipped file cannot be read, or no list verifies
-                (missing, malformed, badly signed or expired; the reasons are named).
+            TrustFileError: no shipped file, it cannot be read, the list reached has
+                expired or is older than the one this node has taken.
+            StateFileError: ``state.json`` is unreadable.
         """
-        candidates: list[TrustStore] = []
-        errors: list[str] = []
-        for path in (self.trust_path, shipped):
-            if path is None:
-                continue
+        if shipped is None:
+            raise TrustFileError("no trust file given: the node's trust anchor is required")
+        try:
+            anchor = shipped.read_bytes()
+        except FileNotFoundError:
+            raise TrustFileError(f"trust file {shipped} does not exist") from None
+        except OSError as exc:
+            raise TrustFileError(f"cannot read trust file {shipped}: {exc.strerror}") from None
+        try:
+            chain = self._chain()
+            store, taken, broken = TrustStore.walk(anchor, chain, now=now)
+        except TrustFileError:
+            raise
+        except EdgeFleetError as exc:
+            raise TrustFileError(f"no usable trust list ({shipped}: {exc})") from None
+        if broken is not None:
+            log.warning("%s: %s", self.chain_path, broken)
+        state = self.load()
+        if store.version < state.trust_version or (
+            store.version == state.trust_version and state.trust_digest not in (None, store.digest)
+        ):
+            raise TrustFileError(
+                f"the trust chain reaches v{store.version}, but this node has taken "
+                f"v{state.trust_version}: {self.chain_path} was removed or altered "
+                "(restore it, or enroll the node again with a fresh data directory)"
+            )
+        self._links = chain[:taken]
+        return store
+
+    def _chain(self) -> list[bytes]:
+        """The stored rotations (unreadable entries end the chain where they are)."""
+        try:
+            raw = self.chain_path.read_bytes()
+        except FileNotFoundError:
             try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                if path == shipped:
-                    raise TrustFileError(f"trust file {path} does not exist") from None
-                continue
-            except OSError as exc:
-                raise TrustFileError(f"cannot read trust file {path}: {exc.strerror}") from None
-            try:
-                candidates.append(TrustStore.bootstrap(data, now=now))
-            except EdgeFleetError as exc:
-                errors.append(f"{path}: {exc}")
-        if not candidates:
-            detail = "; ".join(errors) or "no trust file given and none rotated in"
-            raise TrustFileError(f"no usable trust list ({detail})")
-        return max(candidates, key=lambda store: store.version)
+                return [self.legacy_trust_path.read_bytes()]
+            except OSError:
+                return []
+        except OSError as exc:
+            raise TrustFileError(f"cannot read {self.chain_path}: {exc.strerror}") from None
+        try:
+            links = decode_json(raw, max_bytes=_MAX_CHAIN_BYTES)
+        except DecodeError as exc:
+            log.warning(
+                "%s is unreadable (%s): walking from the shipped list", self.chain_path, exc
+            )
+            return []
+        if not isinstance(links, list):
+            return []
+        return [encode_json(link) for link in links if isinstance(link, dict)]
 
     def save_trust(self, store: TrustStore) -> None:
-        atomic_write(self.trust_path, store.envelope_bytes())
+        """Write the chain walked by :meth:`load_trust`, then the rotation to ``store``
+        (links that did not verify are dropped)."""
+        self._links = [*self._links, store.envelope_bytes()]
+        atomic_write(self.chain_path, encode_json([decode_json(link) for link in self._links]))
+        self.legacy_trust_path.unlink(missing_ok=True)
 
 
 class StateKeeper:

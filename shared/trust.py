@@ -30,7 +30,8 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Literal, Self
@@ -56,6 +57,7 @@ from shared.errors import (
     DecodeError,
     ExpiredError,
     ThresholdError,
+    TrustError,
     TrustFileError,
     UnknownKeyError,
     VersionRollbackError,
@@ -301,19 +303,24 @@ class TrustStore:
     def version(self) -> int:
         return self._trust.version
 
+    @property
+    def digest(self) -> str:
+        """SHA-256 (hex) of the signed trust list's bytes: which list this is."""
+        return hashlib.sha256(self._envelope.payload_bytes()).hexdigest()
+
     def envelope_bytes(self) -> bytes:
         """The envelope to persist as ``trust.json``."""
         return self._envelope.to_bytes()
 
     @classmethod
-    def bootstrap(cls, data: bytes | None, *, now: float) -> TrustStore:
-        """Trust a shipped ``trust.json`` (its own root keys must sign it).
+    def anchor(cls, data: bytes | None) -> TrustStore:
+        """A shipped ``trust.json`` that its own root keys sign, expired or not.
 
         ``data`` is ``None`` when the file is missing or unreadable.
 
         Raises:
             TrustFileError: no data, or the data is not a trust envelope.
-            TrustError: signatures do not verify or the list has expired.
+            TrustError: its root signatures do not verify.
         """
         if data is None:
             raise TrustFileError("trust file is missing or unreadable: refusing every command")
@@ -325,9 +332,51 @@ class TrustStore:
         except DecodeError as exc:
             raise TrustFileError(f"trust file is unreadable: {exc}") from None
         _verify(trust, envelope, Role.ROOT)
-        if trust.expires_at <= now:
-            raise ExpiredError(f"trust list v{trust.version} has expired")
         return cls(trust, envelope)
+
+    @classmethod
+    def bootstrap(cls, data: bytes | None, *, now: float) -> TrustStore:
+        """Trust a shipped ``trust.json`` (its own root keys must sign it, and it
+        must not have expired).
+
+        Raises:
+            TrustFileError: no data, or the data is not a trust envelope.
+            TrustError: signatures do not verify or the list has expired.
+        """
+        return cls.anchor(data).unexpired(now)
+
+    @classmethod
+    def walk(
+        cls, anchor: bytes | None, chain: Sequence[bytes], *, now: float
+    ) -> tuple[TrustStore, int, str | None]:
+        """TUF's root walk: from the shipped ``anchor``, take each rotation of
+        ``chain`` in order while it verifies against the list before it (its root
+        threshold and its own, a higher version); lists passed on the way may have
+        expired, the one reached may not.
+
+        Returns the list reached, how many links of ``chain`` were taken and, when
+        a link did not verify (the walk stops there), why.
+
+        Raises:
+            TrustFileError / TrustError: the anchor does not verify, or the list
+                reached has expired.
+        """
+        store = cls.anchor(anchor)
+        taken = 0
+        for data in chain:
+            try:
+                store = store.rotate(Envelope.from_bytes(data), now=now, allow_expired=True)
+            except (TrustError, DecodeError) as exc:
+                why = f"link {taken + 1} of the trust chain does not follow v{store.version}: {exc}"
+                return store.unexpired(now), taken, why
+            taken += 1
+        return store.unexpired(now), taken, None
+
+    def unexpired(self, now: float) -> TrustStore:
+        """This store. Raises: ExpiredError when the list has expired."""
+        if self.expired(now):
+            raise ExpiredError(f"trust list v{self.version} has expired")
+        return self
 
     def open(
         self,
@@ -391,8 +440,11 @@ class TrustStore:
     def expired(self, now: float) -> bool:
         return self._trust.expires_at <= now
 
-    def rotate(self, envelope: Envelope, *, now: float) -> TrustStore:
+    def rotate(self, envelope: Envelope, *, now: float, allow_expired: bool = False) -> TrustStore:
         """Accept a newer trust list signed by the current and the new root.
+
+        ``allow_expired`` accepts a new list that has expired already (a step
+        of :meth:`walk`, which checks the list it ends at).
 
         Raises:
             TrustError subclasses: a signature threshold is not met, the version
@@ -406,6 +458,6 @@ class TrustStore:
             raise VersionRollbackError(
                 f"trust list v{new.version} is not newer than v{self._trust.version}"
             )
-        if new.expires_at <= now:
+        if new.expires_at <= now and not allow_expired:
             raise ExpiredError(f"trust list v{new.version} has expired")
         return TrustStore(new, envelope)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from edge_node.agent import AgentConfig, NodeAgent
+from edge_node.state import NodeStore
 from edgefleet_io.mqtt import MqttTransport
 from fleet_controller.api import CtlClient, OperationError, OperatorIdentity
 from fleet_controller.keys import init_keys, load_key, rotate_key
@@ -21,7 +22,7 @@ from fleet_controller.publish import publish, sign_release
 from fleet_controller.registry import describe_model
 from fleet_controller.service import ControllerConfig, ControllerService
 from shared.broker import parse_broker_url
-from shared.trust import Role, TrustStore
+from shared.trust import Role
 from tests.support.broker import Broker
 
 pytestmark = pytest.mark.integration
@@ -76,12 +77,12 @@ def test_trust_push_reaches_nodes_over_the_air(
                 assert pushed == {"version": 2, "rollout_id": "trust-v2"}
                 with pytest.raises(OperationError):  # the same list again is no rotation
                     await ctl.call("trust.push", {"trust": (keys / "trust.json").read_text()})
-            written = tmp_path / "n1" / "trust.json"
+            written = NodeStore(tmp_path / "n1")
             deadline = time.monotonic() + 20
-            while not written.exists():
+            while not written.chain_path.exists():
                 assert time.monotonic() < deadline, "the node never took trust v2"
                 await asyncio.sleep(0.05)  # polling the node's data directory
-            assert TrustStore.bootstrap(written.read_bytes(), now=time.time()).version == 2
+            assert written.load_trust(shipped, now=time.time()).version == 2
         finally:
             service.stop()
             node.stop()

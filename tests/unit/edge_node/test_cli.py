@@ -15,17 +15,25 @@ import onnxruntime as ort
 import pytest
 
 from edge_node.cli import build_config, build_parser, check_trust, main
+from edge_node.state import NodeStore
 from shared.envelope import SigningKey
+from shared.errors import UsageError
 from shared.trust import Role, TrustList, sign_trust_list
 from tests.support.broker import free_port
 
 DAY_S = 86_400.0
 
 
-def _trust_bytes(*, expires_in_s: float = DAY_S, signer: SigningKey | None = None) -> bytes:
-    root = SigningKey.generate()
+def _trust_bytes(
+    *,
+    expires_in_s: float = DAY_S,
+    signer: SigningKey | None = None,
+    root: SigningKey | None = None,
+    version: int = 1,
+) -> bytes:
+    root = root or SigningKey.generate()
     trust = TrustList.build(
-        version=1,
+        version=version,
         expires_at=time.time() + expires_in_s,
         roles={Role.ROOT: [root], Role.RELEASE: [root], Role.ROLLOUT: [root]},
     )
@@ -88,13 +96,20 @@ def test_run_without_a_usable_trust_list_exits_2(
     assert not (data / "outbox.db").exists()
 
 
-def test_a_rotated_copy_is_enough_and_wins_over_an_expired_shipped_file(tmp_path: Path) -> None:
+def test_a_rotation_chained_from_the_shipped_list_wins_over_its_expiry(tmp_path: Path) -> None:
+    root = SigningKey.generate()
     data = tmp_path / "node"
-    data.mkdir()
-    _write(data / "trust.json", _trust_bytes())  # what a rotation left behind
-    expired = _write(tmp_path / "shipped.json", _trust_bytes(expires_in_s=-60))
+    NodeStore(data)  # makes the data directory
+    expired = _write(tmp_path / "shipped.json", _trust_bytes(expires_in_s=-60, root=root))
+    rotated = _trust_bytes(version=2, root=root)
+    _write(data / "trust.json", rotated)  # what a rotation of an earlier release left behind
     check_trust(data, expired)
-    check_trust(data, None)
+    # The same list, not signed by the shipped root, is no rotation: the node stays refused.
+    _write(data / "trust.json", _trust_bytes(version=2))
+    with pytest.raises(UsageError, match="expired"):
+        check_trust(data, expired)
+    with pytest.raises(UsageError, match="no trust file given"):
+        check_trust(data, None)
 
 
 def test_simulate_needs_trust(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

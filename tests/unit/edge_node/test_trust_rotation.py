@@ -9,12 +9,13 @@ import asyncio
 import time
 from pathlib import Path
 
+from edge_node.state import NodeStore
 from edgefleet_io.memory import MemoryBroker
 from fleet_controller.signing import sign_command
 from shared import topics
 from shared.envelope import SigningKey
 from shared.messages import NodeTarget, TrustUpdateAction
-from shared.trust import Role, TrustList, TrustStore, sign_trust_list
+from shared.trust import Role, TrustList, sign_trust_list
 from tests.support.harness import Harness, start_node
 
 
@@ -48,7 +49,7 @@ def test_node_keeps_its_model_across_a_release_key_rotation_and_restart(
                 await harness.publish_command(topics.node_cmd(fleet_id, "n1"), envelope)
                 await harness.wait_state(command.command_id, "succeeded")
                 await node.stop()
-            stored = TrustStore.bootstrap((data / "trust.json").read_bytes(), now=time.time())
+            stored = NodeStore(data).load_trust(harness.trust_file, now=time.time())
             assert stored.version == 2
             births_before = len([s for s in harness.states if s.online])
             async with start_node(harness, "n1", data) as again:
