@@ -5,6 +5,11 @@
   most :data:`CHUNK_SLOTS` are read at a time, so a fleet downloading at once
   cannot exhaust threads or memory. A chunk that cannot be read or sent is
   logged and not answered: the node asks again.
+* **Only for commanded downloads.** A request is answered only when the node
+  takes part in an active rollout of that blob (the store's
+  ``rollouts.fetchers``, cached for :data:`FETCHERS_TTL_S`), and within the
+  node's rate (:data:`~fleet_controller.quotas.CHUNKS_PER_S`); anything else is
+  dropped unanswered and counted (``chunks_refused``, ``chunks_rate_limited``).
 * **Uploads in** (``model.upload``) go through the
   :class:`~fleet_controller.blobs.BlobStore`: a chunk is appended only at the
   offset where the stored part ends (otherwise the answer says where that is,
@@ -18,33 +23,75 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from fleet_controller.blobs import BlobStore, answer_chunk
 from fleet_controller.link import ControllerLink
+from fleet_controller.quotas import BURST_S, CHUNKS_PER_S, RateLimiter
 from shared import topics
 from shared.errors import TransportError, UsageError
 from shared.messages import ArtifactRequest, encode
 
-__all__ = ["CHUNK_SLOTS", "Artifacts"]
+__all__ = ["CHUNK_SLOTS", "FETCHERS_TTL_S", "Artifacts"]
 
 log = logging.getLogger(__name__)
 
 CHUNK_SLOTS = 16  # chunk answers read and sent at the same time
+FETCHERS_TTL_S = 2.0  # how long the nodes allowed to fetch a blob are cached
 
 
 class Artifacts:
     def __init__(
-        self, blobs: BlobStore, link: ControllerLink, *, fleet: str, metrics: Counter[str]
+        self,
+        blobs: BlobStore,
+        link: ControllerLink,
+        *,
+        fleet: str,
+        metrics: Counter[str],
+        fetchers: Callable[[str], frozenset[str]],
+        clock: Callable[[], float],
     ) -> None:
         self.blobs = blobs
         self._link = link
         self._fleet = fleet
         self._metrics = metrics
+        self._fetchers = fetchers
+        self._clock = clock
+        self._allowed: dict[str, tuple[float, frozenset[str]]] = {}  # sha256: (at, nodes)
+        self._rate = RateLimiter(CHUNKS_PER_S, CHUNKS_PER_S * BURST_S)
         self._slots = asyncio.Semaphore(CHUNK_SLOTS)
 
+    async def _may_fetch(self, request: ArtifactRequest) -> bool:
+        """Whether ``request.node`` was commanded to fetch the blob (see the module docstring)."""
+        now = self._clock()
+        at, nodes = self._allowed.get(request.sha256, (0.0, frozenset()))
+        if request.node not in nodes and now - at >= FETCHERS_TTL_S / 4:
+            nodes = await asyncio.to_thread(self._fetchers, request.sha256)
+            self._allowed = {
+                sha: entry
+                for sha, entry in self._allowed.items()
+                if now - entry[0] < FETCHERS_TTL_S
+            }
+            self._allowed[request.sha256] = (now, nodes)
+        return request.node in nodes
+
     async def serve_chunk(self, request: ArtifactRequest) -> None:
-        """Answer one chunk request; never raises (the node asks again)."""
+        """Answer one chunk request if allowed; never raises (the node asks again)."""
+        if not self._rate.allow(request.node, self._clock()):
+            self._metrics["chunks_rate_limited"] += 1
+            return
+        try:
+            if not await self._may_fetch(request):
+                self._metrics["chunks_refused"] += 1
+                log.info(
+                    "not answering %s: no rollout of %s for it", request.node, request.sha256[:12]
+                )
+                return
+        except Exception:
+            self._metrics["chunk_errors"] += 1
+            log.exception("cannot tell whether %s may fetch %s", request.node, request.sha256[:12])
+            return
         try:
             async with self._slots:
                 chunk = await asyncio.to_thread(answer_chunk, self.blobs, request)

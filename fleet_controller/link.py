@@ -133,7 +133,8 @@ def decode_incoming(topic: str, data: bytes) -> Incoming | None:
 class Routes:
     """Where decoded messages go. Each is called on the event loop and must not block."""
 
-    ingest: Callable[[Ingested], None]
+    ingest: Callable[[Ingested, int], None]
+    """A node's message and its size on the wire (for the node's quota)."""
     artifact: Callable[[ArtifactRequest], None]
     operator: Callable[[Envelope], None]
 
@@ -285,7 +286,7 @@ class ControllerLink:
             elif isinstance(item, Envelope):
                 routes.operator(item)
             elif item is not None:
-                routes.ingest(item)
+                routes.ingest(item, len(message.payload))
         except Exception:
             self._metrics["route_errors"] += 1
             log.exception("handling the message on %s failed", message.topic)

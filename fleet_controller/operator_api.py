@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 from fleet_controller.link import ControllerLink
+from fleet_controller.quotas import RateLimiter
 from fleet_controller.store import Store
 from shared import topics
 from shared.envelope import Envelope
@@ -70,7 +71,6 @@ __all__ = [
     "REQUEST_SKEW_S",
     "AuthError",
     "OperatorApi",
-    "RateLimiter",
     "Route",
     "authenticate",
     "bind",
@@ -119,22 +119,6 @@ def authenticate(
     if request.expires_at - request.issued_at > MAX_REQUEST_LIFETIME_S:
         raise AuthError(f"request {request.id} lives longer than {MAX_REQUEST_LIFETIME_S:g}s")
     return principal, request
-
-
-class RateLimiter:
-    """A token bucket per key: ``rate`` per second, up to ``burst`` at once."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._buckets: dict[str, tuple[float, float]] = {}  # key: (tokens, at)
-
-    def allow(self, key: str, now: float) -> bool:
-        tokens, at = self._buckets.get(key, (self._burst, now))
-        tokens = min(self._burst, tokens + max(0.0, now - at) * self._rate)
-        allowed = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
-        return allowed
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,8 +50,19 @@ from fleet_controller.handlers import OperatorHandlers
 from fleet_controller.http_artifacts import ArtifactHttpServer
 from fleet_controller.ingest import Ingest
 from fleet_controller.keys import load_key, load_trust, trust_path
-from fleet_controller.link import MAX_RECONNECT_DELAY_S, ControllerLink, Routes, check_peer
+from fleet_controller.link import (
+    MAX_RECONNECT_DELAY_S,
+    ControllerLink,
+    Ingested,
+    Routes,
+    check_peer,
+)
 from fleet_controller.operator_api import OperatorApi
+from fleet_controller.quotas import (
+    DEFAULT_NODE_BYTES_PER_S,
+    DEFAULT_NODE_RESULTS_PER_S,
+    NodeQuotas,
+)
 from fleet_controller.store import Store, parse_database_url
 from fleet_controller.ticker import RolloutTicker
 from shared.broker import BrokerAddress
@@ -80,6 +91,8 @@ class ControllerConfig:
     queue_max: int = 20_000  # messages waiting to be stored
     batch_max: int = 500  # messages per ingest transaction
     retention_days: float = 30.0
+    node_results_per_s: float = DEFAULT_NODE_RESULTS_PER_S  # per node, with a 30 s burst
+    node_bytes_per_s: float = DEFAULT_NODE_BYTES_PER_S
     ca_file: str | None = None
     passphrase: bytes | None = None
     # Optional HTTP artifact server: where it listens, and the base URL nodes use.
@@ -172,7 +185,19 @@ class ControllerService:
             queue_max=config.queue_max,
             batch_max=config.batch_max,
         )
-        self.artifacts = Artifacts(self.blobs, self.link, fleet=fleet, metrics=self.metrics)
+        self._quotas = NodeQuotas(
+            results_per_s=config.node_results_per_s,
+            bytes_per_s=config.node_bytes_per_s,
+            metrics=self.metrics,
+        )
+        self.artifacts = Artifacts(
+            self.blobs,
+            self.link,
+            fleet=fleet,
+            metrics=self.metrics,
+            fetchers=self.store.rollouts.fetchers,
+            clock=clock,
+        )
         sender = CommandSender(link=self.link, store=self.store, key=rollout_key, fleet=fleet)
         executor = ActionExecutor(
             sender=sender,
@@ -250,9 +275,7 @@ class ControllerService:
             http = ArtifactHttpServer(self.blobs, host=host, port=port)
             http.start()
             log.info("serving artifacts over HTTP on %s:%d", host, http.port)
-        routes = Routes(
-            ingest=self.ingest.offer, artifact=self._on_chunk, operator=self._on_request
-        )
+        routes = Routes(ingest=self._on_ingest, artifact=self._on_chunk, operator=self._on_request)
         stopping = self._stopping
         try:
             async with asyncio.TaskGroup() as group:
@@ -294,6 +317,10 @@ class ControllerService:
             log.info("store %s; joining fleet %s", self.store.store_id, self.config.fleet)
             return True
         return False
+
+    def _on_ingest(self, item: Ingested, size: int) -> None:
+        if self._quotas.admit(item.node, item, size, self._clock()):
+            self.ingest.offer(item)
 
     def _on_chunk(self, request: ArtifactRequest) -> None:
         self._background.spawn(self.artifacts.serve_chunk(request), f"chunk-{request.node}")

@@ -18,6 +18,7 @@ from edgefleet_io.logs import setup_logging
 from fleet_controller.cli import common
 from fleet_controller.cli.flags import named, number, parse_positive_duration
 from fleet_controller.keys import key_path, trust_path
+from fleet_controller.quotas import BURST_S, DEFAULT_NODE_BYTES_PER_S, DEFAULT_NODE_RESULTS_PER_S
 from shared.errors import EdgeFleetError, UsageError
 from shared.trust import Role
 
@@ -90,6 +91,8 @@ def _serve(args: argparse.Namespace) -> int:
         fleet=settings.fleet,
         tick_s=tick_s,
         retention_days=args.retention_days,
+        node_results_per_s=args.node_results_rate,
+        node_bytes_per_s=args.node_bytes_rate,
         ca_file=settings.ca_file,
         passphrase=common.passphrase(),
         http_listen=http_listen,
@@ -157,6 +160,21 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
         type=number(0, MAX_RETENTION_DAYS, above=True),
         default=30.0,
         help=f"keep telemetry and results this many days (30; at most {MAX_RETENTION_DAYS:g})",
+    )
+    serve.add_argument(
+        "--node-results-rate",
+        type=number(0, 10_000_000, above=True),
+        default=DEFAULT_NODE_RESULTS_PER_S,
+        metavar="N",
+        help=f"results a second one node may send, with a {BURST_S:g} s burst "
+        f"({DEFAULT_NODE_RESULTS_PER_S:g}; more waits in its outbox)",
+    )
+    serve.add_argument(
+        "--node-bytes-rate",
+        type=number(0, 10 * 2**30, above=True),
+        default=DEFAULT_NODE_BYTES_PER_S,
+        metavar="BYTES",
+        help=f"bytes a second one node may send ({DEFAULT_NODE_BYTES_PER_S:g})",
     )
     serve.add_argument(
         "--http",

@@ -298,6 +298,19 @@ class RolloutRepository:
         if events:
             s.exec(ROLLOUT_EVENTS.insert(), params=events)
 
+    def fetchers(self, sha256: str) -> frozenset[str]:
+        """Nodes taking part in an active rollout of blob ``sha256``: the only ones
+        whose chunk requests for it are answered. Raises: StoreError."""
+        active = sorted(s.value for s in ACTIVE_ROLLOUT_STATES)
+        with self._db.session(write=False) as s:
+            rows = s.exec(
+                select(col(RolloutNodeRow.node_id))
+                .join(RolloutRow, col(RolloutRow.rollout_id) == col(RolloutNodeRow.rollout_id))
+                .where(col(RolloutRow.model_sha256) == sha256)
+                .where(col(RolloutRow.state).in_(active))
+            ).all()
+            return frozenset(rows)
+
     def list(self, active_only: bool = False) -> builtins.list[RolloutInfo]:
         """Oldest first; ``active_only``: pending, running, paused or rolling back.
 

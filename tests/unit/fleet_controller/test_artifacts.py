@@ -13,35 +13,54 @@ from shared import topics
 from shared.envelope import b64decode
 from shared.errors import DigestMismatchError
 from shared.messages import ArtifactChunk, ArtifactRequest, decode, encode
-from tests.unit.fleet_controller.kit import FLEET, blob, controller, eventually, run
+from tests.unit.fleet_controller.kit import FLEET, Controller, blob, controller, eventually, run
 
 
-def test_chunk_requests_are_answered_to_the_asking_node_only(tmp_path: Path, keys: Path) -> None:
+async def fetching(ctl: Controller, data: bytes, node: str = "n1") -> str:
+    """Register ``data`` as a model and roll it out to ``node``: ``node`` may fetch it."""
+    sha = hashlib.sha256(data).hexdigest()
+    ctl.register(data)
+    async with ctl.node(node) as fake, ctl.operator() as op:
+        await fake.birth()
+        await eventually("the node is known", lambda: ctl.store.nodes.get(node) is not None)
+        await op.call("rollout.start", {"model": "clf@1.0.0", "waves": [100]})
+    await eventually("the node is in the rollout", lambda: node in ctl.store.rollouts.fetchers(sha))
+    return sha
+
+
+async def ask(node_id: str, ctl: Controller, sha: str, request_id: str, offset: int = 0) -> None:
+    async with ctl.broker.transport().connect(Session(client_id=f"{node_id}-asks")) as node:
+        request = ArtifactRequest(
+            node=node_id, sha256=sha, request_id=request_id, offset=offset, length=2000
+        )
+        await node.publish(topics.artifact_request(FLEET, sha, node_id), encode(request))
+
+
+def test_chunks_go_to_commanded_nodes_only(tmp_path: Path, keys: Path) -> None:
     data = blob(size=5000)
 
     async def scenario() -> None:
         async with controller(tmp_path, keys) as ctl:
-            sha = ctl.service.blobs.add_bytes(data)
-            unknown = "cd" * 32
+            sha = await fetching(ctl, data)
+            stranger_blob = ctl.service.blobs.add_bytes(blob(seed=2))
             async with ctl.broker.transport().connect(Session(client_id="n1")) as node:
                 await node.subscribe([(f"{topics.PREFIX}/{FLEET}/artifact/+/data/n1", 1)])
                 messages = aiter(node.messages())
-                for request_id, digest, offset in (("q1", sha, 1000), ("q2", unknown, 0)):
-                    request = ArtifactRequest(
-                        node="n1", sha256=digest, request_id=request_id, offset=offset, length=2000
-                    )
-                    await node.publish(
-                        topics.artifact_request(FLEET, digest, "n1"), encode(request)
-                    )
-                got = [await anext(messages) for _ in range(2)]
-            chunks = {decode(ArtifactChunk, m.payload).request_id: m for m in got}
-            first = decode(ArtifactChunk, chunks["q1"].payload)
-            assert chunks["q1"].topic == topics.artifact_data(FLEET, sha, "n1")
-            assert (first.size, first.offset, first.error) == (5000, 1000, None)
-            assert b64decode(first.data, "data") == data[1000:3000]
-            missing = decode(ArtifactChunk, chunks["q2"].payload)
-            assert (missing.size, missing.error) == (0, f"no blob {unknown[:12]}")
-            assert ctl.service.metrics["chunks_served"] == 2
+                await ask("n1", ctl, stranger_blob, "q0")  # stored, but nobody commanded it
+                await ask("n2", ctl, sha, "q1")  # n2 takes no part in the rollout
+                await eventually("two refusals", lambda: ctl.service.metrics["chunks_refused"] == 2)
+                await ask("n1", ctl, sha, "q2", offset=1000)
+                got = await anext(messages)
+            chunk = decode(ArtifactChunk, got.payload)
+            assert got.topic == topics.artifact_data(FLEET, sha, "n1")
+            assert (chunk.request_id, chunk.size, chunk.offset, chunk.error) == (
+                "q2",
+                5000,
+                1000,
+                None,
+            )
+            assert b64decode(chunk.data, "data") == data[1000:3000]
+            assert ctl.service.metrics["chunks_served"] == 1
 
     run(scenario)
 
@@ -51,20 +70,16 @@ def test_a_chunk_that_cannot_be_read_is_logged_and_the_controller_goes_on(
 ) -> None:
     async def scenario() -> None:
         async with controller(tmp_path, keys) as ctl:
-            sha = ctl.service.blobs.add_bytes(blob())
+            sha = await fetching(ctl, blob())
 
             def unreadable(*_: object) -> bytes:
                 raise PermissionError("no")
 
             monkeypatch.setattr(ctl.service.blobs, "read", unreadable)
-            async with ctl.broker.transport().connect(Session(client_id="n1")) as node:
-                request = ArtifactRequest(
-                    node="n1", sha256=sha, request_id="q1", offset=0, length=10
-                )
-                await node.publish(topics.artifact_request(FLEET, sha, "n1"), encode(request))
+            await ask("n1", ctl, sha, "q1")
             await eventually("the error is counted", lambda: ctl.service.metrics["chunk_errors"])
             async with ctl.operator() as op:
-                assert await op.call("nodes.list") == []
+                assert [n["node_id"] for n in await op.call("nodes.list")] == ["n1"]
 
     run(scenario)
 

@@ -101,7 +101,7 @@ def test_a_route_that_raises_is_logged_and_counted(caplog: pytest.LogCaptureFixt
         metrics=metrics,
     )
 
-    def explode(_: object) -> None:
+    def explode(*_: object) -> None:
         raise RuntimeError("route broke")
 
     routes = Routes(ingest=explode, artifact=explode, operator=explode)

@@ -12,9 +12,9 @@ from fleet_controller.operator_api import (
     MAX_REQUEST_LIFETIME_S,
     REQUEST_SKEW_S,
     AuthError,
-    RateLimiter,
     authenticate,
 )
+from fleet_controller.quotas import RateLimiter
 from fleet_controller.store import Store
 from shared import topics
 from shared.envelope import PAYLOAD_COMMAND, PAYLOAD_REQUEST, SigningKey, sign_envelope
