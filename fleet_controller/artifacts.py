@@ -15,7 +15,9 @@
   offset where the stored part ends (otherwise the answer says where that is,
   and the uploader resumes there), fsynced, hashed as it arrives, and the
   complete part becomes the blob by an atomic rename, or is deleted when it
-  does not hash to the announced sha256.
+  does not hash to the announced sha256. An upload is at most ``max_upload_bytes``,
+  at most :data:`MAX_PARTS` run at once, and a part nobody appended to for
+  :data:`UPLOAD_IDLE_S` is deleted (:meth:`Artifacts.sweep_uploads`).
 """
 
 from __future__ import annotations
@@ -28,17 +30,32 @@ from typing import Any
 
 from fleet_controller.blobs import BlobStore, answer_chunk
 from fleet_controller.link import ControllerLink
-from fleet_controller.quotas import BURST_S, CHUNKS_PER_S, RateLimiter
+from fleet_controller.quotas import (
+    BURST_S,
+    CHUNKS_PER_S,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    RateLimiter,
+)
+from fleet_controller.ticker import wait_or_stop
 from shared import topics
-from shared.errors import TransportError, UsageError
+from shared.errors import EdgeFleetError, TransportError, UsageError
 from shared.messages import ArtifactRequest, encode
 
-__all__ = ["CHUNK_SLOTS", "FETCHERS_TTL_S", "Artifacts"]
+__all__ = [
+    "CHUNK_SLOTS",
+    "FETCHERS_TTL_S",
+    "MAX_PARTS",
+    "UPLOAD_IDLE_S",
+    "Artifacts",
+]
 
 log = logging.getLogger(__name__)
 
 CHUNK_SLOTS = 16  # chunk answers read and sent at the same time
 FETCHERS_TTL_S = 2.0  # how long the nodes allowed to fetch a blob are cached
+MAX_PARTS = 8  # uploads in progress at once
+UPLOAD_IDLE_S = 3600.0  # a part untouched this long is abandoned
+_SWEEP_EVERY_S = 300.0
 
 
 class Artifacts:
@@ -51,8 +68,10 @@ class Artifacts:
         metrics: Counter[str],
         fetchers: Callable[[str], frozenset[str]],
         clock: Callable[[], float],
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     ) -> None:
         self.blobs = blobs
+        self._max_upload_bytes = max_upload_bytes
         self._link = link
         self._fleet = fleet
         self._metrics = metrics
@@ -111,6 +130,17 @@ class Artifacts:
             return
         self._metrics["chunks_served"] += 1
 
+    async def sweep_uploads(self, stopping: asyncio.Event) -> None:
+        """Every few minutes, delete uploads abandoned for :data:`UPLOAD_IDLE_S`."""
+        while not await wait_or_stop(stopping, _SWEEP_EVERY_S):
+            try:
+                pruned = await asyncio.to_thread(self.blobs.prune_parts, UPLOAD_IDLE_S)
+            except OSError as exc:
+                log.warning("cannot remove abandoned uploads: %s", exc)
+                continue
+            for sha256 in pruned:
+                log.info("removed the abandoned upload of %s", sha256[:12])
+
     def receive_upload(self, sha256: str, offset: int, size: int, data: bytes) -> dict[str, Any]:
         """Store one upload chunk (in a worker thread); returns ``{"received", "complete"}``.
 
@@ -121,7 +151,17 @@ class Artifacts:
         blobs = self.blobs
         if blobs.has(sha256):
             return {"received": size, "complete": True}
+        if size > self._max_upload_bytes:
+            raise UsageError(
+                f"an upload of {size} bytes is over this controller's limit of "
+                f"{self._max_upload_bytes} (fleetctl serve --max-upload-bytes)"
+            )
         have = blobs.part_size(sha256)
+        if have == 0 and blobs.parts() >= MAX_PARTS:
+            raise EdgeFleetError(
+                f"{MAX_PARTS} uploads are in progress already: finish one, or wait "
+                f"{UPLOAD_IDLE_S / 60:g} minutes for abandoned ones to be removed"
+            )
         if offset != have:
             return {"received": have, "complete": False}
         if have + len(data) > size:

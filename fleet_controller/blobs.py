@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -171,6 +172,28 @@ class BlobStore:
                     f"uploaded blob hashes to {digest[:12]}, not {sha256[:12]}"
                 )
             self._install(part, sha256)
+
+    def parts(self) -> int:
+        """Uploads in progress."""
+        return sum(1 for _ in self.root.glob(".*.upload"))
+
+    def prune_parts(self, idle_s: float) -> list[str]:
+        """Delete uploads nobody appended to for ``idle_s`` seconds (by file time);
+        the sha256 of each one deleted."""
+        cutoff = time.time() - idle_s
+        pruned: list[str] = []
+        with self._lock:
+            for part in self.root.glob(".*.upload"):
+                try:
+                    if part.stat().st_mtime >= cutoff:
+                        continue
+                    part.unlink()
+                except FileNotFoundError:
+                    continue
+                sha256 = part.name[1:].removesuffix(".upload")
+                self._hashing.pop(sha256, None)
+                pruned.append(sha256)
+        return pruned
 
     def discard_part(self, sha256: str) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ from shared.messages import ResultBatch
 __all__ = [
     "BURST_S",
     "CHUNKS_PER_S",
+    "DEFAULT_MAX_UPLOAD_BYTES",
     "DEFAULT_NODE_BYTES_PER_S",
     "DEFAULT_NODE_RESULTS_PER_S",
     "MAX_KEYS",
@@ -33,6 +34,7 @@ __all__ = [
 BURST_S = 30.0
 DEFAULT_NODE_RESULTS_PER_S = 5_000.0
 DEFAULT_NODE_BYTES_PER_S = 4 * 1024 * 1024.0
+DEFAULT_MAX_UPLOAD_BYTES = 4 * 2**30  # the largest model file an operator may upload
 CHUNKS_PER_S = 64.0  # 16 MiB/s of 256 KiB chunks per node
 MAX_KEYS = 100_000
 

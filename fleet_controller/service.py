@@ -59,6 +59,7 @@ from fleet_controller.link import (
 )
 from fleet_controller.operator_api import OperatorApi
 from fleet_controller.quotas import (
+    DEFAULT_MAX_UPLOAD_BYTES,
     DEFAULT_NODE_BYTES_PER_S,
     DEFAULT_NODE_RESULTS_PER_S,
     NodeQuotas,
@@ -93,6 +94,7 @@ class ControllerConfig:
     retention_days: float = 30.0
     node_results_per_s: float = DEFAULT_NODE_RESULTS_PER_S  # per node, with a 30 s burst
     node_bytes_per_s: float = DEFAULT_NODE_BYTES_PER_S
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     ca_file: str | None = None
     passphrase: bytes | None = None
     # Optional HTTP artifact server: where it listens, and the base URL nodes use.
@@ -197,6 +199,7 @@ class ControllerService:
             metrics=self.metrics,
             fetchers=self.store.rollouts.fetchers,
             clock=clock,
+            max_upload_bytes=config.max_upload_bytes,
         )
         sender = CommandSender(link=self.link, store=self.store, key=rollout_key, fleet=fleet)
         executor = ActionExecutor(
@@ -285,6 +288,7 @@ class ControllerService:
                     "ticker": lambda: self.ticker.run(stopping),
                     "pruner": lambda: self.ticker.prune(stopping),
                     "reconciler": lambda: self.deployments.run(stopping),
+                    "uploads": lambda: self.artifacts.sweep_uploads(stopping),
                 }
                 for name, loop in loops.items():
                     group.create_task(self._keep_running(name, loop), name=name)

@@ -16,9 +16,14 @@ from typing import Any
 
 from edgefleet_io.logs import setup_logging
 from fleet_controller.cli import common
-from fleet_controller.cli.flags import named, number, parse_positive_duration
+from fleet_controller.cli.flags import named, number, parse_positive_duration, whole_number
 from fleet_controller.keys import key_path, trust_path
-from fleet_controller.quotas import BURST_S, DEFAULT_NODE_BYTES_PER_S, DEFAULT_NODE_RESULTS_PER_S
+from fleet_controller.quotas import (
+    BURST_S,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_NODE_BYTES_PER_S,
+    DEFAULT_NODE_RESULTS_PER_S,
+)
 from shared.errors import EdgeFleetError, UsageError
 from shared.trust import Role
 
@@ -93,6 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         retention_days=args.retention_days,
         node_results_per_s=args.node_results_rate,
         node_bytes_per_s=args.node_bytes_rate,
+        max_upload_bytes=args.max_upload_bytes,
         ca_file=settings.ca_file,
         passphrase=common.passphrase(),
         http_listen=http_listen,
@@ -175,6 +181,13 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
         default=DEFAULT_NODE_BYTES_PER_S,
         metavar="BYTES",
         help=f"bytes a second one node may send ({DEFAULT_NODE_BYTES_PER_S:g})",
+    )
+    serve.add_argument(
+        "--max-upload-bytes",
+        type=whole_number(1, 2**40),
+        default=DEFAULT_MAX_UPLOAD_BYTES,
+        metavar="BYTES",
+        help=f"largest model file an operator may upload ({DEFAULT_MAX_UPLOAD_BYTES})",
     )
     serve.add_argument(
         "--http",

@@ -5,11 +5,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fleet_controller.artifacts import MAX_PARTS, UPLOAD_IDLE_S
+from fleet_controller.blobs import BlobStore
 from fleet_controller.keys import load_key, rotate_key
 from fleet_controller.registry import sign_manifest
 from shared import topics
@@ -300,3 +304,35 @@ def test_nodes_revoke_audit_and_report(tmp_path: Path, keys: Path) -> None:
             assert isinstance(report["controller"], dict)
 
     run(scenario)
+
+
+def test_uploads_are_bounded_in_size_and_number(tmp_path: Path, keys: Path) -> None:
+    async def scenario() -> None:
+        async with controller(tmp_path, keys, max_upload_bytes=4000) as ctl, ctl.operator() as op:
+            big = blob(size=5000)
+            over = await op.request("model.upload", upload_args(big, 0, big[:100]))
+            assert over.code == 2
+            assert "over this controller's limit of 4000" in (over.error or "")
+            for seed in range(MAX_PARTS):
+                data = blob(seed=seed, size=2000)
+                await op.call("model.upload", upload_args(data, 0, data[:100]))
+            one_more = blob(seed=99, size=2000)
+            refused = await op.request("model.upload", upload_args(one_more, 0, one_more[:100]))
+            assert refused.code == 1
+            assert f"{MAX_PARTS} uploads are in progress" in (refused.error or "")
+            assert ctl.service.blobs.parts() == MAX_PARTS
+
+    run(scenario)
+
+
+def test_abandoned_uploads_are_removed(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    old, fresh = blob(seed=1, size=100), blob(seed=2, size=100)
+    for data in (old, fresh):
+        store.append_part(hashlib.sha256(data).hexdigest(), 0, data[:10])
+    old_sha = hashlib.sha256(old).hexdigest()
+    part = next(p for p in (tmp_path / "blobs").glob(".*.upload") if old_sha in p.name)
+    an_hour_ago = time.time() - UPLOAD_IDLE_S - 1
+    os.utime(part, (an_hour_ago, an_hour_ago))
+    assert store.prune_parts(UPLOAD_IDLE_S) == [old_sha]
+    assert (store.part_size(old_sha), store.parts()) == (0, 1)
