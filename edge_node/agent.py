@@ -90,6 +90,8 @@ class AgentConfig:
     chunk_bytes: int = 256 * 1024
     chunk_window: int = 4
     ca_file: str | None = None
+    cert_file: str | None = None  # mutual TLS: the node's certificate and key
+    key_file: str | None = None
     keepalive_s: int = 30
     session_expiry_s: int = 7 * 86_400
     reconnect_max_s: float = 30.0
@@ -111,7 +113,12 @@ class NodeAgent:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self._transport = transport or MqttTransport(config.broker, ca_file=config.ca_file)
+        self._transport = transport or MqttTransport(
+            config.broker,
+            ca_file=config.ca_file,
+            cert_file=config.cert_file,
+            key_file=config.key_file,
+        )
         self._clock = clock
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()  # started: trust and the active model loaded

@@ -19,7 +19,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, NoReturn, cast
 
@@ -35,8 +35,9 @@ from edge_node.sources import parse_source
 from edge_node.state import NodeStore
 from edge_node.validation import check_provider_names
 from edgefleet_io.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
+from edgefleet_io.mqtt import MqttTransport
 from shared import __version__
-from shared.broker import DEFAULT_BROKER_URL, parse_broker_url
+from shared.broker import DEFAULT_BROKER_URL, BrokerAddress, parse_broker_url
 from shared.errors import DecodeError, EdgeFleetError, TrustError, UsageError
 from shared.labels import parse_labels
 from shared.topics import check_id
@@ -48,8 +49,11 @@ _RUN_KEYS = {
     "micro_batch", "swap_mode", "threads", "providers", "graph_optimization",
     "change_threshold", "corner_threshold",
     "topk", "batch_max", "batch_interval", "telemetry_interval", "resend_after",
-    "chunk_bytes", "ca_file", "log_level", "log_format",
+    "chunk_bytes", "ca_file", "cert_file", "key_file", "password_file", "log_level",
+    "log_format",
 }  # fmt: skip
+_PATH_KEYS = {"trust", "data", "ca_file", "cert_file", "key_file", "password_file"}
+"""Relative paths in a config file are relative to the file (an enrollment bundle)."""
 
 
 def _load_toml(path: str | None) -> dict[str, Any]:
@@ -70,7 +74,27 @@ def _load_toml(path: str | None) -> dict[str, Any]:
     unknown = sorted(set(settings) - _RUN_KEYS)
     if unknown:
         raise UsageError(f"config {path}: unknown setting {unknown[0]!r}")
+    here = Path(path).parent
+    for key in _PATH_KEYS & set(settings):
+        if isinstance(settings[key], str):
+            settings[key] = str(here / settings[key])  # an absolute path stays as it is
     return settings
+
+
+def _broker(url: str, node_id: str, password_file: str | None) -> BrokerAddress:
+    """The broker address; with ``password_file``, that password (and, when the URL
+    names no user, the node id as username). Raises: UsageError / DecodeError."""
+    address = parse_broker_url(url)
+    if password_file is None:
+        return address
+    try:
+        password = Path(password_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise UsageError(f"cannot read password file {password_file}: {reason}") from None
+    if not password:
+        raise UsageError(f"password file {password_file} is empty")
+    return replace(address, username=address.username or node_id, password=password)
 
 
 def _labels(values: object) -> dict[str, str]:
@@ -251,11 +275,17 @@ def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -
         raise UsageError(f"swap mode {swap_mode!r}: use availability or resource")
     threads = _whole(args, toml, "threads", 0)
     providers = _providers(_setting(args, toml, "providers", None))
+    node_id = check_id(node_id, "node id")
+    broker = _broker(broker_url, node_id, _text(args, toml, "password_file", None))
+    ca_file = _check_ca_file(_text(args, toml, "ca_file", None))
+    cert_file = _text(args, toml, "cert_file", None)
+    key_file = _text(args, toml, "key_file", None)
+    MqttTransport(broker, ca_file=ca_file, cert_file=cert_file, key_file=key_file)  # loads TLS
     return AgentConfig(
-        node_id=check_id(node_id, "node id"),
+        node_id=node_id,
         data_dir=_check_data_dir(Path(data)),
         trust_file=Path(trust) if trust else None,
-        broker=parse_broker_url(broker_url),
+        broker=broker,
         fleet=check_id(fleet, "fleet"),
         labels=labels,
         source=cast(SourceKind, source_kind),
@@ -275,7 +305,9 @@ def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -
         telemetry_interval_s=_number(args, toml, "telemetry_interval", 10.0),
         resend_after_s=_number(args, toml, "resend_after", 15.0),
         chunk_bytes=_whole(args, toml, "chunk_bytes", 256 * 1024),
-        ca_file=_check_ca_file(_text(args, toml, "ca_file", None)),
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
     )
 
 
@@ -361,6 +393,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _add_credentials(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--ca-file", help="CA bundle for mqtts://")
+    run.add_argument("--cert-file", help="client certificate for mutual TLS (with --key-file)")
+    run.add_argument("--key-file", help="the client certificate's private key")
+    run.add_argument(
+        "--password-file", help="broker password, read from this file (username: the node id)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edge-node", description="EdgeFleet edge node agent.")
     parser.add_argument("--version", action="version", version=f"edge-node {__version__}")
@@ -433,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_RANGES["chunk_bytes"].flag(),
         help="artifact chunk size for MQTT transfer",
     )
-    run.add_argument("--ca-file", help="CA bundle for mqtts://")
+    _add_credentials(run)
     run.add_argument("--log-level", choices=LOG_LEVELS, help="info by default")
     run.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json lines")
     run.set_defaults(handler=_cmd_run)

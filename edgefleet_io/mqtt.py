@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 
 from edgefleet_io.transport import Message, Session
 from shared.broker import BrokerAddress
-from shared.errors import BrokerUnavailableError
+from shared.errors import BrokerUnavailableError, UsageError
 
 __all__ = ["MqttLink", "MqttTransport"]
 
@@ -37,6 +37,27 @@ def _mapped(what: str) -> Iterator[None]:
         yield
     except aiomqtt.MqttError as exc:
         raise BrokerUnavailableError(f"{what}: {exc}") from exc
+
+
+def _tls_context(
+    address: BrokerAddress, ca_file: str | None, cert_file: str | None, key_file: str | None
+) -> ssl.SSLContext | None:
+    """Raises: UsageError (see :class:`MqttTransport`)."""
+    if not address.tls:
+        if cert_file or key_file:
+            raise UsageError(f"a client certificate needs an mqtts:// broker, not {address}")
+        return None
+    if bool(cert_file) != bool(key_file):
+        raise UsageError("a client certificate needs both its certificate and its key file")
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+        if cert_file and key_file:
+            context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        what = ", ".join(f for f in (ca_file, cert_file, key_file) if f) or "the system CAs"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UsageError(f"cannot load TLS files ({what}): {reason}") from None
+    return context
 
 
 class MqttLink:
@@ -65,11 +86,22 @@ class MqttLink:
 
 
 class MqttTransport:
-    """Connections to the broker at ``address`` (``mqtts://`` verifies with ``ca_file``)."""
+    """Connections to the broker at ``address`` (``mqtts://`` verifies the broker
+    with ``ca_file`` and, given ``cert_file`` and ``key_file``, presents that
+    client certificate: mutual TLS)."""
 
-    def __init__(self, address: BrokerAddress, *, ca_file: str | None = None) -> None:
+    def __init__(
+        self,
+        address: BrokerAddress,
+        *,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+    ) -> None:
+        """Raises: UsageError when the CA, certificate or key cannot be loaded, or a
+        certificate is given without ``mqtts://``."""
         self.address = address
-        self._ca_file = ca_file
+        self._tls_context = _tls_context(address, ca_file, cert_file, key_file)
 
     def __str__(self) -> str:
         return str(self.address)
@@ -92,7 +124,7 @@ class MqttTransport:
             clean_start=not session.persistent,
             properties=properties,
             keepalive=session.keepalive_s,
-            tls_context=ssl.create_default_context(cafile=self._ca_file) if address.tls else None,
+            tls_context=self._tls_context,
             timeout=CONNECT_TIMEOUT_S,
             max_concurrent_outgoing_calls=MAX_CONCURRENT_PUBLISHES,
             max_queued_incoming_messages=session.max_queued_incoming,

@@ -23,7 +23,7 @@ import functools
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ from fleet_controller import rollout_core as core
 from fleet_controller.actions import ActionExecutor, CommandSender
 from fleet_controller.artifacts import Artifacts
 from fleet_controller.commands import plan_trust_update
+from fleet_controller.dynsec import revoke_node
 from fleet_controller.operator_api import Route, bind, route_table
 from fleet_controller.plan_core import Plan
 from fleet_controller.plans import load_plan
@@ -62,7 +63,9 @@ class OperatorHandlers:
         trust_file: Path,
         clock: Callable[[], float],
         metrics: Counter[str],
+        broker_control: Callable[[list[dict[str, Any]]], Awaitable[None]] | None = None,
     ) -> None:
+        self._broker_control = broker_control
         self._store = store
         self._artifacts = artifacts
         self._executor = executor
@@ -224,10 +227,25 @@ class OperatorHandlers:
         return [n.to_dict() for n in nodes]
 
     async def node_revoke(self, request: ops.NodeRevoke, operator: str) -> dict[str, Any]:
+        """Mark the node revoked (rollouts no longer select it) and, behind a broker
+        with dynamic security, remove its broker account: the broker disconnects it."""
         await asyncio.to_thread(
             functools.partial(self._store.nodes.set_revoked, request.node_id, revoked=True)
         )
-        return {"node_id": request.node_id, "revoked": True}
+        if self._broker_control is not None:
+            try:
+                await self._broker_control(revoke_node(request.node_id))
+            except EdgeFleetError as exc:
+                raise EdgeFleetError(
+                    f"node {request.node_id} is marked revoked, but its broker account "
+                    f"was not removed: {exc}"
+                ) from None
+        log.info("node %s revoked by %s", request.node_id, operator)
+        return {
+            "node_id": request.node_id,
+            "revoked": True,
+            "broker": self._broker_control is not None,
+        }
 
     async def node_forget(self, request: ops.NodeForget, operator: str) -> dict[str, Any]:
         """Remove a node that is gone for good; its retained birth is cleared too,

@@ -46,6 +46,7 @@ from fleet_controller.actions import ActionExecutor, CommandSender
 from fleet_controller.artifacts import Artifacts
 from fleet_controller.blobs import BlobStore
 from fleet_controller.deployments import RECONCILE_EVERY_S, Deployments
+from fleet_controller.dynsec import control as dynsec_control
 from fleet_controller.handlers import OperatorHandlers
 from fleet_controller.http_artifacts import ArtifactHttpServer
 from fleet_controller.ingest import Ingest
@@ -95,7 +96,10 @@ class ControllerConfig:
     node_results_per_s: float = DEFAULT_NODE_RESULTS_PER_S  # per node, with a 30 s burst
     node_bytes_per_s: float = DEFAULT_NODE_BYTES_PER_S
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    dynsec: bool = False  # the broker runs the dynamic security plugin: revoke there too
     ca_file: str | None = None
+    cert_file: str | None = None  # mutual TLS: this replica's certificate and key
+    key_file: str | None = None
     passphrase: bytes | None = None
     # Optional HTTP artifact server: where it listens, and the base URL nodes use.
     http_listen: tuple[str, int] | None = None
@@ -169,8 +173,14 @@ class ControllerService:
         self._stopping = asyncio.Event()
         self._background = _Background(self.metrics)
         fleet = config.fleet
+        self._transport = transport or MqttTransport(
+            config.broker,
+            ca_file=config.ca_file,
+            cert_file=config.cert_file,
+            key_file=config.key_file,
+        )
         self.link = ControllerLink(
-            transport or MqttTransport(config.broker, ca_file=config.ca_file),
+            self._transport,
             fleet=fleet,
             controller_id=config.controller_id,
             store_id=self.store.store_id,
@@ -227,6 +237,7 @@ class ControllerService:
             trust_file=trust_path(config.keys_dir),
             clock=clock,
             metrics=self.metrics,
+            broker_control=self._broker_control if config.dynsec else None,
         )
         self.deployments = Deployments(
             store=self.store,
@@ -321,6 +332,9 @@ class ControllerService:
             log.info("store %s; joining fleet %s", self.store.store_id, self.config.fleet)
             return True
         return False
+
+    async def _broker_control(self, commands: list[dict[str, Any]]) -> None:
+        await dynsec_control(self._transport, commands)
 
     def _on_ingest(self, item: Ingested, size: int) -> None:
         if self._quotas.admit(item.node, item, size, self._clock()):

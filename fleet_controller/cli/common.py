@@ -24,7 +24,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
 
@@ -36,7 +36,7 @@ from fleet_controller.api import CtlClient, OperatorIdentity
 from fleet_controller.cli.flags import named, parse_positive_duration
 from fleet_controller.keys import FIRST_OPERATOR, load_operator_key, operator_key_path
 from shared.broker import DEFAULT_BROKER_URL, BrokerAddress, parse_broker_url
-from shared.errors import EdgeFleetError
+from shared.errors import EdgeFleetError, UsageError
 from shared.operations import Operation, parse_request
 from shared.topics import check_id
 
@@ -66,6 +66,7 @@ __all__ = [
     "option_groups",
     "passphrase",
     "quiet_onnxruntime",
+    "read_secret",
     "rows",
     "settings_from",
     "stdout",
@@ -134,6 +135,15 @@ def _global_options() -> Parser:
         help=f"wait for answers (default {DEFAULT_TIMEOUT_S:g}s, at most 1h)",
     )
     group.add_argument("--ca-file", help="CA bundle for mqtts:// (env FLEET_CA_FILE)")
+    group.add_argument(
+        "--cert-file", help="client certificate for mutual TLS (env FLEET_CERT_FILE)"
+    )
+    group.add_argument("--key-file", help="its private key (env FLEET_KEY_FILE)")
+    group.add_argument(
+        "--password-file",
+        help="the broker password, read from this file (env FLEET_PASSWORD_FILE): "
+        "keeps it out of the URL and the process list",
+    )
     return options
 
 
@@ -171,6 +181,17 @@ class Settings:
     operator_key: Path
     timeout_s: float
     ca_file: str | None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def transport(self) -> MqttTransport:
+        """Connections to the broker with these credentials.
+
+        Raises: UsageError when the TLS files cannot be loaded.
+        """
+        return MqttTransport(
+            self.broker, ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file
+        )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -190,7 +211,31 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.timeout:
         timeout_s = named("--timeout", _timeout, args.timeout)
     ca_file = args.ca_file or os.environ.get("FLEET_CA_FILE") or None
-    return Settings(broker, fleet, operator, operator_key, timeout_s, ca_file)
+    password_file = args.password_file or os.environ.get("FLEET_PASSWORD_FILE")
+    if password_file:
+        broker = replace(broker, password=read_secret(Path(password_file), "password file"))
+    return Settings(
+        broker,
+        fleet,
+        operator,
+        operator_key,
+        timeout_s,
+        ca_file,
+        args.cert_file or os.environ.get("FLEET_CERT_FILE") or None,
+        args.key_file or os.environ.get("FLEET_KEY_FILE") or None,
+    )
+
+
+def read_secret(path: Path, what: str) -> str:
+    """The first line of a file holding a secret. Raises: UsageError."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise UsageError(f"cannot read {what} {path}: {reason}") from None
+    if not text:
+        raise UsageError(f"{what} {path} is empty")
+    return text.splitlines()[0]
 
 
 def _timeout(text: str) -> float:
@@ -222,7 +267,7 @@ async def controller(settings: Settings) -> AsyncIterator[CtlClient]:
     """
     key = load_operator_key(settings.operator_key, passphrase())
     async with CtlClient(
-        MqttTransport(settings.broker, ca_file=settings.ca_file),
+        settings.transport(),
         fleet=settings.fleet,
         identity=OperatorIdentity(settings.operator, key),
         timeout_s=settings.timeout_s,

@@ -18,12 +18,11 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from shared.errors import DecodeError, EdgeFleetError, UsageError
+from shared.errors import DecodeError, UsageError
 from shared.labels import format_selector, parse_selector
 from shared.messages import WarmupInput
 from shared.topics import check_id
@@ -41,14 +40,12 @@ __all__ = [
     "parse_duration",
     "parse_fraction",
     "parse_model_ref",
-    "parse_operators",
+    "parse_names",
     "parse_positive_duration",
     "parse_select",
     "parse_shape",
     "parse_warmup_input",
     "parse_waves",
-    "render_acl",
-    "render_secure_conf",
     "whole_number",
 ]
 
@@ -330,63 +327,16 @@ def check_node_username(node_id: str) -> str:
     return node_id
 
 
-def parse_operators(text: str) -> list[str]:
-    """``operator-alice,operator-bob`` → usernames (each ``operator...``, no repeats).
+def parse_names(text: str, what: str) -> list[str]:
+    """``a,b`` → broker usernames (each a valid id, no repeats).
 
     Raises:
-        UsageError: an invalid id, a name not starting with ``operator`` (node
-            enrollment refuses only those, so only those are safe from a node
-            taking the same username), or a repeat.
+        UsageError: an invalid id or a repeat.
     """
     names: list[str] = []
     for raw in filter(None, (t.strip() for t in text.split(","))):
-        check_id(raw, "operator username")
-        if not raw.startswith("operator"):
-            raise UsageError(
-                f"operator username {raw!r} must start with 'operator' (e.g. operator-{raw}): "
-                "node enrollment refuses those names, so no node can take an operator's rights"
-            )
+        check_id(raw, f"{what} name")
         if raw in names:
-            raise UsageError(f"operator {raw!r} is given twice")
+            raise UsageError(f"{what} {raw!r} is given twice")
         names.append(raw)
     return names
-
-
-def render_acl(template: str, operators: Sequence[str]) -> str:
-    """The ACL file: the template as it stands plus one operator block per operator.
-
-    The block is the template's lines starting with ``#@ `` with that prefix
-    dropped and ``{operator}`` replaced (see the template's header).
-
-    Raises:
-        EdgeFleetError: the template has no operator block.
-    """
-    block = [line[3:] for line in template.splitlines() if line.startswith("#@ ")]
-    if not block:
-        raise EdgeFleetError("acl.template has no operator block (lines starting with '#@ ')")
-    out = template if template.endswith("\n") else template + "\n"
-    for operator in operators:
-        out += f"\n# operator {operator} (rendered by fleetctl broker init)\n"
-        out += "".join(line.replace("{operator}", operator) + "\n" for line in block)
-    return out
-
-
-def render_secure_conf(template: str, *, passwd_file: Path, acl_file: Path) -> str:
-    """``secure.conf`` with its ``password_file`` and ``acl_file`` lines pointing at ours.
-
-    Raises:
-        EdgeFleetError: the template lacks one of those settings.
-    """
-    wanted = {"password_file": passwd_file, "acl_file": acl_file}
-    lines = []
-    found = set()
-    for line in template.splitlines():
-        key = line.split(" ", 1)[0]
-        if key in wanted:
-            line = f"{key} {wanted[key]}"  # noqa: PLW2901 - the rewritten line
-            found.add(key)
-        lines.append(line)
-    missing = sorted(set(wanted) - found)
-    if missing:
-        raise EdgeFleetError(f"secure.conf has no {missing[0]} setting")
-    return "\n".join(lines) + "\n"

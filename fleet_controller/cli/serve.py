@@ -83,6 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
                 f"{needed} is missing: create keys with `fleetctl keys init --dir {keys_dir}` "
                 f"or point --keys / {common.KEYS_ENV} at them"
             )
+    settings.transport()  # the TLS files load, or the start stops here
     db_url = _database_url(args.db or os.environ.get(DB_ENV) or DEFAULT_DB_URL)
     http_listen, http_url = _http_settings(args.http, args.http_url)
     setup_logging(args.log_level, args.log_format)
@@ -99,7 +100,10 @@ def _serve(args: argparse.Namespace) -> int:
         node_results_per_s=args.node_results_rate,
         node_bytes_per_s=args.node_bytes_rate,
         max_upload_bytes=args.max_upload_bytes,
+        dynsec=args.dynsec,
         ca_file=settings.ca_file,
+        cert_file=settings.cert_file,
+        key_file=settings.key_file,
         passphrase=common.passphrase(),
         http_listen=http_listen,
         http_url=http_url,
@@ -181,6 +185,12 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
         default=DEFAULT_NODE_BYTES_PER_S,
         metavar="BYTES",
         help=f"bytes a second one node may send ({DEFAULT_NODE_BYTES_PER_S:g})",
+    )
+    serve.add_argument(
+        "--dynsec",
+        action="store_true",
+        help="the broker runs the dynamic security plugin: node revoke removes the "
+        "node's broker account too",
     )
     serve.add_argument(
         "--max-upload-bytes",

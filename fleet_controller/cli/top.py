@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from edgefleet_io.mqtt import MqttTransport
 from fleet_controller import console as view
 from fleet_controller.cli import common
 from fleet_controller.cli.flags import named, parse_positive_duration
@@ -30,7 +29,7 @@ def _top(args: argparse.Namespace) -> int:
     )
     snapshot = asyncio.run(
         view.run_top(
-            MqttTransport(settings.broker, ca_file=settings.ca_file),
+            settings.transport(),
             fleet=settings.fleet,
             interval_s=interval_s,
             once=args.once,

@@ -69,6 +69,7 @@ def test_operator_api_answers_audits_and_survives_junk(tmp_path: Path, keys: Pat
             assert await op.call("node.revoke", {"node_id": "cam-9"}) == {
                 "node_id": "cam-9",
                 "revoked": True,
+                "broker_account_removed": False,  # no dynamic security on this broker
             }
             nodes = await op.call("nodes.list")
             assert [(n["node_id"], n["revoked"]) for n in nodes] == [("cam-9", True)]

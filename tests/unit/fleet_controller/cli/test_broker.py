@@ -1,118 +1,118 @@
-"""``fleetctl broker init`` and ``node enroll|revoke`` (:mod:`fleet_controller.cli.broker`)."""
+"""``fleetctl broker init`` and ``node enroll`` checks (:mod:`fleet_controller.cli.broker`).
+
+What they do to a running Mosquitto is tested against a real one in
+``tests/integration/test_dynsec.py``.
+"""
 
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from fleet_controller.cli import broker
 from tests.unit.fleet_controller.cli._kit import one_line, run
 
 
-def test_broker_init_writes_files_and_refuses_overwrite(
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_broker_init_writes_a_tls_only_dynsec_broker_and_refuses_overwrite(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     directory = tmp_path / "broker"
     code, out, _ = run(
-        capsys, "broker", "init", "--dir", str(directory),
-        "--operators", "operator-alice,operator-bob", "--json",
+        capsys, "broker", "init", "--dir", str(directory), "--host", "broker.example",
+        "--operators", "alice,bob", "--controllers", "ctl-a,ctl-b", "--json",
     )  # fmt: skip
     assert code == 0
-    assert json.loads(out)["operators"] == ["operator-alice", "operator-bob"]
+    result = json.loads(out)
+    assert sorted(result["credentials"]) == ["alice", "bob", "broker-admin", "ctl-a", "ctl-b"]
+    assert result["broker"] == "mqtts://broker.example:8883"
     conf = (directory / "secure.conf").read_text()
-    assert f"password_file {(directory / 'passwd').absolute()}\n" in conf
-    assert f"acl_file {(directory / 'acl').absolute()}\n" in conf
-    assert "listener 8883" in conf
-    acl = (directory / "acl").read_text()
-    assert "\nuser operator-alice\n" in acl
-    assert "topic read fleet/v1/+/ctl/reply/operator-bob\n" in acl
-    assert "{operator}" not in acl.replace("#@ ", "").split("# operator operator-alice")[1]
-    assert (directory / "passwd").read_text() == ""
+    assert f"plugin_opt_config_file {directory / 'dynamic-security.json'}\n" in conf
+    assert f"cafile {directory / 'tls' / 'ca.crt'}\n" in conf
+    assert "\nrequire_certificate true\n" in conf
+    assert "password_file" not in conf
+    assert "acl_file" not in conf
+    dynsec = json.loads((directory / "dynamic-security.json").read_text())
+    assert {c["username"] for c in dynsec["clients"]} == set(result["credentials"])
+    assert dynsec["defaultACLAccess"]["subscribe"] is False
+    for secret in (
+        directory / "dynamic-security.json",
+        directory / "tls" / "ca.key",
+        directory / "tls" / "broker.key",
+        directory / "credentials" / "alice" / "password",
+        directory / "credentials" / "alice" / "client.key",
+    ):
+        assert _mode(secret) == 0o600, secret
+    assert _mode(directory / "credentials") == 0o700
+    password = (directory / "credentials" / "alice" / "password").read_text()
+    assert password.strip() not in out  # secrets are written, never printed
 
-    (directory / "passwd").write_text("node-1:$7$hash\n")
     code, _, err = run(capsys, "broker", "init", "--dir", str(directory))
     assert code == 1
     assert "--force" in one_line(err)
-    code, _, _ = run(capsys, "broker", "init", "--dir", str(directory), "--force")
-    assert code == 0
-    assert (directory / "passwd").read_text() == "node-1:$7$hash\n"  # credentials kept
-    assert "user operator-alice" not in (directory / "acl").read_text()
 
 
-@pytest.mark.parametrize("operators", ["alice", "operator-a,operator-a", "operator/x"])
-def test_broker_init_refuses_bad_operator_names(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, operators: str
+@pytest.mark.parametrize(
+    ("flag", "names"),
+    [("--operators", "a,a"), ("--operators", "a/b"), ("--controllers", "x+y")],
+)
+def test_broker_init_refuses_bad_names(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flag: str, names: str
 ) -> None:
-    code, _, err = run(capsys, "broker", "init", "--dir", str(tmp_path), "--operators", operators)
+    code, _, err = run(capsys, "broker", "init", "--dir", str(tmp_path / "b"), flag, names)
     assert code == 2
     one_line(err)
-    assert not (tmp_path / "acl").exists()
+    assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("action", ["enroll", "revoke"])
+def test_an_operator_named_like_the_broker_admin_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = run(
+        capsys, "broker", "init", "--dir", str(tmp_path / "b"), "--operators", "broker-admin"
+    )
+    assert code == 2
+    assert "named twice" in one_line(err)
+
+
 @pytest.mark.parametrize(
     "node", ["controller", "Controller", "operator", "operator-alice", "OPERATOR-x", "a/b", "a+b"]
 )
-def test_node_credentials_refuse_reserved_and_invalid_ids(
-    capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    action: str,
-    node: str,
+def test_node_enroll_refuses_reserved_and_invalid_ids_before_the_broker(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, node: str, closed_broker: str
 ) -> None:
-    def never(arguments: Any) -> None:
-        raise AssertionError("mosquitto_passwd must not run")
-
-    monkeypatch.setattr(broker, "_mosquitto_passwd", never)
-    passwd = tmp_path / "passwd"
-    passwd.write_text("")
-    code, out, err = run(capsys, "node", action, node, "--passwd-file", str(passwd))
+    code, out, err = run(
+        capsys, "node", "enroll", node, "--out", str(tmp_path / "bundle"),
+        "--ca-dir", str(tmp_path), "--broker", closed_broker,
+    )  # fmt: skip
     assert code == 2
     assert out == ""
     one_line(err)
+    assert not (tmp_path / "bundle").exists()
 
 
-def test_node_enroll_and_revoke(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_node_enroll_needs_the_fleet_ca_and_an_empty_bundle_directory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, keys: Path, closed_broker: str
 ) -> None:
-    passwd = tmp_path / "passwd"
-    passwd.write_text("")
-    runs: list[list[str]] = []
-
-    def fake_passwd(arguments: list[str]) -> None:  # what mosquitto_passwd does to the file
-        runs.append(list(arguments))
-        if arguments[0] == "-b":
-            passwd.write_text(f"{arguments[2]}:$7$hash\n")
-        else:
-            passwd.write_text("")
-
-    monkeypatch.setattr(broker, "_mosquitto_passwd", fake_passwd)
-    code, out, _ = run(capsys, "node", "enroll", "node-1", "--passwd-file", str(passwd), "--json")
-    assert code == 0
-    issued = json.loads(out)
-    assert issued["username"] == "node-1"
-    assert len(issued["password"]) >= 24
-    assert runs == [["-b", str(passwd), "node-1", issued["password"]]]
-
-    code, _, err = run(capsys, "node", "enroll", "node-1", "--passwd-file", str(passwd))
-    assert code == 1
-    assert "already enrolled" in one_line(err)
-
-    code, out, _ = run(capsys, "node", "revoke", "node-1", "--passwd-file", str(passwd))
-    assert code == 0
-    assert "kill -HUP" in out
-    assert runs[-1] == ["-D", str(passwd), "node-1"]
-    code, _, err = run(capsys, "node", "revoke", "node-1", "--passwd-file", str(passwd))
-    assert code == 1
-    assert "not enrolled" in one_line(err)
-
-
-def test_node_enroll_needs_the_password_file(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    code, _, err = run(capsys, "node", "enroll", "node-1", "--passwd-file", str(tmp_path / "no"))
+    common = ["--keys", str(keys), "--broker", closed_broker]
+    code, _, err = run(
+        capsys, "node", "enroll", "n1", "--out", str(tmp_path / "b"), "--ca-dir", str(tmp_path),
+        *common,
+    )  # fmt: skip
     assert code == 2
-    assert "fleetctl broker init" in one_line(err)
+    assert "cannot load the fleet CA" in one_line(err)
+    run(capsys, "broker", "init", "--dir", str(tmp_path / "broker"))
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("")
+    code, _, err = run(
+        capsys, "node", "enroll", "n1", "--out", str(full),
+        "--ca-dir", str(tmp_path / "broker" / "tls"), *common,
+    )  # fmt: skip
+    assert code == 2
+    assert "is not empty" in one_line(err)

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from fleet_controller.cli import flags
-from shared.errors import DecodeError, EdgeFleetError, UsageError
+from shared.errors import DecodeError, UsageError
 from tests.unit.fleet_controller.cli._kit import NOW
 
 
@@ -212,12 +212,12 @@ def test_parse_model_ref_refuses(text: str) -> None:
         flags.parse_model_ref(text)
 
 
-def test_render_acl_needs_an_operator_block() -> None:
-    with pytest.raises(EdgeFleetError, match="no operator block"):
-        flags.render_acl("user controller\n", ["operator-a"])
-    assert flags.render_acl("x\n#@ user {operator}\n", ["operator-a"]).endswith(
-        "\nuser operator-a\n"
-    )
+def test_parse_names_refuses_repeats_and_bad_ids() -> None:
+    assert flags.parse_names(" a, b ,", "operator") == ["a", "b"]
+    with pytest.raises(UsageError, match="given twice"):
+        flags.parse_names("a,a", "operator")
+    with pytest.raises(DecodeError):
+        flags.parse_names("a/b", "operator")
 
 
 @pytest.mark.parametrize(
