@@ -1,4 +1,4 @@
-"""Mosquitto configuration files for EdgeFleet (dev, secure, ACL template) and their paths."""
+"""Mosquitto configuration files for EdgeFleet (dev and secure) and their paths."""
 
 from __future__ import annotations
 

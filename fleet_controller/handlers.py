@@ -240,11 +240,17 @@ class OperatorHandlers:
                     f"node {request.node_id} is marked revoked, but its broker account "
                     f"was not removed: {exc}"
                 ) from None
+            # The broker disconnected it and dropped its Will along with its account.
+            await asyncio.to_thread(
+                functools.partial(
+                    self._store.nodes.set_revoked, request.node_id, revoked=True, offline=True
+                )
+            )
         log.info("node %s revoked by %s", request.node_id, operator)
         return {
             "node_id": request.node_id,
             "revoked": True,
-            "broker": self._broker_control is not None,
+            "broker_account_removed": self._broker_control is not None,
         }
 
     async def node_forget(self, request: ops.NodeForget, operator: str) -> dict[str, Any]:

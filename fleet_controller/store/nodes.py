@@ -119,15 +119,19 @@ class NodeRepository:
             row = s.get(NodeRow, node_id)
             return None if row is None else node_info(row)
 
-    def set_revoked(self, node_id: str, *, revoked: bool) -> None:
-        """Mark a node revoked (or not). An unknown node gets a row, so a node
-        revoked before it ever connected stays revoked.
+    def set_revoked(self, node_id: str, *, revoked: bool, offline: bool = False) -> None:
+        """Mark a node revoked (or not), and ``offline`` when the broker has cut it off
+        (its Last Will is dropped with its account). An unknown node gets a row, so
+        a node revoked before it ever connected stays revoked.
 
         Raises: StoreError.
         """
+        values: dict[str, Any] = {"revoked": revoked}
+        if offline:
+            values["online"] = False
         with self._db.session(write=True) as s:
             ensure_nodes(self._db, s, [node_id], 0.0)
-            s.exec(update(NODES).where(NODES.c.node_id == node_id).values(revoked=revoked))
+            s.exec(update(NODES).where(NODES.c.node_id == node_id).values(**values))
 
     def set_labels(self, node_id: str, changes: LabelChanges) -> NodeInfo:
         """Change the operators' labels of a known node; returns it as it is now.

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,12 +19,9 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from broker_config import config_path
 from tests.support.broker import (
     Broker,
-    BrokerFactory,
     BrokerNotInstalledError,
-    find_mosquitto,
     free_port,
 )
 
@@ -234,122 +229,3 @@ def test_missing_mosquitto_is_a_clear_error(tmp_path: Path) -> None:
 def test_free_port_is_bindable() -> None:
     port = free_port()
     assert 0 < port < 65536
-
-
-# ----- broker_config/acl.template on the real broker ---------------------------
-
-
-def render_acl(operators: Sequence[str]) -> str:
-    """The template plus one operator block per name (the documented contract)."""
-    text = config_path("acl.template").read_text()
-    block = [line[3:] for line in text.splitlines() if line.startswith("#@ ")]
-    assert block, "acl.template lost its operator block"
-    for name in operators:
-        text += "\n" + "\n".join(line.replace("{operator}", name) for line in block) + "\n"
-    return text
-
-
-@pytest.fixture
-def acl_broker(broker_factory: BrokerFactory, tmp_path: Path) -> Broker:
-    users = ["controller", "n1", "n2", "operator-alice", "operator-bob"]
-    passwd = tmp_path / "passwd"
-    # Debian puts mosquitto in /usr/sbin and mosquitto_passwd in /usr/bin.
-    sibling = Path(find_mosquitto()).parent.parent / "bin" / "mosquitto_passwd"
-    tool = shutil.which("mosquitto_passwd") or str(sibling)
-    for index, user in enumerate(users):
-        flags = ["-c"] if index == 0 else []
-        subprocess.run([tool, *flags, "-b", str(passwd), user, f"pw-{user}"], check=True)
-    acl = tmp_path / "acl"
-    acl.write_text(render_acl(["operator-alice", "operator-bob"]))
-    return broker_factory(
-        extra_config=[
-            "allow_anonymous false",
-            f"password_file {passwd}",
-            f"acl_file {acl}",
-        ]
-    )
-
-
-def test_acl_template_confines_nodes_and_operators(acl_broker: Broker, fleet_id: str) -> None:
-    base = f"fleet/v1/{fleet_id}"
-
-    async def scenario() -> dict[str, list[tuple[str, bytes]]]:
-        seen: dict[str, list[tuple[str, bytes]]] = {}
-        async with (
-            client(acl_broker, username="controller") as controller,
-            client(acl_broker, username="n1") as n1,
-            client(acl_broker, username="operator-alice") as alice,
-        ):
-            # The controller ingests through shared subscriptions.
-            for leaf in ("node/+/state", "artifact/+/req/+", "ctl/request"):
-                await controller.subscribe(f"$share/controllers/{base}/{leaf}", qos=1)
-            # n1 asks for more than it may read; the broker filters per message.
-            await n1.subscribe(f"{base}/node/+/cmd", qos=1)
-            await n1.subscribe(f"{base}/artifact/+/data/+", qos=1)
-            await alice.subscribe(f"{base}/ctl/reply/+", qos=1)
-            await alice.subscribe(f"{base}/node/+/state", qos=1)
-
-            # Node writes: another node's state and a controller-only leaf are
-            # dropped; its own state gets through.
-            await n1.publish(f"{base}/node/n2/state", b"forged", qos=1)
-            await n1.publish(f"{base}/node/n1/cmd", b"self-command", qos=1)
-            await n1.publish(f"{base}/artifact/{'0' * 64}/req/n2", b"as-n2", qos=1)
-            await n1.publish(f"{base}/artifact/{'0' * 64}/req/n1", b"chunk?", qos=1)
-            await n1.publish(f"{base}/node/n1/state", b"online", qos=1)
-            seen["controller"] = [
-                (m.topic.value, m.payload)
-                for m in [await next_message(controller), await next_message(controller)]
-            ]
-            seen["alice-state"] = [(m.topic.value, m.payload) for m in [await next_message(alice)]]
-
-            # Node reads: only its own cmd and artifact data. Operators never
-            # write to nodes (n1 would read this first if they could).
-            await alice.publish(f"{base}/node/n1/cmd", b"operator-command", qos=1)
-            await controller.publish(f"{base}/node/n2/cmd", b"for-n2", qos=1)
-            await controller.publish(f"{base}/artifact/{'0' * 64}/data/n2", b"n2-chunk", qos=1)
-            await controller.publish(f"{base}/artifact/{'0' * 64}/data/n1", b"n1-chunk", qos=1)
-            await controller.publish(f"{base}/node/n1/cmd", b"for-n1", qos=1)
-            seen["n1"] = [
-                (m.topic.value, m.payload) for m in [await next_message(n1), await next_message(n1)]
-            ]
-
-            # Operators: requests to the controller, only their own replies.
-            await alice.publish(f"{base}/ctl/request", b"request", qos=1)
-            seen["controller-ctl"] = [
-                (m.topic.value, m.payload) for m in [await next_message(controller)]
-            ]
-            await controller.publish(f"{base}/ctl/reply/operator-bob", b"bob's", qos=1)
-            await controller.publish(f"{base}/ctl/reply/operator-alice", b"alice's", qos=1)
-            seen["alice"] = [(m.topic.value, m.payload) for m in [await next_message(alice)]]
-        return seen
-
-    seen = run(scenario)
-    assert seen["controller"] == [
-        (f"{base}/artifact/{'0' * 64}/req/n1", b"chunk?"),
-        (f"{base}/node/n1/state", b"online"),
-    ]
-    assert seen["alice-state"] == [(f"{base}/node/n1/state", b"online")]
-    assert seen["n1"] == [
-        (f"{base}/artifact/{'0' * 64}/data/n1", b"n1-chunk"),
-        (f"{base}/node/n1/cmd", b"for-n1"),
-    ]
-    assert seen["controller-ctl"] == [(f"{base}/ctl/request", b"request")]
-    assert seen["alice"] == [(f"{base}/ctl/reply/operator-alice", b"alice's")]
-
-
-def test_acl_template_rejects_wrong_password(acl_broker: Broker) -> None:
-    async def connect() -> None:
-        mqtt = aiomqtt.Client(
-            acl_broker.host,
-            acl_broker.port,
-            username="n1",
-            password="wrong",
-            protocol=V5,
-            timeout=DEADLINE_S,
-        )
-        async with mqtt:
-            pass
-
-    with pytest.raises(aiomqtt.MqttCodeError) as excinfo:
-        run(connect)
-    assert "authoriz" in str(excinfo.value).lower() or "password" in str(excinfo.value).lower()
