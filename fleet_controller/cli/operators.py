@@ -91,7 +91,8 @@ def _add(args: argparse.Namespace) -> int:
         valid_days=DEFAULT_TRUST_DAYS,
     )
     where = "" if public else f"; their private key is {operator_key_path(directory, args.name)}"
-    _print(keyset, args, f"{args.name} is a {args.role}{where}. Run `fleetctl keys push` next.")
+    message = f"{args.name} has the {args.role} role{where}. Run `fleetctl keys push` next."
+    _print(keyset, args, message)
     return 0
 
 
