@@ -207,7 +207,7 @@ class CommandHandler:
         if isinstance(outcome, Ignored):
             log.debug("ignoring command: %s", outcome.reason)
         elif isinstance(outcome, Rejected):
-            log.warning("rejected command: %s", outcome.error)
+            log.warning("rejected command (%s): %s", outcome.code, outcome.error)
             await self._reporter.report(
                 NodeRolloutState.REJECTED,
                 outcome.command,

@@ -26,8 +26,14 @@ import pytest
 
 from edgefleet_io.mqtt import MqttTransport
 from edgefleet_io.transport import Session
+from fleet_controller.api import CtlClient, OperationError, OperatorIdentity
+from fleet_controller.keys import load_key
+from fleet_controller.signing import sign_command
 from shared.broker import parse_broker_url
+from shared.envelope import SigningKey
 from shared.errors import BrokerUnavailableError
+from shared.messages import CancelAction, NodeTarget
+from shared.trust import Role, TrustList, sign_trust_list
 from tests.support.broker import Broker
 from tests.support.fleet import Proc, program
 from tests.support.models import make_classifier
@@ -344,6 +350,93 @@ def test_a_deployer_rolls_a_model_out_through_the_lanes(secure: SecureFleet) -> 
     assert status["state"] == "succeeded", status
     models = {n: (v["model"]["name"], v["model"]["version"]) for n, v in secure.nodes().items()}
     assert models == {"n1": ("clf", "1.0.0"), "n2": ("clf", "1.0.0")}
+
+
+def _publish_as_controller(secure: SecureFleet, topic: str, data: bytes) -> None:
+    """What a hostile broker (or a stolen controller account) can publish anywhere."""
+
+    async def publish() -> None:
+        transport = _transport(secure, "controller")
+        async with transport.connect(Session(client_id="controller-attacker")) as link:
+            await link.publish(topic, data, qos=1)
+
+    asyncio.run(publish())
+
+
+def _command(key: SigningKey, node: str, *, seq: int) -> bytes:
+    _, envelope = sign_command(
+        key,
+        fleet=FLEET,
+        seq=seq,
+        target=NodeTarget(node=node),
+        body=CancelAction(),
+        now=time.time(),
+        rollout_id="attack",
+    )
+    return envelope.to_bytes()
+
+
+def test_no_command_bricks_a_node_and_no_planted_trust_list_takes_over(
+    secure: SecureFleet,
+) -> None:
+    n1 = next(p for p in secure.procs if p.name == "n1" and p.running)
+    rollout_key = load_key(secure.keys, Role.ROLLOUT, None)
+    # 1. A genuinely signed command with the largest seq: refused as out of bounds.
+    _publish_as_controller(
+        secure, f"fleet/v1/{FLEET}/node/n1/cmd", _command(rollout_key, "n1", seq=2**63 - 1)
+    )
+    secure.wait("the refusal", lambda: "rejected command (out_of_bounds)" in n1.log_text())
+    # 2. A trust list of the attacker's own, planted in the data directory; restart.
+    attacker = SigningKey.generate()
+    planted = TrustList.build(
+        version=99,
+        expires_at=time.time() + 86_400,
+        roles={Role.ROOT: [attacker], Role.RELEASE: [attacker], Role.ROLLOUT: [attacker]},
+    )
+    planted_bytes = sign_trust_list(planted, [attacker]).to_bytes()
+    data = secure.root / "data" / "n1"
+    (data / "trust.json").write_bytes(planted_bytes)
+    (data / "trust-chain.json").write_text(json.dumps([json.loads(planted_bytes)]))
+    n1.terminate()
+    n1 = secure.node("n1")
+    secure.wait("n1 back", lambda: secure.nodes()["n1"]["online"])
+    _publish_as_controller(secure, f"fleet/v1/{FLEET}/node/n1/cmd", _command(attacker, "n1", seq=1))
+    secure.wait(
+        "the refusal", lambda: "unknown_key" in n1.log_text() or "signed by a key" in n1.log_text()
+    )
+    # 3. The positive control: the fleet's own rollout still reaches n1.
+    model = make_classifier(secure.root / "classifier-2.onnx", seed=2)
+    secure.fleetctl("dave", "model", "add", str(model), "--name", "clf", "--version", "1.1.0")
+    secure.fleetctl(
+        "dave", "rollout", "start", "clf@1.1.0", "--id", "r2", "--waves", "100",
+        "--select", "", "--health-window", "0s", "--wave-timeout", "60s",
+    )  # fmt: skip
+    status = secure.wait(
+        "the rollout to end",
+        lambda: (
+            (s := secure.json("vera", "rollout", "status", "r2"))["state"]
+            in ("succeeded", "failed", "halted", "aborted", "rolled_back")
+            and s
+        ),
+    )
+    assert status["state"] == "succeeded", status
+    assert secure.nodes()["n1"]["model"]["version"] == "1.1.0"
+
+
+def test_malformed_operator_input_is_refused_and_the_controller_serves_on(
+    secure: SecureFleet,
+) -> None:
+    async def scenario() -> None:
+        dave = OperatorIdentity.load(secure.keys, "dave")
+        async with CtlClient(_transport(secure, "dave"), fleet=FLEET, identity=dave) as ctl:
+            with pytest.raises(OperationError) as refused:
+                await ctl.call("rollout.start", {"model": "clf@1.0.0", "activate_at": -1})
+            assert refused.value.code == 2
+            assert "activate_at" in str(refused.value)
+            models = await ctl.call("model.list")
+            assert {m["version"] for m in models} >= {"1.0.0"}
+
+    asyncio.run(scenario())
 
 
 def test_a_revoked_node_is_cut_off_by_the_broker(secure: SecureFleet) -> None:
