@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -30,9 +31,18 @@ from fleet_controller.api import CtlClient, OperationError, OperatorIdentity
 from fleet_controller.keys import load_key
 from fleet_controller.signing import sign_command
 from shared.broker import parse_broker_url
-from shared.envelope import SigningKey
+from shared.envelope import PAYLOAD_REQUEST, SigningKey, sign_envelope
 from shared.errors import BrokerUnavailableError
-from shared.messages import CancelAction, NodeTarget
+from shared.messages import (
+    Ack,
+    ArtifactRequest,
+    CancelAction,
+    NodeTarget,
+    OperatorReply,
+    OperatorRequest,
+    decode,
+    encode,
+)
 from shared.trust import Role, TrustList, sign_trust_list
 from tests.support.broker import Broker
 from tests.support.fleet import Proc, program
@@ -437,6 +447,68 @@ def test_malformed_operator_input_is_refused_and_the_controller_serves_on(
             assert {m["version"] for m in models} >= {"1.0.0"}
 
     asyncio.run(scenario())
+
+
+def _counter(secure: SecureFleet, name: str) -> int:
+    return int(secure.json("vera", "report")["controller"].get(name, 0))
+
+
+def test_a_replayed_request_runs_once_and_a_forged_ack_frees_nothing(
+    secure: SecureFleet,
+) -> None:
+    before = _counter(secure, "ctl_replays")
+
+    async def replay() -> tuple[str, str]:
+        dave = OperatorIdentity.load(secure.keys, "dave")
+        request = OperatorRequest(
+            id="replayed-1",
+            operator="dave",
+            nonce=secrets.token_hex(16),
+            op="node.label",
+            args={"node_id": "n1", "set": {"replayed": "yes"}},
+            issued_at=time.time(),
+            expires_at=time.time() + 60,
+        )
+        signed = sign_envelope(encode(request), PAYLOAD_REQUEST, [dave.key]).to_bytes()
+        transport = _transport(secure, "dave")
+        async with transport.connect(Session(client_id="dave-replay")) as link:
+            await link.subscribe([(f"fleet/v1/{FLEET}/ctl/reply/dave", 1)])
+            for _ in range(3):  # the original and two copies, as a hostile broker would
+                await link.publish(f"fleet/v1/{FLEET}/ctl/request", signed, qos=1)
+            async with asyncio.timeout(DEADLINE_S):
+                message = await anext(aiter(link.messages()))
+        return request.id, decode(OperatorReply, message.payload).id
+
+    request_id, answered = asyncio.run(replay())
+    assert answered == request_id
+    # Both copies were dropped as replays (the controller counts each), never run.
+    secure.wait("both copies dropped", lambda: _counter(secure, "ctl_replays") == before + 2)
+    audit = [e for e in secure.json("vera", "audit") if e["action"] == "node.label"]
+    assert [(e["operator"], e["outcome"]) for e in audit] == [("dave", "ok")]
+
+    # A forged ack (the hostile broker has no rollout key) for n1, far ahead.
+    n1 = next(p for p in secure.procs if p.name == "n1" and p.running)
+    forged = encode(Ack(node="n1", seq=2**62, ts=time.time()))
+    _publish_as_controller(secure, f"fleet/v1/{FLEET}/node/n1/ack", forged)
+    secure.wait("the refusal", lambda: "refusing an ack" in n1.log_text())
+    # Nor is a chunk answered for a blob n2 was never commanded to fetch.
+    model = make_classifier(secure.root / "classifier-3.onnx", seed=3)
+    added = secure.json("dave", "model", "add", str(model), "--name", "clf", "--version", "1.2.0")
+    sha = added["sha256"]
+    ask = ArtifactRequest(node="n2", sha256=sha, request_id="probe", offset=0, length=1024)
+    refused = _counter(secure, "chunks_refused")
+
+    async def request_chunk() -> None:
+        transport = _transport(secure, "n2", secure.root / "bundles" / "n2")
+        n2 = next(p for p in secure.procs if p.name == "n2" and p.running)
+        n2.terminate()  # its own account and bound client id, as a compromised n2 would
+        async with transport.connect(Session(client_id="n2")) as link:
+            await link.publish(f"fleet/v1/{FLEET}/artifact/{sha}/req/n2", encode(ask), qos=1)
+
+    asyncio.run(request_chunk())
+    secure.wait("the chunk refused", lambda: _counter(secure, "chunks_refused") > refused)
+    secure.node("n2")
+    secure.wait("n2 back", lambda: secure.nodes()["n2"]["online"])
 
 
 def test_a_revoked_node_is_cut_off_by_the_broker(secure: SecureFleet) -> None:

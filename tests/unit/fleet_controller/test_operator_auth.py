@@ -92,11 +92,12 @@ def test_unknown_keys_and_borrowed_names_get_no_answer(tmp_path: Path, keys: Pat
 def test_a_replayed_request_runs_once(tmp_path: Path, keys: Path) -> None:
     async def scenario() -> None:
         async with controller(tmp_path, keys) as ctl, ctl.operator("alice") as alice:
-            request_id, data = alice.signed("node.label", {"node_id": "n1", "changes": ["a=b"]})
+            request_id, data = alice.signed("node.revoke", {"node_id": "n1"})
             await alice.publish(data)
             assert (await alice.next_reply()).id == request_id
             await refused_silently(ctl, alice, data, "ctl_replays")
-            assert [a.action for a in ctl.store.audit.list()] == ["node.label"]
+            audit = ctl.store.audit.list()
+            assert [(a.action, a.outcome) for a in audit] == [("node.revoke", "ok")]
 
     run(scenario)
 
