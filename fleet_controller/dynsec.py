@@ -198,19 +198,32 @@ def base_config(
     }
 
 
+def _client_with_role(
+    username: str,
+    password: str,
+    acls: list[_Acl],
+    *,
+    role: str,
+    also: Sequence[str] = (),
+    clientid: str | None = None,
+) -> list[dict[str, Any]]:
+    """Commands that create ``role`` with ``acls`` and a client holding it (and ``also``)."""
+    client: dict[str, Any] = {
+        "command": "createClient",
+        "username": username,
+        "password": password,
+        "roles": [{"rolename": name} for name in (*also, role)],
+    }
+    if clientid is not None:
+        client["clientid"] = clientid
+    return [{"command": "createRole", "rolename": role, "acls": acls}, client]
+
+
 def enroll_node(node: str, password: str) -> list[dict[str, Any]]:
     """Commands that give ``node`` its username, password, bound client id and role."""
-    role = f"node-{node}"
-    return [
-        {"command": "createRole", "rolename": role, "acls": _node_acls(node)},
-        {
-            "command": "createClient",
-            "username": node,
-            "password": password,
-            "clientid": node,
-            "roles": [{"rolename": NODE_ROLE}, {"rolename": role}],
-        },
-    ]
+    return _client_with_role(
+        node, password, _node_acls(node), role=f"node-{node}", also=(NODE_ROLE,), clientid=node
+    )
 
 
 def revoke_node(node: str) -> list[dict[str, Any]]:
@@ -222,16 +235,7 @@ def revoke_node(node: str) -> list[dict[str, Any]]:
 
 
 def add_operator(name: str, password: str) -> list[dict[str, Any]]:
-    role = f"operator-{name}"
-    return [
-        {"command": "createRole", "rolename": role, "acls": _operator_acls(name)},
-        {
-            "command": "createClient",
-            "username": name,
-            "password": password,
-            "roles": [{"rolename": role}],
-        },
-    ]
+    return _client_with_role(name, password, _operator_acls(name), role=f"operator-{name}")
 
 
 def add_controller(name: str, password: str) -> list[dict[str, Any]]:

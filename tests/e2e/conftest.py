@@ -43,26 +43,22 @@ def e2e_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root, release and rollout keys, the tests' operator and ``trust.json``, made by
     ``fleetctl keys init`` and ``fleetctl operator add``."""
     keys = tmp_path_factory.mktemp("keys") / "keys"
-    done = subprocess.run(
-        [*program("fleetctl"), "keys", "init", "--dir", str(keys), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={k: v for k, v in os.environ.items() if k != "FLEET_KEY_PASSPHRASE"},
-    )
-    assert done.returncode == 0, f"fleetctl keys init failed: {done.stderr}"
-    assert (keys / "trust.json").is_file()
+    env = {k: v for k, v in os.environ.items() if k != "FLEET_KEY_PASSPHRASE"}
     # The tests act as their own admin: the audit log must show that name, from the key.
-    added = subprocess.run(
-        [*program("fleetctl"), "operator", "add", OPERATOR, "--role", "admin", "--dir", str(keys)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={k: v for k, v in os.environ.items() if k != "FLEET_KEY_PASSPHRASE"},
-    )
-    assert added.returncode == 0, f"fleetctl operator add failed: {added.stderr}"
+    for args in (
+        ("keys", "init", "--dir", str(keys), "--json"),
+        ("operator", "add", OPERATOR, "--role", "admin", "--dir", str(keys)),
+    ):
+        done = subprocess.run(
+            [*program("fleetctl"), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+        assert done.returncode == 0, f"fleetctl {args[0]} {args[1]} failed: {done.stderr}"
+    assert (keys / "trust.json").is_file()
     return keys
 
 

@@ -341,23 +341,29 @@ def test_operators_are_who_their_key_says_and_do_what_their_role_allows(
     )
 
 
+def _roll_out(secure: SecureFleet, version: str, *, seed: int, rollout_id: str) -> dict[str, Any]:
+    """dave adds a classifier ``clf@version`` and rolls it out to every node; the
+    rollout's final status."""
+    model = make_classifier(secure.root / f"classifier-{version}.onnx", seed=seed)
+    secure.fleetctl("dave", "model", "add", str(model), "--name", "clf", "--version", version)
+    secure.fleetctl(
+        "dave", "rollout", "start", f"clf@{version}", "--id", rollout_id, "--waves", "100",
+        "--select", "", "--health-window", "0s", "--wave-timeout", "60s",
+    )  # fmt: skip
+    ended = ("succeeded", "failed", "halted", "aborted", "rolled_back")
+    return dict(
+        secure.wait(
+            "the rollout to end",
+            lambda: (
+                (s := secure.json("vera", "rollout", "status", rollout_id))["state"] in ended and s
+            ),
+        )
+    )
+
+
 def test_a_deployer_rolls_a_model_out_through_the_lanes(secure: SecureFleet) -> None:
     """The positive control of the node's lanes: commands, chunks, statuses, acks."""
-    model = make_classifier(secure.root / "classifier.onnx", seed=1)
-    secure.fleetctl("dave", "model", "add", str(model), "--name", "clf", "--version", "1.0.0")
-    secure.fleetctl(
-        "dave", "rollout", "start", "clf@1.0.0", "--id", "r1", "--waves", "100",
-        "--health-window", "0s", "--wave-timeout", "60s",
-    )  # fmt: skip
-    status = secure.wait(
-        "the rollout to end",
-        lambda: (
-            (s := secure.json("vera", "rollout", "status", "r1"))["state"]
-            in ("succeeded", "failed", "halted", "aborted", "rolled_back")
-            and s
-        ),
-    )
-    assert status["state"] == "succeeded", status
+    assert _roll_out(secure, "1.0.0", seed=1, rollout_id="r1")["state"] == "succeeded"
     models = {n: (v["model"]["name"], v["model"]["version"]) for n, v in secure.nodes().items()}
     assert models == {"n1": ("clf", "1.0.0"), "n2": ("clf", "1.0.0")}
 
@@ -415,21 +421,7 @@ def test_no_command_bricks_a_node_and_no_planted_trust_list_takes_over(
         "the refusal", lambda: "unknown_key" in n1.log_text() or "signed by a key" in n1.log_text()
     )
     # 3. The positive control: the fleet's own rollout still reaches n1.
-    model = make_classifier(secure.root / "classifier-2.onnx", seed=2)
-    secure.fleetctl("dave", "model", "add", str(model), "--name", "clf", "--version", "1.1.0")
-    secure.fleetctl(
-        "dave", "rollout", "start", "clf@1.1.0", "--id", "r2", "--waves", "100",
-        "--select", "", "--health-window", "0s", "--wave-timeout", "60s",
-    )  # fmt: skip
-    status = secure.wait(
-        "the rollout to end",
-        lambda: (
-            (s := secure.json("vera", "rollout", "status", "r2"))["state"]
-            in ("succeeded", "failed", "halted", "aborted", "rolled_back")
-            and s
-        ),
-    )
-    assert status["state"] == "succeeded", status
+    assert _roll_out(secure, "1.1.0", seed=2, rollout_id="r2")["state"] == "succeeded"
     assert secure.nodes()["n1"]["model"]["version"] == "1.1.0"
 
 
