@@ -61,6 +61,7 @@ __all__ = [
     "controller",
     "emit",
     "first_line",
+    "key_dir_options",
     "keys_dir",
     "mapping",
     "option_groups",
@@ -151,6 +152,13 @@ def _json_option() -> Parser:
     """The parent parser of ``--json``."""
     options = Parser(add_help=False)
     options.add_argument("--json", action="store_true", help="print one JSON document")
+    return options
+
+
+def key_dir_options() -> Parser:
+    """A parent parser with ``--dir``: the key directory."""
+    options = Parser(add_help=False)
+    options.add_argument("--dir", help=f"key directory (env {KEYS_ENV}, default ./keys)")
     return options
 
 

@@ -109,8 +109,7 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
     """Add ``keys`` and its actions to ``commands``."""
     keys = commands.add_parser("keys", help="create and rotate signing keys and trust.json")
     actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    key_options = common.Parser(add_help=False)
-    key_options.add_argument("--dir", help=f"key directory (env {common.KEYS_ENV}, default ./keys)")
+    key_options = common.key_dir_options()
     key_options.add_argument(
         "--valid-days",
         type=whole_number(1, MAX_TRUST_DAYS),

@@ -114,8 +114,7 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
     """Add ``operator`` and its actions to ``commands``."""
     operator = commands.add_parser("operator", help="operators' keys and roles in trust.json")
     actions = operator.add_subparsers(dest="operator_command", required=True, metavar="ACTION")
-    key_options = common.Parser(add_help=False)
-    key_options.add_argument("--dir", help=f"key directory (env {common.KEYS_ENV}, default ./keys)")
+    key_options = common.key_dir_options()
     with_keys = [*parents.with_json, key_options]
     add = common.add_command(
         actions,
