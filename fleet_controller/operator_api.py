@@ -32,7 +32,8 @@ pairing (no dispatch by method name).
 Every outcome of an authenticated request is an answer; nothing a request
 carries can end the controller:
 
-* handled: code 0, audited as ``ok`` for mutating operations;
+* handled: code 0, audited as ``ok`` for mutating operations (an upload once,
+  with the chunk that completes it);
 * unknown operation, arguments that do not validate, malformed input
   (``DecodeError``): code 2 naming the field, audited as ``refused`` always;
 * a role that may not run the operation: code 2, audited as ``denied``;
@@ -266,7 +267,7 @@ class OperatorApi:
             message = f"internal error: {type(exc).__name__}: {exc}"
             return _failure(request, 1, "failed", message, audit=True)
         reply = OperatorReply(id=request.id, ok=True, result=result)
-        return _Answer(reply, "ok", None, audit=operation.mutating)
+        return _Answer(reply, "ok", None, audit=operation.mutating and not _in_progress(result))
 
     async def _audit(
         self, principal: Principal, request: OperatorRequest, answer: _Answer, now: float
@@ -283,6 +284,11 @@ class OperatorApi:
             )
         except Exception:
             log.exception("cannot write operator request %s to the audit log", request.id)
+
+
+def _in_progress(result: Any) -> bool:
+    """An upload chunk that did not complete its blob: audited only when it fails."""
+    return isinstance(result, dict) and result.get("complete") is False
 
 
 def _failure(

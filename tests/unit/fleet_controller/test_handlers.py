@@ -87,6 +87,11 @@ def test_upload_resumes_and_registers_a_model(tmp_path: Path, keys: Path) -> Non
             assert twice.code == 1
             assert "registered already as clf@1.0.0" in (twice.error or "")
             assert [m["sha256"] for m in await op.call("model.list")] == [sha]
+            # The upload is audited once, with the chunk that completed it (and the
+            # chunk sent again after, which answered "complete" too).
+            audit = [(a["action"], a["outcome"]) for a in await op.call("audit.list")]
+            assert audit.count(("model.upload", "ok")) == 2
+            assert ("model.add", "ok") in audit
 
     run(scenario)
 
@@ -111,7 +116,7 @@ def test_bad_uploads_are_refused_and_their_parts_dropped(tmp_path: Path, keys: P
             )
             assert unsigned.code == 1
             audit = await op.call("audit.list")
-            # Every chunk is audited under the signer's name: uploads fill the controller's disk.
+            # Every refused or failed chunk is audited under the signer's name.
             assert [(a["action"], a["outcome"], a["operator"]) for a in audit] == [
                 ("model.add", "failed", "alice"),
                 ("model.upload", "refused", "alice"),
