@@ -119,6 +119,7 @@ def _operator_acls(operator: str) -> list[_Acl]:
             f"{_ALL_FLEETS}/ctl/reply/{operator}",
             f"{_ALL_FLEETS}/node/+/state",
             f"{_ALL_FLEETS}/node/+/telemetry",
+            f"{_ALL_FLEETS}/node/+/status",  # fleetctl top shows rollout progress
             f"{_ALL_FLEETS}/controller/state",
         ),
     ]
