@@ -138,7 +138,10 @@ class _Background:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._counts[task.get_name()] -= 1
+        name = task.get_name()
+        self._counts[name] -= 1
+        if self._counts[name] <= 0:
+            del self._counts[name]  # one key per node's chunk task name: keep it bounded
         if task.cancelled():
             return
         exc = task.exception()
