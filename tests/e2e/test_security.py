@@ -335,7 +335,7 @@ def test_operators_are_who_their_key_says_and_do_what_their_role_allows(
     assert reached == []
     # What a viewer may see, the console shows.
     top = secure.json("vera", "top", "--once", "--interval", "3s")
-    assert {n["node_id"] for n in top["nodes"]} == {"n1", "n2"}
+    assert {n["node"] for n in top["nodes"]} == {"n1", "n2"}
     audit = secure.json("vera", "audit")
     assert (audit[0]["operator"], audit[0]["action"], audit[0]["outcome"]) == (
         "vera",
