@@ -42,6 +42,7 @@ from shared.errors import BrokerUnavailableError, EdgeFleetError, TransportError
 __all__ = [
     "ADMIN_ROLE",
     "CONTROLLER_ROLE",
+    "CONTROL_TIMEOUT_S",
     "CONTROL_TOPIC",
     "NODE_ROLE",
     "ControlError",
@@ -61,7 +62,7 @@ ADMIN_ROLE = "edgefleet-broker-admin"
 CONTROLLER_ROLE = "edgefleet-controller"
 NODE_ROLE = "edgefleet-node"
 _ITERATIONS = 101  # what mosquitto_ctrl and the plugin itself use for sha512-pbkdf2
-_CONTROL_TIMEOUT_S = 10.0
+CONTROL_TIMEOUT_S = 10.0
 _ALL_FLEETS = f"{topics.PREFIX}/+"
 
 _Acl = dict[str, Any]
@@ -250,7 +251,12 @@ def add_controller(name: str, password: str) -> list[dict[str, Any]]:
     ]
 
 
-async def control(transport: Transport, commands: Sequence[dict[str, Any]]) -> None:
+async def control(
+    transport: Transport,
+    commands: Sequence[dict[str, Any]],
+    *,
+    timeout_s: float = CONTROL_TIMEOUT_S,
+) -> None:
     """Send ``commands`` as the broker admin; return once every one succeeded.
 
     Raises:
@@ -262,7 +268,7 @@ async def control(transport: Transport, commands: Sequence[dict[str, Any]]) -> N
         async with transport.connect(Session(client_id=client_id)) as link:
             await link.subscribe([(_RESPONSE_TOPIC, 1)])
             await link.publish(CONTROL_TOPIC, json.dumps({"commands": list(commands)}).encode())
-            async with asyncio.timeout(_CONTROL_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
                 async for message in link.messages():
                     with contextlib.suppress(ValueError):
                         answers = json.loads(message.payload).get("responses", [])
@@ -271,7 +277,7 @@ async def control(transport: Transport, commands: Sequence[dict[str, Any]]) -> N
     except TimeoutError:
         raise BrokerUnavailableError(
             f"no answer from the dynamic security plugin at {transport} within "
-            f"{_CONTROL_TIMEOUT_S:g}s: is it loaded, and is this the broker admin?"
+            f"{timeout_s:g}s: is it loaded, and is this the broker admin?"
         ) from None
     except TransportError as exc:
         raise BrokerUnavailableError(f"cannot reach the broker at {transport}: {exc}") from None

@@ -146,19 +146,16 @@ def _broker_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_transport(args: argparse.Namespace) -> Any:
+def _control(args: argparse.Namespace, commands: list[dict[str, Any]]) -> None:
+    """Send ``commands`` as the broker admin, waiting ``--timeout`` for the answer."""
+    from fleet_controller.dynsec import control  # noqa: PLC0415
+
     settings = common.settings_from(args)
     if settings.broker.username is None:
         raise UsageError(
             "the broker admin's username is missing: --broker mqtts://broker-admin@HOST"
         )
-    return settings.transport()
-
-
-def _control(args: argparse.Namespace, commands: list[dict[str, Any]]) -> None:
-    from fleet_controller.dynsec import control  # noqa: PLC0415
-
-    asyncio.run(control(_admin_transport(args), commands))
+    asyncio.run(control(settings.transport(), commands, timeout_s=settings.timeout_s))
 
 
 def _broker_add(args: argparse.Namespace) -> int:
