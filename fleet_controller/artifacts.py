@@ -103,9 +103,7 @@ class Artifacts:
         try:
             if not await self._may_fetch(request):
                 self._metrics["chunks_refused"] += 1
-                log.info(
-                    "not answering %s: no rollout of %s for it", request.node, request.sha256[:12]
-                )
+                log.debug("%s has no rollout of %s to fetch", request.node, request.sha256[:12])
                 return
         except Exception:
             self._metrics["chunk_errors"] += 1

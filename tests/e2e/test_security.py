@@ -126,19 +126,25 @@ class SecureFleet:
     def nodes(self) -> dict[str, dict[str, Any]]:
         return {n["node_id"]: n for n in self.call("admin", "nodes.list")}
 
-    def call(self, user: str, op: str, args: dict[str, Any] | None = None) -> Any:
-        """One operator request from this process, as ``user`` (cheaper than fleetctl)."""
+    def call(
+        self, user: str, op: str, args: dict[str, Any] | None = None, *, timeout_s: float = 10.0
+    ) -> Any:
+        """One operator request from this process, as ``user`` (cheaper than fleetctl).
+        A request sent before the controller subscribed is lost: polls retry after
+        ``timeout_s``."""
 
         async def run() -> Any:
             identity = OperatorIdentity.load(self.keys, user)
             transport = _transport(self, user)
-            async with CtlClient(transport, fleet=FLEET, identity=identity, timeout_s=60) as ctl:
+            async with CtlClient(
+                transport, fleet=FLEET, identity=identity, timeout_s=timeout_s
+            ) as ctl:
                 return await ctl.call(op, args)
 
         return asyncio.run(run())
 
-    def wait(self, what: str, probe: Any) -> Any:
-        deadline = time.monotonic() + DEADLINE_S
+    def wait(self, what: str, probe: Any, *, timeout_s: float = DEADLINE_S) -> Any:
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
                 value = probe()
@@ -255,25 +261,25 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
     (root / "mosquitto").mkdir()
     broker.start()
     fleet = SecureFleet(root, broker, keys, broker_dir / "credentials")
-    fleet.start(
-        "controller",
-        [
-            *program("fleetctl"), "serve", "--dynsec", "--keys", str(keys),
-            "--db", str(root / "fleet.db"), "--tick", "0.5s", "--log-level", "info",
-        ],
-        fleet.env("controller"),
-    )  # fmt: skip
-    for node in ("n1", "n2"):
-        fleet.fleetctl(
-            "broker-admin", "node", "enroll", node, "--out", str(root / "bundles" / node),
-            "--ca-dir", str(broker_dir / "tls"),
-        )  # fmt: skip
-        fleet.node(node)
-    fleet.wait(
-        "both nodes online",
-        lambda: all(n.get("online") for n in fleet.nodes().values()) and len(fleet.nodes()) == 2,
-    )
     try:
+        fleet.start(
+            "controller",
+            [
+                *program("fleetctl"), "serve", "--dynsec", "--keys", str(keys),
+                "--db", str(root / "fleet.db"), "--tick", "0.5s", "--log-level", "info",
+            ],
+            fleet.env("controller"),
+        )  # fmt: skip
+        for node in ("n1", "n2"):
+            fleet.fleetctl(
+                "broker-admin", "node", "enroll", node, "--out", str(root / "bundles" / node),
+                "--ca-dir", str(broker_dir / "tls"),
+            )  # fmt: skip
+            fleet.node(node)
+        fleet.wait(
+            "both nodes online",
+            lambda: [n.get("online") for n in fleet.nodes().values()] == [True, True],
+        )
         yield fleet
     finally:
         for proc in reversed(fleet.procs):
@@ -378,7 +384,9 @@ def _roll_out(secure: SecureFleet, version: str, *, seed: int, rollout_id: str) 
         status = secure.call("vera", "rollout.status", {"rollout_id": rollout_id})
         return dict(status) if status["state"] in ended else None
 
-    return dict(secure.wait("the rollout to end", final))
+    # A node that already reports runs of the new model waits for enough samples, at
+    # most until the wave times out (60 s): give the rollout that and some.
+    return dict(secure.wait("the rollout to end", final, timeout_s=2 * DEADLINE_S))
 
 
 def test_a_deployer_rolls_a_model_out_through_the_lanes(secure: SecureFleet) -> None:
