@@ -65,11 +65,7 @@ _DType = Literal[
 ]
 
 
-class _Wire(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Every struct here: immutable, and no field it does not declare."""
-
-
-class BatchModel(_Wire):
+class BatchModel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A model that produced results of the batch (the wire's ``ModelRef``)."""
 
     name: _Name
@@ -77,7 +73,7 @@ class BatchModel(_Wire):
     sha256: _Sha256
 
 
-class TensorEntry(_Wire):
+class TensorEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A small output tensor, row-major; stored as it arrived."""
 
     name: _Name
@@ -89,7 +85,7 @@ class TensorEntry(_Wire):
 _Column = msgspec.Meta(min_length=1, max_length=MAX_BATCH_RESULTS)
 
 
-class ResultBatch(_Wire, kw_only=True):
+class ResultBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Results of one node in ``result_seq`` order; ``seq`` is the outbox slot.
 
     Result ``i`` is ``result_seq[i]``, produced by ``models[model[i]]`` at
