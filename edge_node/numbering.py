@@ -22,22 +22,31 @@ RESULT_SEQ_BLOCK = 10_000
 
 @dataclass(frozen=True, slots=True)
 class Allocation:
-    """The next result number, and the reservation to save before using it."""
+    """The next result number(s), and the reservation to save before using them."""
 
     seq: int
+    """The first number allocated."""
     reserve_through: int | None
     """Save this as the reserved mark first; ``None``: ``seq`` is already reserved."""
 
 
-def next_result_seq(last: int, reserved: int, *, block: int = RESULT_SEQ_BLOCK) -> Allocation:
-    """The number after ``last`` given the saved mark ``reserved``.
+def next_result_seq(
+    last: int, reserved: int, *, count: int = 1, block: int = RESULT_SEQ_BLOCK
+) -> Allocation:
+    """The first of ``count`` numbers after ``last`` given the saved mark ``reserved``.
+
+    When the last of them is above ``reserved``, the new mark covers them all
+    and ``block - 1`` more (a block starts at the last number allocated).
 
     Raises:
-        ValueError: ``block`` is below 1.
+        ValueError: ``block`` or ``count`` is below 1.
     """
     if block < 1:
         raise ValueError("a reservation block holds at least one number")
+    if count < 1:
+        raise ValueError("allocate at least one number")
     seq = last + 1
-    if seq <= reserved:
+    end = last + count
+    if end <= reserved:
         return Allocation(seq, None)
-    return Allocation(seq, seq + block - 1)
+    return Allocation(seq, end + block - 1)

@@ -1,66 +1,95 @@
-"""The inference pipeline: source, gate, workers, results, batches, telemetry.
+"""The inference pipeline: sources, inference threads, result batches, telemetry.
+
+Each of ``concurrency`` inference threads loops: take inputs (drawn from the
+synthetic source, or taken from the bounded queue the event loop fills from a
+directory or MQTT requests), run them on the active model (up to
+``micro_batch`` requests stacked into one ``session.run`` when the model has a
+dynamic batch dimension), summarise the whole run at once (vectorised top-k,
+one digest per row), number the results and hand them to the event loop as one
+:class:`~edge_node.results_core.ResultChunk`. The loop only appends chunks to
+the pending columns, answers MQTT requests and keeps telemetry; every
+``batch_interval_s`` it moves pending results into the outbox as columnar
+:class:`~shared.result_batch.ResultBatch` messages. The loop wakes once for
+whatever the threads posted since it last looked, not once per inference.
 
 Invariants:
 
-* inputs wait at their source, not in memory: the queue to the workers is
-  bounded, and a full outbox stops the reader (``space``) until acks free room;
+* inputs wait at their source, not in memory: the queue to the threads is
+  bounded, and the threads take no input while the outbox is full (``space``)
+  until acks free room;
 * every result gets a ``seq`` unique across restarts: numbers come from
   :func:`edge_node.numbering.next_result_seq`, and a new block is saved in
-  ``state.json`` before any number in it is used; numbering happens in one
-  critical section, so results reach the batch in ``seq`` order even with
-  several workers;
-* a result names the model that produced it (a swap may happen meanwhile),
-  and uses that model's class labels only;
+  ``state.json`` (the thread waits for the save) before any number in it is
+  used; numbering a chunk and posting it to the loop happen in one critical
+  section, so results reach the batch in ``seq`` order even with several
+  threads;
+* a result names the model that produced it: a thread holds a reference to
+  the model from ``session.run`` until its chunk is built, and a swap in the
+  middle of a batch only changes the model of the next run; a result uses
+  that model's class labels only;
 * result batches and telemetry go through the outbox; nothing is published
   from here except replies to MQTT requests (best effort: a lost reply is the
   requester's to retry);
 * telemetry latency describes the serving model only: the window restarts on
-  every swap, so the controller compares the new model with the old, not a mix.
+  every swap, and results of another model are not counted in it, so the
+  controller compares the new model with the old, not a mix.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import resource
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
+import msgspec
 import numpy as np
 
 from edge_node.context import Background, Connection, ServingModel, sleep_unless
-from edge_node.inference_core import numpy_dtype
+from edge_node.inference_core import numpy_dtype, stack_requests
 from edge_node.numbering import next_result_seq
 from edge_node.results_core import (
+    DIGEST_HEX,
     ChangeGate,
     LatencyWindow,
+    PendingResults,
     PeriodCounter,
-    input_digest,
-    is_corner_case,
-    summarize_output,
+    ResultChunk,
+    result_of_row,
+    row_digests,
+    summarize_rows,
 )
-from edge_node.runtime import InferenceOutcome, ModelRuntime
+from edge_node.runtime import LoadedModel, ModelRuntime, Run
 from edge_node.sender import OutboxSender
-from edge_node.sources import DirectorySource, InputSource, MqttSource, SourceItem, SyntheticSource
+from edge_node.sources import (
+    DirectorySource,
+    InputSource,
+    MqttSource,
+    SourceItem,
+    SyntheticRows,
+    SyntheticSource,
+)
 from edge_node.state import StateKeeper
 from shared import topics
 from shared.errors import DecodeError, EdgeFleetError, TransportError
-from shared.messages import (
-    InferenceResult,
-    InferReply,
-    InferRequest,
-    ResultBatch,
-    Telemetry,
-    encode,
-)
+from shared.messages import InferenceResult, InferReply, InferRequest, Telemetry, encode
+from shared.result_batch import ResultBatch, encode_results
 
 __all__ = ["Pipeline", "PipelineSettings"]
 
 log = logging.getLogger(__name__)
 
 _DRAIN_S = 5.0  # how long a stop waits for in-flight inferences
+_POLL_S: Final = 0.25  # how often a waiting inference thread looks at its halt flag
+_MAX_SOURCE_CHARS: Final = 500
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,13 +100,65 @@ class PipelineSettings:
     source_dir: Path | None
     rate_hz: float | None
     concurrency: int
-    micro_batch: int
+    micro_batch: int  # most requests stacked into one session.run (dynamic batch models)
     change_threshold: float
     corner_threshold: float
     topk: int
     batch_max: int
     batch_interval_s: float
     telemetry_interval_s: float
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Reported:
+    """Posted by a thread: a numbered chunk, its requests by row, and rows that failed."""
+
+    chunk: ResultChunk | None
+    requests: list[InferRequest | None]
+    failures: list[tuple[InferRequest | None, str]]
+
+
+class _InputQueue:
+    """Inputs from the event loop to the inference threads, bounded; thread-safe."""
+
+    def __init__(self, capacity: int) -> None:
+        self._items: deque[SourceItem] = deque()
+        self._ready = threading.Condition()
+        self._capacity = capacity
+        self._closed = False
+        self._room = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, item: SourceItem) -> None:
+        """Queue ``item``, waiting (on the loop) while the queue is full."""
+        while True:
+            with self._ready:
+                if len(self._items) < self._capacity:
+                    self._items.append(item)
+                    self._ready.notify()
+                    return
+                self._room.clear()
+            await self._room.wait()
+
+    def take(
+        self, most: int, halt: threading.Event, loop: asyncio.AbstractEventLoop
+    ) -> list[SourceItem]:
+        """From a thread: up to ``most`` items, waiting for one; ``[]`` once closed and empty."""
+        with self._ready:
+            while not self._items and not self._closed and not halt.is_set():
+                self._ready.wait(_POLL_S)
+            items = [self._items.popleft() for _ in range(min(most, len(self._items)))]
+        if items:
+            loop.call_soon_threadsafe(self._room.set)
+        return items
+
+    def close(self) -> None:
+        """No more items: threads take what is left, then see the end."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
 
 
 class Pipeline:
@@ -106,40 +187,46 @@ class Pipeline:
         self._stopping = stopping
         self._clock = clock
         self.workers = max(1, settings.concurrency)
+        self._max_rows = max(1, settings.micro_batch)
         self.counts = {"inferences": 0, "errors": 0}
         self.gate = ChangeGate(settings.change_threshold)
-        self.pending: list[InferenceResult] = []
+        self._gate_lock = threading.Lock()  # the synthetic source gates on the threads
+        self.pending = PendingResults()
         self._latency = LatencyWindow()
         self._period = PeriodCounter(clock())
         self._started = time.monotonic()
-        self._inputs: asyncio.Queue[SourceItem | None] = asyncio.Queue(
-            2 * max(1, settings.micro_batch) * self.workers
-        )
-        self._result_seq = keeper.state.result_seq_reserved
-        self._numbering = asyncio.Lock()  # one result number (and reservation) at a time
+        self._halt = threading.Event()
+        self._queue = _InputQueue(2 * self._max_rows * self.workers)
+        # Numbering: the last number used and the saved mark, guarded by _numbering.
+        self._numbering = threading.Lock()
+        self._result_seq = self._reserved = keeper.state.result_seq_reserved
+        # What the threads posted for the loop, guarded by _post_lock (never held
+        # while waiting for the loop: the loop takes it too).
+        self._post_lock = threading.Lock()
+        self._posted: list[_Reported] = []
+        self._post_scheduled = False
         self._synthetic: SyntheticSource | None = None
+        self._queued: InputSource | None = None
         self._mqtt: MqttSource | None = None
         self.source = self._make_source()
         serving.on_change(self._model_changed)
 
-    def _make_source(self) -> InputSource | None:
+    def _make_source(self) -> InputSource | SyntheticSource | None:
         cfg = self._cfg
         if cfg.source == "synthetic":
-            self._synthetic = SyntheticSource(self._serving.get, rate_hz=cfg.rate_hz)
+            self._synthetic = SyntheticSource(rate_hz=cfg.rate_hz)
             return self._synthetic
         if cfg.source == "dir":
             assert cfg.source_dir is not None
-            return DirectorySource(cfg.source_dir, self._serving.get)
-        if cfg.source == "mqtt":
+            self._queued = DirectorySource(cfg.source_dir, self._serving.get)
+        elif cfg.source == "mqtt":
             self._mqtt = MqttSource(self._serving.get)
-            return self._mqtt
-        return None
+            self._queued = self._mqtt
+        return self._queued
 
     def _model_changed(self) -> None:
         self._latency = LatencyWindow()
         self._period.restart(self._clock())
-        if self._synthetic is not None:
-            self._synthetic.model_changed()
 
     @property
     def takes_requests(self) -> bool:
@@ -167,100 +254,276 @@ class Pipeline:
         except TransportError as exc:
             log.debug("inference reply to %s lost: %s", request.client, exc)
 
-    # ----- reading and inferring ------------------------------------------------
+    # ----- reading (on the loop) ------------------------------------------------
 
     async def read(self) -> None:
-        """Take inputs from the source, gate them, and queue them for the workers.
+        """Take inputs from a directory or MQTT, gate them, and queue them for the threads.
 
         The bounded queue is the back-pressure: a full outbox stops the reader,
-        so inputs wait at their source instead of piling up in memory.
+        so inputs wait at their source instead of piling up in memory. The
+        synthetic source needs no reader: the threads draw from it.
         """
-        source = self.source
+        source = self._queued
         while source is not None:
             await self._sender.space.wait()
             item = await source.next()
             if item is None:
                 break
             if self.gate.should_infer(item.inputs):
-                await self._inputs.put(item)
-        for _ in range(self.workers):
-            await self._inputs.put(None)  # one end marker per worker
+                await self._queue.put(item)
+        self._queue.close()
+
+    # ----- inferring (on the threads) -------------------------------------------
 
     async def work(self) -> None:
-        """Run queued inputs; with ``micro_batch`` > 1, whatever is queued runs as one batch."""
-        while (item := await self._inputs.get()) is not None:
-            batch = [item]
-            while len(batch) < self._cfg.micro_batch and not self._inputs.empty():
-                following = self._inputs.get_nowait()
-                if following is None:
-                    self._inputs.put_nowait(None)  # leave the end marker for this loop
-                    break
-                batch.append(following)
-            await self._infer(batch)
+        """Run one inference thread until the source ends or the pipeline halts."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
 
-    async def _infer(self, items: list[SourceItem]) -> None:
+        def main() -> None:
+            error: BaseException | None = None
+            try:
+                self._serve(loop)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody awaits
+                loop.call_soon_threadsafe(_settle, done, error)
+
+        threading.Thread(target=main, name="inference", daemon=True).start()
         try:
-            if len(items) == 1:
-                outcomes = [await self._runtime.infer(items[0].inputs)]
-            else:
-                outcomes = await self._runtime.infer_batch([i.inputs for i in items])
-        except EdgeFleetError as exc:
-            self.counts["errors"] += len(items)
-            self._period.error(len(items))
-            log.warning("inference failed: %s", exc)
-            for item in items:
-                if item.request is not None:
-                    await self._reply(item.request, None, str(exc))
+            await done
+        finally:
+            if not done.done():  # cancelled: the thread ends after its current run
+                self._halt.set()
+
+    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
+        synthetic = self._synthetic
+        while not self._halt.is_set():
+            if not self._sender.space.is_set():
+                self._wait_for_space(loop)
+                continue
+            if synthetic is not None:
+                if not synthetic.wait_due(self._halt):
+                    return
+                handle = self._runtime.acquire_blocking(self._halt)
+                if handle is None:
+                    return
+                try:
+                    self._infer_synthetic(loop, handle, synthetic)
+                finally:
+                    handle.release()
+                continue
+            items = self._queue.take(self._max_rows, self._halt, loop)
+            if not items:
+                return
+            handle = self._runtime.acquire_blocking(self._halt)
+            if handle is None:
+                self._post(loop, _Reported(None, [], [(i.request, "node stopping") for i in items]))
+                return
+            try:
+                self._infer_items(loop, handle, items)
+            finally:
+                handle.release()
+
+    def _wait_for_space(self, loop: asyncio.AbstractEventLoop) -> None:
+        future = asyncio.run_coroutine_threadsafe(self._sender.space.wait(), loop)
+        while not self._halt.is_set():
+            try:
+                future.result(_POLL_S)
+            except concurrent.futures.TimeoutError:
+                continue
             return
-        for item, outcome in zip(items, outcomes, strict=True):
-            await self._record(item, outcome)
+        future.cancel()
 
-    async def _record(self, item: SourceItem, outcome: InferenceOutcome) -> None:
-        """Turn one outcome into a result (queued for the outbox) and any reply."""
-        self.counts["inferences"] += 1
-        self._latency.add(outcome.latency_ms)
-        manifest = self._serving.manifest
-        # Labels of the model that produced this output (a swap may have happened since).
-        labels = (
-            manifest.class_labels
-            if manifest is not None and manifest.sha256 == outcome.model.sha256
-            else ()
-        )
+    def _infer_synthetic(
+        self, loop: asyncio.AbstractEventLoop, handle: LoadedModel, synthetic: SyntheticSource
+    ) -> None:
         try:
-            topk, tensors, top_score = summarize_output(
-                outcome.outputs, topk=self._cfg.topk, class_labels=labels
-            )
+            drawn = synthetic.draw(handle.manifest, self._max_rows if handle.dynamic_batch else 1)
         except DecodeError as exc:
-            self.counts["errors"] += 1
-            self._period.error()
-            log.warning("output of %s cannot be reported: %s", outcome.model.name, exc)
-            if item.request is not None:
-                await self._reply(item.request, None, str(exc))
+            log.warning("synthetic inputs for %s cannot be built: %s", handle.ref.name, exc)
+            self._post(loop, _Reported(None, [], [(None, str(exc))]))
+            self._halt.wait(1.0)  # the same model fails the same way: do not spin
             return
-        self._period.add(outcome.latency_ms)
-        result = InferenceResult(
-            seq=await self._next_seq(),
-            model=outcome.model,
-            input_digest=input_digest(item.inputs),
-            latency_ms=outcome.latency_ms,
-            ts=self._clock(),
-            topk=topk,
-            tensors=tensors,
-            corner_case=is_corner_case(top_score, self._cfg.corner_threshold),
-            source=item.source[:500],
-        )
-        self.pending.append(result)
-        if item.request is not None:
-            await self._reply(item.request, result, None)
+        if drawn is None:
+            return
+        if self.gate.threshold > 0:
+            drawn = self._gated(drawn)
+        if drawn.rows:
+            self._run(
+                loop,
+                handle,
+                feed=drawn.inputs,
+                rows=drawn.rows,
+                digests=drawn.digests,
+                sources=["synthetic"],
+                requests=[],
+            )
 
-    async def _next_seq(self) -> int:
-        """The next result number, its block reserved on disk before it is used."""
-        async with self._numbering:
-            allocation = next_result_seq(self._result_seq, self._keeper.state.result_seq_reserved)
-            if allocation.reserve_through is not None:
-                await self._keeper.update(result_seq_reserved=allocation.reserve_through)
-            self._result_seq = allocation.seq
-            return allocation.seq
+    def _gated(self, drawn: SyntheticRows) -> SyntheticRows:
+        """The rows of ``drawn`` that pass the change gate, in order."""
+        with self._gate_lock:
+            kept = [
+                row
+                for row in range(drawn.rows)
+                if self.gate.should_infer(_row(drawn.inputs, row, drawn.rows))
+            ]
+        if len(kept) == drawn.rows:
+            return drawn
+        if drawn.rows == 1:  # one request, as it is: kept whole or not at all
+            return SyntheticRows(drawn.inputs, len(kept), drawn.digests if kept else "")
+        return SyntheticRows(
+            {name: value[kept] for name, value in drawn.inputs.items()},
+            len(kept),
+            "".join(drawn.digests[r * DIGEST_HEX : (r + 1) * DIGEST_HEX] for r in kept),
+        )
+
+    def _infer_items(
+        self, loop: asyncio.AbstractEventLoop, handle: LoadedModel, items: list[SourceItem]
+    ) -> None:
+        groups: list[list[SourceItem]] = [[item] for item in items]
+        feeds = [item.inputs for item in items]
+        if handle.dynamic_batch and len(items) > 1:
+            stacked = stack_requests(feeds)
+            if stacked is not None and all(size == 1 for size in stacked[1]):
+                groups, feeds = [items], [stacked[0]]
+        for group, feed in zip(groups, feeds, strict=True):
+            requests = [item.request for item in group]
+            try:
+                digests = row_digests(feed, len(group))
+            except DecodeError as exc:
+                self._post(loop, _Reported(None, [], [(r, str(exc)) for r in requests]))
+                continue
+            sources = [item.source[:_MAX_SOURCE_CHARS] for item in group]
+            self._run(
+                loop,
+                handle,
+                feed=feed,
+                rows=len(group),
+                digests=digests,
+                sources=sources,
+                requests=requests,
+            )
+
+    def _run(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        handle: LoadedModel,
+        *,
+        feed: dict[str, np.ndarray],
+        rows: int,
+        digests: str,
+        sources: list[str],
+        requests: list[InferRequest | None],
+    ) -> None:
+        """Run ``rows`` requests and report them; ``sources`` of one entry names every row."""
+        try:
+            runs = self._runtime.run_rows(handle, feed, rows)
+        except EdgeFleetError as exc:
+            failures = [(r, str(exc)) for r in requests] or [(None, str(exc))] * rows
+            self._post(loop, _Reported(None, [], failures))
+            return
+        for run in runs:
+            span = slice(run.first, run.first + run.rows)
+            self._report(
+                loop,
+                handle,
+                run,
+                digests=digests[run.first * DIGEST_HEX : (run.first + run.rows) * DIGEST_HEX],
+                sources=sources[span] if len(sources) > 1 else sources * run.rows,
+                requests=requests[span] if requests else [None] * run.rows,
+            )
+
+    def _report(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        handle: LoadedModel,
+        run: Run,
+        *,
+        digests: str,
+        sources: list[str],
+        requests: list[InferRequest | None],
+    ) -> None:
+        """Summarise one run, number its results and post them to the loop."""
+        cfg = self._cfg
+        labels = handle.manifest.class_labels
+        summaries = summarize_rows(
+            run.outputs,
+            run.rows,
+            topk=cfg.topk,
+            label_count=len(labels),
+            corner_threshold=cfg.corner_threshold,
+        )
+        failures = [(requests[row], reason) for row, reason in summaries.refused.items()]
+        if summaries.refused:
+            kept = summaries.kept
+            digests = "".join(digests[r * DIGEST_HEX : (r + 1) * DIGEST_HEX] for r in kept)
+            sources = [sources[r] for r in kept]
+            requests = [requests[r] for r in kept]
+        ts = self._clock()
+        with self._numbering:
+            chunk = None
+            if summaries.kept:
+                chunk = ResultChunk(
+                    model=handle.ref,
+                    labels=labels,
+                    first_seq=self._allocate(loop, len(summaries.kept)),
+                    latency_ms=run.latency_ms,
+                    ts=ts,
+                    digests=digests,
+                    sources=sources,
+                    summaries=summaries,
+                )
+            self._post(loop, _Reported(chunk, requests, failures))
+
+    def _allocate(self, loop: asyncio.AbstractEventLoop, count: int) -> int:
+        """The first of ``count`` result numbers, reserved on disk first. Holds _numbering."""
+        allocation = next_result_seq(self._result_seq, self._reserved, count=count)
+        if allocation.reserve_through is not None:
+            update = self._keeper.update(result_seq_reserved=allocation.reserve_through)
+            asyncio.run_coroutine_threadsafe(update, loop).result()
+            self._reserved = allocation.reserve_through
+        self._result_seq += count
+        return allocation.seq
+
+    def _post(self, loop: asyncio.AbstractEventLoop, reported: _Reported) -> None:
+        with self._post_lock:
+            self._posted.append(reported)
+            if self._post_scheduled:
+                return
+            self._post_scheduled = True
+        loop.call_soon_threadsafe(self._accept)
+
+    # ----- results on the loop --------------------------------------------------
+
+    def _accept(self) -> None:
+        """Take in everything the threads posted: results, failures, replies, telemetry."""
+        with self._post_lock:
+            posted, self._posted = self._posted, []
+            self._post_scheduled = False
+        serving = self._serving.manifest
+        for reported in posted:
+            chunk = reported.chunk
+            if chunk is not None:
+                count = len(chunk)
+                self.counts["inferences"] += count
+                self.pending.add(chunk)
+                if serving is not None and chunk.model.sha256 == serving.sha256:
+                    self._latency.add_many(chunk.latency_ms, count)
+                    self._period.add(chunk.latency_ms, count)
+                for position, request in enumerate(reported.requests):
+                    if request is not None:
+                        result = result_of_row(chunk, position)
+                        self._background.spawn(self._reply(request, result, None))
+            if reported.failures:
+                self.counts["errors"] += len(reported.failures)
+                self._period.error(len(reported.failures))
+                log.warning(
+                    "%d inference(s) failed: %s", len(reported.failures), reported.failures[0][1]
+                )
+                for request, reason in reported.failures:
+                    if request is not None:
+                        self._background.spawn(self._reply(request, None, reason))
 
     # ----- batches and telemetry ------------------------------------------------
 
@@ -277,24 +540,31 @@ class Pipeline:
         cfg = self._cfg
         topic = topics.results(cfg.fleet, cfg.node_id)
         while self.pending:
-            batch = tuple(self.pending[: cfg.batch_max])
+            count = min(len(self.pending), cfg.batch_max)
+            # Built here (slices of the columns), encoded in the outbox's thread.
+            draft = self.pending.batch(node=cfg.node_id, seq=1, count=count)
 
-            def build(seq: int, batch: tuple[InferenceResult, ...] = batch) -> bytes:
-                return encode(ResultBatch(node=cfg.node_id, seq=seq, results=batch))
+            def build(seq: int, draft: ResultBatch = draft) -> bytes:
+                return encode_results(msgspec.structs.replace(draft, seq=seq))
 
             if not await self._sender.try_put("results", topic, build):
                 log.error("outbox full: pausing inference until the controller acknowledges")
                 return
-            del self.pending[: len(batch)]
+            self.pending.drop(count)
 
     async def drain(self, tasks: list[asyncio.Task[None]]) -> None:
         """On stop: close the source, let in-flight inferences finish, flush their results."""
         if self.source is not None:
             self.source.close()
-        self._sender.space.set()  # release workers waiting for space; they see the end
+        if self._synthetic is not None:
+            self._halt.set()  # no more inputs: the threads end after their current run
+        self._queue.close()
+        self._sender.space.set()  # release threads waiting for space; they see the end
         _, stuck = await asyncio.wait(tasks, timeout=_DRAIN_S)
+        self._halt.set()
         for task in stuck:
             task.cancel()
+        self._accept()
         await self.flush()
 
     async def report_telemetry(self) -> None:
@@ -322,7 +592,7 @@ class Pipeline:
             inferences=self.counts["inferences"],
             errors=self.counts["errors"],
             skips=self.gate.skipped,
-            queue_depth=(self.source.depth() if self.source else 0) + self._inputs.qsize(),
+            queue_depth=(self.source.depth() if self.source else 0) + len(self._queue),
             outbox_depth=stats.depth,
             latency=self._latency.stats(),
             cpu_percent=max(0.0, cpu),
@@ -330,6 +600,22 @@ class Pipeline:
             model=self._keeper.state.active,
             period=self._period.take(now),
         )
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
+def _row(inputs: dict[str, np.ndarray], row: int, rows: int) -> dict[str, np.ndarray]:
+    """Request ``row`` of ``rows`` stacked ones (the inputs themselves when there is one)."""
+    if rows == 1:
+        return inputs
+    return {name: value[row : row + 1] for name, value in inputs.items()}
 
 
 def _tensor_error(request: InferRequest) -> str | None:

@@ -1,18 +1,24 @@
-"""Pure decisions about what a node reports of an inference: digests, summaries, gating, latency.
+"""Pure decisions about what a node reports of an inference: digests, summaries,
+result batches, gating, latency.
 
 Nothing here touches onnxruntime, the event loop or the disk; the pipeline
-(:mod:`edge_node.pipeline`) feeds it inputs and output arrays and sends what it
-returns.
+(:mod:`edge_node.pipeline`) feeds it inputs and output arrays, a whole run's
+rows at a time, and sends what it returns.
 
 Invariants:
 
-* :func:`input_digest` depends only on names, dtypes, shapes and element values
-  (little-endian), never on memory layout or dict order.
-* Everything :func:`summarize_output` returns fits the wire limits of
+* :func:`row_digests` (and :func:`input_digest`, its one-row case) depends only
+  on names, dtypes, shapes and element values (little-endian), never on memory
+  layout, dict order or which rows were stacked together.
+* Everything :func:`summarize_rows` keeps fits the wire limits of
+  :class:`~shared.result_batch.ResultBatch` and
   :class:`~shared.messages.InferenceResult` (finite numbers, at most
   :data:`~edge_node.inference_core.MAX_TOPK` top-k entries,
   :data:`~edge_node.inference_core.MAX_TENSORS` tensors of at most
-  :data:`~edge_node.inference_core.MAX_TENSOR_ELEMS` elements).
+  :data:`~edge_node.inference_core.MAX_TENSOR_ELEMS` elements); its top-k is
+  exactly a stable sort's.
+* :class:`PendingResults` keeps results in ``seq`` order and builds batches
+  whose every result names the model that produced it and that model's labels.
 * :class:`ChangeGate` compares with the last *inferred* input, so a slow drift
   still triggers once it has drifted far enough.
 """
@@ -22,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
 
 import numpy as np
 
@@ -34,23 +42,90 @@ from edge_node.inference_core import (
     dtype_of,
 )
 from shared.histogram import bucket_of
-from shared.messages import LatencyStats, PeriodStats, TensorData, TopK
+from shared.messages import (
+    DType,
+    InferenceResult,
+    LatencyStats,
+    ModelRef,
+    PeriodStats,
+    TensorData,
+    TopK,
+)
+from shared.result_batch import BatchModel, ResultBatch, TensorEntry
 
 __all__ = [
+    "DIGEST_HEX",
     "ChangeGate",
     "LatencyWindow",
+    "PendingResults",
     "PeriodCounter",
+    "ResultChunk",
+    "RowSummaries",
     "input_digest",
-    "is_corner_case",
-    "summarize_output",
+    "result_of_row",
+    "row_digests",
+    "summarize_rows",
+    "top_indices",
 ]
 
 
 # ----- inputs ----------------------------------------------------------------
 
+#: Hex characters of an input digest: the first 128 bits of its SHA-256.
+DIGEST_HEX: Final = 32
+
+_DIGEST_DOMAIN: Final = b"edgefleet.input-digest.v1\x00"
+
+
+def _field(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "little") + data
+
+
+def row_digests(inputs: Mapping[str, np.ndarray], rows: int) -> str:
+    """The digests of ``rows`` stacked inputs, :data:`DIGEST_HEX` hex characters each, joined.
+
+    Row ``i``'s digest is :func:`input_digest` of the single-row input
+    ``{name: array[i:i+1]}``; with ``rows`` 1 the arrays are taken whole, in
+    whatever shape they have. One SHA-256 per row over fixed headers and the
+    row's bytes, so a batch costs one pass over its memory.
+
+    Raises:
+        InputSpecError: an array has no stable byte form (object or string
+            dtype), or (``rows`` > 1) its first dimension is not ``rows``.
+    """
+    parts: list[tuple[bytes, np.ndarray]] = []
+    for name in sorted(inputs):
+        arr = np.asarray(inputs[name])
+        if arr.dtype.kind not in "biuf":
+            raise InputSpecError(f"input {name!r} has unsupported dtype {arr.dtype}")
+        if rows != 1 and (arr.ndim == 0 or arr.shape[0] != rows):
+            raise InputSpecError(f"input {name!r} does not hold {rows} rows")
+        arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+        shape = arr.shape if rows == 1 else (1, *arr.shape[1:])
+        header = b"".join(
+            (
+                _field(name.encode()),
+                _field(arr.dtype.name.encode()),
+                len(shape).to_bytes(8, "little"),
+                *(dim.to_bytes(8, "little") for dim in shape),
+                (arr.nbytes // rows).to_bytes(8, "little"),
+            )
+        )
+        parts.append((header, arr.reshape(rows, -1)))
+    base = hashlib.sha256(_DIGEST_DOMAIN)
+    digests: list[str] = []
+    for row in range(rows):
+        h = base.copy()
+        for header, flat in parts:
+            h.update(header)
+            h.update(flat[row])
+        digests.append(h.hexdigest()[:DIGEST_HEX])
+    return "".join(digests)
+
 
 def input_digest(inputs: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 (hex) over every input's name, dtype, shape and little-endian bytes.
+    """The first 128 bits (hex) of SHA-256 over every input's name, dtype, shape
+    and little-endian bytes.
 
     Stable across dict order, memory layout (strides, Fortran order) and host
     byte order. Each field is length-prefixed, so no two inputs hash alike by
@@ -59,113 +134,372 @@ def input_digest(inputs: Mapping[str, np.ndarray]) -> str:
     Raises:
         InputSpecError: an array has no stable byte form (object or string dtype).
     """
-    h = hashlib.sha256(b"edgefleet.input-digest.v1\x00")
-    for name in sorted(inputs):
-        arr = np.asarray(inputs[name])
-        if arr.dtype.kind not in "biuf":
-            raise InputSpecError(f"input {name!r} has unsupported dtype {arr.dtype}")
-        arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
-        for field in (name.encode(), arr.dtype.name.encode()):
-            h.update(len(field).to_bytes(8, "little"))
-            h.update(field)
-        h.update(arr.ndim.to_bytes(8, "little"))
-        for dim in arr.shape:
-            h.update(dim.to_bytes(8, "little"))
-        h.update(arr.nbytes.to_bytes(8, "little"))
-        h.update(arr.tobytes())
-    return h.hexdigest()
+    return row_digests(inputs, 1)
 
 
 # ----- outputs ---------------------------------------------------------------
 
 
-def summarize_output(
+@dataclass(frozen=True, slots=True, eq=False)
+class RowSummaries:
+    """What the results of one run's rows report, one list per field.
+
+    ``kept`` are the rows that can be reported (ascending); every other list
+    has one entry per kept row, except the flat top-k lists, where row ``j``'s
+    ``topk_k[j]`` entries follow row ``j - 1``'s. ``topk_label`` is the class
+    index when the model has a label for it, else -1. ``refused`` says why
+    each other row cannot be reported.
+    """
+
+    kept: list[int]
+    refused: dict[int, str]
+    topk_k: list[int]
+    topk_index: list[int]
+    topk_score: list[float]
+    topk_label: list[int]
+    corner_case: list[bool]
+    tensors: list[list[TensorEntry] | None]
+
+
+def _classifier_like(arr: np.ndarray, rows: int) -> bool:
+    """One row's output is ``[C]`` (unbatched) or ``[1, C, 1, ..., 1]``, floating, C >= 2."""
+    if arr.dtype.kind != "f":
+        return False
+    if rows == 1 and arr.ndim == 1:
+        return bool(arr.shape[0] >= 2)
+    return bool(
+        arr.ndim >= 2
+        and arr.shape[0] == rows
+        and arr.shape[1] >= 2
+        and all(d == 1 for d in arr.shape[2:])
+    )
+
+
+def summarize_rows(
     outputs: Mapping[str, np.ndarray],
+    rows: int,
     *,
     topk: int,
-    class_labels: Sequence[str],
+    label_count: int,
+    corner_threshold: float,
     max_tensor_elems: int = 64,
-) -> tuple[tuple[TopK, ...] | None, tuple[TensorData, ...] | None, float | None]:
-    """What a result carries about ``outputs``: ``(topk, tensors, top_score)``.
+) -> RowSummaries:
+    """What each of ``rows`` results carries about ``outputs``, vectorised over the rows.
 
-    *Classifier-like* means exactly one floating output of shape ``[C]`` or
-    ``[1, C]`` with C >= 2 (a ``[1, 1]`` score is a regression or a sigmoid, whose
-    "top" would not be a confidence). For it: the ``min(topk, C, MAX_TOPK)``
-    highest scores, best first (ties by lower index), each with its index, its
-    label when ``class_labels`` has one at that index, and its score as the model
-    gave it (probabilities for a softmax head); ``top_score`` is the best score.
+    With ``rows`` 1, each output is one request's output whole; with more, every
+    output's first dimension is ``rows`` and row ``i``'s output is
+    ``output[i:i+1]``.
+
+    *Classifier-like* means exactly one floating output whose row is ``[C]``
+    (unbatched) or ``[1, C]``, optionally followed by dimensions of 1 (a
+    ``[1, C, 1, 1]`` convolutional head), with C >= 2 (a single score is a
+    regression or a sigmoid, whose "top" would not be a confidence). For it:
+    the ``min(topk, C, MAX_TOPK)`` highest scores of each row, best first
+    (ties by lower index), as the model gave them; a row is a corner case when
+    its best score is below ``corner_threshold`` (> 0).
 
     Every other output (all of them when there is no single classifier-like
-    one) is returned as :class:`TensorData` with its full shape and its first
-    ``max_tensor_elems`` elements in row-major order: a tensor is *truncated*
-    exactly when ``len(data) < prod(shape)``. At most :data:`MAX_TENSORS`
-    outputs are returned, in the mapping's order. ``tensors`` is ``None`` when
-    there are none; ``top_score`` is ``None`` without a classifier.
+    one) is reported per row with its row's shape and its first
+    ``max_tensor_elems`` elements in row-major order (truncated exactly when
+    fewer than the shape's product). At most :data:`MAX_TENSORS` outputs, in
+    the mapping's order; ``None`` when there are none.
+
+    A row with a NaN or infinite value among those reported is refused (the
+    others are kept); an output dtype with no wire equivalent refuses all rows.
 
     Raises:
-        OutputSummaryError: a reported value is NaN or infinite, or an output's
-            dtype has no wire equivalent.
-        ValueError: ``topk`` < 1 or ``max_tensor_elems`` < 0.
+        ValueError: ``topk`` < 1, ``max_tensor_elems`` < 0 or ``rows`` < 1.
     """
     if topk < 1:
         raise ValueError(f"topk must be at least 1, got {topk}")
     if max_tensor_elems < 0:
         raise ValueError(f"max_tensor_elems must be >= 0, got {max_tensor_elems}")
+    if rows < 1:
+        raise ValueError(f"rows must be at least 1, got {rows}")
     limit = min(max_tensor_elems, MAX_TENSOR_ELEMS)
     arrays = {name: np.asarray(value) for name, value in outputs.items()}
-    candidates = [name for name, arr in arrays.items() if _classifier_like(arr)]
-    top: tuple[TopK, ...] | None = None
-    top_score: float | None = None
-    rest = list(arrays)
-    if len(candidates) == 1:
-        name = candidates[0]
-        rest.remove(name)
-        top, top_score = _topk(name, arrays[name].reshape(-1), topk, class_labels)
-    tensors = tuple(_tensor(name, arrays[name], limit) for name in rest[:MAX_TENSORS])
-    return top, (tensors or None), top_score
-
-
-def _classifier_like(arr: np.ndarray) -> bool:
-    if arr.dtype.kind != "f":
-        return False
-    rows, cols = (1, arr.shape[0]) if arr.ndim == 1 else arr.shape if arr.ndim == 2 else (0, 0)
-    return int(rows) == 1 and int(cols) >= 2
-
-
-def _topk(
-    name: str, scores: np.ndarray, k: int, labels: Sequence[str]
-) -> tuple[tuple[TopK, ...], float]:
-    values = scores.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise OutputSummaryError(f"output {name!r} has non-finite scores")
-    k = min(k, values.shape[0], MAX_TOPK)
-    # Stable sort on the negated scores: best first, lower index first on ties.
-    order = np.argsort(-values, kind="stable")[:k]
-    top = tuple(
-        TopK(
-            index=int(i),
-            label=labels[int(i)] if int(i) < len(labels) else None,
-            score=float(values[i]),
-        )
-        for i in order
+    candidates = [name for name, arr in arrays.items() if _classifier_like(arr, rows)]
+    head = candidates[0] if len(candidates) == 1 else None
+    rest = [name for name in arrays if name != head][:MAX_TENSORS]
+    refused: dict[int, str] = {}
+    try:
+        tensor_parts = [_tensor_rows(name, arrays[name], rows, limit, refused) for name in rest]
+    except OutputSummaryError as exc:
+        return _refuse_all(rows, str(exc))
+    scores: np.ndarray | None = None
+    if head is not None:
+        scores = arrays[head].reshape(rows, -1).astype(np.float64)
+        for row in np.flatnonzero(~np.isfinite(scores).all(axis=1)).tolist():
+            refused.setdefault(row, f"output {head!r} has non-finite scores")
+    kept = [row for row in range(rows) if row not in refused] if refused else list(range(rows))
+    tensors: list[list[TensorEntry] | None] = (
+        [[part[row] for part in tensor_parts] for row in kept]
+        if tensor_parts
+        else [None] * len(kept)
     )
-    return top, top[0].score
+    if scores is None or not kept:
+        return RowSummaries(
+            kept, refused, [0] * len(kept), [], [], [], [False] * len(kept), tensors
+        )
+    if refused:
+        scores = scores[kept]
+    k = min(topk, scores.shape[1], MAX_TOPK)
+    order = top_indices(scores, k)
+    best = np.take_along_axis(scores, order, axis=1)
+    corner = (
+        (best[:, 0] < corner_threshold).tolist() if corner_threshold > 0 else [False] * len(kept)
+    )
+    flat = order.reshape(-1)
+    return RowSummaries(
+        kept=kept,
+        refused=refused,
+        topk_k=[k] * len(kept),
+        topk_index=flat.tolist(),
+        topk_score=best.reshape(-1).tolist(),
+        topk_label=np.where(flat < label_count, flat, -1).tolist(),
+        corner_case=corner,
+        tensors=tensors,
+    )
 
 
-def _tensor(name: str, arr: np.ndarray, limit: int) -> TensorData:
-    dtype = dtype_of(arr.dtype)
-    head = arr.reshape(-1)[:limit].astype(np.float64)
-    if not np.isfinite(head).all():
-        raise OutputSummaryError(f"output {name!r} has non-finite values")
-    return TensorData(name=name, dtype=dtype, shape=arr.shape, data=tuple(head.tolist()))
+def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Per row of ``scores`` (2-D), the indices of the ``k`` highest, best first, ties by index.
 
-
-def is_corner_case(top_score: float | None, threshold: float) -> bool:
-    """Whether a result should be flagged for audit: its top score is below ``threshold``.
-
-    Results without a top score (not classifier-like) and thresholds <= 0 never flag.
+    The same as a stable ``argsort`` of the negated scores cut to ``k``; for
+    ``k`` well below the row length, an ``argpartition`` does the work and only
+    rows with a tie across the cut are sorted whole.
     """
-    return top_score is not None and threshold > 0 and top_score < threshold
+    columns = scores.shape[1]
+    if 4 * k >= columns:
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    values = np.take_along_axis(scores, part, axis=1)
+    order = np.take_along_axis(part, np.lexsort((part, -values), axis=1), axis=1)
+    # A row whose k-th score is tied with one left out may have kept the wrong
+    # index of the tie (argpartition does not prefer the lower one): sort it whole.
+    cut = np.take_along_axis(scores, order[:, -1:], axis=1)
+    tied = np.flatnonzero((scores >= cut).sum(axis=1) > k)
+    if tied.size:
+        order[tied] = np.argsort(-scores[tied], axis=1, kind="stable")[:, :k]
+    return order
+
+
+def _tensor_rows(
+    name: str, arr: np.ndarray, rows: int, limit: int, refused: dict[int, str]
+) -> list[TensorEntry]:
+    dtype: Any = dtype_of(arr.dtype).value  # the wire's dtype names: TensorEntry's too
+    shape = list(arr.shape) if rows == 1 else [1, *arr.shape[1:]]
+    head = arr.reshape(rows, -1)[:, :limit].astype(np.float64)
+    for row in np.flatnonzero(~np.isfinite(head).all(axis=1)).tolist():
+        refused.setdefault(row, f"output {name!r} has non-finite values")
+    return [TensorEntry(name=name, dtype=dtype, shape=shape, data=data) for data in head.tolist()]
+
+
+def _refuse_all(rows: int, reason: str) -> RowSummaries:
+    return RowSummaries([], dict.fromkeys(range(rows), reason), [], [], [], [], [], [])
+
+
+# ----- result batches --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ResultChunk:
+    """The reported rows of one run, numbered from ``first_seq`` in row order.
+
+    ``labels`` are the class labels of ``model``, the model that produced them;
+    ``digests`` holds :data:`DIGEST_HEX` characters per row.
+    """
+
+    model: ModelRef
+    labels: tuple[str, ...]
+    first_seq: int
+    latency_ms: float
+    ts: float
+    digests: str
+    sources: Sequence[str | None]
+    summaries: RowSummaries
+
+    def __len__(self) -> int:
+        return len(self.summaries.kept)
+
+
+class PendingResults:
+    """Numbered results waiting for the outbox, kept as columns, in ``seq`` order.
+
+    :meth:`add` appends a chunk (its numbers must follow the last added);
+    :meth:`batch` builds the :class:`~shared.result_batch.ResultBatch` of the
+    first ``count`` results, and :meth:`drop` forgets them once the outbox holds
+    it. A batch's ``models`` and ``labels`` tables list only what its results
+    name. Not thread-safe: use from one thread (the event loop).
+    """
+
+    def __init__(self) -> None:
+        self._models: list[BatchModel] = []
+        self._model_index: dict[ModelRef, int] = {}
+        self._labels: list[str] = []
+        self._label_index: dict[str, int] = {}
+        self._seq: list[int] = []
+        self._model: list[int] = []
+        self._digests: list[str] = []
+        self._latency: list[float] = []
+        self._ts: list[float] = []
+        self._corner: list[bool] = []
+        self._source: list[str | None] = []
+        self._topk_k: list[int] = []
+        self._topk_index: list[int] = []
+        self._topk_score: list[float] = []
+        self._topk_label: list[int] = []
+        self._tensors: list[list[TensorEntry] | None] = []
+
+    def __len__(self) -> int:
+        return len(self._seq)
+
+    def add(self, chunk: ResultChunk) -> None:
+        """Append ``chunk``'s results.
+
+        Raises:
+            ValueError: its numbers do not follow the last result's.
+        """
+        count = len(chunk)
+        if not count:
+            return
+        if self._seq and chunk.first_seq <= self._seq[-1]:
+            raise ValueError(f"result {chunk.first_seq} does not follow {self._seq[-1]}")
+        model = self._model_index.get(chunk.model)
+        if model is None:
+            model = self._model_index[chunk.model] = len(self._models)
+            ref = chunk.model
+            self._models.append(BatchModel(name=ref.name, version=ref.version, sha256=ref.sha256))
+        rows = chunk.summaries
+        self._seq.extend(range(chunk.first_seq, chunk.first_seq + count))
+        self._model.extend([model] * count)
+        self._digests.append(chunk.digests)
+        self._latency.extend([chunk.latency_ms] * count)
+        self._ts.extend([chunk.ts] * count)
+        self._corner.extend(rows.corner_case)
+        self._source.extend(chunk.sources)
+        self._topk_k.extend(rows.topk_k)
+        self._topk_index.extend(rows.topk_index)
+        self._topk_score.extend(rows.topk_score)
+        self._topk_label.extend(self._label_ids(rows.topk_label, chunk.labels))
+        self._tensors.extend(rows.tensors)
+
+    def _label_ids(self, classes: list[int], labels: tuple[str, ...]) -> list[int]:
+        ids: dict[int, int] = {-1: -1}
+        for cls in set(classes):
+            if cls < 0:
+                continue
+            text = labels[cls]
+            index = self._label_index.get(text)
+            if index is None:
+                index = self._label_index[text] = len(self._labels)
+                self._labels.append(text)
+            ids[cls] = index
+        return [ids[cls] for cls in classes]
+
+    def batch(self, *, node: str, seq: int, count: int) -> ResultBatch:
+        """The first ``count`` results (1..len) as the batch in outbox slot ``seq``."""
+        digests = "".join(self._digests)[: count * DIGEST_HEX]
+        entries = sum(self._topk_k[:count])
+        model, models = _compact(self._model[:count], self._models)
+        label, labels = _compact(self._topk_label[:entries], self._labels)
+        return ResultBatch(
+            node=node,
+            seq=seq,
+            models=models,
+            result_seq=self._seq[:count],
+            model=model,
+            digest_len=DIGEST_HEX,
+            digests=digests,
+            latency_ms=self._latency[:count],
+            ts=self._ts[:count],
+            corner_case=self._corner[:count],
+            source=self._source[:count],
+            topk_k=self._topk_k[:count],
+            topk_index=self._topk_index[:entries],
+            topk_score=self._topk_score[:entries],
+            topk_label=label,
+            labels=labels,
+            tensors=self._tensors[:count],
+        )
+
+    def drop(self, count: int) -> None:
+        """Forget the first ``count`` results (the outbox holds them now)."""
+        entries = sum(self._topk_k[:count])
+        digests = "".join(self._digests)[count * DIGEST_HEX :]
+        self._digests = [digests] if digests else []
+        for column in (
+            self._seq,
+            self._model,
+            self._latency,
+            self._ts,
+            self._corner,
+            self._source,
+            self._topk_k,
+            self._tensors,
+        ):
+            del column[:count]
+        for flat in (self._topk_index, self._topk_score, self._topk_label):
+            del flat[:entries]
+        if not self._seq:  # start the tables afresh: they only grow otherwise
+            self._models, self._model_index = [], {}
+            self._labels, self._label_index = [], {}
+
+
+_T = TypeVar("_T")
+
+
+def _compact(ids: list[int], table: list[_T]) -> tuple[list[int], list[_T]]:
+    """``ids`` renumbered into the entries of ``table`` they name (-1 stays -1)."""
+    used = sorted(set(ids) - {-1})
+    if used == list(range(len(table))):
+        return ids, table
+    new = {old: index for index, old in enumerate(used)}
+    new[-1] = -1
+    return [new[i] for i in ids], [table[i] for i in used]
+
+
+def result_of_row(chunk: ResultChunk, position: int) -> InferenceResult:
+    """The wire :class:`InferenceResult` of the chunk's ``position``-th reported row.
+
+    For replies to inference requests (one row at a time, off the hot path).
+    """
+    rows = chunk.summaries
+    start = sum(rows.topk_k[:position])
+    stop = start + rows.topk_k[position]
+    topk = tuple(
+        TopK(
+            index=index,
+            label=chunk.labels[label] if label >= 0 else None,
+            score=score,
+        )
+        for index, score, label in zip(
+            rows.topk_index[start:stop],
+            rows.topk_score[start:stop],
+            rows.topk_label[start:stop],
+            strict=True,
+        )
+    )
+    entries = rows.tensors[position]
+    tensors = (
+        tuple(
+            TensorData(name=t.name, dtype=DType(t.dtype), shape=tuple(t.shape), data=tuple(t.data))
+            for t in entries
+        )
+        if entries is not None
+        else None
+    )
+    return InferenceResult(
+        seq=chunk.first_seq + position,
+        model=chunk.model,
+        input_digest=chunk.digests[position * DIGEST_HEX : (position + 1) * DIGEST_HEX],
+        latency_ms=chunk.latency_ms,
+        ts=chunk.ts,
+        topk=topk or None,
+        tensors=tensors,
+        corner_case=rows.corner_case[position],
+        source=chunk.sources[position],
+    )
 
 
 # ----- change gating ---------------------------------------------------------
@@ -257,6 +591,21 @@ class LatencyWindow:
         self._next = (self._next + 1) % self.capacity
         self._count = min(self._count + 1, self.capacity)
 
+    def add_many(self, ms: float, count: int) -> None:
+        """Record ``count`` latencies of ``ms`` milliseconds each (the rows of one run).
+
+        Raises:
+            ValueError: ``ms`` is negative or not finite.
+        """
+        if not (math.isfinite(ms) and ms >= 0):
+            raise ValueError(f"latency must be a finite, non-negative number of ms, got {ms}")
+        if count <= 0:
+            return
+        slots = (self._next + np.arange(min(count, self.capacity))) % self.capacity
+        self._buf[slots] = ms
+        self._next = (self._next + count) % self.capacity
+        self._count = min(self._count + count, self.capacity)
+
     def stats(self) -> LatencyStats:
         """p50, p95 and p99 of the samples held; all zero when there are none."""
         if self._count == 0:
@@ -278,10 +627,10 @@ class PeriodCounter:
         self._errors = 0
         self._counts: dict[int, int] = {}
 
-    def add(self, ms: float) -> None:
-        """Count one successful run of ``ms`` milliseconds."""
+    def add(self, ms: float, count: int = 1) -> None:
+        """Count ``count`` successful runs of ``ms`` milliseconds each."""
         index = bucket_of(ms)
-        self._counts[index] = self._counts.get(index, 0) + 1
+        self._counts[index] = self._counts.get(index, 0) + count
 
     def error(self, runs: int = 1) -> None:
         """Count ``runs`` failed runs."""

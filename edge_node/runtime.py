@@ -81,6 +81,7 @@ __all__ = [
     "ModelRetiredError",
     "ModelRuntime",
     "NoModelError",
+    "Run",
     "SessionOptionsConfig",
     "SwapMode",
 ]
@@ -95,6 +96,7 @@ SwapMode = Literal["availability", "resource"]
 # Concurrent InferenceSession creation is not safe; this guards every runtime in
 # the process, not just one.
 _SESSION_CREATE_LOCK: Final = threading.Lock()
+_HALT_POLL_S: Final = 0.25  # how often a thread waiting for a model looks at its halt flag
 
 
 class ModelLoadError(TrustError):
@@ -139,6 +141,16 @@ class InferenceOutcome:
 
     outputs: dict[str, np.ndarray]
     model: ModelRef
+    latency_ms: float
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Run:
+    """One ``session.run`` over ``rows`` requests from row ``first`` of a stacked feed."""
+
+    first: int
+    rows: int
+    outputs: dict[str, np.ndarray]
     latency_ms: float
 
 
@@ -201,6 +213,9 @@ class ModelRuntime:
         )
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort-load")
         self._active: LoadedModel | None = None
+        # Notified on every change of _active, for threads waiting for a model.
+        self._active_changed = threading.Condition()
+        self._counts = threading.Lock()  # counters updated from inference threads
         # Requests waiting through a resource-mode gap; None when there is no gap.
         self._waiters: list[asyncio.Future[LoadedModel]] | None = None
         self._swap_lock = asyncio.Lock()
@@ -297,7 +312,8 @@ class ModelRuntime:
     async def _activate_availability(self, path: Path, manifest: ModelManifest) -> ActivationResult:
         new = await self.load(path, manifest)  # the old model serves meanwhile
         # One step on the loop: no request can see both, or neither.
-        old, self._active = self._active, new
+        old = self._active
+        self._set_active(new)
         if old is not None:
             old.retire()
         log.info(
@@ -321,7 +337,8 @@ class ModelRuntime:
     async def _activate_resource(self, path: Path, manifest: ModelManifest) -> ActivationResult:
         old = self._active
         gap_start = time.perf_counter()
-        self._waiters, self._active = [], None
+        self._waiters = []
+        self._set_active(None)
         try:
             try:
                 if old is not None:
@@ -333,7 +350,7 @@ class ModelRuntime:
                 if old is not None:
                     await self._restore(old, exc)
                 raise
-            self._active = new
+            self._set_active(new)
         finally:
             self._end_gap()
         gap_ms = _elapsed_ms(gap_start)
@@ -365,7 +382,7 @@ class ModelRuntime:
             old.manifest.version,
         )
         try:
-            self._active = await self.load(old.path, old.manifest)
+            self._set_active(await self.load(old.path, old.manifest))
         except Exception as again:
             log.exception("could not reload %s %s", old.manifest.name, old.manifest.version)
             exc.add_note(f"reloading the previous model also failed: {first_line(again)}")
@@ -424,9 +441,11 @@ class ModelRuntime:
         try:
             outputs, ms = await asyncio.wrap_future(future)
         except Exception as exc:
-            self.errors += 1
+            with self._counts:
+                self.errors += 1
             raise InferenceError(f"inference failed on {_what(handle)}: {first_line(exc)}") from exc
-        self.inferences += 1
+        with self._counts:
+            self.inferences += 1
         self.latency.add(ms)
         return InferenceOutcome(
             outputs=dict(zip(handle.output_names, outputs, strict=True)),
@@ -458,14 +477,16 @@ class ModelRuntime:
         try:
             results, stacked = await asyncio.wrap_future(future)
         except Exception as exc:
-            self.errors += len(requests)
+            with self._counts:
+                self.errors += len(requests)
             raise InferenceError(
                 f"batch inference failed on {_what(handle)}: {first_line(exc)}"
             ) from exc
-        self.stacked_runs += stacked
+        with self._counts:
+            self.stacked_runs += stacked
+            self.inferences += len(results)
         outcomes: list[InferenceOutcome] = []
         for outputs, ms in results:
-            self.inferences += 1
             self.latency.add(ms)
             outcomes.append(
                 InferenceOutcome(
@@ -475,6 +496,61 @@ class ModelRuntime:
                 )
             )
         return outcomes
+
+    # ----- inference from a thread ---------------------------------------
+
+    def acquire_blocking(self, halt: threading.Event) -> LoadedModel | None:
+        """From an inference thread: the active model, with a reference taken.
+
+        Waits while no model is active (before the first activation, in a
+        resource-mode gap); ``None`` once ``halt`` is set or the runtime is
+        closed. The caller runs on it and then calls ``release()``.
+        """
+        while not (halt.is_set() or self._closed):
+            handle = self._active
+            if handle is not None:
+                try:
+                    handle.acquire()
+                except ModelRetiredError:
+                    continue  # swapped out between the read and the acquire: read again
+                return handle
+            with self._active_changed:
+                if self._active is None and not self._closed:
+                    # Bounded, so a halt is seen without a notification.
+                    self._active_changed.wait(_HALT_POLL_S)
+        return None
+
+    def run_rows(self, handle: LoadedModel, feed: Mapping[str, np.ndarray], rows: int) -> list[Run]:
+        """From an inference thread: run ``rows`` stacked requests on ``handle`` (acquired).
+
+        One ``session.run`` for all rows; if an output does not hold ``rows``
+        rows (the model mixes them), the requests run again one by one (row
+        ``i`` is ``array[i:i+1]``). With ``rows`` 1, ``feed`` is one request
+        as it is.
+
+        Raises:
+            InferenceError: ``session.run`` refused or failed (one-line reason).
+        """
+        session = handle.session
+        try:
+            outputs, ms = _run_one(session, dict(feed))
+            runs = [Run(0, rows, dict(zip(handle.output_names, outputs, strict=True)), ms)]
+            if rows > 1 and any(np.ndim(o) < 1 or np.shape(o)[0] != rows for o in outputs):
+                runs = []
+                for row in range(rows):
+                    single = {name: value[row : row + 1] for name, value in feed.items()}
+                    outputs, ms = _run_one(session, single)
+                    runs.append(
+                        Run(row, 1, dict(zip(handle.output_names, outputs, strict=True)), ms)
+                    )
+        except Exception as exc:
+            with self._counts:
+                self.errors += rows
+            raise InferenceError(f"inference failed on {_what(handle)}: {first_line(exc)}") from exc
+        with self._counts:
+            self.inferences += rows
+            self.stacked_runs += rows > 1 and len(runs) == 1
+        return runs
 
     async def _acquire(self) -> LoadedModel:
         self._check_open()
@@ -522,18 +598,27 @@ class ModelRuntime:
     async def close(self) -> None:
         """Stop taking requests, wait for in-flight ones, drop the session. Idempotent.
 
+        Threads waiting in :meth:`acquire_blocking` get ``None``.
+
         An executor passed in by the caller is left running.
         """
         if self._closed:
             return
         self._closed = True
         async with self._swap_lock:
-            old, self._active = self._active, None
+            old = self._active
+            self._set_active(None)
             if old is not None:
                 await self._retire_and_drain(old)
         self._loader.shutdown(wait=False)  # queued session drops still run
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _set_active(self, handle: LoadedModel | None) -> None:
+        # One assignment (atomic for readers on any thread), then wake waiting threads.
+        with self._active_changed:
+            self._active = handle
+            self._active_changed.notify_all()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -1,14 +1,18 @@
 """Input sources for the inference loop: synthetic, a directory of files, MQTT requests.
 
-Each source yields :class:`SourceItem` objects; ``next()`` returns ``None`` when
-the source is closed. Loading files happens in a worker thread, never on the
-event loop.
+A directory and MQTT requests yield :class:`SourceItem` objects on the event
+loop; ``next()`` returns ``None`` when the source is closed. Loading files
+happens in a worker thread, never on the event loop. The synthetic source is
+drawn from by the inference threads themselves, a batch of rows at a time
+(:class:`SyntheticSource`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 import zipfile
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_node.inference_core import make_inputs, numpy_dtype
+from edge_node.results_core import DIGEST_HEX, row_digests
 from shared.messages import InferRequest, ModelManifest, TensorSpec
 
 __all__ = [
@@ -25,6 +30,7 @@ __all__ = [
     "InputSource",
     "MqttSource",
     "SourceItem",
+    "SyntheticRows",
     "SyntheticSource",
     "parse_source",
 ]
@@ -50,47 +56,120 @@ class InputSource(Protocol):
 ManifestGetter = Callable[[], ModelManifest | None]
 
 
-class SyntheticSource:
-    """Random inputs shaped like the active model's, at ``rate_hz`` or flat out."""
+@dataclass(frozen=True, slots=True, eq=False)
+class SyntheticRows:
+    """Stacked synthetic inputs: ``rows`` requests, and their digests (``DIGEST_HEX`` each)."""
 
-    def __init__(self, manifest: ManifestGetter, *, rate_hz: float | None, seed: int = 0) -> None:
-        self._manifest = manifest
+    inputs: dict[str, np.ndarray]
+    rows: int
+    digests: str
+
+
+class _Pool:
+    """Pre-drawn requests for one model: one array per input, requests along axis 0."""
+
+    def __init__(
+        self, manifest: ModelManifest, rng: np.random.Generator, *, max_rows: int, max_bytes: int
+    ) -> None:
+        template = make_inputs(manifest.inputs, manifest.warmup)
+        request_bytes = max(1, sum(a.nbytes for a in template.values()))
+        self.size = max(1, min(max_rows, max_bytes // request_bytes))
+        self.sha256 = manifest.sha256
+        self.arrays = {name: _draw(value, self.size, rng) for name, value in template.items()}
+        # A row stacks when every input has a leading dimension of 1 (one request, one row).
+        self.stackable = all(v.ndim >= 1 and v.shape[0] == 1 for v in template.values())
+        self.digests = "".join(
+            row_digests({name: array[i] for name, array in self.arrays.items()}, 1)
+            for i in range(self.size)
+        )
+        self.cursor = 0
+
+    def take(self, rows: int) -> SyntheticRows:
+        """``rows`` consecutive pool requests (a view, no copy), stacked along axis 0."""
+        rows = min(rows, self.size) if self.stackable else 1
+        if self.cursor + rows > self.size:
+            self.cursor = 0
+        start, self.cursor = self.cursor, self.cursor + rows
+        if self.stackable:
+            inputs = {
+                name: array[start : start + rows].reshape(rows, *array.shape[2:])
+                for name, array in self.arrays.items()
+            }
+        else:
+            inputs = {name: array[start] for name, array in self.arrays.items()}
+        return SyntheticRows(
+            inputs, rows, self.digests[start * DIGEST_HEX : (start + rows) * DIGEST_HEX]
+        )
+
+
+def _draw(template: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` requests like ``template``: floats drawn (as float32, then its dtype)."""
+    shape = (count, *template.shape)
+    if template.dtype.kind == "f":
+        return rng.standard_normal(shape, dtype=np.float32).astype(template.dtype, copy=False)
+    return np.ascontiguousarray(np.broadcast_to(template, shape))
+
+
+class SyntheticSource:
+    """Random inputs shaped like the serving model's, at ``rate_hz`` or flat out.
+
+    Worker threads draw from it (thread-safe). Inputs come from a small pool of
+    requests drawn once per model in the inputs' own dtypes (at most
+    ``pool_rows`` requests and ``pool_bytes`` bytes), reused in turn, with their
+    digests computed once: a draw costs no random numbers, copies or hashing.
+    """
+
+    def __init__(
+        self,
+        *,
+        rate_hz: float | None,
+        seed: int = 0,
+        pool_rows: int = 64,
+        pool_bytes: int = 4 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._interval = 1.0 / rate_hz if rate_hz else 0.0
         self._rng = np.random.default_rng(seed)
-        self._closed = asyncio.Event()
-        self._model_ready = asyncio.Event()
-        self._next_at = 0.0
-        self._template: tuple[str, dict[str, np.ndarray]] | None = None  # per model sha
+        self._pool_rows = pool_rows
+        self._pool_bytes = pool_bytes
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._next_at = clock()
+        self._pool: _Pool | None = None
 
-    def model_changed(self) -> None:
-        """Called when a model becomes active, to wake a waiting ``next()``."""
-        self._model_ready.set()
+    def wait_due(self, halt: threading.Event) -> bool:
+        """Wait until an input is due (at once when flat out); False once closed or halted."""
+        while not (self._closed.is_set() or halt.is_set()):
+            delay = self._next_at - self._clock() if self._interval else 0.0
+            if delay <= 0:
+                return True
+            halt.wait(delay)
+        return False
 
-    async def next(self) -> SourceItem | None:
-        loop = asyncio.get_running_loop()
-        while not self._closed.is_set():
-            manifest = self._manifest()
-            if manifest is None:
-                self._model_ready.clear()
-                await _first(self._closed.wait(), self._model_ready.wait())
-                continue
-            delay = self._next_at - loop.time()
-            if delay > 0:
-                await _first(self._closed.wait(), asyncio.sleep(delay))
-                continue
-            self._next_at = max(self._next_at, loop.time() - 1.0) + self._interval
-            if not self._interval:
-                await asyncio.sleep(0)  # let the rest of the node run between items
-            if self._template is None or self._template[0] != manifest.sha256:
-                self._template = (manifest.sha256, make_inputs(manifest.inputs, manifest.warmup))
-            inputs = {name: self._randomize(value) for name, value in self._template[1].items()}
-            return SourceItem(inputs, "synthetic")
-        return None
+    def draw(self, manifest: ModelManifest, max_rows: int) -> SyntheticRows | None:
+        """Up to ``max_rows`` due inputs for ``manifest``'s model; ``None`` when none is due.
 
-    def _randomize(self, value: np.ndarray) -> np.ndarray:
-        if value.dtype.kind == "f":
-            return self._rng.standard_normal(value.shape).astype(value.dtype)
-        return value
+        Raises:
+            InputSpecError: the model's inputs cannot be built (see
+                :func:`~edge_node.inference_core.make_inputs`).
+        """
+        with self._lock:
+            rows = max_rows
+            if self._interval:
+                now = self._clock()
+                due = int((now - self._next_at) // self._interval) + 1
+                if due < 1:
+                    return None
+                rows = min(rows, due)
+                # At most a second of backlog is made up after a stall.
+                self._next_at = max(self._next_at, now - 1.0) + rows * self._interval
+            pool = self._pool
+            if pool is None or pool.sha256 != manifest.sha256:
+                pool = self._pool = _Pool(
+                    manifest, self._rng, max_rows=self._pool_rows, max_bytes=self._pool_bytes
+                )
+            return pool.take(rows)
 
     def close(self) -> None:
         self._closed.set()
