@@ -51,10 +51,10 @@ from shared.messages import (
     InferenceResult,
     InferReply,
     InferRequest,
-    ResultBatch,
     Telemetry,
     encode,
 )
+from shared.result_batch import batch_of, encode_results
 
 __all__ = ["Pipeline", "PipelineSettings"]
 
@@ -280,7 +280,7 @@ class Pipeline:
             batch = tuple(self.pending[: cfg.batch_max])
 
             def build(seq: int, batch: tuple[InferenceResult, ...] = batch) -> bytes:
-                return encode(ResultBatch(node=cfg.node_id, seq=seq, results=batch))
+                return encode_results(batch_of(cfg.node_id, seq, batch))
 
             if not await self._sender.try_put("results", topic, build):
                 log.error("outbox full: pausing inference until the controller acknowledges")
