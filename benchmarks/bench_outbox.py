@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_node.outbox import Outbox
-from shared.messages import InferenceResult, ModelRef, ResultBatch, TopK, encode
+from shared.messages import InferenceResult, ModelRef, TopK
+from shared.result_batch import batch_of, encode_results
 
 TOPIC = "fleet/v1/default/node/bench-node/results"
 _SENTINEL = 987_654_321  # a seq that appears nowhere else in the encoded batch
@@ -28,7 +29,7 @@ _SENTINEL = 987_654_321  # a seq that appears nowhere else in the encoded batch
 def batch_template(n_results: int) -> tuple[bytes, bytes]:
     """A ResultBatch of ``n_results`` encoded, split around its top-level ``seq``."""
     model = ModelRef(name="resnet18", version="1.4.0", sha256="ab" * 32)
-    results = tuple(
+    results = [
         InferenceResult(
             seq=i + 1,
             model=model,
@@ -40,8 +41,8 @@ def batch_template(n_results: int) -> tuple[bytes, bytes]:
             source="camera0",
         )
         for i in range(n_results)
-    )
-    raw = encode(ResultBatch(node="bench-node", seq=_SENTINEL, results=results))
+    ]
+    raw = encode_results(batch_of("bench-node", _SENTINEL, results))
     head, sep, tail = raw.partition(b'"seq":%d' % _SENTINEL)
     assert sep, "sentinel seq not found in the encoded batch"
     return head + b'"seq":', tail

@@ -60,7 +60,8 @@ from fleet_controller.publish import prepare_manifest, publish, sign_release
 from fleet_controller.service import ControllerConfig, ControllerService
 from fleet_controller.store import Store
 from shared.broker import BrokerAddress
-from shared.messages import ModelManifest, ResultBatch
+from shared.messages import ModelManifest
+from shared.result_batch import ResultBatch
 from shared.trust import Role
 
 FLEET = "bench"
@@ -95,11 +96,11 @@ class CommitClock:
             committed = time.time()  # the node stamps results with time.time() too
             for batch in batches:
                 top = self._top.get(batch.node, 0)
-                for result in batch.results:
-                    if result.seq > top:  # a re-sent result is not a new sample
-                        top = result.seq
+                for seq, ts in zip(batch.result_seq, batch.ts, strict=True):
+                    if seq > top:  # a re-sent result is not a new sample
+                        top = seq
                         if self.recording:
-                            self.delays.append(committed - result.ts)
+                            self.delays.append(committed - ts)
                 self._top[batch.node] = top
             return acks
 

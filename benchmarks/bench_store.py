@@ -30,7 +30,8 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 
 from fleet_controller.store import Store, StoreError
-from shared.messages import InferenceResult, ModelRef, ResultBatch, TopK
+from shared.messages import InferenceResult, ModelRef, TopK
+from shared.result_batch import batch_of, decode_results, encode_results
 
 PG_URL = os.environ.get(
     "EDGEFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -62,27 +63,27 @@ class Fleet:
         ]
         self.made = 0
 
-    def batches(self, count: int) -> list[ResultBatch]:
+    def batches(self, count: int) -> list[bytes]:
+        """``count`` result batches as they arrive on the wire."""
         made = []
         for n in range(self.made, self.made + count):
             node, slot = f"node-{n % NODES:03d}", 1 + n // NODES
             base = (slot - 1) * RESULTS_PER_BATCH
-            results = tuple(r.model_copy(update={"seq": base + r.seq}) for r in self.template)
-            made.append(ResultBatch(node=node, seq=slot, results=results))
+            results = [r.model_copy(update={"seq": base + r.seq}) for r in self.template]
+            made.append(encode_results(batch_of(node, slot, results)))
         self.made += count
         return made
 
 
-def run(store: Store, chunks: Iterator[list[ResultBatch]], seconds: float) -> float:
-    """Ingest chunk after chunk (one call each) until ``seconds`` of ingest time: results/s.
-
-    Only the ingest calls are timed, not building the messages.
+def run(store: Store, chunks: Iterator[list[bytes]], seconds: float) -> float:
+    """Decode and ingest chunk after chunk (one call each) until ``seconds`` of
+    that time: results/s. Building the messages is not timed.
     """
     spent = 0.0
     done = 0
     for chunk in chunks:
         start = time.perf_counter()
-        store.ingest.write([], chunk, [], NOW)
+        store.ingest.write([], [decode_results(raw) for raw in chunk], [], NOW)
         spent += time.perf_counter() - start
         done += len(chunk) * RESULTS_PER_BATCH
         if spent >= seconds:
@@ -93,9 +94,9 @@ def run(store: Store, chunks: Iterator[list[ResultBatch]], seconds: float) -> fl
 def bench(label: str, store: Store, seconds: float) -> None:
     print(f"{label}:")
     fleet = Fleet()
-    sent: list[list[ResultBatch]] = []
+    sent: list[list[bytes]] = []
 
-    def fresh(per_call: int) -> Iterator[list[ResultBatch]]:
+    def fresh(per_call: int) -> Iterator[list[bytes]]:
         while True:
             chunk = fleet.batches(per_call)
             sent.append(chunk)

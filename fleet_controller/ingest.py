@@ -15,6 +15,12 @@ Invariants:
   Node statuses are folded into their rollouts later, from the database, by
   the ticker (``store.rollouts.step``), so acking now loses nothing even if
   this controller dies before the next tick.
+* **Result batches are decoded by the writer**, in its thread
+  (:func:`~fleet_controller.link.open_results`): one that does not decode is
+  logged, counted (``metrics["malformed"]``) and dropped; one over its node's
+  results quota (:meth:`NodeQuotas.admit_results`) is dropped unacknowledged
+  and counted (``metrics["quota_refused_results"]``). Counts made in the
+  thread reach ``metrics`` on the event loop.
 * **One poison message cannot block the rest.** A batch that fails with a
   store error (the database is away) is dropped unacknowledged, to be re-sent.
   A batch that raises anything else is retried item by item: what stores is
@@ -30,13 +36,15 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from fleet_controller.link import ControllerLink, Ingested
+from fleet_controller.link import ControllerLink, Ingested, RawResults, open_results
+from fleet_controller.quotas import NodeQuotas
 from fleet_controller.store import Store
 from shared import topics
 from shared.acks import sign_ack
 from shared.envelope import SigningKey
-from shared.errors import EdgeFleetError, TransportError
-from shared.messages import Ack, NodeState, NodeStatus, ResultBatch, Telemetry
+from shared.errors import DecodeError, EdgeFleetError, TransportError
+from shared.messages import Ack, NodeState, NodeStatus, Telemetry
+from shared.result_batch import ResultBatch
 
 __all__ = ["Ingest"]
 
@@ -46,7 +54,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Batch:
     statuses: list[NodeStatus] = field(default_factory=list)
-    results: list[ResultBatch] = field(default_factory=list)
+    results: list[RawResults] = field(default_factory=list)
     telemetry: list[Telemetry] = field(default_factory=list)
     states: list[NodeState] = field(default_factory=list)
 
@@ -56,7 +64,7 @@ class _Batch:
         for item in items:
             if isinstance(item, NodeStatus):
                 batch.statuses.append(item)
-            elif isinstance(item, ResultBatch):
+            elif isinstance(item, RawResults):
                 batch.results.append(item)
             elif isinstance(item, Telemetry):
                 batch.telemetry.append(item)
@@ -83,10 +91,12 @@ class Ingest:
         clock: Callable[[], float],
         metrics: Counter[str],
         ack_key: SigningKey,
+        quotas: NodeQuotas,
         queue_max: int,
         batch_max: int,
     ) -> None:
         self._store = store
+        self._quotas = quotas
         self._ack_key = ack_key
         self._link = link
         self._fleet = fleet
@@ -130,8 +140,9 @@ class Ingest:
     async def store(self, items: Sequence[Ingested]) -> None:
         """Store ``items`` and publish the acks they earned; never raises."""
         now = self._clock()
+        counts: Counter[str] = Counter()
         try:
-            acks = await asyncio.to_thread(self._write, items, now)
+            acks = await asyncio.to_thread(self._write, items, now, counts)
         except EdgeFleetError as exc:
             log.error("storing a batch failed (nodes will re-send): %s", exc)
             return
@@ -139,14 +150,17 @@ class Ingest:
             log.exception("storing a batch of %d failed; retrying one by one", len(items))
             acks = await self._one_by_one(items, now)
         else:
-            self._metrics["stored"] += len(items)
+            self._metrics["stored"] += len(items) - counts.total()
+        finally:
+            self._metrics.update(counts)
         await self._publish_acks(acks)
 
     async def _one_by_one(self, items: Sequence[Ingested], now: float) -> dict[str, int]:
         acks: dict[str, int] = {}
         for item in items:
+            counts: Counter[str] = Counter()
             try:
-                _merge(acks, await asyncio.to_thread(self._write, [item], now))
+                _merge(acks, await asyncio.to_thread(self._write, [item], now, counts))
             except Exception as exc:
                 self._metrics["ingest_failed"] += 1
                 log.error(
@@ -157,15 +171,39 @@ class Ingest:
                     exc_info=not isinstance(exc, EdgeFleetError),
                 )
             else:
-                self._metrics["stored"] += 1
+                self._metrics["stored"] += 1 - counts.total()
+            finally:
+                self._metrics.update(counts)
         return acks
 
-    def _write(self, items: Sequence[Ingested], now: float) -> dict[str, int]:
-        """In a worker thread. Raises: StoreError, or anything a bad message provokes."""
+    def _write(self, items: Sequence[Ingested], now: float, counts: Counter[str]) -> dict[str, int]:
+        """In a worker thread; what it drops is counted in ``counts``.
+
+        Raises: StoreError, or anything a bad message provokes.
+        """
         batch = _Batch.of(items)
         for state in batch.states:
             self._store.nodes.apply_state(state, now)
-        return self._store.ingest.write(batch.statuses, batch.results, batch.telemetry, now)
+        results = self._open(batch.results, now, counts)
+        return self._store.ingest.write(batch.statuses, results, batch.telemetry, now)
+
+    def _open(
+        self, raws: Sequence[RawResults], now: float, counts: Counter[str]
+    ) -> list[ResultBatch]:
+        """Decode result batches; drop (and count) the malformed and the over-quota."""
+        opened: list[ResultBatch] = []
+        for raw in raws:
+            try:
+                batch = open_results(raw)
+            except DecodeError as exc:
+                counts["malformed"] += 1
+                log.warning("dropping a malformed result batch from %s: %s", raw.node, exc)
+                continue
+            if not self._quotas.admit_results(raw.node, len(batch), now):
+                counts["quota_refused_results"] += 1
+                continue
+            opened.append(batch)
+        return opened
 
     async def _publish_acks(self, acks: dict[str, int]) -> None:
         now = self._clock()

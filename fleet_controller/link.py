@@ -18,7 +18,9 @@ What it keeps:
   ``$share`` (every replica needs every birth and death).
 * **Routing**: each message is decoded strictly, once (:func:`decode_incoming`,
   which also applies :func:`shared.rules.require_topic_node`), and handed to
-  one of :class:`Routes`. A malformed message is logged with its topic,
+  one of :class:`Routes`. Result batches, the bulk of the traffic, are not
+  decoded on the event loop: they go on as :class:`RawResults`, decoded by the
+  ingest writer's thread (:func:`open_results`). A malformed message is logged with its topic,
   counted (``metrics["malformed"]``) and dropped; a route that raises is
   logged with a traceback and counted, and the connection carries on.
 
@@ -46,11 +48,11 @@ from shared.messages import (
     ControllerState,
     NodeState,
     NodeStatus,
-    ResultBatch,
     Telemetry,
     decode,
     encode,
 )
+from shared.result_batch import MAX_BATCH_BYTES, ResultBatch, decode_results
 from shared.rules import require_topic_node
 
 __all__ = [
@@ -59,10 +61,12 @@ __all__ = [
     "ControllerLink",
     "Incoming",
     "Ingested",
+    "RawResults",
     "Routes",
     "StoreConflictError",
     "check_peer",
     "decode_incoming",
+    "open_results",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,15 +98,33 @@ def check_peer(peer: ControllerState | None, *, store_id: str) -> None:
     )
 
 
-Ingested = NodeStatus | ResultBatch | Telemetry | NodeState
+@dataclass(frozen=True, slots=True)
+class RawResults:
+    """A result batch as it arrived on ``node/{node}/results``, not decoded yet."""
+
+    node: str
+    payload: bytes
+
+
+def open_results(raw: RawResults) -> ResultBatch:
+    """Decode a :class:`RawResults` strictly (off the event loop: it is the bulk).
+
+    Raises:
+        DecodeError: the payload is malformed or names another node than its topic.
+    """
+    batch = decode_results(raw.payload)
+    require_topic_node(raw.node, batch.node)
+    return batch
+
+
+Ingested = NodeStatus | RawResults | Telemetry | NodeState
 """What nodes send that the controller stores (and acks, for statuses and results)."""
 
 Incoming = Ingested | ArtifactRequest | Envelope
 """An operator request arrives as the DSSE envelope its operator signed."""
 
-_MODELS: dict[topics.TopicKind, type[Ingested | ArtifactRequest]] = {
+_MODELS: dict[topics.TopicKind, type[NodeStatus | Telemetry | NodeState | ArtifactRequest]] = {
     topics.TopicKind.STATUS: NodeStatus,
-    topics.TopicKind.RESULTS: ResultBatch,
     topics.TopicKind.TELEMETRY: Telemetry,
     topics.TopicKind.STATE: NodeState,
     topics.TopicKind.ARTIFACT_REQUEST: ArtifactRequest,
@@ -119,6 +141,12 @@ def decode_incoming(topic: str, data: bytes) -> Incoming | None:
     parsed = topics.parse_topic(topic)
     if parsed.kind is topics.TopicKind.CTL_REQUEST:
         return Envelope.from_bytes(data)
+    if parsed.kind is topics.TopicKind.RESULTS and parsed.node is not None:
+        if len(data) > MAX_BATCH_BYTES:
+            raise DecodeError(
+                f"payload of {len(data)} bytes exceeds the {MAX_BATCH_BYTES}-byte limit"
+            )
+        return RawResults(parsed.node, data)
     model = _MODELS.get(parsed.kind)
     if model is None:
         return None

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-from shared.messages import ResultBatch
-
 __all__ = [
     "BURST_S",
     "CHUNKS_PER_S",
@@ -81,13 +79,17 @@ class NodeQuotas:
         self._bytes = RateLimiter(bytes_per_s, bytes_per_s * BURST_S)
         self._metrics = metrics
 
-    def admit(self, node: str, item: object, size: int, now: float) -> bool:
-        """Whether ``item`` (``size`` bytes on the wire) from ``node`` may be stored now."""
-        results = len(item.results) if isinstance(item, ResultBatch) else 0
-        if not self._bytes.allow(node, now, float(size)):
-            self._metrics["quota_refused_bytes"] += 1
-            return False
-        if results and not self._results.allow(node, now, float(results)):
-            self._metrics["quota_refused_results"] += 1
-            return False
-        return True
+    def admit(self, node: str, size: int, now: float) -> bool:
+        """Whether a message of ``size`` bytes on the wire from ``node`` may be stored now."""
+        if self._bytes.allow(node, now, float(size)):
+            return True
+        self._metrics["quota_refused_bytes"] += 1
+        return False
+
+    def admit_results(self, node: str, count: int, now: float) -> bool:
+        """Whether ``count`` more results from ``node`` may be stored now.
+
+        Called by the ingest writer (one thread at a time), once a batch is
+        decoded; the caller counts a refusal (``quota_refused_results``).
+        """
+        return self._results.allow(node, now, float(count))

@@ -190,6 +190,11 @@ class ControllerService:
             clock=clock,
             metrics=self.metrics,
         )
+        self._quotas = NodeQuotas(
+            results_per_s=config.node_results_per_s,
+            bytes_per_s=config.node_bytes_per_s,
+            metrics=self.metrics,
+        )
         self.ingest = Ingest(
             self.store,
             self.link,
@@ -197,13 +202,9 @@ class ControllerService:
             clock=clock,
             metrics=self.metrics,
             ack_key=rollout_key,
+            quotas=self._quotas,
             queue_max=config.queue_max,
             batch_max=config.batch_max,
-        )
-        self._quotas = NodeQuotas(
-            results_per_s=config.node_results_per_s,
-            bytes_per_s=config.node_bytes_per_s,
-            metrics=self.metrics,
         )
         self.artifacts = Artifacts(
             self.blobs,
@@ -340,7 +341,7 @@ class ControllerService:
         await dynsec_control(self._transport, commands)
 
     def _on_ingest(self, item: Ingested, size: int) -> None:
-        if self._quotas.admit(item.node, item, size, self._clock()):
+        if self._quotas.admit(item.node, size, self._clock()):
             self.ingest.offer(item)
 
     def _on_chunk(self, request: ArtifactRequest) -> None:

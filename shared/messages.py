@@ -59,7 +59,6 @@ __all__ = [
     "OperatorReply",
     "OperatorRequest",
     "PeriodStats",
-    "ResultBatch",
     "RollbackAction",
     "RolloutState",
     "Telemetry",
@@ -410,15 +409,6 @@ class InferenceResult(_Frozen):
     source: Text | None = None
 
 
-class ResultBatch(_MessageV1):
-    """Results in per-node ``InferenceResult.seq`` order; ``seq`` is the outbox slot."""
-
-    type: Literal["results"] = "results"
-    node: Id
-    seq: Seq
-    results: tuple[InferenceResult, ...] = Field(min_length=1, max_length=1000)
-
-
 class Ack(_MessageV1):
     """Controller → node: every outbox slot up to ``seq`` is durably stored."""
 
@@ -526,7 +516,6 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Command,
     NodeStatus,
     Telemetry,
-    ResultBatch,
     Ack,
     InferRequest,
     InferReply,

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import islice
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple, Protocol, cast
 
 import msgspec
 
 from shared.errors import DecodeError
-from shared.version import SEMVER_PATTERN
+from shared.version import SEMVER_PATTERN, SemVer, VersionError
 
 __all__ = [
     "MAX_BATCH_BYTES",
@@ -39,9 +41,14 @@ __all__ = [
     "RESULT_BATCH_VERSION",
     "BatchModel",
     "ResultBatch",
+    "ResultLike",
+    "ResultView",
     "TensorEntry",
+    "TopKView",
+    "batch_of",
     "decode_results",
     "encode_results",
+    "rows_of",
 ]
 
 RESULT_BATCH_VERSION: Literal[2] = 2
@@ -160,7 +167,26 @@ def decode_results(payload: bytes, *, max_bytes: int = MAX_BATCH_BYTES) -> Resul
 _HEX = re.compile(r"[0-9a-f]*")
 
 
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_strings(batch: ResultBatch) -> None:
+    """Exact checks of the few identifiers (a schema pattern's ``$`` lets a final
+    newline through, and ``\\d`` any Unicode digit)."""
+    if not _ID.fullmatch(batch.node):
+        raise DecodeError(f"invalid ResultBatch: node {batch.node[:64]!r} is not an id")
+    for model in batch.models:
+        if not _SHA256.fullmatch(model.sha256):
+            raise DecodeError("invalid ResultBatch: a model's sha256 is not 64 hex digits")
+        try:
+            SemVer.parse(model.version)
+        except VersionError as exc:
+            raise DecodeError(f"invalid ResultBatch: model version: {exc}") from None
+
+
 def _check_columns(batch: ResultBatch) -> None:
+    _check_strings(batch)
     n = len(batch.result_seq)
     for name in ("model", "latency_ms", "ts", "corner_case", "source", "topk_k", "tensors"):
         if len(getattr(batch, name)) != n:
@@ -177,3 +203,175 @@ def _check_columns(batch: ResultBatch) -> None:
         raise DecodeError("invalid ResultBatch: result_seq does not ascend strictly")
     if max(batch.model) >= len(batch.models):
         raise DecodeError("invalid ResultBatch: a model index names no entry of models")
+
+
+# ----- between rows and columns ---------------------------------------------------
+
+
+class _ModelLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+
+
+class _TopKLike(Protocol):
+    @property
+    def index(self) -> int: ...
+    @property
+    def label(self) -> str | None: ...
+    @property
+    def score(self) -> float: ...
+
+
+class _TensorLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> Sequence[int]: ...
+    @property
+    def data(self) -> Sequence[float]: ...
+
+
+class ResultLike(Protocol):
+    """One result as rows hold it (:class:`shared.messages.InferenceResult` is one)."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def model(self) -> _ModelLike: ...
+    @property
+    def input_digest(self) -> str: ...
+    @property
+    def latency_ms(self) -> float: ...
+    @property
+    def ts(self) -> float: ...
+    @property
+    def topk(self) -> Sequence[_TopKLike] | None: ...
+    @property
+    def tensors(self) -> Sequence[_TensorLike] | None: ...
+    @property
+    def corner_case(self) -> bool: ...
+    @property
+    def source(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TopKView:
+    """One top-k entry of a :class:`ResultView`."""
+
+    index: int
+    label: str | None
+    score: float
+
+
+class ResultView(NamedTuple):
+    """Result ``i`` of a batch as one row (for readers that look at few results)."""
+
+    seq: int
+    model: BatchModel
+    input_digest: str
+    latency_ms: float
+    ts: float
+    topk: tuple[TopKView, ...] | None
+    tensors: tuple[TensorEntry, ...] | None
+    corner_case: bool
+    source: str | None
+
+
+def batch_of(node: str, seq: int, results: Sequence[ResultLike]) -> ResultBatch:
+    """The columnar batch of ``results`` (in ``seq`` order), for outbox slot ``seq``.
+
+    All digests must have one length (a node digests every input alike).
+    """
+    models: dict[tuple[str, str, str], int] = {}
+    labels: dict[str, int] = {}
+    topk_k: list[int] = []
+    topk_index: list[int] = []
+    topk_score: list[float] = []
+    topk_label: list[int] = []
+    model: list[int] = []
+    for r in results:
+        key = (r.model.name, r.model.version, r.model.sha256)
+        model.append(models.setdefault(key, len(models)))
+        entries = r.topk or ()
+        topk_k.append(len(entries))
+        for entry in entries:
+            topk_index.append(entry.index)
+            topk_score.append(entry.score)
+            label = entry.label
+            topk_label.append(-1 if label is None else labels.setdefault(label, len(labels)))
+    digests = [r.input_digest for r in results]
+    return ResultBatch(
+        node=node,
+        seq=seq,
+        models=[BatchModel(name=n, version=v, sha256=s) for n, v, s in models],
+        result_seq=[r.seq for r in results],
+        model=model,
+        digest_len=len(digests[0]) if digests else 16,
+        digests="".join(digests),
+        latency_ms=[float(r.latency_ms) for r in results],
+        ts=[float(r.ts) for r in results],
+        corner_case=[r.corner_case for r in results],
+        source=[r.source for r in results],
+        topk_k=topk_k,
+        topk_index=topk_index,
+        topk_score=[float(s) for s in topk_score],
+        topk_label=topk_label,
+        labels=list(labels),
+        tensors=[None if r.tensors is None else _tensor_entries(r.tensors) for r in results],
+    )
+
+
+def _tensor_entries(tensors: Sequence[_TensorLike]) -> list[TensorEntry]:
+    return [
+        TensorEntry(
+            name=t.name,
+            dtype=cast(_DType, str(t.dtype)),
+            shape=list(t.shape),
+            data=[float(x) for x in t.data],
+        )
+        for t in tensors
+    ]
+
+
+def rows_of(batch: ResultBatch) -> list[ResultView]:
+    """Every result of ``batch`` as a row, in order."""
+    rows: list[ResultView] = []
+    width = batch.digest_len
+    start = 0
+    for i, k in enumerate(batch.topk_k):
+        end = start + k
+        topk = (
+            tuple(
+                TopKView(index, None if label < 0 else batch.labels[label], score)
+                for index, score, label in zip(
+                    batch.topk_index[start:end],
+                    batch.topk_score[start:end],
+                    batch.topk_label[start:end],
+                    strict=True,
+                )
+            )
+            if k
+            else None
+        )
+        start = end
+        tensors = batch.tensors[i]
+        rows.append(
+            ResultView(
+                seq=batch.result_seq[i],
+                model=batch.models[batch.model[i]],
+                input_digest=batch.digests[i * width : (i + 1) * width],
+                latency_ms=batch.latency_ms[i],
+                ts=batch.ts[i],
+                topk=topk,
+                tensors=None if tensors is None else tuple(tensors),
+                corner_case=batch.corner_case[i],
+                source=batch.source[i],
+            )
+        )
+    return rows

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import repeat
 from typing import Any
 
+import msgspec
 from sqlalchemy import bindparam, delete, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
@@ -33,7 +35,6 @@ from fleet_controller.store.database import Database
 from fleet_controller.store.nodes import ensure_nodes
 from fleet_controller.store.tables import (
     NODES,
-    RESULTS,
     SLOTS,
     STATUSES,
     TELEMETRY,
@@ -41,14 +42,8 @@ from fleet_controller.store.tables import (
     StoredSlotRow,
     TelemetryRow,
 )
-from shared.messages import (
-    InferenceResult,
-    NodeStatus,
-    ResultBatch,
-    Telemetry,
-    TensorData,
-    TopK,
-)
+from shared.messages import NodeStatus, Telemetry
+from shared.result_batch import ResultBatch
 from shared.rules import SlotLedger
 
 __all__ = ["IngestRepository", "select_samples"]
@@ -92,10 +87,7 @@ class IngestRepository:
             # Statuses first, then batches: the order in which slots are offered.
             status_rows = [_status_row(m) for m in statuses if ledgers[m.node].offer(m.seq)]
             result_rows = [
-                _result_row(b.node, r)
-                for b in batches
-                if ledgers[b.node].offer(b.seq)
-                for r in b.results
+                row for b in batches if ledgers[b.node].offer(b.seq) for row in _result_rows(b)
             ]
             self._insert(s, status_rows, result_rows, [_telemetry_row(t) for t in telemetry])
             s.exec(
@@ -113,16 +105,13 @@ class IngestRepository:
         self,
         s: Session,
         statuses: list[dict[str, Any]],
-        results: list[dict[str, Any]],
+        results: list[tuple[Any, ...]],
         telemetry: list[dict[str, Any]],
     ) -> None:
         if statuses:
             s.exec(self._db.insert(STATUSES).on_conflict_do_nothing(), params=statuses)
         if results:
-            s.exec(
-                self._db.insert(RESULTS).on_conflict_do_nothing(index_elements=["node_id", "seq"]),
-                params=results,
-            )
+            _bulk_insert_results(s, self._db.dialect, results)
         if telemetry:
             s.exec(TELEMETRY.insert(), params=telemetry)
 
@@ -238,9 +227,6 @@ def _histogram(text: str | None) -> tuple[tuple[int, int], ...]:
 
 # ----- row builders (plain dicts for executemany) ----------------------------------------
 
-# Results are the hot path: one reused encoder (the C one), keys in a fixed order.
-_ROW_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
 
 def _status_row(m: NodeStatus) -> dict[str, Any]:
     return {
@@ -258,38 +244,84 @@ def _status_row(m: NodeStatus) -> dict[str, Any]:
     }
 
 
-def _result_row(node_id: str, r: InferenceResult) -> dict[str, Any]:
-    return {
-        "node_id": node_id,
-        "seq": r.seq,
-        "model_name": r.model.name,
-        "model_version": r.model.version,
-        "model_sha256": r.model.sha256,
-        "input_digest": r.input_digest,
-        "latency_ms": r.latency_ms,
-        "ts": r.ts,
-        "topk_json": _topk_json(r.topk),
-        "tensors_json": _tensors_json(r.tensors),
-        "corner_case": r.corner_case,
-        "source": r.source,
-    }
+# Results are the bulk: rows are plain tuples built column by column and
+# written through the driver itself (executemany on SQLite, COPY on
+# PostgreSQL), without SQLAlchemy's per-row work.
+_SQLITE_INSERT = """
+INSERT OR IGNORE INTO results (node_id, seq, model_name, model_version, model_sha256,
+    input_digest, latency_ms, ts, topk_json, tensors_json, corner_case, source)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+# PostgreSQL: COPY into a per-connection staging table (emptied at every
+# commit), then one INSERT that skips (node_id, seq) already stored, as ON
+# CONFLICT DO NOTHING does.
+_PG_STAGE_CREATE = """
+CREATE TEMPORARY TABLE IF NOT EXISTS results_incoming
+    (LIKE results INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"""
+_PG_COPY = """
+COPY results_incoming (node_id, seq, model_name, model_version, model_sha256,
+    input_digest, latency_ms, ts, topk_json, tensors_json, corner_case, source) FROM STDIN"""
+_PG_MOVE = """
+INSERT INTO results (node_id, seq, model_name, model_version, model_sha256,
+    input_digest, latency_ms, ts, topk_json, tensors_json, corner_case, source)
+SELECT node_id, seq, model_name, model_version, model_sha256,
+    input_digest, latency_ms, ts, topk_json, tensors_json, corner_case, source
+FROM results_incoming
+ON CONFLICT (node_id, seq) DO NOTHING"""
+_JSON = msgspec.json.Encoder()
 
 
-def _topk_json(topk: Sequence[TopK] | None) -> str | None:
-    if topk is None:
-        return None
-    return _ROW_JSON.encode([{"index": t.index, "label": t.label, "score": t.score} for t in topk])
+def _bulk_insert_results(s: Session, dialect: str, rows: list[tuple[Any, ...]]) -> None:
+    """Write result rows (in the column order above), skipping stored ones."""
+    driver: Any = s.connection().connection.driver_connection
+    if dialect == "sqlite":
+        driver.executemany(_SQLITE_INSERT, rows)
+        return
+    with driver.cursor() as cursor:
+        cursor.execute(_PG_STAGE_CREATE)
+        with cursor.copy(_PG_COPY) as copy:
+            for row in rows:
+                copy.write_row(row)
+        cursor.execute(_PG_MOVE)
 
 
-def _tensors_json(tensors: Sequence[TensorData] | None) -> str | None:
-    if tensors is None:
-        return None
-    return _ROW_JSON.encode(
-        [
-            {"name": t.name, "dtype": t.dtype.value, "shape": list(t.shape), "data": list(t.data)}
-            for t in tensors
-        ]
+def _result_rows(b: ResultBatch) -> Iterator[tuple[Any, ...]]:
+    """``b``'s results as rows, column by column (kept as they arrived where the
+    store does not look inside: digests, top-k and tensors as compact JSON)."""
+    n = len(b)
+    models = b.models
+    width = b.digest_len
+    digests = b.digests
+    return zip(
+        repeat(b.node, n),
+        b.result_seq,
+        [models[i].name for i in b.model],
+        [models[i].version for i in b.model],
+        [models[i].sha256 for i in b.model],
+        [digests[i : i + width] for i in range(0, n * width, width)],
+        b.latency_ms,
+        b.ts,
+        _topk_json(b),
+        [None if t is None else _JSON.encode(t).decode() for t in b.tensors],
+        b.corner_case,
+        b.source,
+        strict=True,
     )
+
+
+def _topk_json(b: ResultBatch) -> list[str | None]:
+    """Each result's top-k as ``[[index, score, label], ...]`` (None: no top-k)."""
+    if not b.topk_index:
+        return [None] * len(b)
+    labels: list[str | None] = [*b.labels, None]  # index -1 names the None
+    named = map(labels.__getitem__, b.topk_label)
+    entries = list(zip(b.topk_index, b.topk_score, named, strict=True))
+    out: list[str | None] = []
+    start = 0
+    for k in b.topk_k:
+        end = start + k
+        out.append(_JSON.encode(entries[start:end]).decode() if k else None)
+        start = end
+    return out
 
 
 def _telemetry_row(t: Telemetry) -> dict[str, Any]:
@@ -311,5 +343,5 @@ def _telemetry_row(t: Telemetry) -> dict[str, Any]:
         "period_errors": None if t.period is None else t.period.errors,
         "latency_hist": None
         if t.period is None
-        else _ROW_JSON.encode([list(pair) for pair in t.period.latency]),
+        else _JSON.encode([list(pair) for pair in t.period.latency]).decode(),
     }

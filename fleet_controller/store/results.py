@@ -138,23 +138,28 @@ def _counts(results: Any, corner_cases: Any, mean_latency: Any) -> dict[str, Any
     }
 
 
+def _topk(stored: list[Any]) -> tuple[TopK, ...]:
+    """A stored top-k: ``[[index, score, label], ...]`` as results arrive since
+    result batch version 2, or ``[{"index", "label", "score"}, ...]`` before."""
+    return tuple(
+        TopK(index=t[0], score=t[1], label=t[2]) if isinstance(t, list) else TopK.model_validate(t)
+        for t in stored
+    )
+
+
 def _result_info(row: ResultRow) -> ResultInfo:
     what = f"result {row.node_id}/{row.seq}"
     model = model_ref(row.model_name, row.model_version, row.model_sha256, what)
     if model is None:  # pragma: no cover - the columns are NOT NULL
         raise StoreError(f"{what}: no model")
     try:
-        topk = (
-            None
-            if row.topk_json is None
-            else tuple(TopK.model_validate(t) for t in json.loads(row.topk_json))
-        )
+        topk = None if row.topk_json is None else _topk(json.loads(row.topk_json))
         tensors = (
             None
             if row.tensors_json is None
             else tuple(TensorData.model_validate(t) for t in json.loads(row.tensors_json))
         )
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, IndexError):
         raise StoreError(f"{what}: stored top-k or tensors are corrupt") from None
     return ResultInfo(
         node_id=row.node_id,

@@ -23,7 +23,8 @@ from edgefleet_io.transport import Session, reconnect_delays
 from shared import topics
 from shared.broker import parse_broker_url
 from shared.errors import TransportError
-from shared.messages import NodeState, ResultBatch, decode
+from shared.messages import NodeState, decode
+from shared.result_batch import decode_results
 from tests.support.broker import Broker, BrokerFactory
 from tests.support.harness import Harness, Registered, RunningNode, node_config, start_node
 from tests.support.node_checks import (
@@ -86,7 +87,7 @@ class SlotObserver:
                     await link.subscribe([(topics.results(self._fleet, NODE), 1)])
                     self.connected.set()
                     async for message in link.messages():
-                        self.slots.append(decode(ResultBatch, message.payload).seq)
+                        self.slots.append(decode_results(message.payload).seq)
             except TransportError:
                 self.connected.clear()
             await asyncio.sleep(next(delays))  # reconnect back-off (not a wait: polls no state)

@@ -53,17 +53,21 @@ from shared.messages import (
     Ack,
     ArtifactRequest,
     DeployAction,
+    DType,
     InferenceResult,
     ModelManifest,
+    ModelRef,
     NodeState,
     NodeStatus,
     NodeTarget,
-    ResultBatch,
     RollbackAction,
+    TensorData,
+    TopK,
     WaveTarget,
     decode,
     encode,
 )
+from shared.result_batch import ResultBatch, ResultView, decode_results, rows_of
 from shared.rules import SlotLedger
 from shared.trust import Role, TrustList, sign_trust_list
 
@@ -197,7 +201,7 @@ class Harness:
                 self.statuses.append(status)
             await self._settle(link, node, ledger)
         elif parsed.kind is topics.TopicKind.RESULTS:
-            await self._on_results(link, node, decode(ResultBatch, message.payload))
+            await self._on_results(link, node, decode_results(message.payload))
         elif parsed.kind is topics.TopicKind.STATE and message.payload:
             state = decode(NodeState, message.payload)
             self.states.append(state)
@@ -225,10 +229,10 @@ class Harness:
         ledger = self._ledger(node)
         if ledger.offer(batch.seq):
             stored = self.results.setdefault(node, {})
-            for result in batch.results:
+            for result in rows_of(batch):
                 if result.seq not in stored:
                     self.result_order.setdefault(node, []).append(result.seq)
-                stored[result.seq] = result
+                stored[result.seq] = as_result(result)
         await self._settle(link, node, ledger)
 
     async def _answer(self, link: Link, node: str, request: ArtifactRequest) -> None:
@@ -416,3 +420,25 @@ class RunningNode:
     async def __aexit__(self, *exc: object) -> None:
         if not self.task.done():
             await self.stop()
+
+
+def as_result(row: ResultView) -> InferenceResult:
+    """A result of a columnar batch as the wire's row model, for comparisons."""
+    return InferenceResult(
+        seq=row.seq,
+        model=ModelRef(name=row.model.name, version=row.model.version, sha256=row.model.sha256),
+        input_digest=row.input_digest,
+        latency_ms=row.latency_ms,
+        ts=row.ts,
+        topk=None
+        if row.topk is None
+        else tuple(TopK(index=t.index, label=t.label, score=t.score) for t in row.topk),
+        tensors=None
+        if row.tensors is None
+        else tuple(
+            TensorData(name=t.name, dtype=DType(t.dtype), shape=tuple(t.shape), data=tuple(t.data))
+            for t in row.tensors
+        ),
+        corner_case=row.corner_case,
+        source=row.source,
+    )

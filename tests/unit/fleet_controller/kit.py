@@ -29,6 +29,7 @@ from typing import Any
 from edgefleet_io.memory import MemoryBroker
 from edgefleet_io.transport import Link, Message, Session
 from fleet_controller.keys import load_key, load_operator_key, load_trust, operator_key_path
+from fleet_controller.link import RawResults
 from fleet_controller.registry import sign_manifest
 from fleet_controller.service import ControllerConfig, ControllerService
 from shared import topics
@@ -46,12 +47,12 @@ from shared.messages import (
     NodeStatus,
     OperatorReply,
     OperatorRequest,
-    ResultBatch,
     Telemetry,
     TensorSpec,
     decode,
     encode,
 )
+from shared.result_batch import batch_of, encode_results
 from shared.trust import Role
 
 NOW = 1_800_000_000.0  # as in tests/unit/shared/test_operations.py
@@ -263,11 +264,12 @@ class Operator:
 
 def result_batch(
     node: str, slot: int, seqs: list[int], *, ts: float = NOW, source: str = "cam0"
-) -> ResultBatch:
-    return ResultBatch(
-        node=node,
-        seq=slot,
-        results=tuple(
+) -> RawResults:
+    """A result batch as the controller's link hands it to ingest (encoded, not decoded)."""
+    batch = batch_of(
+        node,
+        slot,
+        [
             InferenceResult(
                 seq=s,
                 model=ModelRef(name="clf", version="1.0.0", sha256="ab" * 32),
@@ -277,8 +279,9 @@ def result_batch(
                 source=source,
             )
             for s in seqs
-        ),
+        ],
     )
+    return RawResults(node, encode_results(batch))
 
 
 @dataclass
@@ -334,7 +337,7 @@ class FakeNode:
 
     async def results(self, slot: int, seqs: list[int], *, source: str = "cam0") -> None:
         batch = result_batch(self.node_id, slot, seqs, ts=self.clock(), source=source)
-        await self.link.publish(topics.results(FLEET, self.node_id), encode(batch))
+        await self.link.publish(topics.results(FLEET, self.node_id), batch.payload)
 
     async def status(
         self, slot: int, state: NodeRolloutState, *, rollout_id: str = "r1", command_id: str = "c1"

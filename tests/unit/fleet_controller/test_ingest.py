@@ -138,7 +138,7 @@ def test_a_poison_message_does_not_block_the_rest_of_its_batch(
             poisoned = [True]
 
             def fragile(statuses: Any, batches: Any, telemetry: Any, now: float) -> Any:
-                if poisoned[0] and any(r.source == "poison" for b in batches for r in b.results):
+                if poisoned[0] and any("poison" in b.source for b in batches):
                     raise ValueError("cannot store this")
                 return write(statuses, batches, telemetry, now)
 

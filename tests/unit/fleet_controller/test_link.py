@@ -12,10 +12,12 @@ from edgefleet_io.memory import MemoryBroker
 from edgefleet_io.transport import Message, Session
 from fleet_controller.link import (
     ControllerLink,
+    RawResults,
     Routes,
     StoreConflictError,
     check_peer,
     decode_incoming,
+    open_results,
 )
 from shared import topics
 from shared.envelope import PAYLOAD_REQUEST, Envelope, SigningKey, sign_envelope
@@ -37,6 +39,7 @@ from tests.unit.fleet_controller.kit import (
     controller,
     eventually,
     make_service,
+    result_batch,
     run,
     running,
 )
@@ -73,13 +76,29 @@ def test_incoming_messages_are_decoded_by_topic(
     assert decode_incoming(topic, data) == expected
 
 
+def test_result_batches_are_decoded_off_the_loop_and_strictly() -> None:
+    topic = topics.results(FLEET, "n1")
+    good = result_batch("n1", 1, [1, 2])
+    raw = decode_incoming(topic, good.payload)
+    assert raw == good  # handed on as it arrived
+    assert isinstance(raw, RawResults)
+    assert open_results(raw).result_seq == [1, 2]
+    status = decode_incoming(topic, encode(STATUS))  # a status, not results
+    assert isinstance(status, RawResults)
+    with pytest.raises(DecodeError, match="invalid ResultBatch"):
+        open_results(status)
+    with pytest.raises(DecodeError, match="payload names node 'n2', topic 'n1'"):
+        open_results(RawResults("n1", result_batch("n2", 1, [1]).payload))
+    with pytest.raises(DecodeError, match="exceeds the 1048576-byte limit"):
+        decode_incoming(topic, b" " * (1024 * 1024 + 1))  # refused before it is queued
+
+
 @pytest.mark.parametrize(
     ("topic", "message", "error"),
     [
         (topics.status(FLEET, "n2"), STATUS, "payload names node 'n1', topic 'n2'"),
         (topics.artifact_request(FLEET, SHA, "n2"), CHUNK, "payload names node 'n1'"),
         (topics.artifact_request(FLEET, "cd" * 32, "n1"), CHUNK, "request names blob abababababab"),
-        (topics.results(FLEET, "n1"), STATUS, "invalid ResultBatch"),  # a status, not results
         ("elsewhere/n1/status", STATUS, "not an EdgeFleet topic"),
     ],
 )

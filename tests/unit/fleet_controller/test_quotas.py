@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from fleet_controller.quotas import BURST_S, MAX_KEYS, NodeQuotas, RateLimiter
-from tests.unit.fleet_controller.kit import NOW, controller, eventually, result_batch, run
+from tests.unit.fleet_controller.kit import NOW, controller, eventually, run
 
 
 def test_results_beyond_the_quota_are_refused_unacked_and_counted(
@@ -35,12 +35,11 @@ def test_results_beyond_the_quota_are_refused_unacked_and_counted(
 def test_bytes_are_limited_per_node() -> None:
     metrics: Counter[str] = Counter()
     quotas = NodeQuotas(results_per_s=1e6, bytes_per_s=100.0, metrics=metrics)
-    batch = result_batch("n1", 1, [1])
     burst = int(100 * BURST_S)
-    assert quotas.admit("n1", batch, burst, NOW)
-    assert not quotas.admit("n1", batch, 1, NOW)
-    assert quotas.admit("n2", batch, 10, NOW)  # another node's bucket is its own
-    assert quotas.admit("n1", batch, 100, NOW + 1.0)
+    assert quotas.admit("n1", burst, NOW)
+    assert not quotas.admit("n1", 1, NOW)
+    assert quotas.admit("n2", 10, NOW)  # another node's bucket is its own
+    assert quotas.admit("n1", 100, NOW + 1.0)
     assert metrics == Counter({"quota_refused_bytes": 1})
 
 

@@ -64,7 +64,7 @@ def test_a_loop_that_crashes_is_logged_and_started_again(
             await eventually("it restarts", lambda: service.metrics["loop_restarts"] == 1)
             async with broker.transport().connect(Session(client_id="n1")) as node:
                 await node.subscribe([(topics.ack(FLEET, "n1"), 1)])
-                await node.publish(topics.results(FLEET, "n1"), encode(result_batch("n1", 1, [1])))
+                await node.publish(topics.results(FLEET, "n1"), result_batch("n1", 1, [1]).payload)
                 ack = await anext(aiter(node.messages()))
                 assert ack.topic == topics.ack(FLEET, "n1")
         assert any("controller loop ingest crashed" in r.getMessage() for r in caplog.records)

@@ -40,7 +40,6 @@ from shared.messages import (
     OperatorReply,
     OperatorRequest,
     PeriodStats,
-    ResultBatch,
     RollbackAction,
     Telemetry,
     TensorData,
@@ -246,9 +245,6 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
         memory_bytes=COUNTS,
         model=optional(MODEL_REFS),
         period=optional(PERIODS),
-    ),
-    ResultBatch: st.builds(
-        ResultBatch, node=IDS, seq=SEQS, results=tuples(RESULTS, min_size=1, max_size=2)
     ),
     Ack: st.builds(Ack, node=IDS, seq=COUNTS, ts=TIMESTAMPS),
     InferRequest: st.builds(InferRequest, id=IDS, client=IDS, inputs=tuples(TENSORS, min_size=1)),

@@ -30,10 +30,10 @@ from fleet_controller.store import (
 from shared.labels import parse_selector
 from shared.messages import (
     NodeRolloutState,
-    ResultBatch,
     RolloutState,
 )
 from shared.operations import RolloutPolicy
+from shared.result_batch import batch_of
 from tests.unit.fleet_controller.store.store_kit import (
     NOW,
     REF1,
@@ -353,11 +353,7 @@ def check_report(store: Store) -> None:
     store.ingest.write(
         [],
         [
-            ResultBatch(
-                node="n1",
-                seq=1,
-                results=(result(1, corner=True), result(2), result(3, model=REF2)),
-            ),
+            batch_of("n1", 1, [result(1, corner=True), result(2), result(3, model=REF2)]),
             batch("n2", 1, [1]),
         ],
         [],

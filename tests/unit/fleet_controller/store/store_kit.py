@@ -17,12 +17,12 @@ from shared.messages import (
     NodeState,
     NodeStatus,
     PeriodStats,
-    ResultBatch,
     Telemetry,
     TensorData,
     TensorSpec,
     TopK,
 )
+from shared.result_batch import ResultBatch, batch_of
 
 NOW = 1_700_000_000.0  # UNIX seconds: every call gets this explicit clock (or an offset)
 SHA1 = "a1" * 32
@@ -52,7 +52,7 @@ def result(
 
 
 def batch(node: str, slot: int, seqs: range | list[int], *, ts: float = NOW) -> ResultBatch:
-    return ResultBatch(node=node, seq=slot, results=tuple(result(s, ts=ts) for s in seqs))
+    return batch_of(node, slot, [result(s, ts=ts) for s in seqs])
 
 
 def status(node: str, slot: int, state: NodeRolloutState = N.DOWNLOADING) -> NodeStatus:
