@@ -158,12 +158,13 @@ class SyntheticSource:
             rows = max_rows
             if self._interval:
                 now = self._clock()
+                # At most a second of backlog is made up after a stall.
+                self._next_at = max(self._next_at, now - 1.0)
                 due = int((now - self._next_at) // self._interval) + 1
                 if due < 1:
                     return None
                 rows = min(rows, due)
-                # At most a second of backlog is made up after a stall.
-                self._next_at = max(self._next_at, now - 1.0) + rows * self._interval
+                self._next_at += rows * self._interval
             pool = self._pool
             if pool is None or pool.sha256 != manifest.sha256:
                 pool = self._pool = _Pool(

@@ -51,3 +51,19 @@ def test_numbers_stay_unique_and_reserved_across_restarts() -> None:
 def test_a_block_holds_at_least_one_number() -> None:
     with pytest.raises(ValueError, match="at least one"):
         next_result_seq(0, 0, block=0)
+
+
+@pytest.mark.parametrize(
+    ("last", "reserved", "count", "allocation"),
+    [
+        pytest.param(0, 10, 10, Allocation(1, None), id="fills-the-block"),
+        pytest.param(5, 10, 6, Allocation(6, 10 + 10), id="crosses-the-mark"),
+        pytest.param(0, 0, 25, Allocation(1, 25 + 9), id="more-than-a-block"),
+    ],
+)
+def test_a_run_of_numbers_is_reserved_whole(
+    last: int, reserved: int, count: int, allocation: Allocation
+) -> None:
+    assert next_result_seq(last, reserved, count=count, block=10) == allocation
+    with pytest.raises(ValueError, match="at least one"):
+        next_result_seq(last, reserved, count=0)

@@ -1,5 +1,5 @@
-"""Results of inference (edge_node.results_core): input digests, output summaries, change
-gating and latency windows."""
+"""Results of inference (edge_node.results_core): input digests, output summaries, result
+batches, change gating and latency windows."""
 
 from __future__ import annotations
 
@@ -13,18 +13,24 @@ from hypothesis import strategies as st
 from edge_node.inference_core import (
     MAX_TOPK,
     InputSpecError,
-    OutputSummaryError,
 )
 from edge_node.results_core import (
+    DIGEST_HEX,
     ChangeGate,
     LatencyWindow,
+    PendingResults,
     PeriodCounter,
+    ResultChunk,
+    RowSummaries,
     input_digest,
-    is_corner_case,
-    summarize_output,
+    result_of_row,
+    row_digests,
+    summarize_rows,
+    top_indices,
 )
 from shared.histogram import bucket_of
-from shared.messages import DType, ModelManifest, PeriodStats, TensorSpec
+from shared.messages import DType, ModelManifest, ModelRef, PeriodStats, TensorSpec, TopK
+from shared.result_batch import decode_results, encode_results
 
 SHA = "ab" * 32
 
@@ -55,7 +61,7 @@ CLF_OUT = (spec("probs", DType.FLOAT32, "N", 4),)
 def test_input_digest_is_stable_and_sensitive() -> None:
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     base = input_digest({"a": x, "b": np.array([1, 2], dtype=np.int64)})
-    assert len(base) == 64
+    assert len(base) == DIGEST_HEX
     int(base, 16)
     # Order, memory layout and byte order do not matter.
     assert input_digest({"b": np.array([1, 2], dtype=np.int64), "a": x}) == base
@@ -76,7 +82,7 @@ def test_input_digest_is_stable_and_sensitive() -> None:
     expected.update((2).to_bytes(8, "little") + (3).to_bytes(8, "little"))
     expected.update((4).to_bytes(8, "little") + (48).to_bytes(8, "little"))
     expected.update(x.astype("<f4").tobytes())
-    assert input_digest({"a": x}) == expected.hexdigest()
+    assert input_digest({"a": x}) == expected.hexdigest()[:DIGEST_HEX]
     with pytest.raises(InputSpecError):
         input_digest({"s": np.array(["text"])})
 
@@ -89,45 +95,66 @@ def test_input_digest_property(values: list[float]) -> None:
     assert input_digest({"x": arr}) == input_digest({"x": arr.astype(">f4")})
 
 
-# ----- summarize_output ------------------------------------------------------
+# ----- row_digests -----------------------------------------------------------
+
+
+def test_row_digests_are_each_rows_own_input_digest() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3, 4)).astype(np.float32)
+    ids = np.arange(5, dtype=np.int64).reshape(5, 1)
+    joined = row_digests({"x": x, "ids": ids}, 5)
+    assert len(joined) == 5 * DIGEST_HEX
+    for row in range(5):
+        alone = input_digest({"ids": ids[row : row + 1], "x": x[row : row + 1]})
+        assert joined[row * DIGEST_HEX : (row + 1) * DIGEST_HEX] == alone
+    # Stable: the same rows digest alike whatever they were stacked with.
+    assert row_digests({"x": x[2:4], "ids": ids[2:4]}, 2) == joined[2 * DIGEST_HEX : 4 * DIGEST_HEX]
+    assert row_digests({"x": np.asfortranarray(x), "ids": ids}, 5) == joined
+    with pytest.raises(InputSpecError, match="rows"):
+        row_digests({"x": x}, 4)
+
+
+# ----- summarize_rows ----------------------------------------------------------
+
+
+def one(
+    outputs: dict[str, np.ndarray], *, topk: int = 3, labels: int = 0, corner: float = 0.0
+) -> RowSummaries:
+    return summarize_rows(outputs, 1, topk=topk, label_count=labels, corner_threshold=corner)
 
 
 def test_summarize_classifier_topk_with_labels() -> None:
     probs = np.array([[0.1, 0.6, 0.05, 0.25]], dtype=np.float32)
-    topk, tensors, top = summarize_output(
-        {"probs": probs}, topk=3, class_labels=("cat", "dog", "bird")
-    )
-    assert tensors is None
-    assert topk is not None
-    assert [t.index for t in topk] == [1, 3, 0]
-    assert [t.label for t in topk] == ["dog", None, "cat"]  # no label for index 3
-    assert topk[0].score == pytest.approx(0.6)
-    assert top == pytest.approx(0.6)
+    rows = one({"probs": probs}, labels=3, corner=0.7)
+    assert rows.kept == [0]
+    assert rows.tensors == [None]
+    assert rows.topk_k == [3]
+    assert rows.topk_index == [1, 3, 0]
+    assert rows.topk_label == [1, -1, 0]  # no label for index 3
+    assert rows.topk_score[0] == pytest.approx(0.6)
+    assert rows.corner_case == [True]  # 0.6 < 0.7
+    assert one({"probs": probs}, corner=0.5).corner_case == [False]
 
 
-def test_summarize_1d_classifier_ties_and_k_caps() -> None:
-    scores = np.array([0.5, 0.5, 0.0], dtype=np.float64)
-    topk, _, top = summarize_output({"s": scores}, topk=10, class_labels=())
-    assert topk is not None
-    assert [t.index for t in topk] == [0, 1, 2]  # k capped at C, ties by index
-    assert all(t.label is None for t in topk)
-    assert top == 0.5
+def test_summarize_1d_and_conv_head_classifiers_ties_and_k_caps() -> None:
+    rows = one({"s": np.array([0.5, 0.5, 0.0])}, topk=10)
+    assert rows.topk_index == [0, 1, 2]  # k capped at C, ties by index
+    assert rows.topk_label == [-1, -1, -1]
     many = np.linspace(0, 1, 500, dtype=np.float32)
-    topk, _, _ = summarize_output({"s": many}, topk=1000, class_labels=())
-    assert topk is not None
-    assert len(topk) == MAX_TOPK
-    assert topk[0].index == 499
+    rows = one({"s": many}, topk=1000)
+    assert rows.topk_k == [MAX_TOPK]
+    assert rows.topk_index[0] == 499
+    head = np.zeros((1, 1000, 1, 1), dtype=np.float32)  # squeezenet's softmax output
+    head[0, 7, 0, 0] = 1.0
+    assert one({"softmaxout_1": head}, topk=1).topk_index == [7]
 
 
 def test_summarize_classifier_plus_other_outputs() -> None:
     outputs = {"label": np.array([2], dtype=np.int64), "probs": np.array([[0.2, 0.3, 0.5]])}
-    topk, tensors, top = summarize_output(outputs, topk=1, class_labels=("a", "b", "c"))
-    assert topk is not None
-    assert topk[0].label == "c"
-    assert top == pytest.approx(0.5)
-    assert tensors is not None
-    assert [(t.name, t.dtype, t.shape, t.data) for t in tensors] == [
-        ("label", DType.INT64, (1,), (2.0,))
+    rows = one(outputs, topk=1, labels=3)
+    assert rows.topk_index == [2]
+    assert [(t.name, t.dtype, t.shape, t.data) for t in rows.tensors[0] or []] == [
+        ("label", "int64", [1], [2.0])
     ]
 
 
@@ -142,56 +169,158 @@ def test_summarize_classifier_plus_other_outputs() -> None:
     ],
 )
 def test_summarize_non_classifier_outputs_as_tensors(outputs: dict[str, np.ndarray]) -> None:
-    topk, tensors, top = summarize_output(outputs, topk=5, class_labels=())
-    assert topk is None
-    assert top is None
+    rows = one(outputs, topk=5)
+    assert rows.topk_k == [0]
+    assert rows.corner_case == [False]
+    (tensors,) = rows.tensors
     assert tensors is not None
     assert [t.name for t in tensors] == list(outputs)
     for t in tensors:
         arr = outputs[t.name]
-        assert t.shape == arr.shape
+        assert tuple(t.shape) == arr.shape
         np.testing.assert_allclose(t.data, arr.reshape(-1).astype(np.float64))
 
 
 def test_summarize_truncates_big_tensors_keeping_the_shape() -> None:
     big = np.arange(2 * 100, dtype=np.float32).reshape(2, 100)
-    _, tensors, _ = summarize_output({"emb": big}, topk=1, class_labels=(), max_tensor_elems=10)
-    assert tensors is not None
-    (t,) = tensors
-    assert t.shape == (2, 100)
-    assert t.data == tuple(float(i) for i in range(10))
-    _, tensors, _ = summarize_output(
-        {f"o{i}": np.zeros((3, 3)) for i in range(20)}, topk=1, class_labels=()
+    rows = summarize_rows(
+        {"emb": big}, 1, topk=1, label_count=0, corner_threshold=0, max_tensor_elems=10
     )
-    assert tensors is not None
-    assert len(tensors) == 16
+    (t,) = rows.tensors[0] or []
+    assert t.shape == [2, 100]
+    assert t.data == [float(i) for i in range(10)]
+    rows = one({f"o{i}": np.zeros((3, 3)) for i in range(20)})
+    assert len(rows.tensors[0] or []) == 16
 
 
-def test_summarize_refuses_non_finite_values() -> None:
-    with pytest.raises(OutputSummaryError, match="'probs'"):
-        summarize_output({"probs": np.array([[0.5, np.nan]])}, topk=1, class_labels=())
-    with pytest.raises(OutputSummaryError, match="'t'"):
-        summarize_output({"t": np.array([[np.inf, 1.0]] * 2)}, topk=1, class_labels=())
+def test_summarize_refuses_rows_with_non_finite_values_and_keeps_the_others() -> None:
+    rows = one({"probs": np.array([[0.5, np.nan]])})
+    assert rows.kept == []
+    assert "'probs'" in rows.refused[0]
+    batch = np.array([[0.2, 0.8], [np.inf, 1.0], [0.9, 0.1]])
+    rows = summarize_rows({"p": batch}, 3, topk=1, label_count=0, corner_threshold=0)
+    assert rows.kept == [0, 2]
+    assert list(rows.refused) == [1]
+    assert rows.topk_index == [1, 0]
     # Non-finite values past the truncation point are never sent: fine.
     tail = np.zeros((2, 10))
     tail[1, 9] = np.inf
-    summarize_output({"t": tail}, topk=1, class_labels=(), max_tensor_elems=5)
+    rows = summarize_rows(
+        {"t": tail}, 1, topk=1, label_count=0, corner_threshold=0, max_tensor_elems=5
+    )
+    assert rows.kept == [0]
     with pytest.raises(ValueError, match="topk"):
-        summarize_output({"t": tail}, topk=0, class_labels=())
+        one({"t": tail}, topk=0)
+    strings = summarize_rows(
+        {"s": np.array([["a"], ["b"]])}, 2, topk=1, label_count=0, corner_threshold=0
+    )
+    assert strings.kept == []
+    assert len(strings.refused) == 2
 
 
-@pytest.mark.parametrize(
-    ("top", "threshold", "expected"),
-    [
-        (0.3, 0.5, True),
-        (0.5, 0.5, False),
-        (0.9, 0.5, False),
-        (None, 0.5, False),
-        (0.1, 0.0, False),  # disabled
-    ],
+def naive_topk(scores: np.ndarray, k: int) -> list[list[int]]:
+    return [sorted(range(len(row)), key=lambda i: (-row[i], i))[:k] for row in scores.tolist()]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    columns=st.integers(2, 60),
+    k=st.integers(1, 12),
+    levels=st.integers(1, 5),
+    seed=st.integers(0, 2**32 - 1),
 )
-def test_is_corner_case(top: float | None, threshold: float, expected: bool) -> None:
-    assert is_corner_case(top, threshold) is expected
+def test_vectorised_topk_equals_a_naive_topk(
+    rows: int, columns: int, k: int, levels: int, seed: int
+) -> None:
+    # Few distinct levels: ties everywhere, across the cut too.
+    scores = np.random.default_rng(seed).integers(0, levels, (rows, columns)).astype(np.float64)
+    k = min(k, columns)
+    assert top_indices(scores, k).tolist() == naive_topk(scores, k)
+
+
+def test_batched_summaries_equal_row_by_row_summaries() -> None:
+    rng = np.random.default_rng(3)
+    probs = rng.random((16, 1000)).astype(np.float32)
+    batched = summarize_rows({"p": probs}, 16, topk=5, label_count=10, corner_threshold=0.99)
+    singles = [
+        summarize_rows({"p": probs[r : r + 1]}, 1, topk=5, label_count=10, corner_threshold=0.99)
+        for r in range(16)
+    ]
+    assert batched.topk_index == [i for s in singles for i in s.topk_index]
+    assert batched.topk_score == [x for s in singles for x in s.topk_score]
+    assert batched.topk_label == [x for s in singles for x in s.topk_label]
+    assert batched.corner_case == [c for s in singles for c in s.corner_case]
+    assert batched.topk_index[:5] == naive_topk(probs[:1].astype(np.float64), 5)[0]
+
+
+# ----- batch assembly ----------------------------------------------------------
+
+REF_A = ModelRef(name="clf", version="1.0.0", sha256="a" * 64)
+REF_B = ModelRef(name="clf", version="1.1.0", sha256="b" * 64)
+
+
+def chunk(ref: ModelRef, labels: tuple[str, ...], first: int, probs: np.ndarray) -> ResultChunk:
+    rows = len(probs)
+    summaries = summarize_rows(
+        {"p": probs}, rows, topk=2, label_count=len(labels), corner_threshold=0.5
+    )
+    digests = row_digests({"x": np.arange(rows, dtype=np.float32).reshape(rows, 1)}, rows)
+    return ResultChunk(
+        model=ref,
+        labels=labels,
+        first_seq=first,
+        latency_ms=1.5,
+        ts=100.0 + first,
+        digests=digests,
+        sources=["synthetic"] * rows,
+        summaries=summaries,
+    )
+
+
+def test_a_batch_keeps_seq_order_and_the_model_of_each_result_across_a_swap() -> None:
+    pending = PendingResults()
+    old = chunk(REF_A, ("cat", "dog", "bird"), 11, np.array([[0.1, 0.7, 0.2]] * 3))
+    new = chunk(REF_B, ("fish", "cow", "ant"), 14, np.array([[0.6, 0.3, 0.1]] * 2))
+    pending.add(old)
+    pending.add(new)
+    with pytest.raises(ValueError, match="follow"):
+        pending.add(chunk(REF_A, (), 15, np.array([[0.5, 0.5]])))
+    assert len(pending) == 5
+    batch = decode_results(encode_results(pending.batch(node="n1", seq=7, count=5)))
+    assert batch.seq == 7
+    assert batch.result_seq == [11, 12, 13, 14, 15]
+    assert [batch.models[m].version for m in batch.model] == ["1.0.0"] * 3 + ["1.1.0"] * 2
+    labels = [batch.labels[i] for i in batch.topk_label]
+    assert labels == ["dog", "bird"] * 3 + ["fish", "cow"] * 2  # each model's own labels
+    assert batch.digest_len == DIGEST_HEX
+    assert batch.digests[:DIGEST_HEX] == old.digests[:DIGEST_HEX]
+    # A batch cut after the swap names only the models and labels it uses.
+    tail = pending.batch(node="n1", seq=8, count=3)
+    assert [m.version for m in tail.models] == ["1.0.0"]
+    assert sorted(tail.labels) == ["bird", "dog"]
+    pending.drop(3)
+    rest = decode_results(encode_results(pending.batch(node="n1", seq=9, count=2)))
+    assert rest.result_seq == [14, 15]
+    assert [m.version for m in rest.models] == ["1.1.0"]
+    assert rest.digests == new.digests
+    assert [rest.labels[i] for i in rest.topk_label] == ["fish", "cow"] * 2
+    pending.drop(2)
+    assert len(pending) == 0
+
+
+def test_a_reply_result_is_the_row_of_its_chunk() -> None:
+    c = chunk(REF_A, ("cat", "dog"), 40, np.array([[0.9, 0.1], [0.3, 0.7]]))
+    result = result_of_row(c, 1)
+    assert result.seq == 41
+    assert result.model == REF_A
+    assert result.input_digest == c.digests[DIGEST_HEX:]
+    assert result.topk == (
+        TopK(index=1, label="dog", score=0.7),
+        TopK(index=0, label="cat", score=0.3),
+    )
+    assert result.corner_case is False
+    assert result.source == "synthetic"
 
 
 # ----- ChangeGate ------------------------------------------------------------
@@ -296,12 +425,26 @@ def test_latency_window_rejects_bad_samples(bad: float) -> None:
         LatencyWindow().add(bad)
 
 
+@pytest.mark.parametrize(("capacity", "counts"), [(8, [3, 2, 5]), (4, [9]), (5, [0, 5, 1])])
+def test_latency_window_add_many_is_count_adds(capacity: int, counts: list[int]) -> None:
+    many, single = LatencyWindow(capacity), LatencyWindow(capacity)
+    for value, count in enumerate(counts):
+        many.add_many(float(value), count)
+        for _ in range(count):
+            single.add(float(value))
+    assert len(many) == len(single)
+    assert many.stats() == single.stats()
+    with pytest.raises(ValueError, match="latency"):
+        many.add_many(-1.0, 2)
+
+
 # ----- PeriodCounter ----------------------------------------------------------
 
 
 def test_a_period_counts_runs_errors_and_latencies_then_starts_anew() -> None:
     period = PeriodCounter(100.0)
-    for ms in (1.0, 1.0, 1.01, 30.0):
+    period.add(1.0, 2)
+    for ms in (1.01, 30.0):
         period.add(ms)
     period.error(2)
     taken = period.take(110.0)
