@@ -76,7 +76,7 @@ class AgentConfig:
     source_dir: Path | None = None
     rate_hz: float | None = 10.0
     concurrency: int = 1
-    micro_batch: int = 1  # >1: run up to this many queued inputs as one batch
+    micro_batch: int = 32  # most waiting inputs stacked into one run (dynamic batch models)
     swap_mode: Literal["availability", "resource"] = "availability"
     session_options: SessionOptionsConfig = field(default_factory=SessionOptionsConfig)
     change_threshold: float = 0.0

@@ -292,7 +292,7 @@ def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -
         source_dir=source_dir,
         rate_hz=rate if rate > 0 else None,
         concurrency=_whole(args, toml, "concurrency", 1),
-        micro_batch=_whole(args, toml, "micro_batch", 1),
+        micro_batch=_whole(args, toml, "micro_batch", 32),
         swap_mode=cast(Literal["availability", "resource"], swap_mode),
         session_options=SessionOptionsConfig(
             intra_op_threads=threads, graph_optimization=graph, providers=providers
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--micro-batch",
         type=_RANGES["micro_batch"].flag(),
-        help="run up to N queued inputs as one batch (dynamic batch)",
+        help="stack up to N waiting inputs into one run (dynamic batch models; default 32)",
     )
     run.add_argument("--swap-mode", help="availability (default) or resource (unload first)")
     run.add_argument(

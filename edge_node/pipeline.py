@@ -19,10 +19,10 @@ Invariants:
   until acks free room;
 * every result gets a ``seq`` unique across restarts: numbers come from
   :func:`edge_node.numbering.next_result_seq`, and a new block is saved in
-  ``state.json`` (the thread waits for the save) before any number in it is
-  used; numbering a chunk and posting it to the loop happen in one critical
-  section, so results reach the batch in ``seq`` order even with several
-  threads;
+  ``state.json`` before any number in it is used (saved ahead, half a block
+  early; a thread that outruns the save waits for it); numbering a chunk and
+  posting it to the loop happen in one critical section, so results reach the
+  batch in ``seq`` order even with several threads;
 * a result names the model that produced it: a thread holds a reference to
   the model from ``session.run`` until its chunk is built, and a swap in the
   middle of a batch only changes the model of the next run; a result uses
@@ -55,7 +55,7 @@ import numpy as np
 
 from edge_node.context import Background, Connection, ServingModel, sleep_unless
 from edge_node.inference_core import numpy_dtype, stack_requests
-from edge_node.numbering import next_result_seq
+from edge_node.numbering import RESULT_SEQ_BLOCK, next_result_seq
 from edge_node.results_core import (
     DIGEST_HEX,
     ChangeGate,
@@ -77,7 +77,7 @@ from edge_node.sources import (
     SyntheticRows,
     SyntheticSource,
 )
-from edge_node.state import StateKeeper
+from edge_node.state import PersistedState, StateKeeper
 from shared import topics
 from shared.errors import DecodeError, EdgeFleetError, TransportError
 from shared.messages import InferenceResult, InferReply, InferRequest, Telemetry, encode
@@ -200,6 +200,8 @@ class Pipeline:
         # Numbering: the last number used and the saved mark, guarded by _numbering.
         self._numbering = threading.Lock()
         self._result_seq = self._reserved = keeper.state.result_seq_reserved
+        # A save of a higher mark under way: (mark, its future), guarded by _numbering.
+        self._saving: tuple[int, concurrent.futures.Future[PersistedState]] | None = None
         # What the threads posted for the loop, guarded by _post_lock (never held
         # while waiting for the loop: the loop takes it too).
         self._post_lock = threading.Lock()
@@ -477,14 +479,31 @@ class Pipeline:
             self._post(loop, _Reported(chunk, requests, failures))
 
     def _allocate(self, loop: asyncio.AbstractEventLoop, count: int) -> int:
-        """The first of ``count`` result numbers, reserved on disk first. Holds _numbering."""
-        allocation = next_result_seq(self._result_seq, self._reserved, count=count)
-        if allocation.reserve_through is not None:
-            update = self._keeper.update(result_seq_reserved=allocation.reserve_through)
-            asyncio.run_coroutine_threadsafe(update, loop).result()
-            self._reserved = allocation.reserve_through
-        self._result_seq += count
-        return allocation.seq
+        """The first of ``count`` result numbers, all reserved on disk. Holds _numbering.
+
+        The next block is saved ahead, while half of the current one is left,
+        so a thread waits for the disk only when it outruns the save.
+        """
+        end = self._result_seq + count
+        while True:
+            saving = self._saving
+            if saving is not None and (saving[1].done() or end > self._reserved):
+                saving[1].result()  # raises what the save raised
+                self._reserved, self._saving = saving[0], None
+                continue
+            if end <= self._reserved:
+                break
+            through = next_result_seq(self._result_seq, self._reserved, count=count)
+            assert through.reserve_through is not None  # end > reserved
+            self._save_mark(loop, through.reserve_through)
+        if self._saving is None and self._reserved - end < RESULT_SEQ_BLOCK // 2:
+            self._save_mark(loop, self._reserved + RESULT_SEQ_BLOCK)
+        first, self._result_seq = self._result_seq + 1, end
+        return first
+
+    def _save_mark(self, loop: asyncio.AbstractEventLoop, through: int) -> None:
+        update = self._keeper.update(result_seq_reserved=through)
+        self._saving = (through, asyncio.run_coroutine_threadsafe(update, loop))
 
     def _post(self, loop: asyncio.AbstractEventLoop, reported: _Reported) -> None:
         with self._post_lock:
@@ -539,18 +558,21 @@ class Pipeline:
         """Move pending results into the outbox, ``batch_max`` per message."""
         cfg = self._cfg
         topic = topics.results(cfg.fleet, cfg.node_id)
-        while self.pending:
-            count = min(len(self.pending), cfg.batch_max)
-            # Built here (slices of the columns), encoded in the outbox's thread.
-            draft = self.pending.batch(node=cfg.node_id, seq=1, count=count)
+        # Built here (slices of the columns), encoded in the outbox's thread.
+        drafts = self.pending.batches(node=cfg.node_id, most=cfg.batch_max)
+        stored = 0
+        try:
+            for draft in drafts:
 
-            def build(seq: int, draft: ResultBatch = draft) -> bytes:
-                return encode_results(msgspec.structs.replace(draft, seq=seq))
+                def build(seq: int, draft: ResultBatch = draft) -> bytes:
+                    return encode_results(msgspec.structs.replace(draft, seq=seq))
 
-            if not await self._sender.try_put("results", topic, build):
-                log.error("outbox full: pausing inference until the controller acknowledges")
-                return
-            self.pending.drop(count)
+                if not await self._sender.try_put("results", topic, build):
+                    log.error("outbox full: pausing inference until the controller acknowledges")
+                    return
+                stored += len(draft)
+        finally:
+            self.pending.drop(stored)
 
     async def drain(self, tasks: list[asyncio.Task[None]]) -> None:
         """On stop: close the source, let in-flight inferences finish, flush their results."""

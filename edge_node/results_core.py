@@ -327,10 +327,10 @@ class PendingResults:
     """Numbered results waiting for the outbox, kept as columns, in ``seq`` order.
 
     :meth:`add` appends a chunk (its numbers must follow the last added);
-    :meth:`batch` builds the :class:`~shared.result_batch.ResultBatch` of the
-    first ``count`` results, and :meth:`drop` forgets them once the outbox holds
-    it. A batch's ``models`` and ``labels`` tables list only what its results
-    name. Not thread-safe: use from one thread (the event loop).
+    :meth:`batches` builds the :class:`~shared.result_batch.ResultBatch`
+    messages of everything pending, and :meth:`drop` forgets the first results
+    once the outbox holds them. A batch's ``models`` and ``labels`` tables list
+    only what its results name. Not thread-safe: use from one thread (the event loop).
     """
 
     def __init__(self) -> None:
@@ -397,31 +397,41 @@ class PendingResults:
             ids[cls] = index
         return [ids[cls] for cls in classes]
 
-    def batch(self, *, node: str, seq: int, count: int) -> ResultBatch:
-        """The first ``count`` results (1..len) as the batch in outbox slot ``seq``."""
-        digests = "".join(self._digests)[: count * DIGEST_HEX]
-        entries = sum(self._topk_k[:count])
-        model, models = _compact(self._model[:count], self._models)
-        label, labels = _compact(self._topk_label[:entries], self._labels)
-        return ResultBatch(
-            node=node,
-            seq=seq,
-            models=models,
-            result_seq=self._seq[:count],
-            model=model,
-            digest_len=DIGEST_HEX,
-            digests=digests,
-            latency_ms=self._latency[:count],
-            ts=self._ts[:count],
-            corner_case=self._corner[:count],
-            source=self._source[:count],
-            topk_k=self._topk_k[:count],
-            topk_index=self._topk_index[:entries],
-            topk_score=self._topk_score[:entries],
-            topk_label=label,
-            labels=labels,
-            tensors=self._tensors[:count],
-        )
+    def batches(self, *, node: str, most: int) -> list[ResultBatch]:
+        """Every pending result, ``most`` per batch, in order; each batch's ``seq`` is 1
+        until the outbox gives it its slot (``msgspec.structs.replace``)."""
+        digests = "".join(self._digests)
+        self._digests = [digests] if digests else []
+        out: list[ResultBatch] = []
+        start = entries = 0
+        while start < len(self._seq):
+            stop = min(start + most, len(self._seq))
+            ends = entries + sum(self._topk_k[start:stop])
+            model, models = _compact(self._model[start:stop], self._models)
+            label, labels = _compact(self._topk_label[entries:ends], self._labels)
+            out.append(
+                ResultBatch(
+                    node=node,
+                    seq=1,
+                    models=models,
+                    result_seq=self._seq[start:stop],
+                    model=model,
+                    digest_len=DIGEST_HEX,
+                    digests=digests[start * DIGEST_HEX : stop * DIGEST_HEX],
+                    latency_ms=self._latency[start:stop],
+                    ts=self._ts[start:stop],
+                    corner_case=self._corner[start:stop],
+                    source=self._source[start:stop],
+                    topk_k=self._topk_k[start:stop],
+                    topk_index=self._topk_index[entries:ends],
+                    topk_score=self._topk_score[entries:ends],
+                    topk_label=label,
+                    labels=labels,
+                    tensors=self._tensors[start:stop],
+                )
+            )
+            start, entries = stop, ends
+        return out
 
     def drop(self, count: int) -> None:
         """Forget the first ``count`` results (the outbox holds them now)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -287,26 +288,30 @@ def test_a_batch_keeps_seq_order_and_the_model_of_each_result_across_a_swap() ->
     with pytest.raises(ValueError, match="follow"):
         pending.add(chunk(REF_A, (), 15, np.array([[0.5, 0.5]])))
     assert len(pending) == 5
-    batch = decode_results(encode_results(pending.batch(node="n1", seq=7, count=5)))
+    (whole,) = pending.batches(node="n1", most=5)
+    batch = decode_results(encode_results(msgspec.structs.replace(whole, seq=7)))
     assert batch.seq == 7
     assert batch.result_seq == [11, 12, 13, 14, 15]
     assert [batch.models[m].version for m in batch.model] == ["1.0.0"] * 3 + ["1.1.0"] * 2
     labels = [batch.labels[i] for i in batch.topk_label]
     assert labels == ["dog", "bird"] * 3 + ["fish", "cow"] * 2  # each model's own labels
     assert batch.digest_len == DIGEST_HEX
-    assert batch.digests[:DIGEST_HEX] == old.digests[:DIGEST_HEX]
-    # A batch cut after the swap names only the models and labels it uses.
-    tail = pending.batch(node="n1", seq=8, count=3)
-    assert [m.version for m in tail.models] == ["1.0.0"]
-    assert sorted(tail.labels) == ["bird", "dog"]
+    assert batch.digests == old.digests + new.digests
+    # Batches cut at the swap name only the models and labels they use.
+    first, second = pending.batches(node="n1", most=3)
+    assert [m.version for m in first.models] == ["1.0.0"]
+    assert sorted(first.labels) == ["bird", "dog"]
     pending.drop(3)
-    rest = decode_results(encode_results(pending.batch(node="n1", seq=9, count=2)))
+    (rest,) = pending.batches(node="n1", most=3)
+    assert rest == second
+    rest = decode_results(encode_results(rest))
     assert rest.result_seq == [14, 15]
     assert [m.version for m in rest.models] == ["1.1.0"]
     assert rest.digests == new.digests
     assert [rest.labels[i] for i in rest.topk_label] == ["fish", "cow"] * 2
     pending.drop(2)
     assert len(pending) == 0
+    assert pending.batches(node="n1", most=3) == []
 
 
 def test_a_reply_result_is_the_row_of_its_chunk() -> None:
