@@ -282,6 +282,31 @@ class Fleet:
         )
         return int(rows[0][0]) if rows else 0
 
+    def inference_rate(self, since: float, until: float) -> float:
+        """Inferences/s between the node's telemetry points inside [since, until]."""
+        rows = self.query(
+            "select ts, inferences from telemetry where node_id = ? and ts >= ? and ts <= ? "
+            "order by ts",
+            NODE,
+            since,
+            until,
+        )
+        if len(rows) < 2:
+            raise RuntimeError("the node sent too little telemetry in the window")
+        (t0, n0), (t1, n1) = rows[0], rows[-1]
+        return float(n1 - n0) / float(t1 - t0)
+
+    async def caught_up(self, timeout_s: float = 60.0) -> None:
+        """Wait until the store stops growing: the bare loop then runs on a quiet machine."""
+        deadline = time.monotonic() + timeout_s
+        last = -1
+        while time.monotonic() < deadline:
+            top = await asyncio.to_thread(self.last_seq)
+            if top == last:
+                return
+            last = top
+            await asyncio.sleep(1.0)
+
 
 # ----- the node process ----------------------------------------------------------
 
@@ -310,6 +335,8 @@ def node_command(root: Path, broker: BrokerAddress, *, rate: float, micro_batch:
         str(micro_batch),
         "--batch-interval",
         "0.2",
+        "--batch-max",
+        "1000",
         "--telemetry-interval",
         "1",
         "--log-level",
@@ -346,6 +373,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def measure_node(fleet: Fleet, command: list[str], seconds: float) -> Figure:
+    """The node's inferences from its own telemetry (``ts``, cumulative ``inferences``):
+    the store may lag behind a node flat out, the node's count does not."""
     with node_process(command) as process:
         first = fleet.last_seq()
 
@@ -354,19 +383,20 @@ async def measure_node(fleet: Fleet, command: list[str], seconds: float) -> Figu
 
         await wait_for("the node's first results", inferring)
         await asyncio.sleep(1.0)  # warm-up: pool, outbox, acks in a steady state
-        seq0, cpu0, t0 = (
-            await asyncio.to_thread(fleet.last_seq),
-            cpu_seconds(process.pid),
-            time.perf_counter(),
-        )
+        cpu0, t0 = cpu_seconds(process.pid), time.time()
         await asyncio.sleep(seconds)
-        seq1, cpu1, t1 = (
-            await asyncio.to_thread(fleet.last_seq),
-            cpu_seconds(process.pid),
-            time.perf_counter(),
-        )
-    count = max(1, seq1 - seq0)
-    return Figure((t1 - t0) / count * 1e6, (cpu1 - cpu0) / count * 1e6)
+        cpu1, t1 = cpu_seconds(process.pid), time.time()
+
+        async def covered() -> bool:
+            rows = await asyncio.to_thread(
+                fleet.query, "select max(ts) from telemetry where node_id = ?", NODE
+            )
+            return rows[0][0] is not None and float(rows[0][0]) >= t1 - 1.0
+
+        await wait_for("telemetry covering the window", covered)
+    rate = await asyncio.to_thread(fleet.inference_rate, t0, t1)
+    await fleet.caught_up()
+    return Figure(1e6 / rate, (cpu1 - cpu0) / (t1 - t0) / rate * 1e6)
 
 
 def measure_bare(path: Path, rows: int, seconds: float) -> Figure:

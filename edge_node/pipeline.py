@@ -10,7 +10,8 @@ one digest per row), number the results and hand them to the event loop as one
 the pending columns, answers MQTT requests and keeps telemetry; every
 ``batch_interval_s`` it moves pending results into the outbox as columnar
 :class:`~shared.result_batch.ResultBatch` messages. The loop wakes once for
-whatever the threads posted since it last looked, not once per inference.
+whatever the threads posted in the last 50 ms (at once for a request waiting
+for its reply), not once per inference.
 
 Invariants:
 
@@ -90,6 +91,7 @@ log = logging.getLogger(__name__)
 _DRAIN_S = 5.0  # how long a stop waits for in-flight inferences
 _POLL_S: Final = 0.25  # how often a waiting inference thread looks at its halt flag
 _MAX_SOURCE_CHARS: Final = 500
+_COLLECT_S: Final = 0.05  # how long results without a waiting request wait for the loop
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -506,12 +508,19 @@ class Pipeline:
         self._saving = (through, asyncio.run_coroutine_threadsafe(update, loop))
 
     def _post(self, loop: asyncio.AbstractEventLoop, reported: _Reported) -> None:
+        """Hand ``reported`` to the loop: at once when a request waits for its reply,
+        else within ``_COLLECT_S`` (one wake-up of the loop for many runs: each
+        wake-up takes a core from onnxruntime's threads)."""
+        urgent = any(r is not None for r in reported.requests) or any(
+            r is not None for r, _ in reported.failures
+        )
         with self._post_lock:
             self._posted.append(reported)
-            if self._post_scheduled:
-                return
-            self._post_scheduled = True
-        loop.call_soon_threadsafe(self._accept)
+            scheduled, self._post_scheduled = self._post_scheduled, True
+        if urgent:
+            loop.call_soon_threadsafe(self._accept)
+        elif not scheduled:
+            loop.call_soon_threadsafe(loop.call_later, _COLLECT_S, self._accept)
 
     # ----- results on the loop --------------------------------------------------
 
