@@ -90,26 +90,33 @@ def _check_strings(value: Any) -> None:
             stack.extend(item)
 
 
-# Scans of the raw text, at C speed, that keep per-value Python work off the
-# common path: string literals are blanked before brackets and digits are read.
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKETS = re.compile(r"[\[\]{}]")
+# Scans of the raw text, at C speed and linear in its length, that keep
+# per-value Python work off the common path: string literals are blanked
+# (the unrolled form, which runs through a string's plain characters at once)
+# before brackets and digits are read.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(c for c in range(128) if chr(c) not in "[]{}")
 # Numbers that may leave int64 or overflow a float: 19+ digits in a row or a
 # three-digit exponent. Only then are numbers parsed one by one with checks.
 _RISKY_NUMBER = re.compile(r"\d{19,}|[eE][+-]?\d{3,}")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def _depth(stripped: str) -> int:
-    """Deepest bracket nesting of JSON text whose strings were blanked."""
-    depth = deepest = 0
-    for bracket in _BRACKETS.findall(stripped):
-        if bracket in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
+def _deeper_than(stripped: str, max_depth: int) -> bool:
+    """Whether valid JSON text whose strings were blanked nests deeper than ``max_depth``.
+
+    Only the brackets are kept; each pass then turns the innermost pairs into a
+    mark (so a pair that only the removal exposes waits for the next pass) and
+    drops the marks of the pass before. A nesting of ``max_depth`` is gone after
+    ``max_depth`` passes, each a few C scans of what is left.
+    """
+    brackets = stripped.encode("ascii", "ignore").translate(None, _NOT_BRACKETS)
+    for _ in range(max_depth):
+        brackets = brackets.translate(None, b"x")
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"[]", b"x").replace(b"{}", b"x")
+    return bool(brackets.translate(None, b"x"))
 
 
 def decode_json(
@@ -130,8 +137,6 @@ def decode_json(
     except UnicodeDecodeError as exc:
         raise DecodeError(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from None
     stripped = _STRING.sub('""', text)
-    if _depth(stripped) > max_depth:
-        raise DecodeError(f"nesting deeper than {max_depth} levels")
     risky_numbers = _RISKY_NUMBER.search(stripped) is not None
     surrogates = _SURROGATE_ESCAPE.search(text) is not None
     checked: dict[str, Any] = (
@@ -152,6 +157,8 @@ def decode_json(
         ) from None
     except ValueError as exc:  # e.g. int() digit limits
         raise DecodeError(f"invalid JSON number: {exc}") from None
+    if _deeper_than(stripped, max_depth):
+        raise DecodeError(f"nesting deeper than {max_depth} levels")
     if surrogates:
         _check_strings(value)
     return value
