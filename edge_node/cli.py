@@ -3,44 +3,38 @@
 Settings come from flags, then a TOML file (``--config``), then the environment
 (``FLEET_BROKER``, ``FLEET_FLEET``), then defaults. Exit codes: 0 ok, 1 the
 operation failed, 2 usage or input error; errors are one line, never a traceback.
+
+Each command imports what it uses when it runs: ``run`` the agent (onnxruntime,
+the broker client, the outbox), ``status`` the node's store and rich, ``simulate``
+the simulator; ``edge-node --help`` imports none of them. A running node never
+loads rich, the operator API, the controller's database layer or the schema
+generator (``tests/unit/edge_node/test_imports.py`` holds it to that).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import functools
 import json
 import logging
 import math
 import os
-import signal
-import ssl
 import sys
 import time
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, NoReturn, cast
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast
 
-from rich.console import Console
-from rich.table import Table
-
-from edge_node.agent import AgentConfig, NodeAgent, SourceKind
-from edge_node.inference_core import MAX_TOPK
-from edge_node.outbox import read_depths
-from edge_node.runtime import SessionOptionsConfig
-from edge_node.simulate import node_ids, run_simulation
-from edge_node.sources import parse_source
-from edge_node.state import NodeStore
-from edge_node.validation import check_provider_names
 from edgefleet_io.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
-from edgefleet_io.mqtt import MqttTransport
 from shared import __version__
 from shared.broker import DEFAULT_BROKER_URL, BrokerAddress, parse_broker_url
 from shared.errors import DecodeError, EdgeFleetError, TrustError, UsageError
-from shared.labels import parse_labels
 from shared.topics import check_id
+
+if TYPE_CHECKING:
+    from edge_node.agent import AgentConfig
 
 __all__ = ["main"]
 
@@ -108,6 +102,8 @@ def _labels(values: object) -> dict[str, str]:
         }
     if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
         raise UsageError('labels: use a table (labels = {k = "v"}) or a list of "k=v"')
+    from shared.labels import parse_labels
+
     return parse_labels(",".join(values))
 
 
@@ -159,30 +155,34 @@ class _Range:
         return parse
 
 
-#: Bounds of every numeric setting (flags and config file alike). Sizes and counts
-#: stay within what the wire allows (a result batch holds at most 1000 results,
-#: a chunk request at most 512 KiB); durations in seconds.
-_RANGES: dict[str, _Range] = {
-    "rate": _Range(0, 100_000),  # inputs per second; 0: flat out
-    "concurrency": _Range(1, 256, whole=True),
-    "micro_batch": _Range(1, 4096, whole=True),
-    "threads": _Range(0, 1024, whole=True),  # 0: onnxruntime chooses
-    "change_threshold": _Range(0, 1e9),  # mean absolute input change; 0: off
-    "corner_threshold": _Range(0, 1),  # a top score
-    "topk": _Range(1, MAX_TOPK, whole=True),
-    "batch_max": _Range(1, 1000, whole=True),
-    "batch_interval": _Range(0, 3600, above=True),
-    "telemetry_interval": _Range(0, 86_400, above=True),
-    "resend_after": _Range(0, 86_400, above=True),
-    "chunk_bytes": _Range(1024, 512 * 1024, whole=True),
-    "count": _Range(1, 10_000, whole=True),  # simulated nodes
-}
+@functools.cache
+def _ranges() -> dict[str, _Range]:
+    """Bounds of every numeric setting (flags and config file alike). Sizes and counts
+    stay within what the wire allows (a result batch holds at most 1000 results,
+    a chunk request at most 512 KiB); durations in seconds."""
+    from edge_node.inference_core import MAX_TOPK
+
+    return {
+        "rate": _Range(0, 100_000),  # inputs per second; 0: flat out
+        "concurrency": _Range(1, 256, whole=True),
+        "micro_batch": _Range(1, 4096, whole=True),
+        "threads": _Range(0, 1024, whole=True),  # 0: onnxruntime chooses
+        "change_threshold": _Range(0, 1e9),  # mean absolute input change; 0: off
+        "corner_threshold": _Range(0, 1),  # a top score
+        "topk": _Range(1, MAX_TOPK, whole=True),
+        "batch_max": _Range(1, 1000, whole=True),
+        "batch_interval": _Range(0, 3600, above=True),
+        "telemetry_interval": _Range(0, 86_400, above=True),
+        "resend_after": _Range(0, 86_400, above=True),
+        "chunk_bytes": _Range(1024, 512 * 1024, whole=True),
+        "count": _Range(1, 10_000, whole=True),  # simulated nodes
+    }
 
 
 def _number(args: argparse.Namespace, toml: dict[str, Any], name: str, default: float) -> float:
-    """A numeric setting within its :data:`_RANGES`. Raises: UsageError naming it."""
+    """A numeric setting within its :func:`_ranges`. Raises: UsageError naming it."""
     try:
-        return _RANGES[name].check(_setting(args, toml, name, default))
+        return _ranges()[name].check(_setting(args, toml, name, default))
     except ValueError as exc:
         raise UsageError(f"{name}: {exc}") from None
 
@@ -209,6 +209,8 @@ def _check_ca_file(ca_file: str | None) -> str | None:
     """Load the CA bundle once now, so a bad path is a usage error, not a crash later."""
     if ca_file is None:
         return None
+    import ssl
+
     try:
         ssl.create_default_context(cafile=ca_file)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
@@ -224,6 +226,8 @@ def check_trust(data_dir: Path, trust_file: Path | None) -> None:
         UsageError: neither the shipped file nor a rotated copy in ``data_dir``
             verifies (missing, unreadable, malformed, badly signed or expired).
     """
+    from edge_node.state import NodeStore
+
     try:
         NodeStore(data_dir).load_trust(trust_file, now=time.time())
     except TrustError as exc:
@@ -244,6 +248,8 @@ def _providers(value: object) -> tuple[str, ...] | None:
         names = [name.strip() for name in value]
     else:
         raise UsageError(f"providers: expected names like CPUExecutionProvider, got {value!r}")
+    from edge_node.validation import check_provider_names  # loads onnxruntime
+
     return check_provider_names([name for name in names if name], on_this_machine=True)
 
 
@@ -255,6 +261,11 @@ def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -
     Raises:
         UsageError / DecodeError: a setting is missing or invalid.
     """
+    from edge_node.agent import AgentConfig, SourceKind
+    from edge_node.sessions import SessionOptionsConfig
+    from edge_node.sources import parse_source
+    from edgefleet_io.mqtt import MqttTransport
+
     if toml is None:
         toml = _load_toml(args.config)
     node_id = _text(args, toml, "id", None)
@@ -312,6 +323,11 @@ def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -
 
 
 async def _run_agent(config: AgentConfig) -> None:
+    import asyncio
+    import signal
+
+    from edge_node.agent import NodeAgent
+
     agent = NodeAgent(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -326,11 +342,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     setup_logging(
         str(_text(args, toml, "log_level", "info")), str(_text(args, toml, "log_format", "text"))
     )
+    import asyncio
+
     asyncio.run(_run_agent(config))
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from edge_node.outbox import read_depths
+    from edge_node.state import NodeStore
+
     data = Path(args.data)
     if not data.is_dir():
         raise UsageError(f"{data} is not a node data directory")
@@ -348,6 +369,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"edge node in {data}", show_header=False)
     for label, ref in (("active model", state.active), ("previous model", state.previous)):
         table.add_row(label, f"{ref.name} {ref.version} ({ref.sha256[:12]})" if ref else "-")
@@ -359,6 +383,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from edge_node.agent import SourceKind
+    from edge_node.simulate import node_ids, run_simulation
+    from edge_node.sources import parse_source
+
     broker = parse_broker_url(args.broker or os.environ.get("FLEET_BROKER", DEFAULT_BROKER_URL))
     fleet = check_id(args.fleet or os.environ.get("FLEET_FLEET", "default"), "fleet")
     prefix = check_id(args.prefix, "prefix")
@@ -402,12 +432,8 @@ def _add_credentials(run: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="edge-node", description="EdgeFleet edge node agent.")
-    parser.add_argument("--version", action="version", version=f"edge-node {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = commands.add_parser("run", help="run the node daemon")
+def _add_run(run: argparse.ArgumentParser) -> None:
+    ranges = _ranges()
     run.add_argument("--config", help="TOML file with the same settings (a [node] table)")
     run.add_argument("--id", help="node id ([A-Za-z0-9_.-]{1,64})")
     run.add_argument("--trust", help="root-signed trust.json shipped with the node")
@@ -419,10 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--label", action="append", metavar="K=V", help="node label (repeatable)")
     run.add_argument("--source", help="synthetic (default), dir:PATH, mqtt or none")
     run.add_argument(
-        "--rate", type=_RANGES["rate"].flag(), help="synthetic inputs per second (0: flat out)"
+        "--rate", type=ranges["rate"].flag(), help="synthetic inputs per second (0: flat out)"
     )
     run.add_argument(
-        "--concurrency", type=_RANGES["concurrency"].flag(), help="parallel inference requests"
+        "--concurrency", type=ranges["concurrency"].flag(), help="parallel inference requests"
     )
     run.add_argument(
         "--providers",
@@ -432,46 +458,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--micro-batch",
-        type=_RANGES["micro_batch"].flag(),
+        type=ranges["micro_batch"].flag(),
         help="stack up to N waiting inputs into one run (dynamic batch models; default 32)",
     )
     run.add_argument("--swap-mode", help="availability (default) or resource (unload first)")
     run.add_argument(
         "--threads",
-        type=_RANGES["threads"].flag(),
+        type=ranges["threads"].flag(),
         help="onnxruntime intra-op threads (0: all cores)",
     )
     run.add_argument("--graph-optimization", help="disable, basic, extended (default) or all")
     run.add_argument(
         "--change-threshold",
-        type=_RANGES["change_threshold"].flag(),
+        type=ranges["change_threshold"].flag(),
         help="skip inputs that barely changed",
     )
     run.add_argument(
         "--corner-threshold",
-        type=_RANGES["corner_threshold"].flag(),
+        type=ranges["corner_threshold"].flag(),
         help="flag results below this score",
     )
-    run.add_argument("--topk", type=_RANGES["topk"].flag(), help="top-k classes kept per result")
-    run.add_argument("--batch-max", type=_RANGES["batch_max"].flag(), help="results per message")
+    run.add_argument("--topk", type=ranges["topk"].flag(), help="top-k classes kept per result")
+    run.add_argument("--batch-max", type=ranges["batch_max"].flag(), help="results per message")
     run.add_argument(
         "--batch-interval",
-        type=_RANGES["batch_interval"].flag(),
+        type=ranges["batch_interval"].flag(),
         help="seconds between result messages",
     )
     run.add_argument(
         "--telemetry-interval",
-        type=_RANGES["telemetry_interval"].flag(),
+        type=ranges["telemetry_interval"].flag(),
         help="seconds between telemetry",
     )
     run.add_argument(
         "--resend-after",
-        type=_RANGES["resend_after"].flag(),
+        type=ranges["resend_after"].flag(),
         help="re-send unacknowledged after seconds",
     )
     run.add_argument(
         "--chunk-bytes",
-        type=_RANGES["chunk_bytes"].flag(),
+        type=ranges["chunk_bytes"].flag(),
         help="artifact chunk size for MQTT transfer",
     )
     _add_credentials(run)
@@ -479,14 +505,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json lines")
     run.set_defaults(handler=_cmd_run)
 
-    status = commands.add_parser("status", help="show a node's models and outbox")
+
+def _add_status(status: argparse.ArgumentParser) -> None:
     status.add_argument("--data", required=True, help="the node's data directory")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.set_defaults(handler=_cmd_status)
 
-    simulate = commands.add_parser("simulate", help="run many nodes in one process")
+
+def _add_simulate(simulate: argparse.ArgumentParser) -> None:
+    ranges = _ranges()
     simulate.add_argument(
-        "--count", type=_RANGES["count"].flag(), required=True, help="number of nodes"
+        "--count", type=ranges["count"].flag(), required=True, help="number of nodes"
     )
     simulate.add_argument("--prefix", default="sim", help="node id prefix (ids PREFIX-0001...)")
     simulate.add_argument(
@@ -498,20 +527,45 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--label", action="append", metavar="K=V", help="label for every node")
     simulate.add_argument("--source", default="none", help="none (default) or synthetic")
     simulate.add_argument(
-        "--rate", type=_RANGES["rate"].flag(), default=1.0, help="inputs per second per node"
+        "--rate", type=ranges["rate"].flag(), default=1.0, help="inputs per second per node"
     )
     simulate.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     simulate.add_argument(
         "--log-format", default="text", choices=LOG_FORMATS, help="text or json lines"
     )
     simulate.set_defaults(handler=_cmd_simulate)
+
+
+#: The commands, their one-line help, and what adds their arguments and handler.
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "run": ("run the node daemon", _add_run),
+    "status": ("show a node's models and outbox", _add_status),
+    "simulate": ("run many nodes in one process", _add_simulate),
+}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``edge-node`` parser for ``argv``: the command it names in full, the
+    others by name and help only (``--help`` imports nothing of the node). With
+    ``argv`` None every command is added in full."""
+    parser = _Parser(prog="edge-node", description="EdgeFleet edge node agent.")
+    parser.add_argument("--version", action="version", version=f"edge-node {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The only options before a command are --help and --version, which take no value.
+    chosen = None if argv is None else next((w for w in argv if not w.startswith("-")), None)
+    for name, (help_text, add) in _COMMANDS.items():
+        if argv is None or name == chosen:
+            add(commands.add_parser(name, help=help_text))
+        else:
+            commands.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``edge-node`` with ``argv``; returns the exit code (never a traceback)."""
+    words = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(words).parse_args(words)
     except SystemExit as exc:  # a usage error (2, one line printed), --help or --version (0)
         return exc.code if isinstance(exc.code, int) else 2
     try:

@@ -90,26 +90,47 @@ def _check_strings(value: Any) -> None:
             stack.extend(item)
 
 
-# Scans of the raw text, at C speed, that keep per-value Python work off the
-# common path: string literals are blanked before brackets and digits are read.
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKETS = re.compile(r"[\[\]{}]")
-# Numbers that may leave int64 or overflow a float: 19+ digits in a row or a
-# three-digit exponent. Only then are numbers parsed one by one with checks.
-_RISKY_NUMBER = re.compile(r"\d{19,}|[eE][+-]?\d{3,}")
+# Scans of the raw bytes, in C and linear in their length, that keep
+# per-value Python work off the common path.
+#
+# Numbers that may leave int64 or overflow a float have 19+ digits in a row
+# or a three-digit exponent; digits (also those inside strings, which only
+# costs the slower path) are mapped to "0" and the marks searched for. Only
+# then are numbers parsed one by one with checks.
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789E", b"000000000e")
+_RISKY_MARKS = (b"0" * 19, b"e000", b"e+000", b"e-000")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# Nesting: string literals are blanked (the unrolled form runs through a
+# string's plain characters at once) before brackets are counted.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(c for c in range(128) if chr(c) not in "[]{}")
 
 
-def _depth(stripped: str) -> int:
-    """Deepest bracket nesting of JSON text whose strings were blanked."""
-    depth = deepest = 0
-    for bracket in _BRACKETS.findall(stripped):
-        if bracket in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
+def _risky_numbers(payload: bytes) -> bool:
+    zeros = payload.translate(_DIGITS_TO_ZERO)
+    return any(mark in zeros for mark in _RISKY_MARKS)
+
+
+def _deeper_than(payload: bytes, text: str, max_depth: int) -> bool:
+    """Whether valid JSON ``text`` (``payload`` decoded) nests deeper than ``max_depth``.
+
+    With no more opening brackets than ``max_depth`` anywhere, it cannot.
+    Otherwise strings are blanked and only the brackets kept; each pass then
+    turns the innermost pairs into a mark (so a pair that only the removal
+    exposes waits for the next pass) and drops the marks of the pass before. A
+    nesting of ``max_depth`` is gone after ``max_depth`` passes, each a few C
+    scans of what is left.
+    """
+    if payload.count(b"[") + payload.count(b"{") <= max_depth:
+        return False
+    stripped = _STRING.sub('""', text).encode("ascii", "ignore")
+    brackets = stripped.translate(None, _NOT_BRACKETS)
+    for _ in range(max_depth):
+        brackets = brackets.translate(None, b"x")
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"[]", b"x").replace(b"{}", b"x")
+    return bool(brackets.translate(None, b"x"))
 
 
 def decode_json(
@@ -129,13 +150,9 @@ def decode_json(
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DecodeError(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from None
-    stripped = _STRING.sub('""', text)
-    if _depth(stripped) > max_depth:
-        raise DecodeError(f"nesting deeper than {max_depth} levels")
-    risky_numbers = _RISKY_NUMBER.search(stripped) is not None
-    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    surrogates = b"\\u" in payload and _SURROGATE_ESCAPE.search(text) is not None
     checked: dict[str, Any] = (
-        {"parse_int": _parse_int, "parse_float": _parse_float} if risky_numbers else {}
+        {"parse_int": _parse_int, "parse_float": _parse_float} if _risky_numbers(payload) else {}
     )
     try:
         value = json.loads(
@@ -152,6 +169,8 @@ def decode_json(
         ) from None
     except ValueError as exc:  # e.g. int() digit limits
         raise DecodeError(f"invalid JSON number: {exc}") from None
+    if _deeper_than(payload, text, max_depth):
+        raise DecodeError(f"nesting deeper than {max_depth} levels")
     if surrogates:
         _check_strings(value)
     return value

@@ -19,7 +19,6 @@ import hashlib
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -123,8 +122,7 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()
+    return hashlib.sha256(public_key.public_bytes_raw()).hexdigest()
 
 
 def public_key_from_b64(text: str) -> Ed25519PublicKey:
@@ -154,12 +152,13 @@ class SigningKey:
         return key_id(self.public)
 
     def public_b64(self) -> str:
-        return b64encode(
-            self.public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        )
+        return b64encode(self.public.public_bytes_raw())
 
     def to_pem(self, passphrase: bytes | None = None) -> bytes:
         """PKCS#8 PEM, encrypted with ``passphrase`` when one is given."""
+        # PEM support loads on first use: nodes verify with raw public keys only.
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
         encryption: serialization.KeySerializationEncryption = (
             serialization.BestAvailableEncryption(passphrase)
             if passphrase
@@ -173,6 +172,8 @@ class SigningKey:
     def from_pem(cls, data: bytes, passphrase: bytes | None = None) -> SigningKey:
         """Raises: TrustError if the PEM is unreadable, encrypted without a passphrase,
         the passphrase is wrong, or it is not an Ed25519 key."""
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - see to_pem
+
         try:
             key = serialization.load_pem_private_key(data, password=passphrase or None)
         except (ValueError, TypeError) as exc:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet_controller.cli import common, deployments
+from fleet_controller.cli.catalog import help_of
 from fleet_controller.cli.flags import check_node_username, parse_names
 from shared.broker import parse_broker_url
 from shared.errors import EdgeFleetError, UsageError
@@ -46,7 +47,7 @@ def _private_dir(path: Path) -> Path:
 
 
 def _write(path: Path, data: bytes | str, mode: int) -> None:
-    from edgefleet_io.files import atomic_write  # noqa: PLC0415 - only writers need it
+    from edgefleet_io.files import atomic_write  # only writers need it
 
     atomic_write(path, data.encode() if isinstance(data, str) else data, mode=mode)
 
@@ -90,9 +91,9 @@ def _write_credentials(
 
 
 def _broker_init(args: argparse.Namespace) -> int:
-    from broker_config import config_path  # noqa: PLC0415 - only `broker init` reads templates
-    from fleet_controller import dynsec  # noqa: PLC0415
-    from fleet_controller.certs import CertAuthority  # noqa: PLC0415
+    from broker_config import config_path  # only `broker init` reads templates
+    from fleet_controller import dynsec
+    from fleet_controller.certs import CertAuthority
 
     directory = Path(args.dir).absolute()
     operators = parse_names(args.operators, "operator")
@@ -148,7 +149,7 @@ def _broker_init(args: argparse.Namespace) -> int:
 
 def _control(args: argparse.Namespace, commands: list[dict[str, Any]]) -> None:
     """Send ``commands`` as the broker admin, waiting ``--timeout`` for the answer."""
-    from fleet_controller.dynsec import control  # noqa: PLC0415
+    from fleet_controller.dynsec import control
 
     settings = common.settings_from(args)
     if settings.broker.username is None:
@@ -159,8 +160,8 @@ def _control(args: argparse.Namespace, commands: list[dict[str, Any]]) -> None:
 
 
 def _broker_add(args: argparse.Namespace) -> int:
-    from fleet_controller import dynsec  # noqa: PLC0415
-    from fleet_controller.certs import CertAuthority  # noqa: PLC0415
+    from fleet_controller import dynsec
+    from fleet_controller.certs import CertAuthority
 
     name = check_node_username(args.name) if args.kind == "controller" else args.name
     parse_names(name, args.kind)
@@ -204,9 +205,9 @@ def _node_toml(node: str, broker: str, fleet: str) -> str:
 
 
 def _node_enroll(args: argparse.Namespace) -> int:
-    from fleet_controller import dynsec  # noqa: PLC0415
-    from fleet_controller.certs import CertAuthority  # noqa: PLC0415
-    from fleet_controller.keys import load_trust, trust_path  # noqa: PLC0415
+    from fleet_controller import dynsec
+    from fleet_controller.certs import CertAuthority
+    from fleet_controller.keys import load_trust, trust_path
 
     node = check_node_username(args.id)
     settings = common.settings_from(args)
@@ -255,7 +256,7 @@ def _node_revoke(args: argparse.Namespace) -> int:
 
 def register(commands: common.Commands, parents: common.Parents) -> None:
     """Add ``broker`` and ``node`` and their actions to ``commands``."""
-    broker = commands.add_parser("broker", help="the secure Mosquitto setup")
+    broker = commands.add_parser("broker", help=help_of("broker"))
     broker_actions = broker.add_subparsers(dest="broker_command", required=True, metavar="ACTION")
     init = common.add_command(
         broker_actions,
@@ -290,9 +291,7 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
     add.add_argument("name", metavar="NAME")
     add.add_argument("--out", required=True, help="empty directory for the credentials")
     add.add_argument("--ca-dir", required=True, help="the fleet CA (broker init's tls/)")
-    node = commands.add_parser(
-        "node", help="nodes: enrollment, revocation, operators' labels, forgetting"
-    )
+    node = commands.add_parser("node", help=help_of("node"))
     node_actions = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
     enroll = common.add_command(
         node_actions,

@@ -14,6 +14,11 @@
   the broker is contacted.
 * With ``--json`` a command prints exactly one JSON document on stdout
   (:func:`emit`); otherwise a rich rendering.
+
+Importing this module is cheap: ``fleetctl --help`` and every command import
+it. The broker client, the operator's key, the operations' request models and
+rich are imported by the functions that use them, so a ``--json`` listing never
+loads rich (nor onnxruntime, onnx or SQLAlchemy, which only some commands need).
 """
 
 from __future__ import annotations
@@ -26,19 +31,20 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn, TypeAlias
-
-from rich.console import Console, RenderableType
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 from edgefleet_io.logs import LOG_FORMATS, LOG_LEVELS
-from edgefleet_io.mqtt import MqttTransport
-from fleet_controller.api import CtlClient, OperatorIdentity
 from fleet_controller.cli.flags import named, parse_positive_duration
-from fleet_controller.keys import FIRST_OPERATOR, load_operator_key, operator_key_path
 from shared.broker import DEFAULT_BROKER_URL, BrokerAddress, parse_broker_url
 from shared.errors import EdgeFleetError, UsageError
-from shared.operations import Operation, parse_request
 from shared.topics import check_id
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+    from edgefleet_io.mqtt import MqttTransport
+    from fleet_controller.api import CtlClient
+    from shared.operations import Operation
 
 __all__ = [
     "DEBUG_ENV",
@@ -54,6 +60,7 @@ __all__ = [
     "Handler",
     "Parents",
     "Parser",
+    "Render",
     "Settings",
     "add_command",
     "call",
@@ -82,6 +89,8 @@ DEFAULT_TIMEOUT_S = 10.0
 MAX_TIMEOUT_S = 3600.0
 
 Handler: TypeAlias = Callable[[argparse.Namespace], int]
+Render: TypeAlias = "Callable[[Any], RenderableType]"
+"""Draws a command's answer with rich; called (and rich imported) only without ``--json``."""
 
 
 # ----- the parser ---------------------------------------------------------------------
@@ -115,6 +124,8 @@ def option_groups() -> Parents:
 
 def _global_options() -> Parser:
     """The parent parser of the options every command takes."""
+    from fleet_controller.keys import FIRST_OPERATOR
+
     options = Parser(add_help=False)
     group = options.add_argument_group("global options")
     group.add_argument(
@@ -197,6 +208,8 @@ class Settings:
 
         Raises: UsageError when the TLS files cannot be loaded.
         """
+        from edgefleet_io.mqtt import MqttTransport
+
         return MqttTransport(
             self.broker, ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file
         )
@@ -208,6 +221,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     Raises:
         UsageError / DecodeError: an invalid broker URL, fleet, operator or timeout.
     """
+    from fleet_controller.keys import FIRST_OPERATOR, operator_key_path
+
     broker = parse_broker_url(args.broker or os.environ.get("FLEET_BROKER") or DEFAULT_BROKER_URL)
     fleet = check_id(args.fleet or os.environ.get("FLEET_FLEET") or "default", "fleet")
     operator = check_id(args.operator or os.environ.get(OPERATOR_ENV) or FIRST_OPERATOR, "operator")
@@ -262,6 +277,8 @@ def checked(
     Raises:
         RequestError: the one-line message names the operation and the field.
     """
+    from shared.operations import parse_request
+
     parse_request(operation, args, now=time.time() if now is None else now)
     return args
 
@@ -273,6 +290,9 @@ async def controller(settings: Settings) -> AsyncIterator[CtlClient]:
     Raises:
         TrustError: the operator's key cannot be read.
     """
+    from fleet_controller.api import CtlClient, OperatorIdentity
+    from fleet_controller.keys import load_operator_key
+
     key = load_operator_key(settings.operator_key, passphrase())
     async with CtlClient(
         settings.transport(),
@@ -312,14 +332,17 @@ def keys_dir(value: str | None) -> Path:
 
 def stdout() -> Console:
     """Rich output on stdout; piped output gets room for wide tables instead of 80 columns."""
+    from rich.console import Console
+
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=160)
     return console
 
 
-def emit(args: argparse.Namespace, value: Any, render: Callable[[Any], RenderableType]) -> None:
-    """JSON only on stdout with ``--json``; a rich rendering otherwise."""
+def emit(args: argparse.Namespace, value: Any, render: Render) -> None:
+    """JSON only on stdout with ``--json``; a rich rendering otherwise (rich is imported
+    only then: ``render`` is not called with ``--json``)."""
     if getattr(args, "json", False):
         print(json.dumps(value))
     else:
@@ -348,6 +371,6 @@ def first_line(exc: BaseException) -> str:
 
 def quiet_onnxruntime() -> None:
     """Keep onnxruntime's own log off stderr: its errors reach the user as our one line."""
-    import onnxruntime as ort  # noqa: PLC0415 - only commands that run models need it
+    import onnxruntime as ort
 
     ort.set_default_logger_severity(4)  # fatal only

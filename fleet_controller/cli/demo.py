@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edgefleet_io.logs import setup_logging
 from fleet_controller.cli import common
+from fleet_controller.cli.catalog import help_of
 from fleet_controller.cli.flags import whole_number
 
 __all__ = ["register"]
@@ -20,7 +21,7 @@ _MAX_NODES = 200
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fleet_controller.demo import run_demo  # noqa: PLC0415 - builds models with onnx
+    from fleet_controller.demo import run_demo  # builds models with onnx
 
     setup_logging(args.log_level, args.log_format)
     common.quiet_onnxruntime()
@@ -33,7 +34,7 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
     """Add ``demo`` to ``commands``; it takes none of ``parents`` (it runs its own fleet)."""
     demo = commands.add_parser(
         "demo",
-        help="run a whole fleet on this machine: rollouts, waves, an automatic rollback",
+        help=help_of("demo"),
         description="Starts Mosquitto (unless --broker), a controller and simulated nodes "
         "in this process, then rolls out three model versions.",
     )

@@ -12,12 +12,10 @@ import argparse
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Group, RenderableType
-
-from fleet_controller import console as view
 from fleet_controller.cli import common
+from fleet_controller.cli.catalog import help_of
 from fleet_controller.cli.rollouts import add_policy_flags, policy_request
 from shared.errors import DecodeError, UsageError
 from shared.labels import format_labels
@@ -31,6 +29,9 @@ from shared.operations import (
     Operation,
 )
 from shared.topics import check_id
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 __all__ = ["add_node_actions", "parse_label_changes", "register"]
 
@@ -75,7 +76,7 @@ def _ask(
     args: argparse.Namespace,
     operation: Operation[Any],
     request: dict[str, Any],
-    render: Callable[[Any], RenderableType],
+    render: common.Render,
     *,
     now: float | None = None,
     shape: Callable[[Any, str], Any] = common.mapping,
@@ -96,6 +97,8 @@ def _node_label(args: argparse.Namespace) -> int:
 
 
 def _labels_view(node: Mapping[str, Any]) -> RenderableType:
+    from fleet_controller import console as view
+
     return view.kv_table(
         {
             "node": node.get("node_id"),
@@ -129,12 +132,22 @@ def _set_view(answer: Mapping[str, Any]) -> RenderableType:
         note = f"rollout {started.get('rollout_id')} started"
     else:
         note = "no rollout started (same target, or no node matches yet)"
+    from rich.console import Group
+
     return Group(_summary(answer), note)
 
 
 def _summary(deployment: Mapping[str, Any]) -> RenderableType:
+    from fleet_controller import console as view
+
     keys = ("name", "model", "selector", "rollout_id", "created_by", "updated_at")
     return view.kv_table({k: deployment.get(k) for k in keys}, title="deployment")
+
+
+def _list_view(rows: Any) -> RenderableType:
+    from fleet_controller import console as view
+
+    return view.records_table(rows, title="deployments", columns=_LIST_COLUMNS)
 
 
 def _deployment_list(args: argparse.Namespace) -> int:
@@ -142,7 +155,7 @@ def _deployment_list(args: argparse.Namespace) -> int:
         args,
         DEPLOYMENT_LIST,
         {},
-        lambda r: view.records_table(r, title="deployments", columns=_LIST_COLUMNS),
+        _list_view,
         shape=common.rows,
     )
 
@@ -159,6 +172,10 @@ def _nodes(ids: Any) -> str:
 
 
 def _show_view(d: Mapping[str, Any]) -> RenderableType:
+    from rich.console import Group
+
+    from fleet_controller import console as view
+
     held = d.get("held") or {}
     group = view.kv_table(
         {
@@ -215,9 +232,7 @@ def add_node_actions(actions: common.Commands, parents: common.Parents) -> None:
 
 def register(commands: common.Commands, parents: common.Parents) -> None:
     """Add ``deployment`` and its actions to ``commands``."""
-    deployment = commands.add_parser(
-        "deployment", help="what groups of nodes should run, kept up by the controller"
-    )
+    deployment = commands.add_parser("deployment", help=help_of("deployment"))
     actions = deployment.add_subparsers(dest="deployment_command", required=True, metavar="ACTION")
     set_ = common.add_command(
         actions,

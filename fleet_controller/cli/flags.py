@@ -9,6 +9,9 @@ so a default shown in ``--help`` is one an operator can type back.
 Numeric flags are range-checked by argparse itself: :func:`whole_number` and
 :func:`number` make ``type=`` functions that refuse text that is not a finite
 number within the flag's bounds (argparse then prints one line, exit 2).
+
+Importing this module is cheap (every ``fleetctl`` command and ``--help`` does):
+the parsers that need the wire models (pydantic) import them when they run.
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import DecodeError, UsageError
-from shared.labels import format_selector, parse_selector
-from shared.messages import WarmupInput
 from shared.topics import check_id
 from shared.version import SemVer
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+    from shared.messages import WarmupInput
 
 __all__ = [
     "check_node_username",
@@ -215,6 +219,8 @@ def parse_select(text: str) -> str:
     Raises:
         DecodeError: the text does not follow the selector grammar or its bounds.
     """
+    from shared.labels import format_selector, parse_selector
+
     return format_selector(parse_selector(text))
 
 
@@ -275,6 +281,10 @@ def parse_warmup_input(text: str) -> WarmupInput:
             fill = math.nan
         if not math.isfinite(fill):
             raise UsageError(f"warm-up input {name!r}: value {value_text[:40]!r} is not a number")
+    from pydantic import ValidationError
+
+    from shared.messages import WarmupInput
+
     try:
         return WarmupInput(name=name, shape=shape, fill=fill)
     except ValidationError as exc:

@@ -13,10 +13,8 @@ import json
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 from fleet_controller.cli import common
+from fleet_controller.cli.catalog import help_of
 from fleet_controller.cli.flags import whole_number
 from fleet_controller.keys import DEFAULT_TRUST_DAYS, init_keys, rotate_key, trust_path
 from shared.errors import UsageError
@@ -46,6 +44,9 @@ def _print_trust(trust: TrustList, directory: Path, *, as_json: bool) -> None:
             )
         )
         return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"trust v{trust.version} in {directory}")
     table.add_column("role")
     table.add_column("key id")
@@ -107,7 +108,7 @@ def _keys_push(args: argparse.Namespace) -> int:
 
 def register(commands: common.Commands, parents: common.Parents) -> None:
     """Add ``keys`` and its actions to ``commands``."""
-    keys = commands.add_parser("keys", help="create and rotate signing keys and trust.json")
+    keys = commands.add_parser("keys", help=help_of("keys"))
     actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     key_options = common.key_dir_options()
     key_options.add_argument(

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from rich.console import Console
 
-from fleet_controller import console as view
 from fleet_controller.cli import common
+from fleet_controller.cli.catalog import help_of
 from fleet_controller.cli.flags import first_error, parse_warmup_input
 from fleet_controller.keys import key_path, load_key
 from shared.errors import EdgeFleetError, UsageError
@@ -35,6 +34,7 @@ from shared.trust import Role
 from shared.version import SemVer
 
 if TYPE_CHECKING:
+    from rich.console import RenderableType
     from rich.progress import Progress, TaskID
 
 __all__ = ["register"]
@@ -48,7 +48,7 @@ def _load_sample(path: Path) -> list[WarmupInput]:
     Raises:
         UsageError: unreadable, not an ``.npz``, or arrays that are not finite numbers.
     """
-    import numpy as np  # noqa: PLC0415 - numpy only for --sample
+    import numpy as np  # numpy only for --sample
 
     try:
         with np.load(path, allow_pickle=False) as sample:
@@ -99,7 +99,7 @@ def _quantize(source: Path, target: Path) -> Path:
         EdgeFleetError: the quantizer is missing (it needs the ``onnx`` package) or fails.
     """
     try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415 - the quantizer only for --quantize
+        from onnxruntime.quantization import QuantType, quantize_dynamic  # only for --quantize
     except ImportError as exc:
         raise EdgeFleetError(
             f"--quantize needs the onnx package ({common.first_line(exc)}): pip install onnx"
@@ -116,7 +116,8 @@ def _quantize(source: Path, target: Path) -> Path:
 
 
 def _progress(total_bytes: int) -> Progress:
-    from rich.progress import (  # noqa: PLC0415 - progress bars only while uploading
+    from rich.console import Console
+    from rich.progress import (  # progress bars only while uploading
         BarColumn,
         DownloadColumn,
         Progress,
@@ -156,7 +157,7 @@ async def _model_add_async(request: _ModelAdd, settings: common.Settings) -> lis
     Raises:
         EdgeFleetError / DecodeError: a local check failed, or the controller refused.
     """
-    from fleet_controller.publish import (  # noqa: PLC0415 - loads onnxruntime
+    from fleet_controller.publish import (  # loads onnxruntime
         prepare_manifest,
         sign_release,
         upload_blob,
@@ -222,7 +223,7 @@ def _providers(text: str | None) -> tuple[str, ...]:
 
     Raises: UsageError naming ``--providers`` (a name onnxruntime does not know).
     """
-    from fleet_controller.registry import DEFAULT_PROVIDERS, check_providers  # noqa: PLC0415 - loads onnxruntime
+    from fleet_controller.registry import DEFAULT_PROVIDERS, check_providers  # loads onnxruntime
 
     if text is None:
         return DEFAULT_PROVIDERS
@@ -259,24 +260,28 @@ def _model_add(args: argparse.Namespace) -> int:
         )
         rows = asyncio.run(_model_add_async(request, settings))
     common.emit(
-        args,
-        rows if args.quantize else rows[0],
-        lambda _: view.records_table(rows, title="model added", columns=_MODEL_COLUMNS),
+        args, rows if args.quantize else rows[0], lambda _: _models_table(rows, "model added")
     )
     return 0
+
+
+def _models_table(rows: Any, title: str) -> RenderableType:
+    from fleet_controller import console as view
+
+    return view.records_table(rows, title=title, columns=_MODEL_COLUMNS)
 
 
 def _model_list(args: argparse.Namespace) -> int:
     settings = common.settings_from(args)
     answer = asyncio.run(common.call(settings, MODEL_LIST))
     rows = common.rows(answer, MODEL_LIST.name)
-    common.emit(args, rows, lambda r: view.records_table(r, title="models", columns=_MODEL_COLUMNS))
+    common.emit(args, rows, lambda r: _models_table(r, "models"))
     return 0
 
 
 def register(commands: common.Commands, parents: common.Parents) -> None:
     """Add ``model`` and its actions to ``commands``."""
-    model = commands.add_parser("model", help="register and list models")
+    model = commands.add_parser("model", help=help_of("model"))
     actions = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     add = common.add_command(
         actions,

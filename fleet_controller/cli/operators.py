@@ -13,9 +13,8 @@ import json
 import time
 from pathlib import Path
 
-from rich.table import Table
-
 from fleet_controller.cli import common
+from fleet_controller.cli.catalog import help_of
 from fleet_controller.keys import (
     DEFAULT_TRUST_DAYS,
     KeySet,
@@ -53,6 +52,8 @@ def _print(keyset: KeySet, args: argparse.Namespace, message: str | None) -> Non
     if args.json:
         print(json.dumps({"trust_version": trust.version, "operators": rows}))
         return
+    from rich.table import Table
+
     table = Table(title=f"operators in trust v{trust.version}")
     table.add_column("operator")
     table.add_column("role")
@@ -112,7 +113,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def register(commands: common.Commands, parents: common.Parents) -> None:
     """Add ``operator`` and its actions to ``commands``."""
-    operator = commands.add_parser("operator", help="operators' keys and roles in trust.json")
+    operator = commands.add_parser("operator", help=help_of("operator"))
     actions = operator.add_subparsers(dest="operator_command", required=True, metavar="ACTION")
     key_options = common.key_dir_options()
     with_keys = [*parents.with_json, key_options]

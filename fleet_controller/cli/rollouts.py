@@ -18,14 +18,10 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
-
-from fleet_controller import console as view
 from fleet_controller.cli import common
+from fleet_controller.cli.catalog import help_of
 from fleet_controller.cli.flags import (
     format_duration,
     format_fraction,
@@ -54,6 +50,10 @@ from shared.operations import (
     RolloutRef,
 )
 from shared.topics import check_id
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.table import Table
 
 __all__ = ["add_policy_flags", "events_table", "policy_request", "register", "start_request"]
 
@@ -268,13 +268,25 @@ def start_request(args: argparse.Namespace, *, now: float) -> dict[str, Any]:
     return common.checked(ROLLOUT_START, request, now=now)
 
 
+def _rollout_view(status: Any) -> RenderableType:
+    from fleet_controller import console as view
+
+    return view.rollout_view(status)
+
+
+def _plan_view(plan: Any) -> RenderableType:
+    from fleet_controller import console as view
+
+    return view.plan_view(plan)
+
+
 def _rollout_start(args: argparse.Namespace) -> int:
     settings = common.settings_from(args)
     request = start_request(args, now=time.time())
     answer = common.mapping(
         asyncio.run(common.call(settings, ROLLOUT_START, request)), ROLLOUT_START.name
     )
-    common.emit(args, answer, view.plan_view if answer.get("dry_run") else view.rollout_view)
+    common.emit(args, answer, _plan_view if answer.get("dry_run") else _rollout_view)
     return 0
 
 
@@ -292,12 +304,16 @@ def _rollout_status(args: argparse.Namespace) -> int:
     if args.watch and not args.json:
         return asyncio.run(_watch_rollout(settings, request))
     answer = asyncio.run(common.call(settings, ROLLOUT_STATUS, request))
-    common.emit(args, common.mapping(answer, ROLLOUT_STATUS.name), view.rollout_view)
+    common.emit(args, common.mapping(answer, ROLLOUT_STATUS.name), _rollout_view)
     return 0
 
 
 async def _watch_rollout(settings: common.Settings, request: dict[str, Any]) -> int:
     """Redraw the rollout every second until it ends (0 if it succeeded, else 1) or Ctrl-C."""
+    from rich.live import Live
+
+    from fleet_controller import console as view
+
     stop = asyncio.Event()
     async with common.controller(settings) as ctl:
         status = common.mapping(await ctl.call(ROLLOUT_STATUS.name, request), ROLLOUT_STATUS.name)
@@ -328,6 +344,11 @@ def events_table(rollout_id: str, events: Sequence[dict[str, Any]]) -> Table:
 
     The columns are fixed, so a rollout without events yet still shows them.
     """
+    from rich.table import Table
+    from rich.text import Text
+
+    from fleet_controller import console as view
+
     table = Table(title=f"rollout {rollout_id} events")
     for key in _EVENT_COLUMNS:
         table.add_column(key.replace("_", " "))
@@ -353,10 +374,16 @@ def _rollout_change(operation: Operation[RolloutRef]) -> common.Handler:
         settings = common.settings_from(args)
         request = _ref(operation, args)
         answer = asyncio.run(common.call(settings, operation, request))
-        common.emit(args, common.mapping(answer, operation.name), view.rollout_view)
+        common.emit(args, common.mapping(answer, operation.name), _rollout_view)
         return 0
 
     return handler
+
+
+def _list_view(rows: Any, title: str) -> RenderableType:
+    from fleet_controller import console as view
+
+    return view.records_table(rows, title=title, columns=_LIST_COLUMNS)
 
 
 def _rollout_list(args: argparse.Namespace) -> int:
@@ -364,7 +391,7 @@ def _rollout_list(args: argparse.Namespace) -> int:
     request = common.checked(ROLLOUT_LIST, {"active_only": args.active})
     rows = common.rows(asyncio.run(common.call(settings, ROLLOUT_LIST, request)), ROLLOUT_LIST.name)
     title = "active rollouts" if args.active else "rollouts"
-    common.emit(args, rows, lambda r: view.records_table(r, title=title, columns=_LIST_COLUMNS))
+    common.emit(args, rows, lambda r: _list_view(r, title))
     return 0
 
 
@@ -422,7 +449,7 @@ def _add_start(actions: common.Commands, parents: common.Parents) -> None:
 
 def register(commands: common.Commands, parents: common.Parents) -> None:
     """Add ``rollout`` and its actions to ``commands``."""
-    rollout = commands.add_parser("rollout", help="start, watch and steer rollouts")
+    rollout = commands.add_parser("rollout", help=help_of("rollout"))
     actions = rollout.add_subparsers(dest="rollout_command", required=True, metavar="ACTION")
     _add_start(actions, parents)
     status = common.add_command(

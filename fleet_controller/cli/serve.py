@@ -16,6 +16,7 @@ from typing import Any
 
 from edgefleet_io.logs import setup_logging
 from fleet_controller.cli import common
+from fleet_controller.cli.catalog import help_of
 from fleet_controller.cli.flags import named, number, parse_positive_duration, whole_number
 from fleet_controller.keys import key_path, trust_path
 from fleet_controller.quotas import (
@@ -47,7 +48,7 @@ def _database_url(url: str) -> str:
             folder does not exist, or a folder (one line, no password).
         EdgeFleetError: the SQLite file's folder cannot be created.
     """
-    from fleet_controller.store import StoreError, parse_database_url  # noqa: PLC0415 - heavy
+    from fleet_controller.store import StoreError, parse_database_url  # heavy
 
     try:
         parsed = parse_database_url(url)
@@ -88,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
     http_listen, http_url = _http_settings(args.http, args.http_url)
     setup_logging(args.log_level, args.log_format)
 
-    from fleet_controller.service import ControllerConfig  # noqa: PLC0415 - heavy imports
+    from fleet_controller.service import ControllerConfig  # heavy imports
 
     config = ControllerConfig(
         broker=settings.broker,
@@ -133,9 +134,9 @@ def _http_settings(
 
 
 async def _run_service(config: Any) -> None:
-    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 - SQLAlchemy only for `serve`
+    from sqlalchemy.exc import SQLAlchemyError  # SQLAlchemy only for `serve`
 
-    from fleet_controller.service import ControllerService  # noqa: PLC0415 - the service only for `serve`
+    from fleet_controller.service import ControllerService  # the service only for `serve`
 
     try:
         service = ControllerService(config)
@@ -153,7 +154,7 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
         commands,
         "serve",
         _serve,
-        "run the controller service",
+        help_of("serve"),
         parents.base,
         description="Runs until SIGINT or SIGTERM. Keys must hold rollout.pem and trust.json; "
         f"{common.PASSPHRASE_ENV} unlocks encrypted keys.",

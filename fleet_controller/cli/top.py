@@ -12,6 +12,7 @@ import asyncio
 
 from fleet_controller import console as view
 from fleet_controller.cli import common
+from fleet_controller.cli.catalog import help_of
 from fleet_controller.cli.flags import named, parse_positive_duration
 from shared.errors import UsageError
 
@@ -52,7 +53,7 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
         commands,
         "top",
         _top,
-        "live console of the fleet's nodes (reads MQTT directly)",
+        help_of("top"),
         parents.with_json,
         description="Subscribes read-only to the nodes' state, telemetry and status. "
         "--once prints one snapshot after --interval (with --json: one JSON document).",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Any
 
 import msgspec
@@ -86,10 +86,8 @@ class IngestRepository:
             ledgers = _lock_ledgers(s, touched, slotted)
             # Statuses first, then batches: the order in which slots are offered.
             status_rows = [_status_row(m) for m in statuses if ledgers[m.node].offer(m.seq)]
-            result_rows = [
-                row for b in batches if ledgers[b.node].offer(b.seq) for row in _result_rows(b)
-            ]
-            self._insert(s, status_rows, result_rows, [_telemetry_row(t) for t in telemetry])
+            fresh = [b for b in batches if ledgers[b.node].offer(b.seq)]
+            self._insert(s, status_rows, fresh, [_telemetry_row(t) for t in telemetry])
             s.exec(
                 update(NODES)
                 .where(NODES.c.node_id.in_(touched), NODES.c.last_seen < now)
@@ -105,13 +103,14 @@ class IngestRepository:
         self,
         s: Session,
         statuses: list[dict[str, Any]],
-        results: list[tuple[Any, ...]],
+        batches: list[ResultBatch],
         telemetry: list[dict[str, Any]],
     ) -> None:
         if statuses:
             s.exec(self._db.insert(STATUSES).on_conflict_do_nothing(), params=statuses)
-        if results:
-            _bulk_insert_results(s, self._db.dialect, results)
+        if batches:
+            rows = chain.from_iterable(_result_rows(b) for b in batches)
+            _bulk_insert_results(s, self._db.dialect, rows)
         if telemetry:
             s.exec(TELEMETRY.insert(), params=telemetry)
 
@@ -270,7 +269,7 @@ ON CONFLICT (node_id, seq) DO NOTHING"""
 _JSON = msgspec.json.Encoder()
 
 
-def _bulk_insert_results(s: Session, dialect: str, rows: list[tuple[Any, ...]]) -> None:
+def _bulk_insert_results(s: Session, dialect: str, rows: Iterator[tuple[Any, ...]]) -> None:
     """Write result rows (in the column order above), skipping stored ones."""
     driver: Any = s.connection().connection.driver_connection
     if dialect == "sqlite":
