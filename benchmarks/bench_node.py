@@ -3,14 +3,17 @@
 Everything runs on this machine: Mosquitto (``broker_config/dev.conf`` on a
 free port on 127.0.0.1), a :class:`ControllerService` with SQLite in a temp
 dir (in this process), and the node as a real ``edge-node run`` process
-(synthetic source flat out, ``--batch-interval 0.2``, default micro-batching
-and session options), deployed the real way: published, signed, rolled out.
+(synthetic source flat out, ``--batch-interval 0.2 --batch-max 1000``,
+telemetry every second, default micro-batching and session options),
+deployed the real way: published, signed, rolled out.
 
 For each model it runs, interleaved, ``--rounds`` times (medians printed):
 
-* the node for ``--seconds`` after a warm-up; inferences counted from the
-  result numbers the controller stored (``max(seq)`` at both ends of the
-  window), CPU time from ``/proc/<pid>/stat`` of the node process;
+* the node for ``--seconds`` after a warm-up: inferences/s from the node's own
+  telemetry (its ``ts`` and cumulative ``inferences``; the store may lag
+  behind a node flat out), CPU time from ``/proc/<pid>/stat`` of the node
+  process over the same window; then the controller catches up (the store
+  stops growing) before the next measurement;
 * a bare ``session.run`` loop in its own process, same model file, same
   session options (the node's defaults, so the same intra-op threads), one
   request per run; and, for a model with a dynamic batch dimension, the
