@@ -130,7 +130,10 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
 
 
 def tiny_mlp(path: Path) -> Path:
-    """float32 [N, 64] -> MatMul/Add/Relu -> [N, 64] -> MatMul/Add -> Softmax [N, 10]."""
+    """float32 [N, 64] -> MatMul/Add/Relu -> [N, 64] -> MatMul/Add -> Softmax [N, 10].
+
+    The file's name is its doc string, so two copies are two releases.
+    """
     rng = np.random.default_rng(1)
     inits = [
         numpy_helper.from_array((rng.normal(size=(64, 64)) / 8).astype(np.float32), "W0"),
@@ -153,7 +156,9 @@ def tiny_mlp(path: Path) -> Path:
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])],
         inits,
     )
-    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.doc_string = path.name
+    return _save(model, path)
 
 
 def small_cnn(path: Path) -> Path:
@@ -259,7 +264,7 @@ class Fleet:
                 raise RuntimeError(f"rollout ended {status['state']}: {status['reason']}")
             return bool(status["state"] == "succeeded")
 
-        await wait_for(f"the rollout of {model}", done)
+        await wait_for(f"the rollout of {model}", done, timeout_s=180.0)
 
     def query(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
         with contextlib.closing(sqlite3.connect(self.db, timeout=30)) as db:
@@ -377,7 +382,14 @@ def cpu_seconds(pid: int) -> float:
 
 async def measure_node(fleet: Fleet, command: list[str], seconds: float) -> Figure:
     """The node's inferences from its own telemetry (``ts``, cumulative ``inferences``):
-    the store may lag behind a node flat out, the node's count does not."""
+    the store may lag behind a node flat out, the node's count does not.
+
+    The node starts with an empty outbox: a node flat out makes results faster
+    than this machine's controller stores them, and a full outbox would pause
+    it (back-pressure, as designed) and measure the controller instead.
+    """
+    for stale in (fleet.root / "node").glob("outbox.db*"):
+        stale.unlink()
     with node_process(command) as process:
         first = fleet.last_seq()
 
@@ -397,7 +409,7 @@ async def measure_node(fleet: Fleet, command: list[str], seconds: float) -> Figu
             return rows[0][0] is not None and float(rows[0][0]) >= t1 - 1.0
 
         await wait_for("telemetry covering the window", covered)
-    rate = await asyncio.to_thread(fleet.inference_rate, t0, t1)
+    rate = max(1e-9, await asyncio.to_thread(fleet.inference_rate, t0, t1))
     await fleet.caught_up()
     return Figure(1e6 / rate, (cpu1 - cpu0) / (t1 - t0) / rate * 1e6)
 
@@ -553,7 +565,11 @@ async def bench(root: Path, broker: BrokerAddress, args: argparse.Namespace) -> 
             micro_batch=MICRO_BATCH,
         ),
         "tiny1": Row(
-            name="tiny-mlp", path=models / "tiny.onnx", labels=(), dynamic=True, micro_batch=1
+            name="tiny-mlp",
+            path=tiny_mlp(models / "tiny1.onnx"),
+            labels=(),
+            dynamic=True,
+            micro_batch=1,
         ),
         "image": Row(
             name="squeezenet",
