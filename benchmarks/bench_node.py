@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +111,14 @@ class Figure:
     cpu_us: float
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Row:
     name: str
     path: Path
     labels: tuple[str, ...]
+    _: KW_ONLY
     dynamic: bool
-    micro_batch: int
+    micro_batch: int = MICRO_BATCH
 
 
 # ----- models ------------------------------------------------------------------
@@ -320,36 +321,21 @@ class Fleet:
 
 
 def node_command(root: Path, broker: BrokerAddress, *, rate: float, micro_batch: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "edge_node",
-        "run",
-        "--id",
-        NODE,
-        "--trust",
-        str(root / "keys" / "trust.json"),
-        "--data",
-        str(root / "node"),
-        "--broker",
-        f"mqtt://{broker.host}:{broker.port}",
-        "--fleet",
-        FLEET,
-        "--source",
-        "synthetic",
-        "--rate",
-        str(rate),
-        "--micro-batch",
-        str(micro_batch),
-        "--batch-interval",
-        "0.2",
-        "--batch-max",
-        "1000",
-        "--telemetry-interval",
-        "1",
-        "--log-level",
-        os.environ.get("EDGEFLEET_BENCH_NODE_LEVEL", "warning"),
-    ]
+    options = {
+        "--id": NODE,
+        "--trust": str(root / "keys" / "trust.json"),
+        "--data": str(root / "node"),
+        "--broker": f"mqtt://{broker.host}:{broker.port}",
+        "--fleet": FLEET,
+        "--source": "synthetic",
+        "--rate": str(rate),
+        "--micro-batch": str(micro_batch),
+        "--batch-interval": "0.2",
+        "--batch-max": "1000",
+        "--telemetry-interval": "1",
+        "--log-level": os.environ.get("EDGEFLEET_BENCH_NODE_LEVEL", "warning"),
+    }
+    return [sys.executable, "-m", "edge_node", "run", *itertools.chain(*options.items())]
 
 
 @contextlib.contextmanager
@@ -556,35 +542,12 @@ async def bench(root: Path, broker: BrokerAddress, args: argparse.Namespace) -> 
     )
     models = root / "models"
     models.mkdir()
+    imagenet = tuple(f"class{i}" for i in range(1000))
     rows = {
-        "tiny": Row(
-            name="tiny-mlp",
-            path=tiny_mlp(models / "tiny.onnx"),
-            labels=(),
-            dynamic=True,
-            micro_batch=MICRO_BATCH,
-        ),
-        "tiny1": Row(
-            name="tiny-mlp",
-            path=tiny_mlp(models / "tiny1.onnx"),
-            labels=(),
-            dynamic=True,
-            micro_batch=1,
-        ),
-        "image": Row(
-            name="squeezenet",
-            path=squeezenet_source(),
-            labels=tuple(f"class{i}" for i in range(1000)),
-            dynamic=False,
-            micro_batch=MICRO_BATCH,
-        ),
-        "small": Row(
-            name="small-cnn",
-            path=small_cnn(models / "small.onnx"),
-            labels=(),
-            dynamic=True,
-            micro_batch=MICRO_BATCH,
-        ),
+        "tiny": Row("tiny-mlp", tiny_mlp(models / "tiny.onnx"), (), dynamic=True),
+        "tiny1": Row("tiny-mlp", tiny_mlp(models / "tiny1.onnx"), (), dynamic=True, micro_batch=1),
+        "image": Row("squeezenet", squeezenet_source(), imagenet, dynamic=False),
+        "small": Row("small-cnn", small_cnn(models / "small.onnx"), (), dynamic=True),
     }
     async with running(controller):
         async with asyncio.timeout(30):

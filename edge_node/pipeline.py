@@ -45,7 +45,6 @@ import logging
 import resource
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,17 +53,15 @@ from typing import Final
 import msgspec
 import numpy as np
 
+from edge_node.batches_core import PendingResults, ResultChunk, result_of_row
 from edge_node.context import Background, Connection, ServingModel, sleep_unless
-from edge_node.inference_core import numpy_dtype, stack_requests
+from edge_node.inference_core import stack_requests
 from edge_node.numbering import RESULT_SEQ_BLOCK, next_result_seq
 from edge_node.results_core import (
     DIGEST_HEX,
     ChangeGate,
     LatencyWindow,
-    PendingResults,
     PeriodCounter,
-    ResultChunk,
-    result_of_row,
     row_digests,
     summarize_rows,
 )
@@ -72,11 +69,13 @@ from edge_node.runtime import LoadedModel, ModelRuntime, Run
 from edge_node.sender import OutboxSender
 from edge_node.sources import (
     DirectorySource,
+    InputQueue,
     InputSource,
     MqttSource,
     SourceItem,
     SyntheticRows,
     SyntheticSource,
+    tensor_error,
 )
 from edge_node.state import PersistedState, StateKeeper
 from shared import topics
@@ -90,7 +89,6 @@ log = logging.getLogger(__name__)
 
 _DRAIN_S = 5.0  # how long a stop waits for in-flight inferences
 _POLL_S: Final = 0.25  # how often a waiting inference thread looks at its halt flag
-_MAX_SOURCE_CHARS: Final = 500
 _COLLECT_S: Final = 0.05  # how long results without a waiting request wait for the loop
 
 
@@ -118,49 +116,6 @@ class _Reported:
     chunk: ResultChunk | None
     requests: list[InferRequest | None]
     failures: list[tuple[InferRequest | None, str]]
-
-
-class _InputQueue:
-    """Inputs from the event loop to the inference threads, bounded; thread-safe."""
-
-    def __init__(self, capacity: int) -> None:
-        self._items: deque[SourceItem] = deque()
-        self._ready = threading.Condition()
-        self._capacity = capacity
-        self._closed = False
-        self._room = asyncio.Event()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    async def put(self, item: SourceItem) -> None:
-        """Queue ``item``, waiting (on the loop) while the queue is full."""
-        while True:
-            with self._ready:
-                if len(self._items) < self._capacity:
-                    self._items.append(item)
-                    self._ready.notify()
-                    return
-                self._room.clear()
-            await self._room.wait()
-
-    def take(
-        self, most: int, halt: threading.Event, loop: asyncio.AbstractEventLoop
-    ) -> list[SourceItem]:
-        """From a thread: up to ``most`` items, waiting for one; ``[]`` once closed and empty."""
-        with self._ready:
-            while not self._items and not self._closed and not halt.is_set():
-                self._ready.wait(_POLL_S)
-            items = [self._items.popleft() for _ in range(min(most, len(self._items)))]
-        if items:
-            loop.call_soon_threadsafe(self._room.set)
-        return items
-
-    def close(self) -> None:
-        """No more items: threads take what is left, then see the end."""
-        with self._ready:
-            self._closed = True
-            self._ready.notify_all()
 
 
 class Pipeline:
@@ -198,7 +153,7 @@ class Pipeline:
         self._period = PeriodCounter(clock())
         self._started = time.monotonic()
         self._halt = threading.Event()
-        self._queue = _InputQueue(2 * self._max_rows * self.workers)
+        self._queue = InputQueue(2 * self._max_rows * self.workers)
         # Numbering: the last number used and the saved mark, guarded by _numbering.
         self._numbering = threading.Lock()
         self._result_seq = self._reserved = keeper.state.result_seq_reserved
@@ -243,7 +198,7 @@ class Pipeline:
         """Queue an MQTT request, or answer at once why it cannot run."""
         if self._mqtt is None:
             return
-        if (problem := _tensor_error(request)) is not None:
+        if (problem := tensor_error(request)) is not None:
             self._background.spawn(self._reply(request, None, problem))
         elif not self._mqtt.offer(request):
             self._background.spawn(self._reply(request, None, "node busy: request queue full"))
@@ -366,16 +321,19 @@ class Pipeline:
 
     def _gated(self, drawn: SyntheticRows) -> SyntheticRows:
         """The rows of ``drawn`` that pass the change gate, in order."""
-        with self._gate_lock:
+        rows, inputs = drawn.rows, drawn.inputs
+        with self._gate_lock:  # a single request is gated whole, as it is
             kept = [
                 row
-                for row in range(drawn.rows)
-                if self.gate.should_infer(_row(drawn.inputs, row, drawn.rows))
+                for row in range(rows)
+                if self.gate.should_infer(
+                    {n: v[row : row + 1] for n, v in inputs.items()} if rows > 1 else inputs
+                )
             ]
-        if len(kept) == drawn.rows:
+        if len(kept) == rows:
             return drawn
-        if drawn.rows == 1:  # one request, as it is: kept whole or not at all
-            return SyntheticRows(drawn.inputs, len(kept), drawn.digests if kept else "")
+        if rows == 1:
+            return SyntheticRows(inputs, 0, "")
         return SyntheticRows(
             {name: value[kept] for name, value in drawn.inputs.items()},
             len(kept),
@@ -398,7 +356,7 @@ class Pipeline:
             except DecodeError as exc:
                 self._post(loop, _Reported(None, [], [(r, str(exc)) for r in requests]))
                 continue
-            sources = [item.source[:_MAX_SOURCE_CHARS] for item in group]
+            sources = [item.source[:500] for item in group]
             self._run(
                 loop,
                 handle,
@@ -567,7 +525,7 @@ class Pipeline:
         """Move pending results into the outbox, ``batch_max`` per message."""
         cfg = self._cfg
         topic = topics.results(cfg.fleet, cfg.node_id)
-        # Built here (slices of the columns), encoded in the outbox's thread.
+        # Cut here (slices of the columns), encoded in the outbox's thread.
         drafts = self.pending.batches(node=cfg.node_id, most=cfg.batch_max)
         stored = 0
         try:
@@ -640,23 +598,3 @@ def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
         done.set_result(None)
     else:
         done.set_exception(error)
-
-
-def _row(inputs: dict[str, np.ndarray], row: int, rows: int) -> dict[str, np.ndarray]:
-    """Request ``row`` of ``rows`` stacked ones (the inputs themselves when there is one)."""
-    if rows == 1:
-        return inputs
-    return {name: value[row : row + 1] for name, value in inputs.items()}
-
-
-def _tensor_error(request: InferRequest) -> str | None:
-    """Why a request's tensors cannot become arrays (data not filling the shape, a
-    value out of the dtype's range), else ``None``. Checked before queueing: the
-    source builds the arrays in an inference worker, where the error would end it.
-    """
-    for tensor in request.inputs:
-        try:
-            np.asarray(tensor.data, dtype=numpy_dtype(tensor.dtype)).reshape(tensor.shape)
-        except (ValueError, OverflowError) as exc:
-            return f"input {tensor.name!r}: {exc}"
-    return None

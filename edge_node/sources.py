@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import zipfile
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +28,19 @@ from shared.messages import InferRequest, ModelManifest, TensorSpec
 
 __all__ = [
     "DirectorySource",
+    "InputQueue",
     "InputSource",
     "MqttSource",
     "SourceItem",
     "SyntheticRows",
     "SyntheticSource",
     "parse_source",
+    "tensor_error",
 ]
 
 log = logging.getLogger(__name__)
+
+_QUEUE_POLL_S = 0.25  # how often a thread waiting on an InputQueue looks at its halt flag
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,3 +334,59 @@ def parse_source(text: str) -> tuple[str, Path | None]:
     if text.startswith("dir:") and len(text) > 4:
         return "dir", Path(text[4:])
     raise ValueError(f"unknown source {text!r}: use synthetic, mqtt, none or dir:PATH")
+
+
+class InputQueue:
+    """Inputs from the event loop to the inference threads, bounded; thread-safe."""
+
+    def __init__(self, capacity: int) -> None:
+        self._items: deque[SourceItem] = deque()
+        self._ready = threading.Condition()
+        self._capacity = capacity
+        self._closed = False
+        self._room = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, item: SourceItem) -> None:
+        """Queue ``item``, waiting (on the loop) while the queue is full."""
+        while True:
+            with self._ready:
+                if len(self._items) < self._capacity:
+                    self._items.append(item)
+                    self._ready.notify()
+                    return
+                self._room.clear()
+            await self._room.wait()
+
+    def take(
+        self, most: int, halt: threading.Event, loop: asyncio.AbstractEventLoop
+    ) -> list[SourceItem]:
+        """From a thread: up to ``most`` items, waiting for one; ``[]`` once closed and empty."""
+        with self._ready:
+            while not self._items and not self._closed and not halt.is_set():
+                self._ready.wait(_QUEUE_POLL_S)
+            items = [self._items.popleft() for _ in range(min(most, len(self._items)))]
+        if items:
+            loop.call_soon_threadsafe(self._room.set)
+        return items
+
+    def close(self) -> None:
+        """No more items: threads take what is left, then see the end."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+
+def tensor_error(request: InferRequest) -> str | None:
+    """Why a request's tensors cannot become arrays (data not filling the shape, a
+    value out of the dtype's range), else ``None``. Checked before queueing: the
+    source builds the arrays in an inference worker, where the error would end it.
+    """
+    for tensor in request.inputs:
+        try:
+            np.asarray(tensor.data, dtype=numpy_dtype(tensor.dtype)).reshape(tensor.shape)
+        except (ValueError, OverflowError) as exc:
+            return f"input {tensor.name!r}: {exc}"
+    return None

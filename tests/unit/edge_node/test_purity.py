@@ -11,7 +11,15 @@ import json
 import subprocess
 import sys
 
-PURE = ["job_states", "repeats", "numbering", "core", "inference_core", "results_core"]
+PURE = [
+    "job_states",
+    "repeats",
+    "numbering",
+    "core",
+    "inference_core",
+    "results_core",
+    "batches_core",
+]
 
 
 def test_the_decision_modules_load_no_event_loop_runtime_or_broker() -> None:

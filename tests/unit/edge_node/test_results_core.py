@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge_node.batches_core import PendingResults, ResultChunk, result_of_row
 from edge_node.inference_core import (
     MAX_TOPK,
     InputSpecError,
@@ -19,12 +20,9 @@ from edge_node.results_core import (
     DIGEST_HEX,
     ChangeGate,
     LatencyWindow,
-    PendingResults,
     PeriodCounter,
-    ResultChunk,
     RowSummaries,
     input_digest,
-    result_of_row,
     row_digests,
     summarize_rows,
     top_indices,
