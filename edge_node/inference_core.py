@@ -52,11 +52,11 @@ __all__ = [
     "dtype_of",
     "first_line",
     "has_dynamic_batch",
+    "holds_rows",
     "make_inputs",
     "numpy_dtype",
     "resolve_specs",
     "spec_from_ort",
-    "split_outputs",
     "stack_requests",
 ]
 
@@ -245,7 +245,7 @@ def stack_requests(
     Requests stack when they name the same inputs, every array has rank >= 1,
     all arrays of one request share their first dimension (its row count), and
     each input has the same dtype and trailing shape in every request. Returns
-    the feed and each request's row count, for :func:`split_outputs`.
+    the feed and each request's row count.
     """
     if not batch:
         return None
@@ -268,20 +268,13 @@ def stack_requests(
     return feed, sizes
 
 
-def split_outputs(
-    outputs: Sequence[np.ndarray], sizes: Sequence[int]
-) -> list[list[np.ndarray]] | None:
-    """Split batched ``outputs`` back into one list per request of ``sizes`` rows.
+def holds_rows(outputs: Sequence[np.ndarray], rows: int) -> bool:
+    """Whether every output of a stacked run has ``rows`` rows, one per request.
 
-    ``None`` when some output's first dimension is not the total row count (the
-    model mixes rows, e.g. reduces over the batch): run the requests one by one.
+    False when some output's first dimension is not ``rows`` (the model mixes
+    rows, e.g. reduces over the batch): run the requests one by one.
     """
-    total = sum(sizes)
-    if any(np.ndim(o) < 1 or np.shape(o)[0] != total for o in outputs):
-        return None
-    cuts = np.cumsum(sizes)[:-1]
-    per_output = [np.split(o, cuts, axis=0) for o in outputs]
-    return [[parts[i] for parts in per_output] for i in range(len(sizes))]
+    return all(np.ndim(o) >= 1 and np.shape(o)[0] == rows for o in outputs)
 
 
 def first_line(text: object, *, limit: int = 400) -> str:

@@ -1,33 +1,21 @@
 """The inference pipeline: sources, inference threads, result batches, telemetry.
 
-Each of ``concurrency`` inference threads loops: take inputs (drawn from the
-synthetic source, or taken from the bounded queue the event loop fills from a
-directory or MQTT requests), run them on the active model (up to
-``micro_batch`` requests stacked into one ``session.run`` when the model has a
-dynamic batch dimension), summarise the whole run at once (vectorised top-k,
-one digest per row), number the results and hand them to the event loop as one
-:class:`~edge_node.results_core.ResultChunk`. The loop only appends chunks to
-the pending columns, answers MQTT requests and keeps telemetry; every
-``batch_interval_s`` it moves pending results into the outbox as columnar
-:class:`~shared.result_batch.ResultBatch` messages. The loop wakes once for
-whatever the threads posted in the last 50 ms (at once for a request waiting
-for its reply), not once per inference.
+``concurrency`` inference threads (:mod:`edge_node.inference_threads`) take
+inputs, run them in micro-batches, summarise and number the results and post
+them as chunks. The event loop here only reads directory and MQTT sources into
+the threads' bounded queue, appends posted chunks to the pending columns,
+answers MQTT requests and keeps telemetry; every ``batch_interval_s`` it moves
+pending results into the outbox as columnar
+:class:`~shared.result_batch.ResultBatch` messages.
 
 Invariants:
 
 * inputs wait at their source, not in memory: the queue to the threads is
   bounded, and the threads take no input while the outbox is full (``space``)
   until acks free room;
-* every result gets a ``seq`` unique across restarts: numbers come from
-  :func:`edge_node.numbering.next_result_seq`, and a new block is saved in
-  ``state.json`` before any number in it is used (saved ahead, half a block
-  early; a thread that outruns the save waits for it); numbering a chunk and
-  posting it to the loop happen in one critical section, so results reach the
-  batch in ``seq`` order even with several threads;
-* a result names the model that produced it: a thread holds a reference to
-  the model from ``session.run`` until its chunk is built, and a swap in the
-  middle of a batch only changes the model of the next run; a result uses
-  that model's class labels only;
+* results reach the pending columns, and the batches, in ``seq`` order, each
+  naming the model that produced it (the threads' invariants); one flush runs
+  at a time, and results leave the columns only once the outbox holds them;
 * result batches and telemetry go through the outbox; nothing is published
   from here except replies to MQTT requests (best effort: a lost reply is the
   requester's to retry);
@@ -39,7 +27,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import resource
@@ -48,38 +35,30 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 import msgspec
-import numpy as np
 
-from edge_node.batches_core import PendingResults, ResultChunk, result_of_row
+from edge_node.batches_core import PendingResults, result_of_row
 from edge_node.context import Background, Connection, ServingModel, sleep_unless
-from edge_node.inference_core import stack_requests
-from edge_node.numbering import RESULT_SEQ_BLOCK, next_result_seq
+from edge_node.inference_threads import InferenceThreads
 from edge_node.results_core import (
-    DIGEST_HEX,
     ChangeGate,
     LatencyWindow,
     PeriodCounter,
-    row_digests,
-    summarize_rows,
 )
-from edge_node.runtime import LoadedModel, ModelRuntime, Run
+from edge_node.runtime import ModelRuntime
 from edge_node.sender import OutboxSender
 from edge_node.sources import (
     DirectorySource,
     InputQueue,
     InputSource,
     MqttSource,
-    SourceItem,
-    SyntheticRows,
     SyntheticSource,
     tensor_error,
 )
-from edge_node.state import PersistedState, StateKeeper
+from edge_node.state import StateKeeper
 from shared import topics
-from shared.errors import DecodeError, EdgeFleetError, TransportError
+from shared.errors import TransportError
 from shared.messages import InferenceResult, InferReply, InferRequest, Telemetry, encode
 from shared.result_batch import ResultBatch, encode_results
 
@@ -88,8 +67,6 @@ __all__ = ["Pipeline", "PipelineSettings"]
 log = logging.getLogger(__name__)
 
 _DRAIN_S = 5.0  # how long a stop waits for in-flight inferences
-_POLL_S: Final = 0.25  # how often a waiting inference thread looks at its halt flag
-_COLLECT_S: Final = 0.05  # how long results without a waiting request wait for the loop
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,15 +84,6 @@ class PipelineSettings:
     batch_max: int
     batch_interval_s: float
     telemetry_interval_s: float
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class _Reported:
-    """Posted by a thread: a numbered chunk, its requests by row, and rows that failed."""
-
-    chunk: ResultChunk | None
-    requests: list[InferRequest | None]
-    failures: list[tuple[InferRequest | None, str]]
 
 
 class Pipeline:
@@ -144,30 +112,32 @@ class Pipeline:
         self._stopping = stopping
         self._clock = clock
         self.workers = max(1, settings.concurrency)
-        self._max_rows = max(1, settings.micro_batch)
+        max_rows = max(1, settings.micro_batch)
         self.counts = {"inferences": 0, "errors": 0}
         self.gate = ChangeGate(settings.change_threshold)
-        self._gate_lock = threading.Lock()  # the synthetic source gates on the threads
         self.pending = PendingResults()
         self._latency = LatencyWindow()
         self._period = PeriodCounter(clock())
         self._started = time.monotonic()
-        self._halt = threading.Event()
-        self._queue = InputQueue(2 * self._max_rows * self.workers)
-        # Numbering: the last number used and the saved mark, guarded by _numbering.
-        self._numbering = threading.Lock()
-        self._result_seq = self._reserved = keeper.state.result_seq_reserved
-        # A save of a higher mark under way: (mark, its future), guarded by _numbering.
-        self._saving: tuple[int, concurrent.futures.Future[PersistedState]] | None = None
-        # What the threads posted for the loop, guarded by _post_lock (never held
-        # while waiting for the loop: the loop takes it too).
-        self._post_lock = threading.Lock()
-        self._posted: list[_Reported] = []
-        self._post_scheduled = False
+        self._queue = InputQueue(2 * max_rows * self.workers)
+        self._flushing = asyncio.Lock()  # one flush at a time: each cuts from the front
         self._synthetic: SyntheticSource | None = None
         self._queued: InputSource | None = None
         self._mqtt: MqttSource | None = None
         self.source = self._make_source()
+        self._threads = InferenceThreads(
+            runtime=runtime,
+            keeper=keeper,
+            space=sender.space,
+            gate=self.gate,
+            synthetic=self._synthetic,
+            queue=self._queue,
+            max_rows=max_rows,
+            topk=settings.topk,
+            corner_threshold=settings.corner_threshold,
+            clock=clock,
+            on_posted=self._accept,
+        )
         serving.on_change(self._model_changed)
 
     def _make_source(self) -> InputSource | SyntheticSource | None:
@@ -242,7 +212,7 @@ class Pipeline:
         def main() -> None:
             error: BaseException | None = None
             try:
-                self._serve(loop)
+                self._threads.serve(loop)
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
                 error = exc
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody awaits
@@ -253,240 +223,13 @@ class Pipeline:
             await done
         finally:
             if not done.done():  # cancelled: the thread ends after its current run
-                self._halt.set()
-
-    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
-        synthetic = self._synthetic
-        while not self._halt.is_set():
-            if not self._sender.space.is_set():
-                self._wait_for_space(loop)
-                continue
-            if synthetic is not None:
-                if not synthetic.wait_due(self._halt):
-                    return
-                handle = self._runtime.acquire_blocking(self._halt)
-                if handle is None:
-                    return
-                try:
-                    self._infer_synthetic(loop, handle, synthetic)
-                finally:
-                    handle.release()
-                continue
-            items = self._queue.take(self._max_rows, self._halt, loop)
-            if not items:
-                return
-            handle = self._runtime.acquire_blocking(self._halt)
-            if handle is None:
-                self._post(loop, _Reported(None, [], [(i.request, "node stopping") for i in items]))
-                return
-            try:
-                self._infer_items(loop, handle, items)
-            finally:
-                handle.release()
-
-    def _wait_for_space(self, loop: asyncio.AbstractEventLoop) -> None:
-        future = asyncio.run_coroutine_threadsafe(self._sender.space.wait(), loop)
-        while not self._halt.is_set():
-            try:
-                future.result(_POLL_S)
-            except concurrent.futures.TimeoutError:
-                continue
-            return
-        future.cancel()
-
-    def _infer_synthetic(
-        self, loop: asyncio.AbstractEventLoop, handle: LoadedModel, synthetic: SyntheticSource
-    ) -> None:
-        try:
-            drawn = synthetic.draw(handle.manifest, self._max_rows if handle.dynamic_batch else 1)
-        except DecodeError as exc:
-            log.warning("synthetic inputs for %s cannot be built: %s", handle.ref.name, exc)
-            self._post(loop, _Reported(None, [], [(None, str(exc))]))
-            self._halt.wait(1.0)  # the same model fails the same way: do not spin
-            return
-        if drawn is None:
-            return
-        if self.gate.threshold > 0:
-            drawn = self._gated(drawn)
-        if drawn.rows:
-            self._run(
-                loop,
-                handle,
-                feed=drawn.inputs,
-                rows=drawn.rows,
-                digests=drawn.digests,
-                sources=["synthetic"],
-                requests=[],
-            )
-
-    def _gated(self, drawn: SyntheticRows) -> SyntheticRows:
-        """The rows of ``drawn`` that pass the change gate, in order."""
-        rows, inputs = drawn.rows, drawn.inputs
-        with self._gate_lock:  # a single request is gated whole, as it is
-            kept = [
-                row
-                for row in range(rows)
-                if self.gate.should_infer(
-                    {n: v[row : row + 1] for n, v in inputs.items()} if rows > 1 else inputs
-                )
-            ]
-        if len(kept) == rows:
-            return drawn
-        if rows == 1:
-            return SyntheticRows(inputs, 0, "")
-        return SyntheticRows(
-            {name: value[kept] for name, value in drawn.inputs.items()},
-            len(kept),
-            "".join(drawn.digests[r * DIGEST_HEX : (r + 1) * DIGEST_HEX] for r in kept),
-        )
-
-    def _infer_items(
-        self, loop: asyncio.AbstractEventLoop, handle: LoadedModel, items: list[SourceItem]
-    ) -> None:
-        groups: list[list[SourceItem]] = [[item] for item in items]
-        feeds = [item.inputs for item in items]
-        if handle.dynamic_batch and len(items) > 1:
-            stacked = stack_requests(feeds)
-            if stacked is not None and all(size == 1 for size in stacked[1]):
-                groups, feeds = [items], [stacked[0]]
-        for group, feed in zip(groups, feeds, strict=True):
-            requests = [item.request for item in group]
-            try:
-                digests = row_digests(feed, len(group))
-            except DecodeError as exc:
-                self._post(loop, _Reported(None, [], [(r, str(exc)) for r in requests]))
-                continue
-            sources = [item.source[:500] for item in group]
-            self._run(
-                loop,
-                handle,
-                feed=feed,
-                rows=len(group),
-                digests=digests,
-                sources=sources,
-                requests=requests,
-            )
-
-    def _run(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        handle: LoadedModel,
-        *,
-        feed: dict[str, np.ndarray],
-        rows: int,
-        digests: str,
-        sources: list[str],
-        requests: list[InferRequest | None],
-    ) -> None:
-        """Run ``rows`` requests and report them; ``sources`` of one entry names every row."""
-        try:
-            runs = self._runtime.run_rows(handle, feed, rows)
-        except EdgeFleetError as exc:
-            failures = [(r, str(exc)) for r in requests] or [(None, str(exc))] * rows
-            self._post(loop, _Reported(None, [], failures))
-            return
-        for run in runs:
-            span = slice(run.first, run.first + run.rows)
-            self._report(
-                loop,
-                handle,
-                run,
-                digests=digests[run.first * DIGEST_HEX : (run.first + run.rows) * DIGEST_HEX],
-                sources=sources[span] if len(sources) > 1 else sources * run.rows,
-                requests=requests[span] if requests else [None] * run.rows,
-            )
-
-    def _report(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        handle: LoadedModel,
-        run: Run,
-        *,
-        digests: str,
-        sources: list[str],
-        requests: list[InferRequest | None],
-    ) -> None:
-        """Summarise one run, number its results and post them to the loop."""
-        cfg = self._cfg
-        labels = handle.manifest.class_labels
-        summaries = summarize_rows(
-            run.outputs,
-            run.rows,
-            topk=cfg.topk,
-            label_count=len(labels),
-            corner_threshold=cfg.corner_threshold,
-        )
-        failures = [(requests[row], reason) for row, reason in summaries.refused.items()]
-        if summaries.refused:
-            kept = summaries.kept
-            digests = "".join(digests[r * DIGEST_HEX : (r + 1) * DIGEST_HEX] for r in kept)
-            sources = [sources[r] for r in kept]
-            requests = [requests[r] for r in kept]
-        ts = self._clock()
-        with self._numbering:
-            chunk = None
-            if summaries.kept:
-                chunk = ResultChunk(
-                    model=handle.ref,
-                    labels=labels,
-                    first_seq=self._allocate(loop, len(summaries.kept)),
-                    latency_ms=run.latency_ms,
-                    ts=ts,
-                    digests=digests,
-                    sources=sources,
-                    summaries=summaries,
-                )
-            self._post(loop, _Reported(chunk, requests, failures))
-
-    def _allocate(self, loop: asyncio.AbstractEventLoop, count: int) -> int:
-        """The first of ``count`` result numbers, all reserved on disk. Holds _numbering.
-
-        The next block is saved ahead, while half of the current one is left,
-        so a thread waits for the disk only when it outruns the save.
-        """
-        end = self._result_seq + count
-        while True:
-            saving = self._saving
-            if saving is not None and (saving[1].done() or end > self._reserved):
-                saving[1].result()  # raises what the save raised
-                self._reserved, self._saving = saving[0], None
-                continue
-            if end <= self._reserved:
-                break
-            through = next_result_seq(self._result_seq, self._reserved, count=count)
-            assert through.reserve_through is not None  # end > reserved
-            self._save_mark(loop, through.reserve_through)
-        if self._saving is None and self._reserved - end < RESULT_SEQ_BLOCK // 2:
-            self._save_mark(loop, self._reserved + RESULT_SEQ_BLOCK)
-        first, self._result_seq = self._result_seq + 1, end
-        return first
-
-    def _save_mark(self, loop: asyncio.AbstractEventLoop, through: int) -> None:
-        update = self._keeper.update(result_seq_reserved=through)
-        self._saving = (through, asyncio.run_coroutine_threadsafe(update, loop))
-
-    def _post(self, loop: asyncio.AbstractEventLoop, reported: _Reported) -> None:
-        """Hand ``reported`` to the loop: at once when a request waits for its reply,
-        else within ``_COLLECT_S`` (one wake-up of the loop for many runs: each
-        wake-up takes a core from onnxruntime's threads)."""
-        urgent = any(r is not None for r in reported.requests) or any(
-            r is not None for r, _ in reported.failures
-        )
-        with self._post_lock:
-            self._posted.append(reported)
-            scheduled, self._post_scheduled = self._post_scheduled, True
-        if urgent:
-            loop.call_soon_threadsafe(self._accept)
-        elif not scheduled:
-            loop.call_soon_threadsafe(loop.call_later, _COLLECT_S, self._accept)
+                self._threads.halt.set()
 
     # ----- results on the loop --------------------------------------------------
 
     def _accept(self) -> None:
         """Take in everything the threads posted: results, failures, replies, telemetry."""
-        with self._post_lock:
-            posted, self._posted = self._posted, []
-            self._post_scheduled = False
+        posted = self._threads.take_posted()
         serving = self._serving.manifest
         for reported in posted:
             chunk = reported.chunk
@@ -523,6 +266,10 @@ class Pipeline:
 
     async def flush(self) -> None:
         """Move pending results into the outbox, ``batch_max`` per message."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         cfg = self._cfg
         topic = topics.results(cfg.fleet, cfg.node_id)
         # Cut here (slices of the columns), encoded in the outbox's thread.
@@ -546,11 +293,11 @@ class Pipeline:
         if self.source is not None:
             self.source.close()
         if self._synthetic is not None:
-            self._halt.set()  # no more inputs: the threads end after their current run
+            self._threads.halt.set()  # no more inputs: the threads end after their current run
         self._queue.close()
         self._sender.space.set()  # release threads waiting for space; they see the end
         _, stuck = await asyncio.wait(tasks, timeout=_DRAIN_S)
-        self._halt.set()
+        self._threads.halt.set()
         for task in stuck:
             task.cancel()
         self._accept()

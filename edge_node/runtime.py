@@ -41,7 +41,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,18 +54,21 @@ from edge_node.inference_core import (
     ModelMismatchError,
     check_signature,
     first_line,
+    holds_rows,
     make_inputs,
     resolve_specs,
     spec_from_ort,
-    split_outputs,
-    stack_requests,
 )
 from edge_node.results_core import LatencyWindow
 from edge_node.sessions import (
     GraphOptimization,
+    InferenceOutcome,
     LoadedModel,
     ModelRetiredError,
+    Run,
     SessionOptionsConfig,
+    elapsed_ms,
+    run_one,
 )
 from shared.errors import EdgeFleetError, TrustError
 from shared.messages import ModelManifest, ModelRef
@@ -135,56 +138,11 @@ class ActivationResult:
     drain_ms: float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
-class InferenceOutcome:
-    """One request's outputs (by name), the model that produced them and ``session.run`` time."""
-
-    outputs: dict[str, np.ndarray]
-    model: ModelRef
-    latency_ms: float
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Run:
-    """One ``session.run`` over ``rows`` requests from row ``first`` of a stacked feed."""
-
-    first: int
-    rows: int
-    outputs: dict[str, np.ndarray]
-    latency_ms: float
-
-
 # ----- the runtime -----------------------------------------------------------
 
 
 def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
-
-
-def _elapsed_ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
-
-
-def _run_one(session: Any, feed: dict[str, np.ndarray]) -> tuple[list[np.ndarray], float]:
-    start = time.perf_counter()
-    outputs: list[np.ndarray] = session.run(None, feed)
-    return outputs, _elapsed_ms(start)
-
-
-def _run_many(
-    session: Any, batch: list[dict[str, np.ndarray]], dynamic: bool
-) -> tuple[list[tuple[list[np.ndarray], float]], bool]:
-    """Outcomes of ``batch``, and whether they came from one stacked ``session.run``."""
-    if dynamic and len(batch) > 1:
-        stacked = stack_requests(batch)
-        if stacked is not None:
-            feed, sizes = stacked
-            outputs, ms = _run_one(session, feed)
-            split = split_outputs(outputs, sizes)
-            if split is not None:
-                # Every request waited for the whole batch: each reports its time.
-                return [(parts, ms) for parts in split], True
-    return [_run_one(session, request) for request in batch], False
 
 
 class ModelRuntime:
@@ -263,7 +221,7 @@ class ModelRuntime:
                 )
         except Exception as exc:
             raise ModelLoadError(f"cannot load {what} from {path.name}: {first_line(exc)}") from exc
-        load_ms = _elapsed_ms(start)
+        load_ms = elapsed_ms(start)
         inputs = tuple(spec_from_ort(a.name, a.type, a.shape) for a in session.get_inputs())
         outputs = tuple(spec_from_ort(o.name, o.type, o.shape) for o in session.get_outputs())
         check_signature(manifest, inputs, outputs)
@@ -276,7 +234,7 @@ class ModelRuntime:
             session.run(None, feed)
         except Exception as exc:
             raise ModelLoadError(f"warm-up inference of {what} failed: {first_line(exc)}") from exc
-        warmup_ms = _elapsed_ms(start)
+        warmup_ms = elapsed_ms(start)
         return LoadedModel(
             manifest=manifest,
             path=path,
@@ -343,7 +301,7 @@ class ModelRuntime:
             try:
                 if old is not None:
                     await self._retire_and_drain(old)
-                drain_ms = _elapsed_ms(gap_start)
+                drain_ms = elapsed_ms(gap_start)
                 new = await self.load(path, manifest)
             except BaseException as exc:
                 # Failed or cancelled (even while draining): bring the old model back.
@@ -353,7 +311,7 @@ class ModelRuntime:
             self._set_active(new)
         finally:
             self._end_gap()
-        gap_ms = _elapsed_ms(gap_start)
+        gap_ms = elapsed_ms(gap_start)
         log.info(
             "activated %s %s in resource mode (gap %.1f ms: drain %.1f, load %.1f, warm-up %.1f)",
             manifest.name,
@@ -437,7 +395,7 @@ class ModelRuntime:
             InferenceError: ``session.run`` refused or failed (one-line reason).
         """
         handle = await self._acquire()
-        future = self._submit(handle, _run_one, handle.session, dict(inputs))
+        future = self._submit(handle, run_one, handle.session, dict(inputs))
         try:
             outputs, ms = await asyncio.wrap_future(future)
         except Exception as exc:
@@ -452,50 +410,6 @@ class ModelRuntime:
             model=handle.ref,
             latency_ms=ms,
         )
-
-    async def infer_batch(
-        self, batch: Sequence[Mapping[str, np.ndarray]]
-    ) -> list[InferenceOutcome]:
-        """Run several requests on one model, in one ``session.run`` when possible.
-
-        With a dynamic first dimension on every input and requests that stack
-        (:func:`~edge_node.inference_core.stack_requests`), the requests are
-        concatenated along axis 0, run once, and the outputs split back; each
-        outcome's ``latency_ms`` is then the whole batch's run time. Otherwise
-        (static first dimension, ragged requests, outputs that do not split)
-        they run one by one on the same model. All outcomes name one model.
-
-        Raises:
-            NoModelError: as :meth:`infer`.
-            InferenceError: any request failed (the whole batch fails).
-        """
-        if not batch:
-            return []
-        handle = await self._acquire()
-        requests = [dict(request) for request in batch]
-        future = self._submit(handle, _run_many, handle.session, requests, handle.dynamic_batch)
-        try:
-            results, stacked = await asyncio.wrap_future(future)
-        except Exception as exc:
-            with self._counts:
-                self.errors += len(requests)
-            raise InferenceError(
-                f"batch inference failed on {_what(handle)}: {first_line(exc)}"
-            ) from exc
-        with self._counts:
-            self.stacked_runs += stacked
-            self.inferences += len(results)
-        outcomes: list[InferenceOutcome] = []
-        for outputs, ms in results:
-            self.latency.add(ms)
-            outcomes.append(
-                InferenceOutcome(
-                    outputs=dict(zip(handle.output_names, outputs, strict=True)),
-                    model=handle.ref,
-                    latency_ms=ms,
-                )
-            )
-        return outcomes
 
     # ----- inference from a thread ---------------------------------------
 
@@ -533,13 +447,13 @@ class ModelRuntime:
         """
         session = handle.session
         try:
-            outputs, ms = _run_one(session, dict(feed))
+            outputs, ms = run_one(session, dict(feed))
             runs = [Run(0, rows, dict(zip(handle.output_names, outputs, strict=True)), ms)]
-            if rows > 1 and any(np.ndim(o) < 1 or np.shape(o)[0] != rows for o in outputs):
+            if rows > 1 and not holds_rows(outputs, rows):
                 runs = []
                 for row in range(rows):
                     single = {name: value[row : row + 1] for name, value in feed.items()}
-                    outputs, ms = _run_one(session, single)
+                    outputs, ms = run_one(session, single)
                     runs.append(
                         Run(row, 1, dict(zip(handle.output_names, outputs, strict=True)), ms)
                     )

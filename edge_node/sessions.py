@@ -1,5 +1,5 @@
-"""One onnxruntime session as the node holds it: how sessions are built, and the
-reference-counted handle requests run on.
+"""One onnxruntime session as the node holds it: how sessions are built, the
+reference-counted handle requests run on, and timed ``session.run`` calls.
 
 Invariants:
 
@@ -17,18 +17,32 @@ Invariants:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import numpy as np
 import onnxruntime as ort
 
-from edge_node.inference_core import choose_providers, has_dynamic_batch
+from edge_node.inference_core import (
+    choose_providers,
+    has_dynamic_batch,
+)
 from shared.errors import EdgeFleetError
 from shared.messages import ModelManifest, ModelRef, TensorSpec
 
-__all__ = ["GraphOptimization", "LoadedModel", "ModelRetiredError", "SessionOptionsConfig"]
+__all__ = [
+    "GraphOptimization",
+    "InferenceOutcome",
+    "LoadedModel",
+    "ModelRetiredError",
+    "Run",
+    "SessionOptionsConfig",
+    "elapsed_ms",
+    "run_one",
+]
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 
@@ -239,3 +253,35 @@ class LoadedModel:
         del session
         for callback in callbacks:
             callback()
+
+
+# ----- running a session ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class InferenceOutcome:
+    """One request's outputs (by name), the model that produced them and ``session.run`` time."""
+
+    outputs: dict[str, np.ndarray]
+    model: ModelRef
+    latency_ms: float
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Run:
+    """One ``session.run`` over ``rows`` requests from row ``first`` of a stacked feed."""
+
+    first: int
+    rows: int
+    outputs: dict[str, np.ndarray]
+    latency_ms: float
+
+
+def elapsed_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+def run_one(session: Any, feed: dict[str, np.ndarray]) -> tuple[list[np.ndarray], float]:
+    start = time.perf_counter()
+    outputs: list[np.ndarray] = session.run(None, feed)
+    return outputs, elapsed_ms(start)

@@ -10,6 +10,7 @@ hands work to its executor, and callbacks fired when a session closes.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,6 @@ from tests.integration.runtime_kit import (
     closed_future,
     make_manifest,
     run,
-    write_model,
     x_rows,
 )
 
@@ -352,47 +352,51 @@ def test_cancelled_request_holds_its_model_until_run_returns(v1: Model, v2: Mode
 # ----- batching --------------------------------------------------------------
 
 
-def test_infer_batch_dynamic_first_dim_runs_once(v1: Model) -> None:
+def test_run_rows_stacks_a_dynamic_batch_into_one_run(v1: Model) -> None:
     async def main() -> None:
         runtime = ModelRuntime(options=OPTIONS)
         try:
             await runtime.activate(v1.path, v1.manifest)
-            xs = [x_rows(40, 1), x_rows(41, 2), x_rows(42, 1)]
-            outcomes = await runtime.infer_batch([{"input": x} for x in xs])
-            assert len(outcomes) == 3
-            for x, outcome in zip(xs, outcomes, strict=True):
-                check_outcome(outcome, x, {v1.ref: v1})
-            # One session.run for the whole batch: one shared latency.
-            assert len({o.latency_ms for o in outcomes}) == 1
-            assert await runtime.infer_batch([]) == []
-            # Ragged requests cannot be stacked: run one by one, still correct.
-            ragged = [{"input": x_rows(43, 1)}, {"input": np.zeros((1, 8), np.float64)}]
-            with pytest.raises(InferenceError, match="batch"):
-                await runtime.infer_batch(ragged)
-            assert runtime.handle is not None
-            assert runtime.handle.refcount == 0
+            halt = threading.Event()
+            handle = await asyncio.to_thread(runtime.acquire_blocking, halt)
+            assert handle is not None
+            assert handle.refcount == 1
+            x = x_rows(40, 5)
+            try:
+                runs = await asyncio.to_thread(runtime.run_rows, handle, {"input": x}, 5)
+                with pytest.raises(InferenceError, match="inference failed"):
+                    runtime.run_rows(handle, {"input": np.zeros((2, 8), np.float64)}, 2)
+            finally:
+                handle.release()
+            (one,) = runs  # one session.run for the five rows
+            assert (one.first, one.rows) == (0, 5)
+            np.testing.assert_allclose(one.outputs["probs"], v1.expected(x), rtol=1e-4, atol=1e-6)
+            assert runtime.stacked_runs == 1
+            assert runtime.inferences == 5
+            assert runtime.errors == 2
+            assert handle.refcount == 0
         finally:
             await runtime.close()
 
     run(main)
 
 
-def test_infer_batch_static_first_dim_falls_back(tmp_path: Path) -> None:
-    static = write_model(tmp_path, "3.0.0", seed=3, batch=1)
-
+def test_acquire_blocking_waits_for_a_model_and_ends_on_halt_or_close(v1: Model) -> None:
     async def main() -> None:
         runtime = ModelRuntime(options=OPTIONS)
-        try:
-            await runtime.activate(static.path, static.manifest)
-            assert runtime.handle is not None
-            assert not runtime.handle.dynamic_batch
-            xs = [x_rows(50 + i, 1) for i in range(4)]
-            outcomes = await runtime.infer_batch([{"input": x} for x in xs])
-            for x, outcome in zip(xs, outcomes, strict=True):
-                assert outcome.model == static.ref
-                check_outcome(outcome, x, {static.ref: static})
-            assert runtime.inferences == 4
-        finally:
-            await runtime.close()
+        halt = threading.Event()
+        waiting = asyncio.create_task(asyncio.to_thread(runtime.acquire_blocking, halt))
+        await asyncio.sleep(0)  # the thread waits: no model yet
+        assert not waiting.done()
+        await runtime.activate(v1.path, v1.manifest)
+        async with asyncio.timeout(10):
+            handle = await waiting
+        assert handle is not None
+        assert handle.ref == v1.ref
+        handle.release()
+        halt.set()
+        assert runtime.acquire_blocking(halt) is None
+        await runtime.close()
+        assert runtime.acquire_blocking(threading.Event()) is None
 
     run(main)

@@ -19,11 +19,11 @@ from edge_node.inference_core import (
     dtype_of,
     first_line,
     has_dynamic_batch,
+    holds_rows,
     make_inputs,
     numpy_dtype,
     resolve_specs,
     spec_from_ort,
-    split_outputs,
     stack_requests,
 )
 from shared.errors import DecodeError, TrustError, UsageError
@@ -352,7 +352,7 @@ def test_check_signature_ignores_order() -> None:
 # ----- batching helpers ------------------------------------------------------
 
 
-def test_stack_and_split_requests() -> None:
+def test_stack_requests_and_outputs_that_hold_their_rows() -> None:
     a = {"x": np.ones((1, 8), np.float32), "m": np.zeros((1, 2), np.int64)}
     b = {"m": np.ones((2, 2), np.int64), "x": np.full((2, 8), 2, np.float32)}
     stacked = stack_requests([a, b])
@@ -361,12 +361,9 @@ def test_stack_and_split_requests() -> None:
     assert sizes == [1, 2]
     assert feed["x"].shape == (3, 8)
     assert feed["m"][1:].tolist() == [[1, 1], [1, 1]]
-    split = split_outputs([np.arange(3), np.arange(6).reshape(3, 2)], sizes)
-    assert split is not None
-    assert [p[0].tolist() for p in split] == [[0], [1, 2]]
-    assert split[1][1].tolist() == [[2, 3], [4, 5]]
-    assert split_outputs([np.zeros((1, 4))], sizes) is None  # reduced over the batch
-    assert split_outputs([np.float32(1.0)], sizes) is None
+    assert holds_rows([np.arange(3), np.arange(6).reshape(3, 2)], sum(sizes))
+    assert not holds_rows([np.zeros((1, 4))], 3)  # reduced over the batch
+    assert not holds_rows([np.float32(1.0)], 3)
 
 
 @pytest.mark.parametrize(
