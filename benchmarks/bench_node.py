@@ -20,21 +20,20 @@ For each model it runs, interleaved, ``--rounds`` times (medians printed):
   same loop at the node's micro-batch size, the fairer limit for a batching
   node.
 
-Models: a tiny MLP 64->64->10 (dynamic batch; also with ``--micro-batch 1``);
-SqueezeNet 1.0 as shipped in the ``onnx`` wheel's backend test data
-(``light_squeezenet.onnx``: the model zoo's graph, its weights made by
-``ConstantOfShape``; static [1, 3, 224, 224], ~2.6 ms per run); a small CNN
-on [N, 3, 48, 192] (~0.2 ms per run).
+Models: a tiny MLP 64->64->10 (also with ``--micro-batch 1``); SqueezeNet 1.0
+from the ``onnx`` wheel (``light_squeezenet.onnx``: the model zoo's graph,
+weights by ``ConstantOfShape``; [1, 3, 224, 224], ~2.6 ms); a small CNN on
+[N, 3, 48, 192].
 
 Then hot swaps: the node serves SqueezeNet at ``--swap-rate`` inputs/s; per
 round, ``--swap-window`` seconds without swaps, then ``--swaps`` real
-rollouts (each a new version, waves [100], no health window) one after the
-other. It prints the p99 of the stored results' ``latency_ms`` in both
-windows, the ratio, and failed inferences (the node's telemetry ``errors``).
+rollouts (each a new version, waves [100], no health window, the gate's
+``min_samples`` 1), 1.5 s apart: a swap drops the node's telemetry period under
+way, and the next rollout's gate needs the previous model's runs. It prints
+the p99 of the stored results' ``latency_ms`` in both windows, the ratio,
+and failed inferences (the node's telemetry ``errors``).
 
-    .venv/bin/python benchmarks/bench_node.py [--seconds S] [--rounds R] [--only ROWS]
-
-Runs in about 5 minutes with the defaults.
+    .venv/bin/python benchmarks/bench_node.py [--seconds S] [--rounds R] [--only ROWS]  # ~8 min
 """
 
 from __future__ import annotations
@@ -256,7 +255,10 @@ class Fleet:
 
         await wait_for("the node to come online", online)
         started = await self.ctl.call(
-            "rollout.start", {"model": model, "waves": [100], "health_window_s": 0.0}
+            # Swaps a second or two apart leave the previous model fewer runs
+            # than the health gate's default 100 a side: any run is enough here.
+            "rollout.start",
+            {"model": model, "waves": [100], "health_window_s": 0.0, "min_samples": 1},
         )
 
         async def done() -> bool:
@@ -421,8 +423,7 @@ async def throughput_row(
     fleet: Fleet, broker: BrokerAddress, row: Row, version: str, args: argparse.Namespace
 ) -> None:
     await fleet.release(row.path, row.name, version, row.labels)
-    # Deployed at a modest rate: flat out, the deploy's statuses would queue in
-    # the outbox behind result batches the controller has not caught up with.
+    # Deployed at 10/s: flat out, its statuses would queue behind result batches.
     with node_process(node_command(fleet.root, broker, rate=10, micro_batch=row.micro_batch)):
         await fleet.roll_out(f"{row.name}@{version}")
     command = node_command(fleet.root, broker, rate=0, micro_batch=row.micro_batch)
@@ -462,10 +463,6 @@ async def throughput_row(
     print(f"rounds, node / bare CPU: {rounds}")
 
 
-def p99(values: list[float]) -> float:
-    return float(np.percentile(values, 99)) if values else float("nan")
-
-
 async def swap_row(fleet: Fleet, broker: BrokerAddress, args: argparse.Namespace) -> None:
     versions = (f"1.0.{i}" for i in itertools.count())
     labels = tuple(f"class{i}" for i in range(1000))
@@ -497,10 +494,13 @@ async def swap_row(fleet: Fleet, broker: BrokerAddress, args: argparse.Namespace
             for _ in range(args.swaps):
                 _, version = next(pending)
                 await fleet.roll_out(f"squeezenet-swap@{version}")
+                # Each model serves a whole telemetry period (a swap drops the
+                # period under way), or the next rollout's gate has no reference.
+                await asyncio.sleep(1.5)
             t2 = time.time()
             await asyncio.sleep(1.0)  # the last results reach the store
-            quiet.append(p99(await asyncio.to_thread(fleet.latencies, t0, t1)))
-            swapping.append(p99(await asyncio.to_thread(fleet.latencies, t1, t2)))
+            quiet.append(_p99(await asyncio.to_thread(fleet.latencies, t0, t1)))
+            swapping.append(_p99(await asyncio.to_thread(fleet.latencies, t1, t2)))
             swap_s.append(t2 - t1)
         await asyncio.sleep(2.0)  # telemetry covering the last round
         failed = await asyncio.to_thread(fleet.node_errors) - errors0
@@ -590,6 +590,10 @@ def main() -> None:
     ):
         asyncio.run(bench(Path(tmp), broker, args))
     print(f"\ntotal {time.perf_counter() - started:.1f} s")
+
+
+def _p99(values: list[float]) -> float:
+    return float(np.percentile(values, 99)) if values else float("nan")
 
 
 if __name__ == "__main__":
