@@ -11,14 +11,13 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from shared.codec import INT64_MAX, INT64_MIN
-from shared.envelope import Envelope, Signature, b64encode
+from shared.envelope import Envelope, Signature
 from shared.errors import DecodeError
 from shared.histogram import NUM_BUCKETS
 from shared.labels import MAX_TERMS, parse_selector
 from shared.messages import (
     MESSAGE_TYPES,
     Ack,
-    ArtifactChunk,
     ArtifactRequest,
     CancelAction,
     Capabilities,
@@ -149,6 +148,15 @@ def _periods(draw: st.DrawFn) -> PeriodStats:
 PERIODS = _periods()
 
 
+def disjoint_ranges(spans: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """``(gap, length)`` pairs laid end to end: sorted, disjoint ranges."""
+    ranges, cursor = [], 0
+    for gap, length in spans[:64]:
+        ranges.append((cursor + gap, length))
+        cursor += gap + length
+    return tuple(ranges)
+
+
 STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
     ModelManifest: st.builds(
         ModelManifest,
@@ -259,18 +267,9 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
         ArtifactRequest,
         node=IDS,
         sha256=SHAS,
-        request_id=IDS,
-        offset=COUNTS,
-        length=st.integers(1, 512 * 1024),
-    ),
-    ArtifactChunk: st.builds(
-        ArtifactChunk,
-        sha256=SHAS,
-        request_id=IDS,
-        offset=COUNTS,
-        size=COUNTS,
-        data=st.binary(max_size=64).map(b64encode),
-        error=optional(TEXT),
+        ranges=st.lists(st.tuples(st.integers(0, 2**30), st.integers(1, 2**20)), min_size=1).map(
+            disjoint_ranges
+        ),
     ),
     ControllerState: st.builds(
         ControllerState,
@@ -334,6 +333,11 @@ def _command_dict(**changes: Any) -> bytes:
 def _manifest_dict(**changes: Any) -> bytes:
     document = json.loads(encode(manifest())) | changes
     return json.dumps(document).encode()
+
+
+def _artifact_request(ranges: Any, **extra: Any) -> bytes:
+    fields = {"v": 2, "type": "artifact_request", "node": "n", "sha256": "ab" * 32}
+    return json.dumps({**fields, "ranges": ranges, **extra}).encode()
 
 
 DECODE_REJECTIONS: list[Any] = [
@@ -488,6 +492,23 @@ DECODE_REJECTIONS: list[Any] = [
             {"type": "status", "node": "n", "seq": 1, "state": "queued", "progress": 100.5, "ts": 1}
         ).encode(),
         id="progress-over-100",
+    ),
+    *(
+        pytest.param(ArtifactRequest, _artifact_request(ranges), id=name)
+        for name, ranges in (
+            ("ranges-empty", []),
+            ("range-overlapping", [[0, 10], [5, 10]]),
+            ("ranges-unsorted", [[20, 10], [0, 10]]),
+            ("range-empty", [[0, 0]]),
+            ("range-negative", [[-1, 10]]),
+            ("range-not-a-pair", [[0, 10, 20]]),
+            ("ranges-too-many", [[2 * i, 1] for i in range(65)]),
+        )
+    ),
+    pytest.param(
+        ArtifactRequest,
+        _artifact_request([[0, 10]], v=1, request_id="q1"),
+        id="artifact-request-version-1",
     ),
 ]
 
