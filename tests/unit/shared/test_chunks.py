@@ -1,10 +1,13 @@
-"""The binary chunk frame: round trips, and every malformed header refused in one line."""
+"""The binary chunk frame (round trips, every malformed header refused in one line) and
+the artifact request that asks for byte ranges."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -24,6 +27,7 @@ from shared.chunks import (
     encode_refusal,
 )
 from shared.errors import DecodeError
+from shared.messages import MAX_REQUEST_RANGES, ArtifactRequest, decode, encode
 
 SHA = "ab" * 32
 HEADER = struct.Struct("!2sBBB3s32sQQI")
@@ -177,3 +181,39 @@ def test_clamp_ranges(
     ranges: list[tuple[int, int]], size: int, expected: list[tuple[int, int]]
 ) -> None:
     assert clamp_ranges(ranges, size) == expected
+
+
+# ----- the request: byte ranges a node lacks ---------------------------------------------
+
+
+def _request(ranges: Any, **extra: Any) -> bytes:
+    fields = {"v": 2, "type": "artifact_request", "node": "n", "sha256": SHA}
+    return json.dumps({**fields, "ranges": ranges, **extra}).encode()
+
+
+def test_a_request_carries_sorted_disjoint_ranges() -> None:
+    request = decode(ArtifactRequest, _request([[0, 10], [10, 5], [100, 1]]))
+    assert request.ranges == ((0, 10), (10, 5), (100, 1))
+    assert decode(ArtifactRequest, encode(request)) == request
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(_request([]), id="no-ranges"),
+        pytest.param(_request([[0, 10], [5, 10]]), id="overlapping"),
+        pytest.param(_request([[20, 10], [0, 10]]), id="unsorted"),
+        pytest.param(_request([[0, 0]]), id="empty-range"),
+        pytest.param(_request([[-1, 10]]), id="negative-offset"),
+        pytest.param(_request([[0, 10, 20]]), id="not-a-pair"),
+        pytest.param(_request([[0, 2**64]]), id="huge-length"),
+        pytest.param(_request([[2 * i, 1] for i in range(MAX_REQUEST_RANGES + 1)]), id="too-many"),
+        pytest.param(_request([[0, 10]], v=1), id="version-1"),
+        pytest.param(_request([[0, 10]], request_id="q1"), id="version-1-field"),
+        pytest.param(_request([[0, 10]]).replace(b'"node"', b'"node":"m","node"'), id="dup-key"),
+    ],
+)
+def test_malformed_requests_are_refused(payload: bytes) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(ArtifactRequest, payload)
+    assert "\n" not in str(info.value)
