@@ -121,7 +121,11 @@ def test_a_wave_shares_one_broadcast_and_each_node_repairs_only_its_gaps(
                     for running in (n1, n2, lossy, late):
                         assert running.agent.active == model.manifest.ref
 
-                assert harness.chunks_answered == count + PAUSE_AFTER + len(LOST)
+                # Once for all, plus the late node's head and the lossy node's two
+                # chunks; plus the chunk held at the pause when a node asked for it
+                # meanwhile (it was on its way, not scheduled, so it went again).
+                expected = count + PAUSE_AFTER + len(LOST)
+                assert expected <= harness.chunks_answered <= expected + 1
                 lossy_asks = [r for r in harness.chunk_requests if r.node == "lossy"]
                 assert lossy_asks[0].ranges == ((0, size),)
                 assert lossy_asks[-1].ranges == tuple(
