@@ -46,7 +46,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -265,6 +265,8 @@ class Round:
     sys_before: dict[str, int]
     sys_after: dict[str, int]
     metrics: Counter[str]
+    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Node state -> seconds after the start by which half and all nodes were stored in it."""
 
     def sys(self, name: str) -> int:
         return self.sys_after[name] - self.sys_before[name]
@@ -294,7 +296,7 @@ async def rollout_round(
     cpu_before, broker_before = time.process_time(), broker_cpu_s(config)
     if profile is not None:
         profile.enable()
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     reply = await ctl.call(
         "rollout.start",
         {"model": model, "waves": [100], "health_window_s": 0.0, "wave_timeout_s": 600.0},
@@ -314,7 +316,15 @@ async def rollout_round(
     metrics = Counter(controller.metrics)
     metrics.subtract(metrics_before)
     after = await counters.fresh()
-    return Round("edgefleet", wall, cpu, broker_cpu, before, after, metrics)
+    events = await asyncio.to_thread(controller.store.rollouts.events, reply["rollout_id"])
+    reached: dict[str, dict[str, float]] = {}
+    for event in events:
+        reached.setdefault(event.state.value, {}).setdefault(event.node_id, event.ts - started_at)
+    phases = {
+        state: (statistics.median(times.values()), max(times.values()))
+        for state, times in reached.items()
+    }
+    return Round("edgefleet", wall, cpu, broker_cpu, before, after, metrics, phases)
 
 
 async def fleet(root: Path, broker: BrokerAddress, count: int, args: argparse.Namespace) -> None:
@@ -400,7 +410,9 @@ def report_round(index: int, pair: list[Round], count: int) -> None:
             sent_mb = m["chunk_bytes_sent"] / 1e6
             extra = (
                 f"; controller sent {m['chunks_sent']} chunks ({sent_mb:.1f} MB), "
-                f"{m['stored']} messages stored"
+                f"{m['stored']} messages stored\n    node states stored, s after the start "
+                "(half of the nodes / all): "
+                + ", ".join(f"{k} {a:.1f}/{b:.1f}" for k, (a, b) in measured.phases.items())
             )
         print(
             f"  round {index} {measured.kind:9s}: {measured.wall_s:6.2f} s wall, "

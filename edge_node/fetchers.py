@@ -28,6 +28,7 @@ import logging
 import random
 import re
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -108,10 +109,11 @@ class BroadcastFetcher:
         subscribe: Subscribe,
         unsubscribe: Subscribe,
         buffer_bytes: int = 1024 * 1024,
-        repair_after_s: float = 1.0,
+        repair_after_s: float = 2.0,
         max_repair_s: float = 30.0,
         max_requests: int = 8,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """Raises: ValueError on an invalid id or setting (TopicError for ids)."""
         if buffer_bytes < 0:
@@ -127,6 +129,7 @@ class BroadcastFetcher:
         self._max_repair_s = max_repair_s
         self._max_requests = max_requests
         self._rng = rng or random.Random()
+        self._clock = clock
         self._inboxes: dict[str, asyncio.Queue[Frame]] = {}  # sha256 -> its stream's frames
 
     def deliver(self, frame: Frame) -> bool:
@@ -203,7 +206,9 @@ class BroadcastFetcher:
                 repair.saw_final()
 
     async def _request(self, sha256: str, ranges: list[tuple[int, int]]) -> None:
-        request = ArtifactRequest(node=self._node, sha256=sha256, ranges=tuple(ranges))
+        request = ArtifactRequest(
+            node=self._node, sha256=sha256, ranges=tuple(ranges), ts=self._clock()
+        )
         topic = topics.artifact_request(self._fleet, sha256, self._node)
         _log.debug("asking for %d range(s) of %s", len(ranges), sha256[:12])
         await self._call(

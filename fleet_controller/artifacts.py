@@ -8,10 +8,11 @@
   the broker fans out to every node downloading that blob. A chunk asked for
   by many nodes before it goes out is sent once: the controller's cost per
   wave is the blob's size, not nodes x size. The first request for an idle
-  blob starts a broadcast after the asking has quietened
-  (:data:`GATHER_QUIET_S`, at most :data:`GATHER_MAX_S` after the first ask),
-  so a wave's nodes share one pass; chunks are read off the event loop and
-  paced to ``broadcast_bytes_per_s`` so the broker and slow nodes keep up. The
+  blob starts a broadcast once no request brought a new chunk for
+  :data:`GATHER_QUIET_S` (at most :data:`GATHER_MAX_S` after the first ask),
+  so a wave's nodes share one pass; chunks are read off the event loop,
+  published :data:`BROADCAST_WINDOW` at a time and paced to
+  ``broadcast_bytes_per_s`` so the broker and slow nodes keep up. The
   last chunk of a pass is flagged final: nodes then ask for their gaps. A
   blob this controller does not hold is refused to the asking node on its own
   ``artifact/{sha256}/data/{node}``. A chunk that cannot be read or sent is
@@ -21,7 +22,8 @@
   ``rollouts.fetchers``, cached for :data:`FETCHERS_TTL_S`), and within the
   node's rate (:data:`~fleet_controller.quotas.CHUNKS_PER_S`): a request costs
   one token and each chunk it newly schedules another (chunks others asked for
-  already cost nothing); what is over the rate is dropped and counted
+  already cost nothing, and so do chunks sent since the node asked: it was
+  subscribed by then, see :data:`CLOCK_SKEW_S`); what is over the rate is dropped and counted
   (``chunks_refused``, ``chunks_rate_limited``), and the node asks again later.
 * **Uploads in** (``model.upload``) go through the
   :class:`~fleet_controller.blobs.BlobStore`: a chunk is appended only at the
@@ -39,8 +41,9 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fleet_controller.blobs import BlobStore, UnknownBlobError
 from fleet_controller.broadcast_core import Carousel
@@ -59,7 +62,9 @@ from shared.messages import ArtifactRequest
 
 __all__ = [
     "BROADCAST_BYTES_PER_S",
+    "BROADCAST_WINDOW",
     "CHUNK_BYTES",
+    "CLOCK_SKEW_S",
     "FETCHERS_TTL_S",
     "GATHER_MAX_S",
     "GATHER_QUIET_S",
@@ -69,11 +74,14 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 CHUNK_BYTES = 256 * 1024  # bytes per broadcast chunk
 BROADCAST_BYTES_PER_S = 32 * 1024 * 1024  # pace of one blob's broadcast
-GATHER_QUIET_S = 0.3  # a broadcast starts once no node has asked for this long...
-GATHER_MAX_S = 2.0  # ...or this long after the first ask
+BROADCAST_WINDOW = 4  # chunks of one broadcast published and not yet acknowledged
+GATHER_QUIET_S = 0.25  # a broadcast starts once no new chunk was asked for this long...
+GATHER_MAX_S = 1.0  # ...or this long after the first ask
+CLOCK_SKEW_S = 0.5  # a chunk sent this long after a request's ``ts`` reached its node
 FETCHERS_TTL_S = 2.0  # how long the nodes allowed to fetch a blob are cached
 MAX_PARTS = 8  # uploads in progress at once
 UPLOAD_IDLE_S = 3600.0  # a part untouched this long is abandoned
@@ -119,6 +127,7 @@ class Artifacts:
         self._allowed: dict[str, tuple[float, frozenset[str]]] = {}  # sha256: (at, nodes)
         self._rate = RateLimiter(CHUNKS_PER_S, CHUNKS_PER_S * BURST_S)
         self._casts: dict[str, _Cast] = {}  # sha256: its broadcast, while one runs
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="artifact-io")
 
     async def _may_fetch(self, request: ArtifactRequest) -> bool:
         """Whether ``request.node`` was commanded to fetch the blob (see the module docstring)."""
@@ -157,6 +166,12 @@ class Artifacts:
         if starts:
             await self._broadcast(request.sha256, cast)
 
+    async def _in_io_thread(self, func: Callable[..., _T], *args: Any) -> _T:
+        """``func(*args)`` on the broadcaster's own thread: reading a chunk never waits
+        behind the store's writes in asyncio's default pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, func, *args)
+
     async def _cast_for(self, sha256: str) -> tuple[_Cast, bool]:
         """The running broadcast of ``sha256``, or a new one (and True: the caller runs it).
 
@@ -165,7 +180,7 @@ class Artifacts:
         cast = self._casts.get(sha256)
         if cast is not None:
             return cast, False
-        size = await asyncio.to_thread(self.blobs.size, sha256)
+        size = await self._in_io_thread(self.blobs.size, sha256)
         cast = self._casts.get(sha256)  # another request may have started one meanwhile
         if cast is not None:
             return cast, False
@@ -176,42 +191,68 @@ class Artifacts:
 
     def _schedule(self, cast: _Cast, request: ArtifactRequest) -> None:
         """Add the chunks ``request`` needs that are not scheduled yet, as its rate allows."""
-        cast.last_ask = asyncio.get_running_loop().time()
-        wanted = cast.carousel.wanted(request.ranges)
+        wanted = cast.carousel.wanted(request.ranges, heard_since=request.ts + CLOCK_SKEW_S)
         granted = 0
         now = self._clock()
         while granted < len(wanted) and self._rate.allow(request.node, now):
             granted += 1
+        if granted:  # asking again for what is scheduled does not hold the start back
+            cast.last_ask = asyncio.get_running_loop().time()
         cast.carousel.schedule(wanted[:granted])
         self._metrics["chunks_scheduled"] += granted
         if granted < len(wanted):
             self._metrics["chunks_rate_limited"] += len(wanted) - granted
 
     async def _broadcast(self, sha256: str, cast: _Cast) -> None:
-        """Send ``cast``'s chunks until none is scheduled; then forget it."""
-        carousel = cast.carousel
-        topic = topics.artifact_broadcast(self._fleet, sha256)
-        loop = asyncio.get_running_loop()
+        """Send ``cast``'s chunks until none is scheduled or in flight; then forget it."""
+        sending: set[asyncio.Task[None]] = set()
         try:
             await self._gather(cast)
-            due = loop.time()
-            while (index := carousel.next()) is not None:
-                offset, length = carousel.span(index)
-                data = await asyncio.to_thread(self.blobs.read, sha256, offset, length)
-                frame = encode_chunk(sha256, offset, carousel.size, data, final=carousel.idle)
-                await self._link.publish(topic, frame, qos=1)
-                self._metrics["chunks_sent"] += 1
-                self._metrics["chunk_bytes_sent"] += length
-                due = max(due, loop.time() - 1.0) + length / self._bytes_per_s
-                if due > loop.time():
-                    await asyncio.sleep(due - loop.time())  # pacing, not synchronisation
+            await self._send_all(sha256, cast.carousel, sending)
         except TransportError as exc:
             log.debug("broadcast of %s cut short: %s", sha256[:12], exc)
         except Exception:
             self._metrics["chunk_errors"] += 1
             log.exception("cannot broadcast %s", sha256[:12])
         finally:
+            for task in sending:
+                task.cancel()
             del self._casts[sha256]
+
+    async def _send_all(
+        self, sha256: str, carousel: Carousel, sending: set[asyncio.Task[None]]
+    ) -> None:
+        """Publish scheduled chunks, :data:`BROADCAST_WINDOW` at a time, paced.
+
+        Returns once nothing is scheduled and nothing is in flight (with no pause
+        between that check and the caller forgetting the cast, so a chunk
+        scheduled meanwhile is never lost). Raises: TransportError.
+        """
+        topic = topics.artifact_broadcast(self._fleet, sha256)
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            index = carousel.next(self._clock()) if len(sending) < BROADCAST_WINDOW else None
+            if index is None:
+                if not sending:
+                    return
+                done, _ = await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
+                sending.difference_update(done)
+                for task in done:
+                    task.result()
+                continue
+            offset, length = carousel.span(index)
+            data = await self._in_io_thread(self.blobs.read, sha256, offset, length)
+            frame = encode_chunk(sha256, offset, carousel.size, data, final=carousel.idle)
+            sending.add(loop.create_task(self._publish_chunk(topic, frame, length)))
+            due = max(due, loop.time() - 1.0) + length / self._bytes_per_s
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())  # pacing, not synchronisation
+
+    async def _publish_chunk(self, topic: str, frame: bytes, length: int) -> None:
+        await self._link.publish(topic, frame, qos=1)
+        self._metrics["chunks_sent"] += 1
+        self._metrics["chunk_bytes_sent"] += length
 
     async def _gather(self, cast: _Cast) -> None:
         """Wait until nodes have stopped asking for a moment, or for long enough."""

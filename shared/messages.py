@@ -460,7 +460,8 @@ class ArtifactRequest(Message):
     ``ranges`` are ``[offset, length]`` pairs, sorted and disjoint. The
     controller answers by broadcasting the chunks that cover them on
     ``artifact/{sha256}/data`` (binary frames, :mod:`shared.chunks`), once for
-    every node asking at about the same time. Version 2: version 1 asked for
+    every node asking at about the same time, except those it sent after
+    ``ts`` (the node was subscribed by then). Version 2: version 1 asked for
     one chunk by request id and was answered on the node's own topic in JSON.
     """
 
@@ -469,6 +470,7 @@ class ArtifactRequest(Message):
     node: Id
     sha256: Sha256
     ranges: tuple[ByteRange, ...] = Field(min_length=1, max_length=MAX_REQUEST_RANGES)
+    ts: Timestamp = Field(description="sent, after subscribing to the broadcast")
 
     @model_validator(mode="after")
     def _sorted_and_disjoint(self) -> ArtifactRequest:

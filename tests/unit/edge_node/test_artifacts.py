@@ -380,7 +380,7 @@ class FakeBroadcaster:
             self.fetcher.deliver(decode_frame(encode_refusal(self.sha256, self.refuse)))
             return
         order: list[int] = []
-        while (index := self.carousel.next()) is not None:
+        while (index := self.carousel.next(0.0)) is not None:
             order.append(index)
         turn = min(self.tail_first, len(order))
         order = order[turn:] + order[:turn]

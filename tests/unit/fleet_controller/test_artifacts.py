@@ -35,7 +35,7 @@ async def fetching(ctl: Controller, data: bytes, node: str = "n1") -> str:
 
 
 def request(node: str, sha: str, *ranges: tuple[int, int]) -> ArtifactRequest:
-    return ArtifactRequest(node=node, sha256=sha, ranges=ranges or ((0, 2**40),))
+    return ArtifactRequest(node=node, sha256=sha, ranges=ranges or ((0, 2**40),), ts=time.time())
 
 
 async def ask(node_id: str, ctl: Controller, sha: str, *ranges: tuple[int, int]) -> None:

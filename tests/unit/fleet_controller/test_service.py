@@ -84,7 +84,7 @@ def test_a_background_task_that_raises_is_logged(
             monkeypatch.setattr(ctl.service.artifacts, "serve_chunk", broken)
             sha = "ab" * 32
             async with ctl.broker.transport().connect(Session(client_id="n1")) as node:
-                request = ArtifactRequest(node="n1", sha256=sha, ranges=((0, 10),))
+                request = ArtifactRequest(node="n1", sha256=sha, ranges=((0, 10),), ts=0.0)
                 await node.publish(topics.artifact_request(FLEET, sha, "n1"), encode(request))
             await eventually("it is counted", lambda: ctl.service.metrics["background_errors"])
             async with ctl.operator() as op:

@@ -187,7 +187,7 @@ def test_clamp_ranges(
 
 
 def _request(ranges: Any, **extra: Any) -> bytes:
-    fields = {"v": 2, "type": "artifact_request", "node": "n", "sha256": SHA}
+    fields = {"v": 2, "type": "artifact_request", "node": "n", "sha256": SHA, "ts": 1.5}
     return json.dumps({**fields, "ranges": ranges, **extra}).encode()
 
 

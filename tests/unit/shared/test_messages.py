@@ -259,6 +259,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
         node=IDS,
         sha256=SHAS,
         ranges=st.integers(1, 64).map(lambda n: tuple((i << 20, 1 + i) for i in range(n))),
+        ts=TIMESTAMPS,
     ),
     ControllerState: st.builds(
         ControllerState,
