@@ -17,6 +17,12 @@ For each fleet size (``--nodes 50,1000``) on one Mosquitto (``dev.conf``,
   the model file's bytes in chunks of the controller's size, and the time runs
   from the first publish until every subscriber has every byte.
 
+The simulated nodes keep their data (model store, outbox, state) in
+``--node-data``, by default a temp dir in ``/dev/shm``: a real fleet has a disk
+per node, fsyncing in parallel, while a thousand simulated nodes on one disk
+queue some 25 fsyncs each behind one another; the controller's database stays
+on disk. ``--node-data /tmp`` measures that single-disk case.
+
 Rounds alternate (bare, EdgeFleet, bare, EdgeFleet, ...) and the medians of
 ``--rounds`` (3) are compared. Beside wall time it prints CPU time (this
 process or the bare process, and the broker's), the bytes the broker sent and
@@ -301,10 +307,14 @@ async def rollout_round(
         "rollout.start",
         {"model": model, "waves": [100], "health_window_s": 0.0, "wave_timeout_s": 600.0},
     )
+    shown = started
     while True:
         status = await ctl.call("rollout.status", {"rollout_id": reply["rollout_id"]})
         if status["state"] in ("succeeded", "failed", "aborted", "rolled_back"):
             break
+        if time.perf_counter() - shown > 10:  # a sign of life on long rollouts
+            shown = time.perf_counter()
+            print(f"    {shown - started:.0f} s: {status['counts']}", file=sys.stderr)
         await asyncio.sleep(POLL_S)
     wall = time.perf_counter() - started
     if profile is not None:
@@ -327,7 +337,9 @@ async def rollout_round(
     return Round("edgefleet", wall, cpu, broker_cpu, before, after, metrics, phases)
 
 
-async def fleet(root: Path, broker: BrokerAddress, count: int, args: argparse.Namespace) -> None:
+async def fleet(
+    root: Path, nodes_dir: Path, broker: BrokerAddress, count: int, args: argparse.Namespace
+) -> None:
     config = root / "mosquitto.conf"
     keys = root / "keys"
     init_keys(keys, now=time.time(), force=True)
@@ -355,7 +367,7 @@ async def fleet(root: Path, broker: BrokerAddress, count: int, args: argparse.Na
         agents = simulated_agents(
             count=count,
             prefix="sim",
-            base_dir=root / "nodes",
+            base_dir=nodes_dir,
             trust_file=keys / "trust.json",
             broker=broker,
             fleet=FLEET,
@@ -461,6 +473,11 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", help="write a cProfile of one EdgeFleet round here")
+    parser.add_argument(
+        "--node-data",
+        default="/dev/shm" if Path("/dev/shm").is_dir() else None,
+        help="where the simulated nodes keep their data (default /dev/shm: see the docstring)",
+    )
     parser.add_argument("--bare-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_worker:
@@ -472,12 +489,14 @@ def main() -> None:
         f"{os.cpu_count()} CPUs (load average {load1:.1f}); chunks of {CHUNK_BYTES // 1024} KiB; "
         f"fleets of {', '.join(map(str, args.nodes))} nodes; {args.rounds} rounds each"
     )
+    print(f"simulated nodes' data in {args.node_data or tempfile.gettempdir()}")
     for count in args.nodes:
         with (
             tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp,
+            tempfile.TemporaryDirectory(prefix="bench-nodes-", dir=args.node_data) as nodes,
             local_mosquitto(Path(tmp), ["sys_interval 1"]) as broker,
         ):
-            asyncio.run(fleet(Path(tmp), broker, count, args))
+            asyncio.run(fleet(Path(tmp), Path(nodes), broker, count, args))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from shared.topics import check_sha256
 
 __all__ = [
     "IO_THREADS",
+    "PROGRESS_INTERVAL_S",
     "ArtifactError",
     "ArtifactStore",
     "InsufficientSpaceError",
@@ -67,7 +68,9 @@ Progress = Callable[[int, int], None]
 
 _THREAD_MIN_BYTES = 64 * 1024  # chunks at least this big are hashed/written off the loop
 _READ_BLOCK_BYTES = 1024 * 1024
-_PROGRESS_INTERVAL_S = 1.0
+PROGRESS_INTERVAL_S = 5.0
+"""At most one progress report per download this often (seconds): a thousand nodes
+downloading at once must not send the controller hundreds of statuses a second."""
 _PART = ".part"
 _MANIFEST = ".manifest.json"
 _NAME = re.compile(r"([0-9a-f]{64})(\.part|\.manifest\.json|\.manifest\.json\.tmp)?")
@@ -220,7 +223,8 @@ class ArtifactStore:
         """Make blob ``manifest.sha256`` present and return its path.
 
         Resumes from an existing ``.part``. ``progress`` is called at most once
-        per second while streaming and once at the end with ``(size, size)``.
+        per :data:`PROGRESS_INTERVAL_S` while streaming and once at the end with
+        ``(size, size)``.
 
         Raises:
             InsufficientSpaceError: free disk < remaining bytes + ``min_free_bytes``
@@ -316,7 +320,7 @@ class ArtifactStore:
     ) -> bool:
         """Stream the rest into ``writer``; True when the source sent more than ``size``.
 
-        ``progress`` is called at most once per :data:`_PROGRESS_INTERVAL_S` while
+        ``progress`` is called at most once per :data:`PROGRESS_INTERVAL_S` while
         streaming (not for the last byte: the caller reports completion).
         """
         last_report = float("-inf")
@@ -330,7 +334,7 @@ class ArtifactStore:
                 if (
                     progress is not None
                     and writer.received < size
-                    and now - last_report >= _PROGRESS_INTERVAL_S
+                    and now - last_report >= PROGRESS_INTERVAL_S
                 ):
                     last_report = now
                     progress(writer.received, size)
@@ -396,7 +400,7 @@ class _PartWriter:
 
 # ----- blocking helpers (run in worker threads where noted) -------------------
 
-IO_THREADS = 2
+IO_THREADS = 8  # hashing needs the cores; writing and fsyncing mostly wait on the disk
 _io_pool: list[ThreadPoolExecutor] = []  # the process-wide pool, made on first use
 
 

@@ -8,7 +8,7 @@
   the broker fans out to every node downloading that blob. A chunk asked for
   by many nodes before it goes out is sent once: the controller's cost per
   wave is the blob's size, not nodes x size. The first request for an idle
-  blob starts a broadcast once no request brought a new chunk for
+  blob starts a broadcast once no other node has asked for
   :data:`GATHER_QUIET_S` (at most :data:`GATHER_MAX_S` after the first ask),
   so a wave's nodes share one pass; chunks are read off the event loop,
   published :data:`BROADCAST_WINDOW` at a time and paced to
@@ -42,7 +42,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fleet_controller.blobs import BlobStore, UnknownBlobError
@@ -79,8 +79,8 @@ _T = TypeVar("_T")
 CHUNK_BYTES = 256 * 1024  # bytes per broadcast chunk
 BROADCAST_BYTES_PER_S = 32 * 1024 * 1024  # pace of one blob's broadcast
 BROADCAST_WINDOW = 4  # chunks of one broadcast published and not yet acknowledged
-GATHER_QUIET_S = 0.25  # a broadcast starts once no new chunk was asked for this long...
-GATHER_MAX_S = 1.0  # ...or this long after the first ask
+GATHER_QUIET_S = 0.25  # a broadcast starts once no other node has asked for this long...
+GATHER_MAX_S = 2.0  # ...or this long after the first ask
 CLOCK_SKEW_S = 0.5  # a chunk sent this long after a request's ``ts`` reached its node
 FETCHERS_TTL_S = 2.0  # how long the nodes allowed to fetch a blob are cached
 MAX_PARTS = 8  # uploads in progress at once
@@ -95,6 +95,7 @@ class _Cast:
     carousel: Carousel
     first_ask: float
     last_ask: float
+    askers: set[str] = field(default_factory=set)
 
 
 class Artifacts:
@@ -196,7 +197,8 @@ class Artifacts:
         now = self._clock()
         while granted < len(wanted) and self._rate.allow(request.node, now):
             granted += 1
-        if granted:  # asking again for what is scheduled does not hold the start back
+        if request.node not in cast.askers:  # a node asking again does not hold the start back
+            cast.askers.add(request.node)
             cast.last_ask = asyncio.get_running_loop().time()
         cast.carousel.schedule(wanted[:granted])
         self._metrics["chunks_scheduled"] += granted
@@ -216,7 +218,10 @@ class Artifacts:
             log.exception("cannot broadcast %s", sha256[:12])
         finally:
             for task in sending:
-                task.cancel()
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled():
+                    task.exception()  # seen: the first failure was raised above
             del self._casts[sha256]
 
     async def _send_all(
@@ -238,8 +243,9 @@ class Artifacts:
                     return
                 done, _ = await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
                 sending.difference_update(done)
-                for task in done:
-                    task.result()
+                failed = [e for task in done if (e := task.exception()) is not None]
+                if failed:
+                    raise failed[0]
                 continue
             offset, length = carousel.span(index)
             data = await self._in_io_thread(self.blobs.read, sha256, offset, length)
