@@ -8,9 +8,9 @@ For each fleet size (``--nodes 50,1000``) on one Mosquitto (``dev.conf``,
   ``edge-node simulate`` builds them (source ``none``, one shared ``session.run``
   pool). Each round rolls a new version of a ~2.3 MB ONNX MLP out to all of
   them in one wave with no health window, and times **start -> every node
-  succeeded** (``rollout.start`` to ``rollout.status`` saying ``succeeded``,
-  polled every 0.1 s): command, verification, the broadcast download, hashing
-  and writing, session load and warm-up, statuses stored.
+  succeeded** (``rollout.start`` to the rollout ``succeeded`` in the
+  controller's store, read every 0.1 s): command, verification, the broadcast
+  download, hashing and writing, session load and warm-up, statuses stored.
 * **Bare fan-out**: a separate Python process with N paho subscribers (QoS 0,
   as the nodes subscribe to a broadcast) and one paho publisher (QoS 1, as the
   controller publishes) driven by one ``selectors`` loop; the publisher sends
@@ -307,26 +307,30 @@ async def rollout_round(
         "rollout.start",
         {"model": model, "waves": [100], "health_window_s": 0.0, "wave_timeout_s": 600.0},
     )
+    rollout_id = reply["rollout_id"]
     shown = started
     while True:
-        status = await ctl.call("rollout.status", {"rollout_id": reply["rollout_id"]})
-        if status["state"] in ("succeeded", "failed", "aborted", "rolled_back"):
+        # The store, read in process: a thousand nodes' traffic on this one loop
+        # can delay an operator request past its expiry.
+        listed = await asyncio.to_thread(controller.store.rollouts.list)
+        info = next(r for r in listed if r.rollout_id == rollout_id)
+        if info.state.value in ("succeeded", "failed", "aborted", "rolled_back"):
             break
         if time.perf_counter() - shown > 10:  # a sign of life on long rollouts
             shown = time.perf_counter()
-            print(f"    {shown - started:.0f} s: {status['counts']}", file=sys.stderr)
+            print(f"    {shown - started:.0f} s: {dict(info.node_counts)}", file=sys.stderr)
         await asyncio.sleep(POLL_S)
     wall = time.perf_counter() - started
     if profile is not None:
         profile.disable()
     cpu = time.process_time() - cpu_before
     broker_cpu = broker_cpu_s(config) - broker_before
-    if status["state"] != "succeeded":
-        raise RuntimeError(f"rollout of {model} ended {status['state']}: {status['counts']}")
+    if info.state.value != "succeeded":
+        raise RuntimeError(f"rollout of {model} ended {info.state.value}: {info.node_counts}")
     metrics = Counter(controller.metrics)
     metrics.subtract(metrics_before)
     after = await counters.fresh()
-    events = await asyncio.to_thread(controller.store.rollouts.events, reply["rollout_id"])
+    events = await asyncio.to_thread(controller.store.rollouts.events, rollout_id)
     reached: dict[str, dict[str, float]] = {}
     for event in events:
         reached.setdefault(event.state.value, {}).setdefault(event.node_id, event.ts - started_at)
@@ -373,6 +377,7 @@ async def fleet(
             fleet=FLEET,
             labels={},
             executor=pool,
+            telemetry_interval_s=10.0,  # the agent's default
         )
         try:
             async with asyncio.timeout(30):
@@ -391,6 +396,7 @@ async def fleet(
                 rounds: list[Round] = []
                 for index, (path, name, _) in enumerate(models):
                     rounds.append(await bare_round(broker, count, path, counters, config))
+                    report_round(index + 1, rounds[-1:], count)
                     profiled = args.profile and index == 0 and count == max(args.nodes)
                     profile = cProfile.Profile() if profiled else None
                     rounds.append(
@@ -398,7 +404,7 @@ async def fleet(
                             ctl, controller, name, counters=counters, config=config, profile=profile
                         )
                     )
-                    report_round(index + 1, rounds[-2:], count)
+                    report_round(index + 1, rounds[-1:], count)
                     if profile is not None:
                         write_profile(profile, Path(args.profile), count)
                 summarise(rounds, count, models[0][0].stat().st_size)
