@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from edge_node.agent import NodeAgent
 from edge_node.simulate import shared_pool, simulated_agents
 from edgefleet_io.mqtt import MqttTransport
 from edgefleet_io.transport import Session
@@ -293,6 +294,7 @@ async def rollout_round(
     controller: ControllerService,
     model: str,
     *,
+    agents: list[NodeAgent],
     counters: SysCounters,
     config: Path,
     profile: cProfile.Profile | None,
@@ -309,7 +311,13 @@ async def rollout_round(
     )
     rollout_id = reply["rollout_id"]
     shown = started
+    activated: float | None = None
+    version = model.split("@")[1]
     while True:
+        if activated is None and all(
+            a.active is not None and a.active.version == version for a in agents
+        ):
+            activated = time.perf_counter() - started
         # The store, read in process: a thousand nodes' traffic on this one loop
         # can delay an operator request past its expiry.
         listed = await asyncio.to_thread(controller.store.rollouts.list)
@@ -338,6 +346,8 @@ async def rollout_round(
         state: (statistics.median(times.values()), max(times.values()))
         for state, times in reached.items()
     }
+    if activated is not None:
+        phases["all active on the nodes"] = (activated, activated)
     return Round("edgefleet", wall, cpu, broker_cpu, before, after, metrics, phases)
 
 
@@ -401,7 +411,13 @@ async def fleet(
                     profile = cProfile.Profile() if profiled else None
                     rounds.append(
                         await rollout_round(
-                            ctl, controller, name, counters=counters, config=config, profile=profile
+                            ctl,
+                            controller,
+                            name,
+                            agents=agents,
+                            counters=counters,
+                            config=config,
+                            profile=profile,
                         )
                     )
                     report_round(index + 1, rounds[-1:], count)
