@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from edgefleet_io.transport import Link, Message, Session, Transport
+from fleet_controller.artifacts import BROADCAST_WINDOW
 from shared import topics
 from shared.chunks import Chunk, decode_frame
 from tests.support.broker import Broker
@@ -122,15 +123,17 @@ def test_a_wave_shares_one_broadcast_and_each_node_repairs_only_its_gaps(
                         assert running.agent.active == model.manifest.ref
 
                 # Once for all, plus the late node's head and the lossy node's two
-                # chunks; plus the chunk held at the pause when a node asked for it
-                # meanwhile (it was on its way, not scheduled, so it went again).
+                # chunks; plus the chunks held in flight at the pause (at most a
+                # window of them) when a node asked for them meanwhile: they were
+                # on their way, not scheduled, so they went again.
                 expected = count + PAUSE_AFTER + len(LOST)
-                assert expected <= harness.chunks_answered <= expected + 1
+                assert expected <= harness.chunks_answered <= expected + BROADCAST_WINDOW
                 lossy_asks = [r for r in harness.chunk_requests if r.node == "lossy"]
                 assert lossy_asks[0].ranges == ((0, size),)
-                assert lossy_asks[-1].ranges == tuple(
-                    (chunk * CHUNK_BYTES, CHUNK_BYTES) for chunk in LOST
-                )
+                # Its last asks (after the pass) name only chunks it lost, nothing it had.
+                gaps = {(chunk * CHUNK_BYTES, CHUNK_BYTES) for chunk in LOST}
+                assert lossy_asks[-1].ranges
+                assert set(lossy_asks[-1].ranges) <= gaps
                 late_asks = [r for r in harness.chunk_requests if r.node == "late"]
                 assert late_asks[0].ranges == ((0, size),)
                 for node in ("n1", "n2", "lossy", "late"):
