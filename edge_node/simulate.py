@@ -6,8 +6,10 @@ event loop and one thread pool for ``session.run`` (a pool per node would be
 thousands of threads for a large fleet). Node ``i`` (1-based) is
 ``{prefix}-{i:04d}`` with data in ``base_dir/{id}``; labels given to all nodes
 are extended with ``sim-group`` (``a`` for odd, ``b`` for even nodes) so
-selectors can split the fleet. Nodes start together, so the models they hold
-are loaded concurrently, as those a rollout brings are.
+selectors can split the fleet. Nodes start together and load the models they
+hold, like those a rollout brings, concurrently: each on its runtime's loader
+thread, warm-ups in parallel (the runtime serialises only onnxruntime's
+session constructor, process-wide).
 """
 
 from __future__ import annotations
