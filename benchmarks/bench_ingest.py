@@ -42,8 +42,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import paho.mqtt.client as paho  # noqa: TID251 - the bare baseline is raw paho
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: TID251
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,10 +4,12 @@ Everything runs on this machine: Mosquitto (``broker_config/dev.conf`` on a
 free port on 127.0.0.1, plus ``sys_interval 1`` so its ``$SYS`` counters are
 fresh), a :class:`ControllerService` with a SQLite database in a temp dir, and
 ``--nodes`` full :class:`NodeAgent` instances (source ``none``: no inference
-traffic, only the control plane) in this one process, as ``edge-node
-simulate`` runs them. One small classifier (the demo's) is published, signed
-and rolled out in waves ``--waves`` (cumulative percentages) with a
-``--health-window`` of 1 s. It prints:
+traffic, only the control plane) in this one process, built by
+:func:`edge_node.simulate.simulated_agents` exactly as ``edge-node simulate``
+runs them (one shared ``session.run`` pool, one onnxruntime thread each). One
+small classifier (the demo's) is published, signed and rolled out in waves
+``--waves`` (cumulative percentages) with a ``--health-window`` of 1 s. It
+prints:
 
 * how long the fleet took to come online (every node known to the controller);
 * per wave: its nodes and the time from the wave starting (as seen by polling
@@ -45,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_node.agent import AgentConfig, NodeAgent
+from edge_node.simulate import shared_pool, simulated_agents
 from edgefleet_io.mqtt import MqttTransport
 from edgefleet_io.transport import Session
 from fleet_controller.api import CtlClient, OperatorIdentity
@@ -63,6 +65,7 @@ POLL_S = 0.1
 SYS_RECEIVED = "$SYS/broker/publish/messages/received"
 SYS_SENT = "$SYS/broker/publish/messages/sent"
 ENDED = ("succeeded", "failed", "aborted", "rolled_back")
+POOL = shared_pool()  # the simulated nodes' one session.run pool
 
 
 class BrokerCounters:
@@ -211,19 +214,16 @@ async def measure(root: Path, broker: BrokerAddress, args: argparse.Namespace) -
             tick_s=args.tick,
         )
     )
-    agents = [
-        NodeAgent(
-            AgentConfig(
-                node_id=f"sim-{index:04d}",
-                data_dir=root / "nodes" / f"sim-{index:04d}",
-                trust_file=keys / "trust.json",
-                broker=broker,
-                fleet=FLEET,
-                source="none",
-            )
-        )
-        for index in range(1, args.nodes + 1)
-    ]
+    agents = simulated_agents(
+        count=args.nodes,
+        prefix="sim",
+        base_dir=root / "nodes",
+        trust_file=keys / "trust.json",
+        broker=broker,
+        fleet=FLEET,
+        labels={},
+        executor=POOL,
+    )
     rss_before = rss_mib()
     loop = asyncio.get_running_loop()
     controller_task = loop.create_task(controller.run())
@@ -347,7 +347,7 @@ def print_report(m: Measured, args: argparse.Namespace) -> None:
     sent = m.sys_after[SYS_SENT] - m.sys_before[SYS_SENT]
     print(
         f"controller during the rollout: {dict(sorted(m.metrics.items()))} "
-        f"(stored = statuses, telemetry, states; chunks_served = artifact chunks)"
+        f"(stored = statuses, telemetry, states; chunks_sent = artifact chunks broadcast)"
     )
     print(
         f"broker PUBLISH during the rollout: {received:,} received, {sent:,} sent "

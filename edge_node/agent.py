@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -102,7 +103,8 @@ class NodeAgent:
     """One edge node. ``await agent.run()`` until ``agent.stop()`` is called.
 
     ``transport`` defaults to the broker of ``config`` (``MqttTransport``);
-    tests pass an in-memory one.
+    tests pass an in-memory one. ``executor`` runs ``session.run`` (default: a
+    small pool of the node's own); the simulator shares one among its nodes.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class NodeAgent:
         *,
         transport: Transport | None = None,
         clock: Callable[[], float] = time.time,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.config = config
         self._transport = transport or MqttTransport(
@@ -128,7 +131,9 @@ class NodeAgent:
         self._store = NodeStore(config.data_dir)
         self._keeper = StateKeeper(self._store)
         self._artifacts = ArtifactStore(config.data_dir)
-        self._runtime = ModelRuntime(options=config.session_options, swap_mode=config.swap_mode)
+        self._runtime = ModelRuntime(
+            options=config.session_options, swap_mode=config.swap_mode, executor=executor
+        )
         self._outbox = Outbox(
             config.data_dir / "outbox.db",
             max_bytes=config.outbox_max_bytes,

@@ -21,8 +21,11 @@ Invariants:
   mismatch deletes it.
 * One download per digest at a time in a store; :meth:`ArtifactStore.retain`
   never deletes a digest that is being downloaded.
-* Hashing files and hashing/writing chunks of 64 KiB or more run in worker
-  threads, never on the event loop.
+* Hashing files, hashing/writing chunks of 64 KiB or more and the final fsync
+  run in worker threads, never on the event loop: on a process-wide pool of
+  :data:`IO_THREADS` kept for artifacts, so a download never queues behind
+  the outbox's fsyncs in asyncio's default pool (the simulator runs a
+  thousand nodes' stores in one process).
 * Digests are checked to be 64 lowercase hex characters before they become a
   file name, so no path can escape the store.
 """
@@ -37,9 +40,10 @@ import re
 import shutil
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 from edge_node.fetchers import Fetcher
 from edgefleet_io.files import atomic_write
@@ -48,6 +52,8 @@ from shared.messages import ModelManifest
 from shared.topics import check_sha256
 
 __all__ = [
+    "IO_THREADS",
+    "PROGRESS_INTERVAL_S",
     "ArtifactError",
     "ArtifactStore",
     "InsufficientSpaceError",
@@ -55,13 +61,16 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``."""
 
 _THREAD_MIN_BYTES = 64 * 1024  # chunks at least this big are hashed/written off the loop
 _READ_BLOCK_BYTES = 1024 * 1024
-_PROGRESS_INTERVAL_S = 1.0
+PROGRESS_INTERVAL_S = 5.0
+"""At most one progress report per download this often (seconds): a thousand nodes
+downloading at once must not send the controller hundreds of statuses a second."""
 _PART = ".part"
 _MANIFEST = ".manifest.json"
 _NAME = re.compile(r"([0-9a-f]{64})(\.part|\.manifest\.json|\.manifest\.json\.tmp)?")
@@ -150,7 +159,7 @@ class ArtifactStore:
                 return None
             return hasher.hexdigest()
 
-        return await asyncio.to_thread(digest) == sha
+        return await _in_io_thread(digest) == sha
 
     # ----- manifests -------------------------------------------------------
 
@@ -214,7 +223,8 @@ class ArtifactStore:
         """Make blob ``manifest.sha256`` present and return its path.
 
         Resumes from an existing ``.part``. ``progress`` is called at most once
-        per second while streaming and once at the end with ``(size, size)``.
+        per :data:`PROGRESS_INTERVAL_S` while streaming and once at the end with
+        ``(size, size)``.
 
         Raises:
             InsufficientSpaceError: free disk < remaining bytes + ``min_free_bytes``
@@ -310,7 +320,7 @@ class ArtifactStore:
     ) -> bool:
         """Stream the rest into ``writer``; True when the source sent more than ``size``.
 
-        ``progress`` is called at most once per :data:`_PROGRESS_INTERVAL_S` while
+        ``progress`` is called at most once per :data:`PROGRESS_INTERVAL_S` while
         streaming (not for the last byte: the caller reports completion).
         """
         last_report = float("-inf")
@@ -324,7 +334,7 @@ class ArtifactStore:
                 if (
                     progress is not None
                     and writer.received < size
-                    and now - last_report >= _PROGRESS_INTERVAL_S
+                    and now - last_report >= PROGRESS_INTERVAL_S
                 ):
                     last_report = now
                     progress(writer.received, size)
@@ -353,7 +363,7 @@ class _PartWriter:
         hasher = hashlib.sha256()
         try:
             if have:
-                have = await asyncio.to_thread(_hash_file, part, hasher)
+                have = await _in_io_thread(_hash_file, part, hasher)
             file = part.open("ab")
         except OSError as exc:
             raise ArtifactError(f"cannot open {part.name}: {exc.strerror or exc}") from exc
@@ -383,12 +393,22 @@ class _PartWriter:
                 f"artifact sha256 {actual[:12]}… does not match manifest {sha[:12]}…"
             )
         try:
-            await asyncio.to_thread(_commit, self.file, self.part, final)
+            await _in_io_thread(_commit, self.file, self.part, final)
         except OSError as exc:
             raise ArtifactError(f"cannot store {sha[:12]}: {exc.strerror or exc}") from exc
 
 
 # ----- blocking helpers (run in worker threads where noted) -------------------
+
+IO_THREADS = 8  # hashing needs the cores; writing and fsyncing mostly wait on the disk
+_io_pool: list[ThreadPoolExecutor] = []  # the process-wide pool, made on first use
+
+
+async def _in_io_thread(func: Callable[..., _T], *args: Any) -> _T:
+    """``func(*args)`` on the artifact I/O pool."""
+    if not _io_pool:
+        _io_pool.append(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="artifact-io"))
+    return await asyncio.get_running_loop().run_in_executor(_io_pool[0], func, *args)
 
 
 def _hash_file(path: Path, hasher: hashlib._Hash) -> int:
@@ -409,7 +429,7 @@ def _write_and_hash(file: IO[bytes], hasher: hashlib._Hash, data: bytes) -> None
 async def _append(file: IO[bytes], hasher: hashlib._Hash, data: bytes, part: Path) -> None:
     try:
         if len(data) >= _THREAD_MIN_BYTES:
-            await asyncio.to_thread(_write_and_hash, file, hasher, data)
+            await _in_io_thread(_write_and_hash, file, hasher, data)
         else:
             _write_and_hash(file, hasher, data)
     except OSError as exc:

@@ -5,12 +5,13 @@ Invariants:
 * the blob is verified (size and sha256) by :class:`~edge_node.artifacts.ArtifactStore`
   while it streams; nothing here judges bytes;
 * an MQTT download runs only while connected. When its connection ends it is
-  cut short (the chunk requests and replies in flight died with it, so
-  waiting for them would only stall) and resumed from the ``.part`` as soon as
-  the node is connected again; that is no failed attempt;
+  cut short (the broadcast it followed and its requests died with it, so
+  waiting would only stall) and resumed from the ``.part`` as soon as the node
+  is connected again; that is no failed attempt;
 * other transfer failures are retried with back-off, ``retries`` times;
-* chunks arriving on ``artifact/+/data/{node}`` reach the fetcher of their
-  digest (:meth:`Downloader.deliver`); others are dropped.
+* frames arriving on ``artifact/{sha256}/data`` (the broadcast) and
+  ``artifact/+/data/{node}`` (refusals) reach the download of their digest
+  (:meth:`Downloader.deliver`); others are dropped.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from typing import Any
 
 from edge_node.artifacts import ArtifactStore
 from edge_node.context import Connection, sleep_unless
-from edge_node.fetchers import HttpFetcher, MqttChunkFetcher
-from shared.errors import TransferError, TransportError
-from shared.messages import ArtifactChunk, ModelManifest
+from edge_node.fetchers import BroadcastFetcher, HttpFetcher
+from edgefleet_io.transport import Link
+from shared.chunks import Frame
+from shared.errors import BrokerUnavailableError, TransferError
+from shared.messages import ModelManifest
 
 __all__ = ["Downloader"]
 
@@ -35,7 +38,12 @@ _MAX_BACKOFF_S = 30.0
 
 
 class Downloader:
-    """Downloads blobs into the node's artifact store."""
+    """Downloads blobs into the node's artifact store.
+
+    An MQTT download keeps at most ``chunk_window`` x ``chunk_bytes`` bytes
+    that arrived ahead of its write position in memory (a broadcast joined
+    late starts with the blob's tail); what does not fit is asked for again.
+    """
 
     def __init__(
         self,
@@ -51,19 +59,20 @@ class Downloader:
     ) -> None:
         self._artifacts = artifacts
         self._connection = connection
-        self._node_id = node_id
-        self._fleet = fleet
-        self._chunk_bytes = chunk_bytes
-        self._chunk_window = chunk_window
         self._retries = retries
         self._stopping = stopping
-        self._fetchers: dict[str, MqttChunkFetcher] = {}
+        self._fetcher = BroadcastFetcher(
+            node_id=node_id,
+            fleet=fleet,
+            publish=self._publish,
+            subscribe=self._subscribe,
+            unsubscribe=self._unsubscribe,
+            buffer_bytes=chunk_bytes * chunk_window,
+        )
 
-    def deliver(self, chunk: ArtifactChunk) -> None:
-        """Hand a received chunk to the download of its digest, if one is running."""
-        fetcher = self._fetchers.get(chunk.sha256)
-        if fetcher is not None:
-            fetcher.deliver(chunk)
+    def deliver(self, frame: Frame) -> None:
+        """Hand a received frame to the download of its digest, if one is running."""
+        self._fetcher.deliver(frame)
 
     async def download(
         self, manifest: ModelManifest, url: str | None, progress: Callable[[int, int], None]
@@ -97,13 +106,8 @@ class Downloader:
         if url is not None:
             return await self._artifacts.download(manifest, HttpFetcher(url=url), progress=progress)
         await self._connection.connected.wait()
-        fetcher = self._mqtt_fetcher()
-        self._fetchers[manifest.sha256] = fetcher
-        try:
-            download = self._artifacts.download(manifest, fetcher, progress=progress)
-            return await self._while_connected(download)
-        finally:
-            self._fetchers.pop(manifest.sha256, None)
+        download = self._artifacts.download(manifest, self._fetcher, progress=progress)
+        return await self._while_connected(download)
 
     async def _while_connected(self, work: Coroutine[Any, Any, Path]) -> Path | None:
         """``work``'s result, or None when the current connection ends first.
@@ -127,19 +131,18 @@ class Downloader:
             return None
         return task.result()
 
-    def _mqtt_fetcher(self) -> MqttChunkFetcher:
-        connection = self._connection
+    def _link(self) -> Link:
+        link = self._connection.link
+        if link is None:
+            raise BrokerUnavailableError("not connected to the broker")
+        return link
 
-        async def publish(topic: str, payload: bytes) -> None:
-            try:
-                await connection.publish(topic, payload, qos=1)
-            except TransportError as exc:
-                raise TransferError(f"broker connection lost during download: {exc}") from None
+    async def _publish(self, topic: str, payload: bytes) -> None:
+        await self._link().publish(topic, payload, qos=1)
 
-        return MqttChunkFetcher(
-            node_id=self._node_id,
-            fleet=self._fleet,
-            publish=publish,
-            chunk_bytes=self._chunk_bytes,
-            window=self._chunk_window,
-        )
+    async def _subscribe(self, topic: str) -> None:
+        # QoS 0: the broker queues nothing for a node that is away; it repairs gaps.
+        await self._link().subscribe([(topic, 0)])
+
+    async def _unsubscribe(self, topic: str) -> None:
+        await self._link().unsubscribe([topic])

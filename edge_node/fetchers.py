@@ -1,4 +1,4 @@
-"""Where an artifact's bytes come from: MQTT chunk transfer or HTTP(S) with Range.
+"""Where an artifact's bytes come from: the controller's MQTT broadcast, or HTTP(S) with Range.
 
 A :class:`Fetcher` turns *(sha256, declared size, offset)* into the blob's bytes
 from ``offset`` on. Fetchers only move bytes: they neither hash nor judge the
@@ -22,38 +22,42 @@ Invariants every fetcher here keeps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import logging
+import random
 import re
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
+from edge_node.chunk_core import Assembly, Offer, RepairClock
 from shared import topics
-from shared.envelope import b64decode
-from shared.errors import DecodeError, TransferError, TransportError
-from shared.messages import ArtifactChunk, ArtifactRequest, encode
+from shared.chunks import Frame, Refusal
+from shared.errors import TransferError, TransportError
+from shared.messages import ArtifactRequest, encode
 
 __all__ = [
-    "MAX_CHUNK_BYTES",
+    "BroadcastFetcher",
     "Fetcher",
     "HttpFetcher",
-    "MqttChunkFetcher",
     "Publish",
+    "Subscribe",
 ]
 
 _log = logging.getLogger(__name__)
 
-MAX_CHUNK_BYTES = 512 * 1024
-"""Largest ``length`` an :class:`ArtifactRequest` may ask for (bytes)."""
+_LEAVE_TIMEOUT_S = 2.0
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 """``publish(topic, payload)``: the agent's MQTT publish (QoS 1)."""
+
+Subscribe = Callable[[str], Awaitable[None]]
+"""``subscribe(topic)`` (or unsubscribe) on the agent's current MQTT connection."""
 
 
 class Fetcher(Protocol):
@@ -72,145 +76,28 @@ def _one_line(text: str, limit: int = 200) -> str:
     return " ".join(text.split())[:limit]
 
 
-# ----- MQTT chunks ------------------------------------------------------------
+# ----- MQTT broadcast ---------------------------------------------------------
 
 
-@dataclass(slots=True, eq=False)
-class _Slot:
-    """One requested range; ``ids`` are every request id sent for it (re-requests)."""
+class BroadcastFetcher:
+    """Fetch a blob from the controller's broadcast over MQTT, asking only for gaps.
 
-    offset: int
-    length: int
-    ids: list[str] = field(default_factory=list)
-    retries: int = 0
-    deadline: float = 0.0
+    For each :meth:`stream` it subscribes (QoS 0) to ``artifact_broadcast(fleet,
+    sha)``, where the controller publishes each chunk of a blob once for every
+    node downloading it, and asks (:class:`~shared.messages.ArtifactRequest` on
+    ``artifact_request(fleet, sha, node)``) for the byte ranges it lacks: all
+    of them at first, then, NACK-style, only the gaps, when the
+    :class:`~edge_node.chunk_core.RepairClock` says so. Chunks that arrive
+    ahead of the write position wait in a buffer of at most ``buffer_bytes``;
+    what does not fit is asked for again later. QoS 0 keeps the broker from
+    queueing a blob for a node that is away; whatever a node misses, it repairs.
 
-
-class _Stream:
-    """One :meth:`MqttChunkFetcher.stream` call's bookkeeping; synchronous, no I/O.
-
-    ``slots`` are requested ranges not answered yet (by offset), ``by_id`` every
-    live request id, ``ready`` answered bytes waiting for an earlier offset.
-    ``routes`` is the fetcher's request id -> stream map: ids are removed there
-    as soon as they are answered or dropped.
-    """
-
-    def __init__(self, sha256: str, size: int, offset: int, routes: dict[str, _Stream]) -> None:
-        self.sha256 = sha256
-        self.declared = size
-        self.inbox: asyncio.Queue[ArtifactChunk] = asyncio.Queue()
-        self.slots: dict[int, _Slot] = {}
-        self.by_id: dict[str, _Slot] = {}
-        self.ready: dict[int, bytes] = {}
-        self.end = size  # where the stream stops; the source's own size refines it
-        self.source_size: int | None = None
-        self.next_request = self.position = offset
-        self._routes = routes
-
-    def take_ready(self) -> list[bytes]:
-        """The answered bytes that continue the stream at ``position``, in order."""
-        taken: list[bytes] = []
-        while self.position in self.ready:
-            data = self.ready.pop(self.position)
-            self.position += len(data)
-            taken.append(data)
-        return taken
-
-    def new_slots(self, chunk_bytes: int, window: int) -> list[_Slot]:
-        """Ranges to request now: in flight plus buffered stays within ``window``."""
-        made: list[_Slot] = []
-        while self.next_request < self.end and len(self.slots) + len(self.ready) < window:
-            slot = _Slot(self.next_request, min(chunk_bytes, self.end - self.next_request))
-            self.slots[slot.offset] = slot
-            self.next_request += slot.length
-            made.append(slot)
-        return made
-
-    def register(self, slot: _Slot, request_id: str) -> None:
-        slot.ids.append(request_id)
-        self.by_id[request_id] = slot
-        self._routes[request_id] = self
-
-    def forget(self, slot: _Slot) -> None:
-        del self.slots[slot.offset]
-        for rid in slot.ids:
-            self.by_id.pop(rid, None)
-            self._routes.pop(rid, None)
-
-    def close(self) -> None:
-        for rid in self.by_id:
-            self._routes.pop(rid, None)
-
-    def accept(self, chunk: ArtifactChunk) -> None:
-        """Take one reply: its bytes wait in ``ready`` until their turn.
-
-        Replies to ranges already answered (under another id) or dropped are ignored.
-
-        Raises:
-            TransferError: the controller refused, or the reply is malformed,
-                misplaced, of the wrong length, or of a blob that changed size.
-        """
-        slot = self.by_id.get(chunk.request_id)
-        if slot is None or self.slots.get(slot.offset) is not slot:
-            return
-        if chunk.error is not None:
-            raise TransferError(
-                f"controller refused chunk at offset {slot.offset}: {_one_line(chunk.error)}"
-            )
-        if chunk.offset != slot.offset:
-            raise TransferError(f"chunk for offset {slot.offset} claims offset {chunk.offset}")
-        if self.source_size is None:
-            self._learn_size(chunk.size)
-            if self.slots.get(slot.offset) is not slot:
-                return  # past the end the source declared
-        elif chunk.size != self.source_size:
-            raise TransferError(
-                f"source changed the blob size from {self.source_size} to {chunk.size}"
-            )
-        data = self._checked_data(chunk, slot, chunk.size)  # the source size, checked above
-        self.forget(slot)
-        self.ready[slot.offset] = data[: self.end - slot.offset]
-
-    def _learn_size(self, source_size: int) -> None:
-        """The first reply tells the source's size: never ask past declared size + 1."""
-        self.source_size = source_size
-        # One extra byte proves an oversize blob; more is never asked for.
-        self.end = min(source_size, self.declared + 1)
-        for stale in [s for s in self.slots.values() if s.offset >= self.end]:
-            self.forget(stale)
-        self.next_request = min(self.next_request, self.end)
-
-    @staticmethod
-    def _checked_data(chunk: ArtifactChunk, slot: _Slot, source_size: int) -> bytes:
-        try:
-            data = b64decode(chunk.data, "chunk data")
-        except DecodeError:
-            raise TransferError(f"chunk at offset {slot.offset} is not valid base64") from None
-        last = slot.offset + len(data) == source_size
-        if len(data) > slot.length or (len(data) < slot.length and not last):
-            raise TransferError(
-                f"chunk at offset {slot.offset} has {len(data)} bytes, asked for {slot.length}"
-            )
-        return data
-
-
-class MqttChunkFetcher:
-    """Fetch a blob from the controller in chunks over MQTT.
-
-    Requests (:class:`ArtifactRequest`) go to ``artifact_request(fleet, sha,
-    node)``; the agent routes every :class:`ArtifactChunk` arriving on
-    ``artifact_data(fleet, sha, node)`` to :meth:`deliver`. ``window`` requests
-    are kept in flight; replies that arrive out of order wait in a buffer
-    (in flight + buffered <= ``window`` chunks). A chunk that does not arrive
-    within ``stall_timeout_s`` is asked for again under a new request id (a late
-    reply to the old id is still accepted), at most ``max_retries`` times.
+    The agent routes every frame received on ``artifact_broadcast`` and on
+    ``artifact_data(fleet, sha, node)`` (a refusal for this node) to
+    :meth:`deliver`. One stream per digest at a time (the store serialises
+    downloads of a digest); all of it runs on one event loop.
 
     Resume after a reconnect: call :meth:`stream` again with the new offset.
-    Replies to the previous stream's requests then carry unknown request ids
-    and are ignored.
-
-    One instance may serve several streams at once (e.g. two digests); all of
-    it runs on one event loop, and :meth:`deliver` must be called on that loop.
     """
 
     def __init__(
@@ -219,127 +106,129 @@ class MqttChunkFetcher:
         node_id: str,
         fleet: str,
         publish: Publish,
-        chunk_bytes: int = 256 * 1024,
-        window: int = 4,
-        stall_timeout_s: float = 30.0,
-        max_retries: int = 5,
+        subscribe: Subscribe,
+        unsubscribe: Subscribe,
+        buffer_bytes: int = 1024 * 1024,
+        repair_after_s: float = 2.0,
+        max_repair_s: float = 30.0,
+        max_requests: int = 8,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """Raises: ValueError on an invalid id or setting (TopicError for ids)."""
-        if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
-            raise ValueError(f"chunk_bytes must be within 1..{MAX_CHUNK_BYTES}")
-        if window < 1:
-            raise ValueError("window must be at least 1")
-        if stall_timeout_s <= 0:
-            raise ValueError("stall_timeout_s must be positive")
-        if max_retries < 0:
-            raise ValueError("max_retries must not be negative")
+        if buffer_bytes < 0:
+            raise ValueError("buffer_bytes must not be negative")
+        RepairClock(base_s=repair_after_s, max_s=max_repair_s, max_requests=max_requests)
         self._node = topics.check_id(node_id, "node")
         self._fleet = topics.check_id(fleet, "fleet")
         self._publish = publish
-        self._chunk_bytes = chunk_bytes
-        self._window = window
-        self._stall_timeout_s = stall_timeout_s
-        self._max_retries = max_retries
-        # request id -> the stream that sent it; removed as soon as it is answered
-        self._routes: dict[str, _Stream] = {}
+        self._subscribe = subscribe
+        self._unsubscribe = unsubscribe
+        self._buffer_bytes = buffer_bytes
+        self._repair_after_s = repair_after_s
+        self._max_repair_s = max_repair_s
+        self._max_requests = max_requests
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._inboxes: dict[str, asyncio.Queue[Frame]] = {}  # sha256 -> its stream's frames
 
-    def deliver(self, chunk: ArtifactChunk) -> bool:
-        """Hand a chunk received on ``artifact_data`` to the stream that asked for it.
-
-        Returns False (and drops the chunk) when no live stream sent its
-        request id or the digest differs: a stale reply from before a
-        reconnect, a duplicate, or someone else's.
-        """
-        stream = self._routes.get(chunk.request_id)
-        if stream is None or stream.sha256 != chunk.sha256:
-            _log.debug(
-                "ignoring artifact chunk %s for %s (no such request)",
-                chunk.request_id,
-                chunk.sha256[:12],
-            )
+    def deliver(self, frame: Frame) -> bool:
+        """Hand a received frame to the stream of its digest; False (dropped) when none runs."""
+        inbox = self._inboxes.get(frame.sha256)
+        if inbox is None:
             return False
-        stream.inbox.put_nowait(chunk)
+        inbox.put_nowait(frame)
         return True
 
     async def stream(self, sha256: str, size: int, offset: int) -> AsyncIterator[bytes]:
         """Yield blob ``sha256`` from ``offset``; see the class docstring.
 
         Raises:
-            TransferError: a chunk stalled past its retries, the controller
-                answered with an error, a chunk was malformed or of the wrong
-                length, or publishing a request failed.
-            ValueError: invalid ``sha256``, ``size`` or ``offset``.
+            TransferError: the controller refused the blob, requests went
+                unanswered past the repair clock's limit, the blob changed size,
+                or subscribing or publishing failed.
+            ValueError: invalid ``sha256``, ``size`` or ``offset``, or a
+                stream of this digest is running already.
         """
         topics.check_sha256(sha256)
         if size < 1 or offset < 0:
             raise ValueError("size must be positive and offset not negative")
         if offset >= size:
             return
-        loop = asyncio.get_running_loop()
-        state = _Stream(sha256, size, offset, self._routes)
+        if sha256 in self._inboxes:
+            raise ValueError(f"a stream of {sha256[:12]} is running already")
+        inbox: asyncio.Queue[Frame] = asyncio.Queue()
+        self._inboxes[sha256] = inbox
+        topic = topics.artifact_broadcast(self._fleet, sha256)
         try:
-            while True:
-                for data in state.take_ready():
-                    yield data
-                if state.position >= state.end:
-                    return
-                for slot in state.new_slots(self._chunk_bytes, self._window):
-                    await self._request(state, slot, loop)
-                chunk = await self._next_chunk(state, loop)
-                if chunk is not None:
-                    state.accept(chunk)
-        finally:
-            state.close()
-
-    async def _next_chunk(
-        self, state: _Stream, loop: asyncio.AbstractEventLoop
-    ) -> ArtifactChunk | None:
-        """The next reply, or None after re-requesting what stalled past its deadline."""
-        deadline = min(s.deadline for s in state.slots.values())
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await state.inbox.get()
-        except TimeoutError:
-            await self._on_stall(state, loop)
-            return None
-
-    async def _request(self, state: _Stream, slot: _Slot, loop: asyncio.AbstractEventLoop) -> None:
-        request_id = uuid.uuid4().hex[:16]
-        state.register(slot, request_id)
-        request = ArtifactRequest(
-            node=self._node,
-            sha256=state.sha256,
-            request_id=request_id,
-            offset=slot.offset,
-            length=slot.length,
-        )
-        topic = topics.artifact_request(self._fleet, state.sha256, self._node)
-        try:
-            await self._publish(topic, encode(request))
-        except (TransportError, OSError) as exc:
-            raise TransferError(
-                f"cannot request chunk at offset {slot.offset}: {_one_line(str(exc))}"
-            ) from exc
-        slot.deadline = loop.time() + self._stall_timeout_s
-
-    async def _on_stall(self, state: _Stream, loop: asyncio.AbstractEventLoop) -> None:
-        now = loop.time()
-        for slot in sorted(state.slots.values(), key=lambda s: s.offset):
-            if slot.deadline > now:
-                continue
-            if slot.retries >= self._max_retries:
-                raise TransferError(
-                    f"no chunk at offset {slot.offset} after {slot.retries + 1} requests "
-                    f"({self._stall_timeout_s:g} s each)"
-                )
-            slot.retries += 1
-            _log.info(
-                "re-requesting %s offset %d (attempt %d)",
-                state.sha256[:12],
-                slot.offset,
-                slot.retries + 1,
+            await self._call(self._subscribe, topic, "cannot subscribe to the broadcast")
+            assembly = Assembly(declared=size, position=offset, buffer_bytes=self._buffer_bytes)
+            repair = RepairClock(
+                base_s=self._repair_after_s,
+                max_s=self._max_repair_s,
+                max_requests=self._max_requests,
+                rng=self._rng,
             )
-            await self._request(state, slot, loop)
+            async with contextlib.aclosing(self._assemble(sha256, inbox, assembly, repair)) as out:
+                async for data in out:
+                    yield data
+        finally:
+            del self._inboxes[sha256]
+            await self._leave(topic)
+
+    async def _assemble(
+        self,
+        sha256: str,
+        inbox: asyncio.Queue[Frame],
+        assembly: Assembly,
+        repair: RepairClock,
+    ) -> AsyncGenerator[bytes, None]:
+        loop = asyncio.get_running_loop()
+        while True:
+            for data in assembly.take():
+                yield data
+            if assembly.done:
+                return
+            if repair.due_at() <= loop.time():
+                repair.requested(loop.time())
+                await self._request(sha256, assembly.missing())
+                continue
+            try:
+                async with asyncio.timeout_at(repair.due_at()):
+                    frame = await inbox.get()
+            except TimeoutError:
+                continue
+            if isinstance(frame, Refusal):
+                raise TransferError(f"controller refused {sha256[:12]}: {_one_line(frame.reason)}")
+            if assembly.offer(frame) is Offer.USED:
+                repair.progressed(loop.time())
+            if frame.final:
+                repair.saw_final()
+
+    async def _request(self, sha256: str, ranges: list[tuple[int, int]]) -> None:
+        request = ArtifactRequest(
+            node=self._node, sha256=sha256, ranges=tuple(ranges), ts=self._clock()
+        )
+        topic = topics.artifact_request(self._fleet, sha256, self._node)
+        _log.debug("asking for %d range(s) of %s", len(ranges), sha256[:12])
+        await self._call(
+            lambda t: self._publish(t, encode(request)), topic, "cannot request chunks"
+        )
+
+    @staticmethod
+    async def _call(action: Subscribe, topic: str, what: str) -> None:
+        try:
+            await action(topic)
+        except (TransportError, OSError) as exc:
+            raise TransferError(f"{what}: {_one_line(str(exc))}") from exc
+
+    async def _leave(self, topic: str) -> None:
+        """Unsubscribe, best effort: a dead connection took the subscription's use with it."""
+        try:
+            async with asyncio.timeout(_LEAVE_TIMEOUT_S):
+                await self._unsubscribe(topic)
+        except (TransportError, OSError, TimeoutError) as exc:
+            _log.debug("could not unsubscribe from %s: %s", topic, exc)
 
 
 # ----- HTTP(S) ---------------------------------------------------------------

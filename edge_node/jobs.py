@@ -278,7 +278,7 @@ class JobRunner:
     async def _obtain(self, job: Job) -> Path:
         """The verified blob on disk: already present, else downloaded with resume.
 
-        Progress (throttled by the store to once a second) is reported in order
+        Progress (throttled by the store, PROGRESS_INTERVAL_S) is reported in order
         by one reporter task, so no ``downloading`` status overtakes ``downloaded``.
         """
         manifest = job.manifest

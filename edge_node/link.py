@@ -35,9 +35,9 @@ from edge_node.sender import OutboxSender
 from edge_node.state import StateKeeper
 from edgefleet_io.transport import Link, Message, Session, Transport, Will, reconnect_delays
 from shared import __version__, topics
+from shared.chunks import Frame, decode_frame
 from shared.errors import DecodeError, TransportError
 from shared.messages import (
-    ArtifactChunk,
     Capabilities,
     InferRequest,
     NodeState,
@@ -59,7 +59,8 @@ class Inbound:
     command: Callable[[bytes], None]
     ack: Callable[[bytes], None]
     """A signed ack, as it came: the receiver verifies it before freeing anything."""
-    chunk: Callable[[ArtifactChunk], None]
+    chunk: Callable[[Frame], None]
+    """An artifact frame (broadcast chunk or refusal), its digest checked against its topic."""
     infer_request: Callable[[InferRequest], None] | None = None
 
 
@@ -220,19 +221,22 @@ class NodeLink:
         if not message.payload:
             return  # a cleared retained command
         try:
-            kind = topics.parse_topic(message.topic).kind
-            self._route(kind, message.payload)
+            self._route(topics.parse_topic(message.topic), message.payload)
         except DecodeError as exc:
             log.warning("dropping malformed message on %s: %s", message.topic, exc)
 
-    def _route(self, kind: topics.TopicKind, data: bytes) -> None:
+    def _route(self, parsed: topics.ParsedTopic, data: bytes) -> None:
         """Raises: DecodeError for a malformed payload."""
         inbound = self._inbound
+        kind = parsed.kind
         if kind in (topics.TopicKind.NODE_CMD, topics.TopicKind.ROLLOUT_CMD):
             inbound.command(data)
         elif kind is topics.TopicKind.ACK:
             inbound.ack(data)
-        elif kind is topics.TopicKind.ARTIFACT_DATA:
-            inbound.chunk(decode(ArtifactChunk, data))
+        elif kind in (topics.TopicKind.ARTIFACT_BROADCAST, topics.TopicKind.ARTIFACT_DATA):
+            frame = decode_frame(data)
+            if frame.sha256 != parsed.sha256:
+                raise DecodeError(f"frame of blob {frame.sha256[:12]} on another blob's topic")
+            inbound.chunk(frame)
         elif kind is topics.TopicKind.INFER_REQUEST and inbound.infer_request is not None:
             inbound.infer_request(decode(InferRequest, data))

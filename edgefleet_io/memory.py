@@ -110,6 +110,12 @@ class MemoryLink:
         self._check()
         self._broker.subscribe(self._session, filters)
 
+    async def unsubscribe(self, filters: Sequence[str]) -> None:
+        self._check()
+        await asyncio.sleep(0)
+        self._check()
+        self._broker.unsubscribe(self._session, filters)
+
     async def messages(self) -> AsyncIterator[Message]:
         while True:
             while self._inbox:
@@ -246,12 +252,16 @@ class MemoryBroker:
 
     def _discard(self, client_id: str) -> None:
         self._sessions.pop(client_id, None)
-        for key, group in list(self._groups.items()):
-            if client_id in group.qos:
-                group.members.remove(client_id)
-                del group.qos[client_id]
-                if not group.members:
-                    del self._groups[key]
+        for key in list(self._groups):
+            self._leave_group(key, client_id)
+
+    def _leave_group(self, key: tuple[str, str], client_id: str) -> None:
+        group = self._groups.get(key)
+        if group is not None and client_id in group.qos:
+            group.members.remove(client_id)
+            del group.qos[client_id]
+            if not group.members:
+                del self._groups[key]
 
     # ----- subscriptions and routing ----------------------------------------------------
 
@@ -269,6 +279,14 @@ class MemoryBroker:
             for topic, payload in list(self._retained.items()):
                 if topic_matches(plain, topic):
                     self._send(session, Message(topic, payload, retain=True), qos)
+
+    def unsubscribe(self, session: _ClientSession, filters: Sequence[str]) -> None:
+        for topic_filter in filters:
+            if topic_filter.startswith(_SHARE):
+                group_name, _, plain = topic_filter[len(_SHARE) :].partition("/")
+                self._leave_group((group_name, plain), session.client_id)
+            else:
+                session.subscriptions.pop(topic_filter, None)
 
     def route(self, message: Message, *, qos: int, retain: bool) -> None:
         self.published += 1

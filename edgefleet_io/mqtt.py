@@ -77,6 +77,10 @@ class MqttLink:
         with _mapped(f"subscribing at {self._where}"):
             await self._client.subscribe(list(filters))
 
+    async def unsubscribe(self, filters: Sequence[str]) -> None:
+        with _mapped(f"unsubscribing at {self._where}"):
+            await self._client.unsubscribe(list(filters))
+
     async def messages(self) -> AsyncIterator[Message]:
         with _mapped(f"connection to {self._where}"):
             async for message in self._client.messages:

@@ -97,6 +97,10 @@ class Link(Protocol):
         """Subscribe to ``(filter, qos)`` pairs, waiting for the broker's SUBACK."""
         ...
 
+    async def unsubscribe(self, filters: Sequence[str]) -> None:
+        """Remove subscriptions (also from a persistent session), waiting for the UNSUBACK."""
+        ...
+
     def messages(self) -> AsyncIterator[Message]:
         """Every message for this connection, in the order the broker sent them."""
         ...

@@ -1,10 +1,8 @@
-"""The controller's content-addressed blob store and the artifact chunk answer.
+"""The controller's content-addressed blob store.
 
 Blobs live at ``ROOT/<sha256>``; they are written once (temp file, fsync,
 rename, fsync of the folder) and never modified, so any number of readers can
-serve chunks while ingest goes on. :func:`answer_chunk` turns a node's
-:class:`ArtifactRequest` into the :class:`ArtifactChunk` reply, or an error
-chunk for an unknown blob.
+serve chunks (:meth:`BlobStore.read`) while ingest goes on.
 
 Uploads (``model.upload``) grow a part file ``ROOT/.<sha256>.upload`` one
 chunk at a time: each chunk is fsynced before it is acknowledged, hashed as it
@@ -24,15 +22,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.envelope import b64encode
 from shared.errors import DigestMismatchError, EdgeFleetError
-from shared.messages import ArtifactChunk, ArtifactRequest
 from shared.topics import check_sha256
 
 if TYPE_CHECKING:
     from hashlib import _Hash
 
-__all__ = ["BlobStore", "UnknownBlobError", "answer_chunk"]
+__all__ = ["BlobStore", "UnknownBlobError"]
 
 _COPY_BYTES = 1024 * 1024
 
@@ -212,25 +208,3 @@ class BlobStore:
                     digest.update(block)
         self._hashing[sha256] = (size, digest)
         return digest
-
-
-def answer_chunk(store: BlobStore, request: ArtifactRequest) -> ArtifactChunk:
-    """The reply to one chunk request (an error chunk for an unknown blob)."""
-    try:
-        size = store.size(request.sha256)
-        data = store.read(request.sha256, request.offset, request.length)
-    except UnknownBlobError as exc:
-        return ArtifactChunk(
-            sha256=request.sha256,
-            request_id=request.request_id,
-            offset=request.offset,
-            size=0,
-            error=str(exc),
-        )
-    return ArtifactChunk(
-        sha256=request.sha256,
-        request_id=request.request_id,
-        offset=request.offset,
-        size=size,
-        data=b64encode(data),
-    )

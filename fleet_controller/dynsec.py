@@ -109,6 +109,8 @@ def _node_acls(node: str) -> list[_Acl]:
             f"{mine}/ack",
             f"{mine}/infer/request",
             f"{_ALL_FLEETS}/artifact/+/data/{node}",
+            # A blob's broadcast: the node subscribes while it downloads that blob.
+            f"{_ALL_FLEETS}/artifact/+/data",
         ),
     ]
 

@@ -1,11 +1,11 @@
 """Typed, frozen models of every payload on the wire, and their strict decoder.
 
-Every message has ``v`` (its kind's schema version: 2 for :class:`Command`, 1
-for every other kind) and ``type`` (its kind), so a payload on the wrong topic,
-or of a version the receiver does not know, fails to decode instead of being
-misread. Unknown
-fields are refused (``extra="forbid"``), numbers must be finite, and every list,
-map and string is bounded. :func:`decode` is the only way bytes become a
+Every message has ``v`` (its kind's schema version: 2 for :class:`Command` and
+:class:`ArtifactRequest`, 1 for every other kind) and ``type`` (its kind), so a
+payload on the wrong topic, or of a version the receiver does not know, fails
+to decode instead of being misread. Unknown fields are refused
+(``extra="forbid"``), numbers must be finite, and every list, map and string is
+bounded. :func:`decode` is the only way bytes become a
 message: size limit first, then strict JSON (:mod:`shared.codec`), then the
 model. It raises :class:`~shared.errors.DecodeError` and nothing else.
 """
@@ -33,11 +33,12 @@ from shared.labels import WireSelector
 from shared.version import SEMVER_PATTERN, SemVer, VersionError
 
 __all__ = [
+    "ARTIFACT_REQUEST_SCHEMA_VERSION",
     "COMMAND_SCHEMA_VERSION",
     "MAX_EXCLUDED_NODES",
+    "MAX_REQUEST_RANGES",
     "MESSAGE_TYPES",
     "Ack",
-    "ArtifactChunk",
     "ArtifactRequest",
     "CancelAction",
     "Capabilities",
@@ -77,6 +78,10 @@ SCHEMA_VERSION: Literal[1] = 1
 # may exclude nodes by id (version 1 had a label map and no exclusions).
 COMMAND_SCHEMA_VERSION: Literal[2] = 2
 MAX_EXCLUDED_NODES = 4096  # ids in one wave target's ``exclude``
+# Version 2: a node asks for byte ranges it lacks, answered by a broadcast of
+# binary chunks (version 1 asked for one chunk, answered in JSON to it alone).
+ARTIFACT_REQUEST_SCHEMA_VERSION: Literal[2] = 2
+MAX_REQUEST_RANGES = 64  # byte ranges in one artifact request
 
 
 def _semver(text: str) -> str:
@@ -100,6 +105,7 @@ Timestamp = Annotated[float, Field(ge=0, description="UNIX seconds")]
 Bucket = Annotated[int, Field(ge=0, lt=NUM_BUCKETS, description="shared.histogram bucket")]
 Labels = Annotated[dict[Id, Id], Field(max_length=64)]
 Dim = int | Annotated[str, Field(max_length=64)] | None
+ByteRange = tuple[Count, Annotated[int, Field(ge=1, le=2**63 - 1, description="bytes")]]
 
 
 class _Frozen(BaseModel):
@@ -438,27 +444,30 @@ class InferReply(_MessageV1):
 # ----- artifacts ------------------------------------------------------------
 
 
-class ArtifactRequest(_MessageV1):
-    """Ask for ``length`` bytes of blob ``sha256`` starting at ``offset``."""
+class ArtifactRequest(Message):
+    """Ask for the byte ranges of blob ``sha256`` that ``node`` still lacks.
 
+    ``ranges`` are ``[offset, length]`` pairs, sorted and disjoint. The
+    controller answers by broadcasting the chunks that cover them on
+    ``artifact/{sha256}/data`` (binary frames, :mod:`shared.chunks`), once for
+    every node asking at about the same time, except those it sent after
+    ``ts`` (the node was subscribed by then). Version 2: version 1 asked for
+    one chunk by request id and was answered on the node's own topic in JSON.
+    """
+
+    v: Literal[2] = ARTIFACT_REQUEST_SCHEMA_VERSION
     type: Literal["artifact_request"] = "artifact_request"
     node: Id
     sha256: Sha256
-    request_id: Id
-    offset: Count
-    length: int = Field(ge=1, le=512 * 1024, description="bytes")
+    ranges: tuple[ByteRange, ...] = Field(min_length=1, max_length=MAX_REQUEST_RANGES)
+    ts: Timestamp = Field(description="sent, after subscribing to the broadcast")
 
-
-class ArtifactChunk(_MessageV1):
-    """One chunk (``data`` base64) or an ``error`` when the blob is unknown."""
-
-    type: Literal["artifact_chunk"] = "artifact_chunk"
-    sha256: Sha256
-    request_id: Id
-    offset: Count
-    size: Count = Field(description="total blob size in bytes")
-    data: str = Field(default="", max_length=700_000)
-    error: Text | None = None
+    @model_validator(mode="after")
+    def _sorted_and_disjoint(self) -> ArtifactRequest:
+        for (offset, length), (following, _) in pairwise(self.ranges):
+            if following < offset + length:
+                raise ValueError("ranges must be sorted and must not overlap")
+        return self
 
 
 # ----- controller and operator API ------------------------------------------
@@ -520,7 +529,6 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     InferRequest,
     InferReply,
     ArtifactRequest,
-    ArtifactChunk,
     ControllerState,
     OperatorRequest,
     OperatorReply,

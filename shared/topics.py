@@ -24,6 +24,7 @@ __all__ = [
     "TopicError",
     "TopicKind",
     "ack",
+    "artifact_broadcast",
     "artifact_data",
     "artifact_request",
     "check_id",
@@ -68,6 +69,7 @@ class TopicKind(StrEnum):
     ROLLOUT_CMD = "rollout_cmd"
     ARTIFACT_REQUEST = "artifact_request"
     ARTIFACT_DATA = "artifact_data"
+    ARTIFACT_BROADCAST = "artifact_broadcast"
     CONTROLLER_STATE = "controller_state"
     CTL_REQUEST = "ctl_request"
     CTL_REPLY = "ctl_reply"
@@ -142,8 +144,13 @@ def artifact_request(fleet: str, sha256: str, node: str) -> str:
 
 
 def artifact_data(fleet: str, sha256: str, node: str) -> str:
-    """Chunk replies: published by the controller, read only by ``node``."""
+    """Answers for ``node`` alone (a refusal): published by the controller."""
     return f"{_base(fleet)}/artifact/{check_sha256(sha256)}/data/{check_id(node, 'node')}"
+
+
+def artifact_broadcast(fleet: str, sha256: str) -> str:
+    """A blob's chunks, published once by the controller for every node downloading it."""
+    return f"{_base(fleet)}/artifact/{check_sha256(sha256)}/data"
 
 
 def controller_state(fleet: str) -> str:
@@ -216,6 +223,8 @@ def parse_topic(topic: str) -> ParsedTopic:
         return ParsedTopic(
             kind, fleet, sha256=check_sha256(rest[0]), node=check_id(rest[2], "node")
         )
+    elif section == "artifact" and len(rest) == 2 and rest[1] == "data":
+        return ParsedTopic(TopicKind.ARTIFACT_BROADCAST, fleet, sha256=check_sha256(rest[0]))
     elif section == "controller" and rest == ["state"]:
         return ParsedTopic(TopicKind.CONTROLLER_STATE, fleet)
     elif section == "ctl" and rest == ["request"]:

@@ -518,7 +518,7 @@ def test_a_replayed_request_runs_once_and_a_forged_ack_frees_nothing(
     model = make_classifier(secure.root / "classifier-3.onnx", seed=3)
     added = secure.json("dave", "model", "add", str(model), "--name", "clf", "--version", "1.2.0")
     sha = added["sha256"]
-    ask = ArtifactRequest(node="n2", sha256=sha, request_id="probe", offset=0, length=1024)
+    ask = ArtifactRequest(node="n2", sha256=sha, ranges=((0, 1024),), ts=time.time())
     refused = _counter(secure, "chunks_refused")
 
     async def request_chunk() -> None:

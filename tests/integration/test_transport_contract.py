@@ -175,6 +175,45 @@ def test_shared_subscription_splits_messages_and_gets_retained_ones_like_mosquit
     assert len(got_two) > 1
 
 
+def test_unsubscribe_stops_delivery_also_for_a_persistent_session(under: Under, topic: str) -> None:
+    node = session(f"node-{uuid.uuid4().hex[:6]}", persistent=True, session_expiry_s=3600)
+    blob, marker = f"{topic}/artifact/x/data", f"{topic}/marker"
+
+    async def scenario() -> tuple[list[Message], list[Message]]:
+        async with under.transport.connect(node) as link:
+            await link.subscribe([(blob, 0), (marker, 1)])
+            await link.publish(blob, b"while subscribed")
+            await link.publish(marker, b"")
+            before = await until_marker(link, marker)
+            await link.unsubscribe([blob])
+        async with under.transport.connect(node) as link:
+            await link.publish(blob, b"after unsubscribing")
+            await link.publish(marker, b"")
+            return before, await until_marker(link, marker)
+
+    before, after = run(scenario)
+    assert [m.payload for m in before] == [b"while subscribed"]
+    assert after == []
+
+
+def test_qos0_messages_are_not_queued_for_an_away_persistent_session(
+    under: Under, topic: str
+) -> None:
+    node = session(f"node-{uuid.uuid4().hex[:6]}", persistent=True, session_expiry_s=3600)
+    blob, cmd = f"{topic}/artifact/x/data", f"{topic}/node/n1/cmd"
+
+    async def scenario() -> list[Message]:
+        async with under.transport.connect(node) as link:
+            await link.subscribe([(blob, 0), (cmd, 1)])
+        async with under.transport.connect(session()) as controller:
+            await controller.publish(blob, b"a chunk", qos=1)
+            await controller.publish(cmd, b"a command", qos=1)
+        async with under.transport.connect(node) as link:
+            return await receive(link, 1)
+
+    assert [m.payload for m in run(scenario)] == [b"a command"]
+
+
 # ----- sessions ------------------------------------------------------------------------
 
 

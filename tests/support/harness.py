@@ -4,8 +4,10 @@ A :class:`Harness` holds real keys, a real blob store and one connection
 through the transport seam (reconnecting when the test restarts the broker):
 to a real Mosquitto when given its URL (:class:`~edgefleet_io.mqtt.MqttTransport`),
 or to an in-process :class:`~edgefleet_io.memory.MemoryBroker`. It registers
-ONNX files as signed manifests, signs and publishes commands, answers chunk
-requests, records every status, result and state, and acknowledges outbox
+ONNX files as signed manifests, signs and publishes commands, serves chunk
+requests with the controller's own broadcaster
+(:class:`~fleet_controller.artifacts.Artifacts`, every node allowed, chunks of
+``chunk_bytes``), records every status, result and state, and acknowledges outbox
 slots with the protocol's own rule, :class:`shared.rules.SlotLedger`: each slot
 is stored once, and the ack names the highest contiguous slot stored (a birth's
 ``outbox_floor`` settles everything below it). Switches let a test pause chunk
@@ -16,12 +18,11 @@ being stored, and once acking is back the next new slot, or the next re-send
 of a stored one, brings the ack, exactly as with the controller.
 
 Pausing (``serving`` cleared, or ``pause_after_chunks`` reached) holds back
-chunk answers only: each request that arrives meanwhile is still recorded in
-``chunk_requests`` and waits in its own task, so statuses, results and states
-keep being recorded and acknowledged. Held answers go out on whatever
-connection is current when serving resumes; after a broker restart the node
-no longer waits for them and drops them (unknown request ids), as it would a
-real controller's late replies.
+the broadcast only: the chunk about to be published waits, requests that
+arrive meanwhile are still recorded in ``chunk_requests`` and scheduled, and
+statuses, results and states keep being recorded and acknowledged. The held
+chunk goes out on whatever connection is current when serving resumes (none:
+that broadcast ends, and the nodes ask again).
 
 Run a node against the harness's broker with :func:`start_node` (or
 ``RunningNode(node_config(harness, ...), transport=harness.transport)``).
@@ -30,8 +31,8 @@ Run a node against the harness's broker with :func:`start_node` (or
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,14 +42,16 @@ from edge_node.agent import AgentConfig, NodeAgent
 from edgefleet_io.memory import MemoryBroker
 from edgefleet_io.mqtt import MqttTransport
 from edgefleet_io.transport import Link, Message, Session, Transport, reconnect_delays
-from fleet_controller.blobs import BlobStore, answer_chunk
+from fleet_controller.artifacts import Artifacts
+from fleet_controller.blobs import BlobStore
 from fleet_controller.registry import describe_model, sign_manifest
 from fleet_controller.signing import sign_command
 from shared import topics
 from shared.acks import sign_ack
 from shared.broker import parse_broker_url
-from shared.envelope import Envelope, SigningKey, b64decode, b64encode
-from shared.errors import TransportError
+from shared.chunks import HEADER_BYTES
+from shared.envelope import Envelope, SigningKey
+from shared.errors import BrokerUnavailableError, TransportError
 from shared.messages import (
     Ack,
     ArtifactRequest,
@@ -65,15 +68,36 @@ from shared.messages import (
     TopK,
     WaveTarget,
     decode,
-    encode,
 )
 from shared.result_batch import ResultBatch, ResultView, decode_results, rows_of
 from shared.rules import SlotLedger
 from shared.trust import Role, TrustList, sign_trust_list
 
 DEFAULT_TIMEOUT_S = 60.0
+
+
+class _Anyone(frozenset[str]):
+    """The harness lets every node fetch every blob."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_EVERYONE = _Anyone()
 MEMORY_URL = "mqtt://memory.invalid:1883"
 """What a node's config names as its broker when it runs on a MemoryBroker (never dialled)."""
+
+
+class _HarnessPublisher:
+    """What the broadcaster needs of the controller's link: ``publish``, via the harness."""
+
+    def __init__(self, harness: Harness) -> None:
+        self._harness = harness
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        await self._harness.publish_chunk(topic, payload)
 
 
 @dataclass
@@ -95,8 +119,12 @@ class Harness:
     acking: bool = True
     corrupt_chunks: bool = False
     pause_after_chunks: int | None = None
-    """Clear ``serving`` once this many chunks have been answered (then reset to None)."""
+    """Clear ``serving`` once this many chunks have been broadcast (then reset to None)."""
     chunks_answered: int = 0
+    """Chunks broadcast (refusals not counted)."""
+    chunk_bytes: int = 16 * 1024
+    gather_s: float = 0.05
+    """How long the broadcaster waits for more nodes to ask before it starts."""
     statuses: list[NodeStatus] = field(default_factory=list)
     results: dict[str, dict[int, InferenceResult]] = field(default_factory=dict)
     result_order: dict[str, list[int]] = field(default_factory=dict)
@@ -128,6 +156,17 @@ class Harness:
         self.trust_file.write_bytes(sign_trust_list(trust, [self.root]).to_bytes())
         self.serving = asyncio.Event()
         self.serving.set()
+        self.artifacts = Artifacts(
+            self.blobs,
+            _HarnessPublisher(self),  # type: ignore[arg-type]
+            fleet=self.fleet,
+            metrics=Counter(),
+            fetchers=lambda _sha: _EVERYONE,
+            clock=time.time,
+            chunk_bytes=self.chunk_bytes,
+            gather_quiet_s=self.gather_s,
+            gather_max_s=4 * self.gather_s,
+        )
         self._changed = asyncio.Condition()
         self._ledgers: dict[str, tuple[int, set[int]]] = {}  # node -> (stored mark, held)
         self._seq = 0
@@ -214,15 +253,9 @@ class Harness:
 
     async def _on_chunk_request(self, link: Link, node: str, request: ArtifactRequest) -> None:
         self.chunk_requests.append(request)
-        if self.pause_after_chunks is not None and self.chunks_answered >= self.pause_after_chunks:
-            self.pause_after_chunks = None
-            self.serving.clear()
-        if self.serving.is_set():
-            await self._answer(link, node, request)
-        else:
-            task = asyncio.get_running_loop().create_task(self._answer_later(node, request))
-            self._held.add(task)
-            task.add_done_callback(self._held.discard)
+        task = asyncio.get_running_loop().create_task(self.artifacts.serve_chunk(request))
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
 
     async def _on_results(self, link: Link, node: str, batch: ResultBatch) -> None:
         self.slots_seen.setdefault(node, []).append(batch.seq)
@@ -235,25 +268,23 @@ class Harness:
                 stored[result.seq] = as_result(result)
         await self._settle(link, node, ledger)
 
-    async def _answer(self, link: Link, node: str, request: ArtifactRequest) -> None:
-        chunk = answer_chunk(self.blobs, request)
-        if self.corrupt_chunks and chunk.data:
-            raw = bytearray(b64decode(chunk.data))
-            raw[len(raw) // 2] ^= 0xFF
-            chunk = chunk.model_copy(update={"data": b64encode(bytes(raw))})
-        await link.publish(
-            topics.artifact_data(self.fleet, request.sha256, node), encode(chunk), qos=1
-        )
-        self.chunks_answered += 1
-
-    async def _answer_later(self, node: str, request: ArtifactRequest) -> None:
-        """Answer a request held by a pause once serving resumes, if still connected."""
-        await self.serving.wait()
+    async def publish_chunk(self, topic: str, payload: bytes) -> None:
+        """Publish one frame of the broadcaster, through the pause and corruption switches."""
+        if len(payload) > HEADER_BYTES and topics.parse_topic(topic).node is None:
+            await self.serving.wait()
+            if self.corrupt_chunks:
+                raw = bytearray(payload)
+                raw[HEADER_BYTES + (len(raw) - HEADER_BYTES) // 2] ^= 0xFF
+                payload = bytes(raw)
+            self.chunks_answered += 1
+            pause_at = self.pause_after_chunks
+            if pause_at is not None and self.chunks_answered >= pause_at:
+                self.pause_after_chunks = None
+                self.serving.clear()
         link = self._link
         if link is None:
-            return  # the broker went away: the node re-requests what it still needs
-        with contextlib.suppress(TransportError):
-            await self._answer(link, node, request)
+            raise BrokerUnavailableError("the harness is not connected")
+        await link.publish(topic, payload, qos=1)
 
     # ----- acknowledging: the protocol's own rule ----------------------------
 

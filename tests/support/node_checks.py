@@ -56,8 +56,8 @@ async def wait_status(
 
 
 def requests_for(harness: Harness, sha256: str, *, after: int = 0) -> list[int]:
-    """Offsets of the chunk requests for ``sha256`` past ``harness.chunk_requests[after]``."""
-    return [r.offset for r in harness.chunk_requests[after:] if r.sha256 == sha256]
+    """Where each chunk request for ``sha256`` past ``harness.chunk_requests[after]`` starts."""
+    return [r.ranges[0][0] for r in harness.chunk_requests[after:] if r.sha256 == sha256]
 
 
 def store_files(data: Path) -> set[str]:

@@ -1,8 +1,8 @@
-"""ArtifactStore and MqttChunkFetcher against honest in-memory fakes (no network, no broker).
+"""ArtifactStore and BroadcastFetcher against honest in-memory fakes (no network, no broker).
 
 The fakes serve real bytes: ``FakeFetcher`` plays any Fetcher (cut off, corrupt,
-oversize), ``FakeController`` plays the controller's side of the MQTT chunk
-protocol by decoding each ArtifactRequest and delivering ArtifactChunks.
+oversize), ``FakeBroadcaster`` plays the controller's side of the MQTT
+broadcast by decoding each ArtifactRequest and delivering binary frames.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-import re
 import shutil
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -18,12 +17,13 @@ from typing import Any, NamedTuple, TypeVar
 
 import pytest
 
-from edge_node.artifacts import ArtifactStore, InsufficientSpaceError
-from edge_node.fetchers import MqttChunkFetcher
+from edge_node.artifacts import PROGRESS_INTERVAL_S, ArtifactStore, InsufficientSpaceError
+from edge_node.fetchers import BroadcastFetcher
+from fleet_controller.broadcast_core import Carousel
 from shared import topics
-from shared.envelope import b64encode
+from shared.chunks import decode_frame, encode_chunk, encode_refusal
 from shared.errors import DecodeError, DigestMismatchError, TransferError
-from shared.messages import ArtifactChunk, ArtifactRequest, ModelManifest, TensorSpec, decode
+from shared.messages import ArtifactRequest, ModelManifest, TensorSpec, decode
 
 T = TypeVar("T")
 FLEET = "f1"
@@ -239,13 +239,13 @@ def test_free_space_is_checked_before_any_request(
         assert store.partial_bytes(manifest.sha256) == part_bytes
 
 
-def test_progress_is_throttled_to_once_per_second_plus_final(tmp_path: Path) -> None:
+def test_progress_is_throttled_to_once_per_interval_plus_final(tmp_path: Path) -> None:
     blob = blob_of(20_000)
     manifest = manifest_for(blob)
     now = [100.0]
 
     def tick() -> None:
-        now[0] += 0.3  # each chunk "takes" 0.3 s
+        now[0] += 1.5  # each chunk "takes" 1.5 s
 
     store = ArtifactStore(tmp_path, monotonic=lambda: now[0])
     calls: list[tuple[float, int, int]] = []
@@ -259,10 +259,10 @@ def test_progress_is_throttled_to_once_per_second_plus_final(tmp_path: Path) -> 
 
     assert calls[-1][1:] == (20_000, 20_000)
     periodic = calls[:-1]
-    assert 4 <= len(periodic) <= 6  # 20 chunks over 6 s
+    assert 5 <= len(periodic) <= 7  # 20 chunks over 30 s, one report per 5 s
     assert all(total == 20_000 and 0 < done < total for _, done, total in periodic)
     times = [t for t, _, _ in periodic]
-    assert all(b - a >= 1.0 for a, b in itertools.pairwise(times))
+    assert all(b - a >= PROGRESS_INTERVAL_S for a, b in itertools.pairwise(times))
     dones = [d for _, d, _ in periodic]
     assert dones == sorted(set(dones))
 
@@ -313,187 +313,217 @@ def test_paths_accept_only_digests(tmp_path: Path, bad: str) -> None:
 # ----- MqttChunkFetcher -------------------------------------------------------
 
 
-class FakeController:
-    """The controller's side of the chunk protocol, in process.
+class FakeBroadcaster:
+    """The controller's side of the broadcast, in memory: a real :class:`Carousel`
+    schedules what each request asks for, and every frame goes through
+    ``encode_chunk``/``decode_frame`` on its way to :meth:`BroadcastFetcher.deliver`.
 
-    ``publish`` decodes each request and schedules the reply on the loop (as a
-    broker round trip would). ``reverse``: replies to a burst of requests are
-    delivered newest first. ``drop_first``: the first request for each of these
-    offsets goes unanswered. ``drop_always``: never answered. ``error_at``: the
-    reply for that offset carries an error. ``short_at``: that reply lacks its
-    last byte. ``stale``: before each reply, deliver a stale one (unknown id)
-    and one with a wrong digest.
+    ``lose``: chunk offsets lost in transit the first time they are sent;
+    ``lose_always``: lost every time; ``tail_first``: each pass starts this many
+    chunks in (a broadcast the node joined late); ``refuse``: answer with a
+    refusal; ``size``: the size the frames claim (a source that changed).
     """
 
     def __init__(
         self,
         blob: bytes,
         *,
-        reverse: bool = False,
-        drop_first: frozenset[int] = frozenset(),
-        drop_always: frozenset[int] = frozenset(),
-        error_at: int | None = None,
-        short_at: int | None = None,
-        stale: bool = False,
+        chunk: int = 1_024,
+        lose: frozenset[int] = frozenset(),
+        lose_always: frozenset[int] = frozenset(),
+        tail_first: int = 0,
+        refuse: str | None = None,
         sha256: str | None = None,
     ) -> None:
         self.blob = blob
         self.sha256 = sha256 or hashlib.sha256(blob).hexdigest()
-        self.reverse = reverse
-        self.drop_first = set(drop_first)
-        self.drop_always = drop_always
-        self.error_at = error_at
-        self.short_at = short_at
-        self.stale = stale
+        self.carousel = Carousel(size=len(blob), chunk_bytes=chunk)
+        self.lose = set(lose)
+        self.lose_always = lose_always
+        self.tail_first = tail_first
+        self.refuse = refuse
         self.requests: list[ArtifactRequest] = []
-        self.delivered: list[int] = []
-        self.stale_accepted: list[bool] = []
-        self.held: list[ArtifactChunk] = []
-        self.fetcher: MqttChunkFetcher | None = None
+        self.sent: list[int] = []
+        self.subscribed: list[str] = []
+        self.unsubscribed: list[str] = []
+        self.fetcher: BroadcastFetcher | None = None
 
-    def make(self, **settings: Any) -> MqttChunkFetcher:
-        self.fetcher = MqttChunkFetcher(node_id=NODE, fleet=FLEET, publish=self.publish, **settings)
+    def make(self, **settings: Any) -> BroadcastFetcher:
+        settings.setdefault("repair_after_s", 0.02)
+        self.fetcher = BroadcastFetcher(
+            node_id=NODE,
+            fleet=FLEET,
+            publish=self.publish,
+            subscribe=self.subscribe,
+            unsubscribe=self.unsubscribe,
+            **settings,
+        )
         return self.fetcher
+
+    async def subscribe(self, topic: str) -> None:
+        self.subscribed.append(topic)
+
+    async def unsubscribe(self, topic: str) -> None:
+        self.unsubscribed.append(topic)
 
     async def publish(self, topic: str, payload: bytes) -> None:
         request = decode(ArtifactRequest, payload)
         assert topic == topics.artifact_request(FLEET, request.sha256, NODE)
         assert request.node == NODE
         self.requests.append(request)
-        if request.offset in self.drop_always:
-            return
-        if request.offset in self.drop_first:
-            self.drop_first.discard(request.offset)
-            return
-        self.held.append(self.reply(request))
+        self.carousel.schedule(self.carousel.wanted(request.ranges))
         asyncio.get_running_loop().call_soon(self.flush)
-
-    def reply(self, request: ArtifactRequest) -> ArtifactChunk:
-        common = {
-            "sha256": request.sha256,
-            "request_id": request.request_id,
-            "offset": request.offset,
-            "size": len(self.blob),
-        }
-        if request.offset == self.error_at:
-            return ArtifactChunk(**common, error="blob evicted\nfrom cache")
-        data = self.blob[request.offset : request.offset + request.length]
-        if request.offset == self.short_at:
-            data = data[:-1]
-        return ArtifactChunk(**common, data=b64encode(data))
 
     def flush(self) -> None:
         assert self.fetcher is not None
-        held, self.held = self.held, []
-        for chunk in reversed(held) if self.reverse else held:
-            if self.stale:
-                self.stale_accepted.append(
-                    self.fetcher.deliver(chunk.model_copy(update={"request_id": "stale0000000"}))
-                )
-                self.stale_accepted.append(
-                    self.fetcher.deliver(chunk.model_copy(update={"sha256": "0" * 64}))
-                )
-            self.delivered.append(chunk.offset)
-            self.fetcher.deliver(chunk)
+        if self.refuse is not None:
+            self.fetcher.deliver(decode_frame(encode_refusal(self.sha256, self.refuse)))
+            return
+        order: list[int] = []
+        while (index := self.carousel.next(0.0)) is not None:
+            order.append(index)
+        turn = min(self.tail_first, len(order))
+        order = order[turn:] + order[:turn]
+        for position, index in enumerate(order):
+            offset, length = self.carousel.span(index)
+            self.sent.append(offset)
+            if offset in self.lose_always or offset in self.lose:
+                self.lose.discard(offset)
+                continue
+            frame = encode_chunk(
+                self.sha256,
+                offset,
+                len(self.blob),
+                self.blob[offset : offset + length],
+                final=position == len(order) - 1,
+            )
+            self.fetcher.deliver(decode_frame(frame))
 
 
-async def collect(fetcher: MqttChunkFetcher, sha: str, size: int, offset: int = 0) -> bytes:
+async def collect(fetcher: BroadcastFetcher, sha: str, size: int, offset: int = 0) -> bytes:
     return b"".join([piece async for piece in fetcher.stream(sha, size, offset)])
 
 
-def test_mqtt_fetcher_yields_blob_in_order_with_unique_ids() -> None:
+def asked(request: ArtifactRequest) -> list[tuple[int, int]]:
+    return [(offset, length) for offset, length in request.ranges]
+
+
+def test_fetcher_asks_once_and_assembles_the_broadcast_in_order() -> None:
     blob = blob_of(10_000)
-    controller = FakeController(blob)
-    fetcher = controller.make(chunk_bytes=1_024, window=4)
+    controller = FakeBroadcaster(blob)
+    fetcher = controller.make()
 
     assert run(collect(fetcher, controller.sha256, len(blob))) == blob
 
-    offsets = [r.offset for r in controller.requests]
-    assert offsets == list(range(0, 10_000, 1_024))
-    assert controller.requests[-1].length == 10_000 - 9 * 1_024
-    ids = [r.request_id for r in controller.requests]
-    assert len(set(ids)) == len(ids)
-    assert all(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", i) for i in ids)
-    # Finished: a late duplicate of any reply is no longer routed.
-    late = controller.reply(controller.requests[0])
-    assert fetcher.deliver(late) is False
+    assert [asked(r) for r in controller.requests] == [[(0, 10_000)]]
+    assert controller.sent == list(range(0, 10_000, 1_024))
+    broadcast = topics.artifact_broadcast(FLEET, controller.sha256)
+    assert controller.subscribed == controller.unsubscribed == [broadcast]
+    # Finished: a late duplicate is no longer routed.
+    late = encode_chunk(controller.sha256, 0, len(blob), blob[:10])
+    assert fetcher.deliver(decode_frame(late)) is False
 
 
-def test_mqtt_fetcher_reorders_out_of_order_replies() -> None:
+def test_fetcher_joining_late_buffers_the_tail_and_gets_the_head_after_it() -> None:
     blob = blob_of(10_000, seed=3)
-    controller = FakeController(blob, reverse=True)
-    fetcher = controller.make(chunk_bytes=1_000, window=4)
+    controller = FakeBroadcaster(blob, tail_first=6)
+    fetcher = controller.make(buffer_bytes=10_000)
 
     assert run(collect(fetcher, controller.sha256, len(blob))) == blob
-    assert controller.delivered != sorted(controller.delivered)
+    assert controller.sent[0] == 6 * 1_024
+    assert len(controller.requests) == 1  # nothing missing: no repair
 
 
-def test_mqtt_fetcher_resumes_from_offset() -> None:
+def test_fetcher_with_a_small_buffer_drops_what_does_not_fit_and_asks_for_it_again() -> None:
+    blob = blob_of(10_000, seed=4)
+    controller = FakeBroadcaster(blob, tail_first=6)
+    fetcher = controller.make(buffer_bytes=2_048)
+
+    assert run(collect(fetcher, controller.sha256, len(blob))) == blob
+    # Chunks 6 and 7 fitted the buffer; 8 and 9 were dropped and are all it repaired.
+    assert [asked(r) for r in controller.requests] == [[(0, 10_000)], [(8_192, 1_808)]]
+
+
+def test_fetcher_resumes_from_offset() -> None:
     blob = blob_of(10_000)
-    controller = FakeController(blob)
-    fetcher = controller.make(chunk_bytes=1_024)
+    controller = FakeBroadcaster(blob)
+    fetcher = controller.make()
 
     assert run(collect(fetcher, controller.sha256, len(blob), 5_000)) == blob[5_000:]
-    assert controller.requests[0].offset == 5_000
+    assert asked(controller.requests[0]) == [(5_000, 5_000)]
+    assert min(controller.sent) == 4 * 1_024  # the chunk holding byte 5,000, trimmed
 
 
-def test_mqtt_fetcher_re_requests_a_lost_chunk() -> None:
-    blob = blob_of(8_000)
-    controller = FakeController(blob, drop_first=frozenset({2_048}))
-    fetcher = controller.make(chunk_bytes=1_024, stall_timeout_s=0.05)
+def test_fetcher_repairs_only_the_chunks_it_missed() -> None:
+    blob = blob_of(12_000)
+    controller = FakeBroadcaster(blob, lose=frozenset({2_048, 7_168}))
+    fetcher = controller.make()
 
     assert run(collect(fetcher, controller.sha256, len(blob))) == blob
-    asked = [r.request_id for r in controller.requests if r.offset == 2_048]
-    assert len(asked) >= 2  # exactly 2 unless a starved loop outlasts the 50 ms stall again
-    assert len(set(asked)) == len(asked)
+    assert [asked(r) for r in controller.requests] == [
+        [(0, 12_000)],
+        [(2_048, 1_024), (7_168, 1_024)],
+    ]
+    assert len(controller.sent) == 12 + 2
 
 
-def test_mqtt_fetcher_gives_up_after_max_retries() -> None:
+def test_fetcher_gives_up_when_requests_bring_nothing() -> None:
     blob = blob_of(4_000)
-    controller = FakeController(blob, drop_always=frozenset({0}))
-    fetcher = controller.make(chunk_bytes=1_024, stall_timeout_s=0.02, max_retries=2)
+    controller = FakeBroadcaster(blob, lose_always=frozenset({0}))
+    fetcher = controller.make(repair_after_s=0.01, max_repair_s=0.02, max_requests=3)
 
-    with pytest.raises(TransferError, match="after 3 requests"):
+    with pytest.raises(TransferError, match="no new bytes after 3 requests"):
         run(collect(fetcher, controller.sha256, len(blob)))
-    assert [r.offset for r in controller.requests].count(0) == 3
+    assert [asked(r) for r in controller.requests[1:]] == [[(0, 1_024)]] * 3
+    assert controller.unsubscribed  # it left the broadcast
 
 
-def test_mqtt_fetcher_error_chunk_raises_transfer_error() -> None:
+def test_fetcher_refusal_raises_one_line_transfer_error() -> None:
     blob = blob_of(4_000)
-    controller = FakeController(blob, error_at=2_048)
-    fetcher = controller.make(chunk_bytes=1_024)
+    controller = FakeBroadcaster(blob, refuse="blob evicted\nfrom cache")
+    fetcher = controller.make()
 
     with pytest.raises(TransferError, match="blob evicted from cache") as info:
         run(collect(fetcher, controller.sha256, len(blob)))
     assert "\n" not in str(info.value)
 
 
-def test_mqtt_fetcher_wrong_length_chunk_raises_transfer_error() -> None:
+def test_fetcher_refuses_a_source_that_changes_size() -> None:
     blob = blob_of(4_000)
-    controller = FakeController(blob, short_at=1_024)
-    fetcher = controller.make(chunk_bytes=1_024)
+    sha = hashlib.sha256(blob).hexdigest()
+    fetcher: BroadcastFetcher | None = None
 
-    with pytest.raises(TransferError, match="asked for 1024"):
-        run(collect(fetcher, controller.sha256, len(blob)))
+    async def publish(_topic: str, _payload: bytes) -> None:
+        assert fetcher is not None
+        fetcher.deliver(decode_frame(encode_chunk(sha, 2_048, 4_000, blob[2_048:3_072])))
+        fetcher.deliver(decode_frame(encode_chunk(sha, 0, 4_005, blob[:1_024])))
+
+    async def subscribe(_topic: str) -> None:
+        return None
+
+    fetcher = BroadcastFetcher(
+        node_id=NODE, fleet=FLEET, publish=publish, subscribe=subscribe, unsubscribe=subscribe
+    )
+    with pytest.raises(TransferError, match="changed the blob size from 4000 to 4005"):
+        run(collect(fetcher, sha, len(blob)))
 
 
-def test_mqtt_fetcher_ignores_stale_chunks() -> None:
-    blob = blob_of(6_000)
-    controller = FakeController(blob, stale=True, reverse=True)
-    fetcher = controller.make(chunk_bytes=1_024)
-
+def test_fetcher_drops_frames_nobody_waits_for() -> None:
+    blob = blob_of(2_000)
+    controller = FakeBroadcaster(blob)
+    fetcher = controller.make()
+    frame = decode_frame(encode_chunk("0" * 64, 0, 10, b"x" * 10))
+    assert fetcher.deliver(frame) is False
     assert run(collect(fetcher, controller.sha256, len(blob))) == blob
-    assert controller.stale_accepted
-    assert not any(controller.stale_accepted)
 
 
-def test_store_downloads_through_mqtt_fetcher(tmp_path: Path) -> None:
+def test_store_downloads_through_the_broadcast_fetcher(tmp_path: Path) -> None:
     blob = blob_of(50_000)
     manifest = manifest_for(blob)
-    controller = FakeController(blob, reverse=True)
+    controller = FakeBroadcaster(blob, chunk=4_096, tail_first=5)
     store = ArtifactStore(tmp_path)
 
-    path = run(store.download(manifest, controller.make(chunk_bytes=4_096, window=3)))
+    path = run(store.download(manifest, controller.make(buffer_bytes=64_000)))
     assert path.read_bytes() == blob
 
 
@@ -501,20 +531,26 @@ def test_oversize_blob_over_mqtt_is_rejected_without_reading_past_size(tmp_path:
     blob = blob_of(10_000)
     manifest = manifest_for(blob)
     # The controller holds a longer blob under the manifest's digest.
-    controller = FakeController(blob + b"tail" * 10_000, sha256=manifest.sha256)
+    controller = FakeBroadcaster(blob + b"tail" * 10_000, sha256=manifest.sha256)
     store = ArtifactStore(tmp_path)
 
     with pytest.raises(DigestMismatchError, match="larger than declared size"):
-        run(store.download(manifest, controller.make(chunk_bytes=1_024)))
-    assert all(r.offset + r.length <= len(blob) + 1 for r in controller.requests)
+        run(store.download(manifest, controller.make()))
+    assert all(o + n <= len(blob) + 1 for r in controller.requests for o, n in r.ranges)
     assert list((tmp_path / "models").iterdir()) == []
 
 
-def test_mqtt_fetcher_rejects_bad_settings() -> None:
+def test_fetcher_rejects_bad_settings() -> None:
     async def publish(_topic: str, _payload: bytes) -> None:
         return None
 
-    with pytest.raises(ValueError, match="chunk_bytes"):
-        MqttChunkFetcher(node_id=NODE, fleet=FLEET, publish=publish, chunk_bytes=600 * 1024)
+    async def subscribe(_topic: str) -> None:
+        return None
+
+    lanes = {"publish": publish, "subscribe": subscribe, "unsubscribe": subscribe}
+    with pytest.raises(ValueError, match="buffer_bytes"):
+        BroadcastFetcher(node_id=NODE, fleet=FLEET, buffer_bytes=-1, **lanes)
+    with pytest.raises(ValueError, match="repair timing"):
+        BroadcastFetcher(node_id=NODE, fleet=FLEET, repair_after_s=0, **lanes)
     with pytest.raises(DecodeError):
-        MqttChunkFetcher(node_id="a/b", fleet=FLEET, publish=publish)
+        BroadcastFetcher(node_id="a/b", fleet=FLEET, **lanes)

@@ -48,7 +48,7 @@ SHA = "ab" * 32
 STATUS = NodeStatus(
     node="n1", seq=1, command_id="c1", rollout_id="r1", state=NodeRolloutState.QUEUED, ts=NOW
 )
-CHUNK = ArtifactRequest(node="n1", sha256=SHA, request_id="q1", offset=0, length=10)
+CHUNK = ArtifactRequest(node="n1", sha256=SHA, ranges=((0, 10),), ts=0.0)
 REQUEST = sign_envelope(
     encode(
         OperatorRequest(

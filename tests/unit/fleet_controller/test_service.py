@@ -79,14 +79,12 @@ def test_a_background_task_that_raises_is_logged(
         async with controller(tmp_path, keys) as ctl:
 
             async def broken(request: ArtifactRequest) -> None:
-                raise RuntimeError(f"cannot serve {request.request_id}")
+                raise RuntimeError(f"cannot serve {request.sha256[:12]}")
 
             monkeypatch.setattr(ctl.service.artifacts, "serve_chunk", broken)
             sha = "ab" * 32
             async with ctl.broker.transport().connect(Session(client_id="n1")) as node:
-                request = ArtifactRequest(
-                    node="n1", sha256=sha, request_id="q1", offset=0, length=10
-                )
+                request = ArtifactRequest(node="n1", sha256=sha, ranges=((0, 10),), ts=0.0)
                 await node.publish(topics.artifact_request(FLEET, sha, "n1"), encode(request))
             await eventually("it is counted", lambda: ctl.service.metrics["background_errors"])
             async with ctl.operator() as op:

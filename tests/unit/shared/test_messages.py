@@ -11,14 +11,13 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from shared.codec import INT64_MAX, INT64_MIN
-from shared.envelope import Envelope, Signature, b64encode
+from shared.envelope import Envelope, Signature
 from shared.errors import DecodeError
 from shared.histogram import NUM_BUCKETS
 from shared.labels import MAX_TERMS, parse_selector
 from shared.messages import (
     MESSAGE_TYPES,
     Ack,
-    ArtifactChunk,
     ArtifactRequest,
     CancelAction,
     Capabilities,
@@ -255,18 +254,8 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
         ArtifactRequest,
         node=IDS,
         sha256=SHAS,
-        request_id=IDS,
-        offset=COUNTS,
-        length=st.integers(1, 512 * 1024),
-    ),
-    ArtifactChunk: st.builds(
-        ArtifactChunk,
-        sha256=SHAS,
-        request_id=IDS,
-        offset=COUNTS,
-        size=COUNTS,
-        data=st.binary(max_size=64).map(b64encode),
-        error=optional(TEXT),
+        ranges=st.integers(1, 64).map(lambda n: tuple((i << 20, 1 + i) for i in range(n))),
+        ts=TIMESTAMPS,
     ),
     ControllerState: st.builds(
         ControllerState,

@@ -92,6 +92,8 @@ def test_bad_sha256_rejected(bad: str) -> None:
         topics.artifact_request("f", bad, "n")
     with pytest.raises(TopicError):
         topics.artifact_data("f", bad, "n")
+    with pytest.raises(TopicError):
+        topics.artifact_broadcast("f", bad)
 
 
 # Every concrete builder, the topic it must build, and what parse_topic must return.
@@ -163,6 +165,12 @@ ROUND_TRIPS: list[Any] = [
         id="artifact_data",
     ),
     pytest.param(
+        topics.artifact_broadcast("f", SHA),
+        f"fleet/v1/f/artifact/{SHA}/data",
+        ParsedTopic(TopicKind.ARTIFACT_BROADCAST, "f", sha256=SHA),
+        id="artifact_broadcast",
+    ),
+    pytest.param(
         topics.controller_state("f"),
         "fleet/v1/f/controller/state",
         ParsedTopic(TopicKind.CONTROLLER_STATE, "f"),
@@ -206,6 +214,7 @@ BUILDERS: dict[TopicKind, Callable[[str, str, str, str], str]] = {
     TopicKind.ROLLOUT_CMD: lambda f, n, _c, _s: topics.rollout_cmd(f, n),
     TopicKind.ARTIFACT_REQUEST: lambda f, n, _c, s: topics.artifact_request(f, s, n),
     TopicKind.ARTIFACT_DATA: lambda f, n, _c, s: topics.artifact_data(f, s, n),
+    TopicKind.ARTIFACT_BROADCAST: lambda f, _n, _c, s: topics.artifact_broadcast(f, s),
     TopicKind.CONTROLLER_STATE: lambda f, _n, _c, _s: topics.controller_state(f),
     TopicKind.CTL_REQUEST: lambda f, _n, _c, _s: topics.ctl_request(f),
     TopicKind.CTL_REPLY: lambda f, _n, c, _s: topics.ctl_reply(f, c),
@@ -226,7 +235,12 @@ def test_parse_inverts_every_builder(
     assert parsed.fleet == fleet
     if kind is TopicKind.ROLLOUT_CMD:
         assert parsed.rollout == ident
-    elif kind in {TopicKind.CONTROLLER_STATE, TopicKind.CTL_REQUEST, TopicKind.CTL_REPLY}:
+    elif kind in {
+        TopicKind.CONTROLLER_STATE,
+        TopicKind.CTL_REQUEST,
+        TopicKind.CTL_REPLY,
+        TopicKind.ARTIFACT_BROADCAST,
+    }:
         assert parsed.node is None
     else:
         assert parsed.node == ident
@@ -234,7 +248,10 @@ def test_parse_inverts_every_builder(
         client if kind in {TopicKind.INFER_REPLY, TopicKind.CTL_REPLY} else None
     )
     assert parsed.sha256 == (
-        sha if kind in {TopicKind.ARTIFACT_REQUEST, TopicKind.ARTIFACT_DATA} else None
+        sha
+        if kind
+        in {TopicKind.ARTIFACT_REQUEST, TopicKind.ARTIFACT_DATA, TopicKind.ARTIFACT_BROADCAST}
+        else None
     )
 
 

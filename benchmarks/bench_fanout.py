@@ -1,0 +1,525 @@
+"""Rollout of a 2.3 MB model against a bare paho fan-out of the same bytes, same run.
+
+For each fleet size (``--nodes 50,1000``) on one Mosquitto (``dev.conf``,
+``sys_interval 1``) on this machine:
+
+* **EdgeFleet**: a :class:`ControllerService` (SQLite in a temp dir, tick 1 s
+  as ``fleetctl serve``) and N simulated nodes in this one process, exactly as
+  ``edge-node simulate`` builds them (source ``none``, one shared ``session.run``
+  pool). Each round rolls a new version of a ~2.3 MB ONNX MLP out to all of
+  them in one wave with no health window, and times **start -> every node
+  succeeded** (``rollout.start`` to the rollout ``succeeded`` in the
+  controller's store, read every 0.1 s): command, verification, the broadcast
+  download, hashing and writing, session load and warm-up, statuses stored.
+* **Bare fan-out**: a separate Python process with N paho subscribers (QoS 0,
+  as the nodes subscribe to a broadcast) and one paho publisher (QoS 1, as the
+  controller publishes) driven by one ``selectors`` loop; the publisher sends
+  the model file's bytes in chunks of the controller's size, and the time runs
+  from the first publish until every subscriber has every byte.
+
+The simulated nodes keep their data (model store, outbox, state) in
+``--node-data``, by default a temp dir in ``/dev/shm``: a real fleet has a disk
+per node, fsyncing in parallel, while a thousand simulated nodes on one disk
+queue some 25 fsyncs each behind one another; the controller's database stays
+on disk. ``--node-data /tmp`` measures that single-disk case.
+
+Rounds alternate (bare, EdgeFleet, bare, EdgeFleet, ...) and the medians of
+``--rounds`` (3) are compared. Beside wall time it prints CPU time (this
+process or the bare process, and the broker's), the bytes the broker sent and
+received (``$SYS``), and what the controller sent (``chunks_sent``,
+``chunk_bytes_sent``). ``--profile FILE`` runs cProfile over the first
+EdgeFleet round of the largest fleet and writes the top functions to FILE.
+
+    .venv/bin/python benchmarks/bench_fanout.py [--nodes 50,1000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import io
+import json
+import os
+import pstats
+import selectors
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from edge_node.agent import NodeAgent
+from edge_node.simulate import shared_pool, simulated_agents
+from edgefleet_io.mqtt import MqttTransport
+from edgefleet_io.transport import Session
+from fleet_controller.api import CtlClient, OperatorIdentity
+from fleet_controller.artifacts import CHUNK_BYTES
+from fleet_controller.demo import local_mosquitto
+from fleet_controller.keys import init_keys, load_key
+from fleet_controller.publish import prepare_manifest, publish, sign_release
+from fleet_controller.service import ControllerConfig, ControllerService
+from shared.broker import BrokerAddress
+from shared.errors import EdgeFleetError
+from shared.trust import Role
+
+FLEET = "bench"
+POLL_S = 0.1
+SYS_TOPICS = {
+    "bytes_sent": "$SYS/broker/bytes/sent",
+    "bytes_received": "$SYS/broker/bytes/received",
+    "messages_sent": "$SYS/broker/publish/messages/sent",
+}
+
+
+# ----- the model --------------------------------------------------------------------
+
+
+def build_model(path: Path, seed: int) -> Path:
+    """A float32 [N,16] -> [N,4] MLP of ~2.3 MB (two hidden layers, 768 and 736 wide)."""
+    import onnx  # noqa: PLC0415 - only building models needs onnx
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    shapes = {"w1": (16, 768), "w2": (768, 736), "w3": (736, 4)}
+    weights = [
+        numpy_helper.from_array((rng.standard_normal(s) / 32).astype(np.float32), name)
+        for name, s in shapes.items()
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["input", "w1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "w2"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["r2"]),
+        helper.make_node("MatMul", ["r2", "w3"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bench-mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 4])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+# ----- the broker: $SYS counters and its CPU time ------------------------------------
+
+
+class SysCounters:
+    """The broker's ``$SYS`` byte and message counters, as last published (every second)."""
+
+    def __init__(self, broker: BrokerAddress) -> None:
+        self._broker = broker
+        self.values: dict[str, int] = {}
+        self._updated = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> SysCounters:
+        self._task = asyncio.get_running_loop().create_task(self._read())
+        await self.fresh()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _read(self) -> None:
+        names = {topic: name for name, topic in SYS_TOPICS.items()}
+        async with MqttTransport(self._broker).connect(Session(client_id="bench-sys")) as link:
+            await link.subscribe([(topic, 0) for topic in SYS_TOPICS.values()])
+            async for message in link.messages():
+                if message.payload:
+                    self.values[names[message.topic]] = int(message.payload)
+                    if message.topic == SYS_TOPICS["messages_sent"]:
+                        self._updated.set()
+
+    async def fresh(self) -> dict[str, int]:
+        """Counters from the next update after now (at most ~1 s away)."""
+        async with asyncio.timeout(10):
+            self._updated.clear()
+            await self._updated.wait()
+        await asyncio.sleep(0.05)  # the rest of that update
+        return dict(self.values)
+
+
+def broker_cpu_s(config: Path) -> float:
+    """CPU seconds (user + system) of the Mosquitto started with ``config``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if str(config).encode() in (entry / "cmdline").read_bytes():
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    raise RuntimeError("the benchmark's mosquitto is gone")
+
+
+# ----- the bare fan-out (in its own process) --------------------------------------------
+
+
+class BareFanout:
+    """N paho subscribers and one publisher on one selectors loop; see the module docstring."""
+
+    def __init__(self, host: str, port: int, count: int, size: int) -> None:
+        self._host, self._port, self._size = host, port, size
+        self.topic = f"bare/{os.getpid()}/data"
+        self.received = [0] * count
+        self.subscribed = 0
+        self.complete = 0
+        self._selector = selectors.DefaultSelector()
+        self.clients: list[mqtt.Client] = []
+
+    def _on_message(self, _client: mqtt.Client, index: int, message: mqtt.MQTTMessage) -> None:
+        self.received[index] += len(message.payload)
+        if self.received[index] == self._size:
+            self.complete += 1
+
+    def _on_subscribe(self, *_: object) -> None:
+        self.subscribed += 1
+
+    def client(self, name: str, index: int) -> mqtt.Client:
+        made = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
+            client_id=name,
+            protocol=mqtt.MQTTv5,
+            userdata=index,
+        )
+        made.on_message = self._on_message
+        made.on_subscribe = self._on_subscribe
+        made.connect(self._host, self._port, keepalive=120)
+        sock = made.socket()
+        assert isinstance(sock, socket.socket)
+        self._selector.register(sock, selectors.EVENT_READ, made)
+        self.clients.append(made)
+        return made
+
+    def pump(self, until: Callable[[], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not until():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the bare fan-out did not finish")
+            for each in self.clients:
+                if each.want_write():
+                    each.loop_write()
+            for key, _ in self._selector.select(0.01):
+                key.data.loop_read()
+
+
+def bare_worker(host: str, port: int, count: int, model: Path, chunk: int) -> dict[str, float]:
+    data = model.read_bytes()
+    fanout = BareFanout(host, port, count, len(data))
+    for index in range(count):
+        fanout.client(f"bare-{os.getpid()}-{index}", index).subscribe(fanout.topic, qos=0)
+    fanout.pump(lambda: fanout.subscribed >= count, 120)
+    publisher = fanout.client(f"bare-{os.getpid()}-publisher", count)
+    fanout.pump(publisher.is_connected, 30)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for offset in range(0, len(data), chunk):
+        publisher.publish(fanout.topic, data[offset : offset + chunk], qos=1)
+    fanout.pump(lambda: fanout.complete >= count, 600)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    for each in fanout.clients:
+        each.disconnect()
+    return {"wall_s": wall, "cpu_s": cpu}
+
+
+async def bare_round(
+    broker: BrokerAddress, count: int, model: Path, counters: SysCounters, config: Path
+) -> Round:
+    before = await counters.fresh()
+    cpu_before = broker_cpu_s(config)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--bare-worker",
+        json.dumps([broker.host, broker.port, count, str(model), CHUNK_BYTES]),
+        stdout=subprocess.PIPE,
+    )
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"the bare fan-out failed with exit code {process.returncode}")
+    figures = json.loads(out.decode().strip().splitlines()[-1])
+    broker_cpu = broker_cpu_s(config) - cpu_before
+    after = await counters.fresh()
+    return Round("bare", figures["wall_s"], figures["cpu_s"], broker_cpu, before, after, Counter())
+
+
+# ----- EdgeFleet -------------------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    kind: str
+    wall_s: float
+    cpu_s: float
+    broker_cpu_s: float
+    sys_before: dict[str, int]
+    sys_after: dict[str, int]
+    metrics: Counter[str]
+    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Node state -> seconds after the start by which half and all nodes were stored in it."""
+
+    def sys(self, name: str) -> int:
+        return self.sys_after[name] - self.sys_before[name]
+
+
+async def wait_online(ctl: CtlClient, count: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        nodes = await ctl.call("nodes.list")
+        if sum(1 for n in nodes if n["online"]) >= count:
+            return
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"the {count} nodes did not all come online in {timeout_s:g} s")
+
+
+async def rollout_round(
+    ctl: CtlClient,
+    controller: ControllerService,
+    model: str,
+    *,
+    agents: list[NodeAgent],
+    counters: SysCounters,
+    config: Path,
+    profile: cProfile.Profile | None,
+) -> Round:
+    before = await counters.fresh()
+    metrics_before = Counter(controller.metrics)
+    cpu_before, broker_before = time.process_time(), broker_cpu_s(config)
+    if profile is not None:
+        profile.enable()
+    started, started_at = time.perf_counter(), time.time()
+    reply = await ctl.call(
+        "rollout.start",
+        {"model": model, "waves": [100], "health_window_s": 0.0, "wave_timeout_s": 600.0},
+    )
+    rollout_id = reply["rollout_id"]
+    shown = started
+    activated: float | None = None
+    version = model.split("@")[1]
+    while True:
+        if activated is None and all(
+            a.active is not None and a.active.version == version for a in agents
+        ):
+            activated = time.perf_counter() - started
+        # The store, read in process: a thousand nodes' traffic on this one loop
+        # can delay an operator request past its expiry.
+        listed = await asyncio.to_thread(controller.store.rollouts.list)
+        info = next(r for r in listed if r.rollout_id == rollout_id)
+        if info.state.value in ("succeeded", "failed", "aborted", "rolled_back"):
+            break
+        if time.perf_counter() - shown > 10:  # a sign of life on long rollouts
+            shown = time.perf_counter()
+            print(f"    {shown - started:.0f} s: {dict(info.node_counts)}", file=sys.stderr)
+        await asyncio.sleep(POLL_S)
+    wall = time.perf_counter() - started
+    if profile is not None:
+        profile.disable()
+    cpu = time.process_time() - cpu_before
+    broker_cpu = broker_cpu_s(config) - broker_before
+    if info.state.value != "succeeded":
+        raise RuntimeError(f"rollout of {model} ended {info.state.value}: {info.node_counts}")
+    metrics = Counter(controller.metrics)
+    metrics.subtract(metrics_before)
+    after = await counters.fresh()
+    events = await asyncio.to_thread(controller.store.rollouts.events, rollout_id)
+    reached: dict[str, dict[str, float]] = {}
+    for event in events:
+        reached.setdefault(event.state.value, {}).setdefault(event.node_id, event.ts - started_at)
+    phases = {
+        state: (statistics.median(times.values()), max(times.values()))
+        for state, times in reached.items()
+    }
+    if activated is not None:
+        phases["all active on the nodes"] = (activated, activated)
+    return Round("edgefleet", wall, cpu, broker_cpu, before, after, metrics, phases)
+
+
+async def fleet(
+    root: Path, nodes_dir: Path, broker: BrokerAddress, count: int, args: argparse.Namespace
+) -> None:
+    config = root / "mosquitto.conf"
+    keys = root / "keys"
+    init_keys(keys, now=time.time(), force=True)
+    models = []
+    for index in range(args.rounds):
+        path = build_model(root / f"mlp-{index}.onnx", seed=index)
+        version = f"1.{index}.0"
+        manifest = await prepare_manifest(path, name="mlp", version=version, now=time.time())
+        models.append(
+            (
+                path,
+                f"mlp@{version}",
+                sign_release(path, manifest, load_key(keys, Role.RELEASE, None)),
+            )
+        )
+    controller = ControllerService(
+        ControllerConfig(
+            broker=broker, db_url=str(root / "controller" / "fleet.db"), keys_dir=keys, fleet=FLEET
+        )
+    )
+    loop = asyncio.get_running_loop()
+    controller_task = loop.create_task(controller.run())
+    tasks: list[asyncio.Task[None]] = []
+    with shared_pool() as pool:
+        agents = simulated_agents(
+            count=count,
+            prefix="sim",
+            base_dir=nodes_dir,
+            trust_file=keys / "trust.json",
+            broker=broker,
+            fleet=FLEET,
+            labels={},
+            executor=pool,
+            telemetry_interval_s=10.0,  # the agent's default
+        )
+        try:
+            async with asyncio.timeout(30):
+                await controller.connected.wait()
+            identity = OperatorIdentity.load(keys)
+            async with (
+                CtlClient(MqttTransport(broker), fleet=FLEET, identity=identity) as ctl,
+                SysCounters(broker) as counters,
+            ):
+                for _, _, release in models:
+                    await publish(ctl, release)
+                started = time.perf_counter()
+                tasks = [loop.create_task(agent.run()) for agent in agents]
+                await wait_online(ctl, count, timeout_s=60 + count * 0.2)
+                print(f"\n{count} nodes online in {time.perf_counter() - started:.1f} s")
+                rounds: list[Round] = []
+                for index, (path, name, _) in enumerate(models):
+                    rounds.append(await bare_round(broker, count, path, counters, config))
+                    report_round(index + 1, rounds[-1:], count)
+                    profiled = args.profile and index == 0 and count == max(args.nodes)
+                    profile = cProfile.Profile() if profiled else None
+                    rounds.append(
+                        await rollout_round(
+                            ctl,
+                            controller,
+                            name,
+                            agents=agents,
+                            counters=counters,
+                            config=config,
+                            profile=profile,
+                        )
+                    )
+                    report_round(index + 1, rounds[-1:], count)
+                    if profile is not None:
+                        write_profile(profile, Path(args.profile), count)
+                summarise(rounds, count, models[0][0].stat().st_size)
+        finally:
+            for agent in agents:
+                agent.stop()
+            if tasks:
+                _, stuck = await asyncio.wait(tasks, timeout=60)
+                for task in stuck:
+                    task.cancel()
+            controller.stop()
+            with contextlib.suppress(asyncio.CancelledError, EdgeFleetError):
+                await asyncio.wait_for(controller_task, 30)
+
+
+def report_round(index: int, pair: list[Round], count: int) -> None:
+    for measured in pair:
+        extra = ""
+        if measured.kind == "edgefleet":
+            m = measured.metrics
+            sent_mb = m["chunk_bytes_sent"] / 1e6
+            extra = (
+                f"; controller sent {m['chunks_sent']} chunks ({sent_mb:.1f} MB), "
+                f"{m['stored']} messages stored\n    node states stored, s after the start "
+                "(half of the nodes / all): "
+                + ", ".join(f"{k} {a:.1f}/{b:.1f}" for k, (a, b) in measured.phases.items())
+            )
+        print(
+            f"  round {index} {measured.kind:9s}: {measured.wall_s:6.2f} s wall, "
+            f"{measured.cpu_s:6.2f} s CPU ({measured.cpu_s / count * 1e3:.1f} ms per node), "
+            f"broker {measured.broker_cpu_s:5.2f} s CPU, "
+            f"{measured.sys('bytes_sent') / 1e6:,.0f} MB sent by the broker{extra}"
+        )
+
+
+def summarise(rounds: list[Round], count: int, size: int) -> None:
+    def median(kind: str, pick: Callable[[Round], float]) -> float:
+        return float(statistics.median(pick(r) for r in rounds if r.kind == kind))
+
+    bare = median("bare", lambda r: r.wall_s)
+    edge = median("edgefleet", lambda r: r.wall_s)
+    load1, _, _ = os.getloadavg()
+    print(
+        f"{count} nodes, model {size / 1e6:.2f} MB, medians of {len(rounds) // 2} rounds "
+        f"(load average {load1:.1f}):\n"
+        f"  limit (bare paho fan-out)  {bare:7.2f} s wall, "
+        f"{median('bare', lambda r: r.cpu_s):6.2f} s CPU + broker "
+        f"{median('bare', lambda r: r.broker_cpu_s):.2f} s, "
+        f"{median('bare', lambda r: r.sys('bytes_sent')) / 1e6:,.0f} MB through the broker\n"
+        f"  EdgeFleet start->succeeded {edge:7.2f} s wall, "
+        f"{median('edgefleet', lambda r: r.cpu_s):6.2f} s CPU + broker "
+        f"{median('edgefleet', lambda r: r.broker_cpu_s):.2f} s, "
+        f"{median('edgefleet', lambda r: r.sys('bytes_sent')) / 1e6:,.0f} MB through the broker\n"
+        f"  ratio EdgeFleet / bare: {edge / bare:.2f}x wall"
+    )
+
+
+def write_profile(profile: cProfile.Profile, path: Path, count: int) -> None:
+    text = io.StringIO()
+    stats = pstats.Stats(profile, stream=text)
+    text.write(f"cProfile of one EdgeFleet rollout round, {count} nodes\n")
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+    path.write_text(text.getvalue())
+    print(f"  profile of this round written to {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--nodes", type=lambda text: [int(p) for p in text.split(",")], default=[50, 1000]
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", help="write a cProfile of one EdgeFleet round here")
+    parser.add_argument(
+        "--node-data",
+        default="/dev/shm" if Path("/dev/shm").is_dir() else None,
+        help="where the simulated nodes keep their data (default /dev/shm: see the docstring)",
+    )
+    parser.add_argument("--bare-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_worker:
+        host, port, count, model, chunk = json.loads(args.bare_worker)
+        print(json.dumps(bare_worker(host, port, count, Path(model), chunk)))
+        return
+    load1, _, _ = os.getloadavg()
+    print(
+        f"{os.cpu_count()} CPUs (load average {load1:.1f}); chunks of {CHUNK_BYTES // 1024} KiB; "
+        f"fleets of {', '.join(map(str, args.nodes))} nodes; {args.rounds} rounds each"
+    )
+    print(f"simulated nodes' data in {args.node_data or tempfile.gettempdir()}")
+    for count in args.nodes:
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp,
+            tempfile.TemporaryDirectory(prefix="bench-nodes-", dir=args.node_data) as nodes,
+            local_mosquitto(Path(tmp), ["sys_interval 1"]) as broker,
+        ):
+            asyncio.run(fleet(Path(tmp), Path(nodes), broker, count, args))
+
+
+if __name__ == "__main__":
+    main()
