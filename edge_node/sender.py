@@ -52,6 +52,9 @@ class OutboxSender:
         self._clock = clock
         self._stopping = stopping
         self._wake = asyncio.Event()
+        # One sender at a time (the run loop, or a stop's last send): two would
+        # publish interleaved, and a stop cutting one short leaves a gap.
+        self._sending = asyncio.Lock()
         self.space = asyncio.Event()
         self.space.set()
 
@@ -121,6 +124,10 @@ class OutboxSender:
         Raises:
             TransportError: the connection failed (what was not sent stays due).
         """
+        async with self._sending:
+            await self._send_due(link)
+
+    async def _send_due(self, link: Link) -> None:
         while True:
             now = self._clock()
             entries = await asyncio.to_thread(
