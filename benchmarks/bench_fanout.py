@@ -3,14 +3,17 @@
 For each fleet size (``--nodes 50,1000``) on one Mosquitto (``dev.conf``,
 ``sys_interval 1``) on this machine:
 
-* **EdgeFleet**: a :class:`ControllerService` (SQLite in a temp dir, tick 1 s
-  as ``fleetctl serve``) and N simulated nodes in this one process, exactly as
-  ``edge-node simulate`` builds them (source ``none``, one shared ``session.run``
-  pool). Each round rolls a new version of a ~2.3 MB ONNX MLP out to all of
-  them in one wave with no health window, and times **start -> every node
-  succeeded** (``rollout.start`` to the rollout ``succeeded`` in the
-  controller's store, read every 0.1 s): command, verification, the broadcast
-  download, hashing and writing, session load and warm-up, statuses stored.
+* **EdgeFleet**: a real ``fleetctl serve`` (its own process and GIL, SQLite in
+  a temp dir, tick 1 s), waited for until it logs that it serves, and N
+  simulated nodes in ``--node-procs`` (1) ``edge-node simulate`` processes
+  (source ``none``). Each round rolls a new version of a ~2.3 MB ONNX MLP out
+  to all of them in one wave with no health window, and times **start ->
+  every node succeeded** (``rollout.start`` to the rollout ``succeeded`` in the
+  controller's store, read from this process every 0.1 s): command,
+  verification, the broadcast download, hashing and writing, session load and
+  warm-up, statuses stored. A round stops with an error when the controller
+  and nodes hold more than ``--max-rss-gb`` together (nodes that fall behind
+  the broadcast queue its frames in memory, and so does the broker).
 * **Bare fan-out**: a separate Python process with N paho subscribers (QoS 0,
   as the nodes subscribe to a broadcast) and one paho publisher (QoS 1, as the
   controller publishes) driven by one ``selectors`` loop; the publisher sends
@@ -24,13 +27,15 @@ queue some 25 fsyncs each behind one another; the controller's database stays
 on disk. ``--node-data /tmp`` measures that single-disk case.
 
 Rounds alternate (bare, EdgeFleet, bare, EdgeFleet, ...) and the medians of
-``--rounds`` (3) are compared. Beside wall time it prints CPU time (this
-process or the bare process, and the broker's), the bytes the broker sent and
-received (``$SYS``), and what the controller sent (``chunks_sent``,
-``chunk_bytes_sent``). ``--profile FILE`` runs cProfile over the first
-EdgeFleet round of the largest fleet and writes the top functions to FILE.
+``--rounds`` (3) are compared. Beside wall time it prints CPU time (the bare
+process; the controller's and the node processes'; the broker's), the bytes
+the broker sent and received (``$SYS``), and what the controller sent
+(``chunks_sent``, ``chunk_bytes_sent``, from its ``report``). ``--profile
+FILE`` samples the controller and each node process with py-spy during the
+first EdgeFleet round of the largest fleet (raw stacks in ``FILE.controller``,
+``FILE.nodes0``, ...).
 
-    .venv/bin/python benchmarks/bench_fanout.py [--nodes 50,1000] [--rounds 3]
+    .venv/bin/python benchmarks/bench_fanout.py [--nodes 50,1000] [--rounds 3] [--node-procs 1]
 """
 
 from __future__ import annotations
@@ -286,6 +291,14 @@ async def wait_online(ctl: CtlClient, count: int, timeout_s: float) -> None:
     raise TimeoutError(f"the {count} nodes did not all come online in {timeout_s:g} s")
 
 
+def proc_rss_gb(pid: int) -> float:
+    """Resident memory of process ``pid``, in GB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return 0.0
+
+
 def proc_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) of process ``pid`` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -304,11 +317,18 @@ class Processes:
         """CPU seconds so far: the controller's, all node processes' together."""
         return proc_cpu_s(self.controller.pid), sum(proc_cpu_s(p.pid) for p in self.nodes)
 
-    def check(self) -> None:
-        for proc, log in zip([self.controller, *self.nodes], self.logs, strict=True):
+    def check(self, max_rss_gb: float) -> None:
+        """Raise when a process exited, or when they hold more than ``max_rss_gb`` together
+        (nodes that fall behind queue chunk frames in memory: stop before the machine
+        runs out)."""
+        procs = [self.controller, *self.nodes]
+        for proc, log in zip(procs, self.logs, strict=True):
             if proc.poll() is not None:
                 tail = log.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{log.stem} exited {proc.returncode}: {tail}")
+        rss = sum(proc_rss_gb(p.pid) for p in procs)
+        if rss > max_rss_gb:
+            raise RuntimeError(f"controller and nodes hold {rss:.1f} GB (--max-rss-gb)")
 
 
 @contextlib.contextmanager
@@ -355,6 +375,7 @@ async def rollout_round(
     procs: Processes,
     counters: SysCounters,
     config: Path,
+    max_rss_gb: float,
 ) -> Round:
     before = await counters.fresh()
     metrics_before = Counter((await ctl.call("report"))["controller"])
@@ -372,7 +393,7 @@ async def rollout_round(
         info = next(r for r in listed if r.rollout_id == rollout_id)
         if info.state.value in ("succeeded", "failed", "aborted", "rolled_back"):
             break
-        procs.check()
+        procs.check(max_rss_gb)
         if time.perf_counter() - shown > 10:  # a sign of life on long rollouts
             shown = time.perf_counter()
             print(f"    {shown - started:.0f} s: {dict(info.node_counts)}", file=sys.stderr)
@@ -504,7 +525,13 @@ async def fleet(
                 with profiled(pids, args.profile if profiled_round else None):
                     rounds.append(
                         await rollout_round(
-                            ctl, store, name, procs=procs, counters=counters, config=config
+                            ctl,
+                            store,
+                            name,
+                            procs=procs,
+                            counters=counters,
+                            config=config,
+                            max_rss_gb=args.max_rss_gb,
                         )
                     )
                 report_round(index + 1, rounds[-1:], count)
@@ -579,6 +606,12 @@ def main() -> None:
         "--node-data",
         default="/dev/shm" if Path("/dev/shm").is_dir() else None,
         help="where the simulated nodes keep their data (default /dev/shm: see the docstring)",
+    )
+    parser.add_argument(
+        "--max-rss-gb",
+        type=float,
+        default=8.0,
+        help="stop a round when the controller and nodes hold more memory than this (8)",
     )
     parser.add_argument("--bare-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
