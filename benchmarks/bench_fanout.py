@@ -165,8 +165,7 @@ def broker_cpu_s(config: Path) -> float:
             continue
         with contextlib.suppress(OSError):
             if str(config).encode() in (entry / "cmdline").read_bytes():
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                return proc_cpu_s(int(entry.name))
     raise RuntimeError("the benchmark's mosquitto is gone")
 
 
@@ -272,10 +271,8 @@ class Round:
     sys_before: dict[str, int]
     sys_after: dict[str, int]
     metrics: Counter[str]
-    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Node state -> seconds after the start by which half and all nodes were stored in it."""
-    nodes_cpu_s: float = 0.0
-    """EdgeFleet: the simulated nodes' processes (``cpu_s`` is the controller's)."""
+    phases: dict[str, tuple[float, float]] = field(default_factory=dict)  # state: half, all
+    nodes_cpu_s: float = 0.0  # EdgeFleet: the nodes' processes (cpu_s: the controller's)
 
     def sys(self, name: str) -> int:
         return self.sys_after[name] - self.sys_before[name]
@@ -293,10 +290,7 @@ async def wait_online(ctl: CtlClient, count: int, timeout_s: float) -> None:
 
 def proc_rss_gb(pid: int) -> float:
     """Resident memory of process ``pid``, in GB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024 / 1e9
-    return 0.0
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGESIZE") / 1e9
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -318,9 +312,7 @@ class Processes:
         return proc_cpu_s(self.controller.pid), sum(proc_cpu_s(p.pid) for p in self.nodes)
 
     def check(self, max_rss_gb: float) -> None:
-        """Raise when a process exited, or when they hold more than ``max_rss_gb`` together
-        (nodes that fall behind queue chunk frames in memory: stop before the machine
-        runs out)."""
+        """Raise when one exited or they hold over ``max_rss_gb`` GB (see the docstring)."""
         procs = [self.controller, *self.nodes]
         for proc, log in zip(procs, self.logs, strict=True):
             if proc.poll() is not None:
@@ -337,20 +329,12 @@ def profiled(pids: dict[str, int], out: str | None) -> Iterator[None]:
     if out is None:
         yield
         return
+    record = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking"]
     spies = [
         subprocess.Popen(
             [
-                str(Path(sys.executable).parent / "py-spy"),
-                "record",
-                "--pid",
-                str(pid),
-                "--rate",
-                "100",
-                "--format",
-                "raw",
-                "--output",
-                f"{out}.{name}",
-                "--nonblocking",
+                *record,
+                *("--rate", "100", "--format", "raw", "--pid", str(pid), "-o", f"{out}.{name}"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -367,11 +351,10 @@ def profiled(pids: dict[str, int], out: str | None) -> Iterator[None]:
         print(f"  py-spy stacks of this round in {out}.{{{','.join(pids)}}}")
 
 
-async def rollout_round(
+async def rollout_round(  # noqa: PLR0917 - one round's settings, in the order they are known
     ctl: CtlClient,
     store: Store,
     model: str,
-    *,
     procs: Processes,
     counters: SysCounters,
     config: Path,
@@ -393,7 +376,13 @@ async def rollout_round(
         info = next(r for r in listed if r.rollout_id == rollout_id)
         if info.state.value in ("succeeded", "failed", "aborted", "rolled_back"):
             break
-        procs.check(max_rss_gb)
+        try:
+            procs.check(max_rss_gb)
+        except RuntimeError:
+            sent = Counter((await ctl.call("report"))["controller"])
+            sent.subtract(metrics_before)
+            print(f"    given up: {dict(info.node_counts)}, {sent['chunks_sent']} chunks sent")
+            raise
         if time.perf_counter() - shown > 10:  # a sign of life on long rollouts
             shown = time.perf_counter()
             print(f"    {shown - started:.0f} s: {dict(info.node_counts)}", file=sys.stderr)
@@ -434,12 +423,10 @@ def start_processes(
     url = f"mqtt://{broker.host}:{broker.port}"
     logs = [root / "controller.log"]
     with logs[0].open("wb") as log:
+        db, keys = str(root / "controller" / "fleet.db"), str(root / "keys")
+        serve = ["serve", "--broker", url, "--fleet", FLEET, "--db", db, "--keys", keys]
         controller = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "fleet_controller", "serve", "--broker", url),
-                *("--fleet", FLEET, "--db", str(root / "controller" / "fleet.db")),
-                *("--keys", str(root / "keys"), "--log-level", "info"),
-            ],
+            [sys.executable, "-m", "fleet_controller", *serve, "--log-level", "info"],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -454,18 +441,11 @@ def start_processes(
         share = count // node_procs + (index < count % node_procs)
         logs.append(root / f"nodes-{index}.log")
         with logs[-1].open("wb") as log:
-            nodes.append(
-                subprocess.Popen(
-                    [
-                        *(sys.executable, "-m", "edge_node", "simulate", "--count", str(share)),
-                        *("--prefix", f"sim{index}", "--data", str(nodes_dir)),
-                        *("--trust", str(root / "keys" / "trust.json"), "--broker", url),
-                        *("--fleet", FLEET, "--source", "none"),
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+            simulate = ["simulate", "--count", str(share), "--prefix", f"sim{index}"]
+            simulate += ["--data", str(nodes_dir), "--trust", str(root / "keys" / "trust.json")]
+            simulate += ["--broker", url, "--fleet", FLEET, "--source", "none"]
+            command = [sys.executable, "-m", "edge_node", *simulate]
+            nodes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
     return Processes(controller, nodes, logs)
 
 
@@ -517,7 +497,7 @@ async def fleet(
             rounds: list[Round] = []
             for index, (path, name, _) in enumerate(models):
                 rounds.append(await bare_round(broker, count, path, counters, config))
-                report_round(index + 1, rounds[-1:], count)
+                report_round(index + 1, rounds[-1], count)
                 profiled_round = args.profile and index == 0 and count == max(args.nodes)
                 pids = {"controller": procs.controller.pid} | {
                     f"nodes{i}": p.pid for i, p in enumerate(procs.nodes)
@@ -525,45 +505,32 @@ async def fleet(
                 with profiled(pids, args.profile if profiled_round else None):
                     rounds.append(
                         await rollout_round(
-                            ctl,
-                            store,
-                            name,
-                            procs=procs,
-                            counters=counters,
-                            config=config,
-                            max_rss_gb=args.max_rss_gb,
+                            ctl, store, name, procs, counters, config, args.max_rss_gb
                         )
                     )
-                report_round(index + 1, rounds[-1:], count)
+                report_round(index + 1, rounds[-1], count)
             summarise(rounds, count, models[0][0].stat().st_size)
     finally:
         await asyncio.to_thread(stop_processes, procs)
 
 
-def report_round(index: int, pair: list[Round], count: int) -> None:
-    for measured in pair:
-        extra = ""
-        if measured.kind == "edgefleet":
-            m = measured.metrics
-            sent_mb = m["chunk_bytes_sent"] / 1e6
-            extra = (
-                f"; controller sent {m['chunks_sent']} chunks ({sent_mb:.1f} MB), "
-                f"{m['stored']} messages stored\n    node states stored, s after the start "
-                "(half of the nodes / all): "
-                + ", ".join(f"{k} {a:.1f}/{b:.1f}" for k, (a, b) in measured.phases.items())
-            )
-        print(
-            f"  round {index} {measured.kind:9s}: {measured.wall_s:6.2f} s wall, "
-            f"{measured.cpu_s:6.2f} s CPU ({measured.cpu_s / count * 1e3:.1f} ms per node)"
-            + (
-                f" controller + {measured.nodes_cpu_s:6.2f} s nodes"
-                f" ({measured.nodes_cpu_s / count * 1e3:.1f} ms per node), "
-                if measured.kind == "edgefleet"
-                else ", "
-            )
-            + f"broker {measured.broker_cpu_s:5.2f} s CPU, "
-            f"{measured.sys('bytes_sent') / 1e6:,.0f} MB sent by the broker{extra}"
+def report_round(index: int, measured: Round, count: int) -> None:
+    extra, nodes = "", ""
+    if measured.kind == "edgefleet":
+        m, per_node = measured.metrics, measured.nodes_cpu_s / count * 1e3
+        nodes = f" controller + {measured.nodes_cpu_s:6.2f} s nodes ({per_node:.1f} ms per node)"
+        extra = (
+            f"; controller sent {m['chunks_sent']} chunks ({m['chunk_bytes_sent'] / 1e6:.1f} MB), "
+            f"{m['stored']} messages stored\n    node states stored, s after the start "
+            "(half of the nodes / all): "
+            + ", ".join(f"{k} {a:.1f}/{b:.1f}" for k, (a, b) in measured.phases.items())
         )
+    print(
+        f"  round {index} {measured.kind:9s}: {measured.wall_s:6.2f} s wall, "
+        f"{measured.cpu_s:6.2f} s CPU ({measured.cpu_s / count * 1e3:.1f} ms per node){nodes}, "
+        f"broker {measured.broker_cpu_s:5.2f} s CPU, "
+        f"{measured.sys('bytes_sent') / 1e6:,.0f} MB sent by the broker{extra}"
+    )
 
 
 def summarise(rounds: list[Round], count: int, size: int) -> None:
@@ -595,24 +562,14 @@ def main() -> None:
         "--nodes", type=lambda text: [int(p) for p in text.split(",")], default=[50, 1000]
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--profile",
-        help="py-spy the controller and nodes during one EdgeFleet round: stacks in PROFILE.*",
-    )
-    parser.add_argument(
-        "--node-procs", type=int, default=1, help="edge-node simulate processes (default 1)"
-    )
+    parser.add_argument("--profile", help="py-spy stacks of one round in PROFILE.*")
+    parser.add_argument("--node-procs", type=int, default=1, help="edge-node simulate processes")
     parser.add_argument(
         "--node-data",
         default="/dev/shm" if Path("/dev/shm").is_dir() else None,
         help="where the simulated nodes keep their data (default /dev/shm: see the docstring)",
     )
-    parser.add_argument(
-        "--max-rss-gb",
-        type=float,
-        default=8.0,
-        help="stop a round when the controller and nodes hold more memory than this (8)",
-    )
+    parser.add_argument("--max-rss-gb", type=float, default=8.0, help="see the docstring")
     parser.add_argument("--bare-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_worker:

@@ -301,10 +301,9 @@ class Outbox:
     def due(self, now: float, *, resend_after_s: float, limit: int) -> list[OutboxEntry]:
         """Up to ``limit`` entries, in ``seq`` order, to (re)send at ``now``.
 
-        That is every entry never sent (or requeued) and every entry whose last
-        send is older than its delay: ``resend_after_s`` times
-        2 ** min(sends - 1, ``RESEND_DOUBLINGS``). ``limit`` <= 0
-        returns nothing.
+        That is every entry never sent (or requeued) and every entry whose last send is
+        older than ``resend_after_s`` x 2 ** min(sends - 1, ``RESEND_DOUBLINGS``).
+        ``limit`` <= 0 returns nothing.
 
         Raises:
             OutboxError: the outbox is closed or the database failed.
