@@ -3,14 +3,17 @@
 For each fleet size (``--nodes 50,1000``) on one Mosquitto (``dev.conf``,
 ``sys_interval 1``) on this machine:
 
-* **EdgeFleet**: a :class:`ControllerService` (SQLite in a temp dir, tick 1 s
-  as ``fleetctl serve``) and N simulated nodes in this one process, exactly as
-  ``edge-node simulate`` builds them (source ``none``, one shared ``session.run``
-  pool). Each round rolls a new version of a ~2.3 MB ONNX MLP out to all of
-  them in one wave with no health window, and times **start -> every node
-  succeeded** (``rollout.start`` to the rollout ``succeeded`` in the
-  controller's store, read every 0.1 s): command, verification, the broadcast
-  download, hashing and writing, session load and warm-up, statuses stored.
+* **EdgeFleet**: a real ``fleetctl serve`` (its own process and GIL, SQLite in
+  a temp dir, tick 1 s), waited for until it logs that it serves, and N
+  simulated nodes in ``--node-procs`` (1) ``edge-node simulate`` processes
+  (source ``none``). Each round rolls a new version of a ~2.3 MB ONNX MLP out
+  to all of them in one wave with no health window, and times **start ->
+  every node succeeded** (``rollout.start`` to the rollout ``succeeded`` in the
+  controller's store, read from this process every 0.1 s): command,
+  verification, the broadcast download, hashing and writing, session load and
+  warm-up, statuses stored. A round stops with an error when the controller
+  and nodes hold more than ``--max-rss-gb`` together (nodes that fall behind
+  the broadcast queue its frames in memory, and so does the broker).
 * **Bare fan-out**: a separate Python process with N paho subscribers (QoS 0,
   as the nodes subscribe to a broadcast) and one paho publisher (QoS 1, as the
   controller publishes) driven by one ``selectors`` loop; the publisher sends
@@ -24,13 +27,15 @@ queue some 25 fsyncs each behind one another; the controller's database stays
 on disk. ``--node-data /tmp`` measures that single-disk case.
 
 Rounds alternate (bare, EdgeFleet, bare, EdgeFleet, ...) and the medians of
-``--rounds`` (3) are compared. Beside wall time it prints CPU time (this
-process or the bare process, and the broker's), the bytes the broker sent and
-received (``$SYS``), and what the controller sent (``chunks_sent``,
-``chunk_bytes_sent``). ``--profile FILE`` runs cProfile over the first
-EdgeFleet round of the largest fleet and writes the top functions to FILE.
+``--rounds`` (3) are compared. Beside wall time it prints CPU time (the bare
+process; the controller's and the node processes'; the broker's), the bytes
+the broker sent and received (``$SYS``), and what the controller sent
+(``chunks_sent``, ``chunk_bytes_sent``, from its ``report``). ``--profile
+FILE`` samples the controller and each node process with py-spy during the
+first EdgeFleet round of the largest fleet (raw stacks in ``FILE.controller``,
+``FILE.nodes0``, ...).
 
-    .venv/bin/python benchmarks/bench_fanout.py [--nodes 50,1000] [--rounds 3]
+    .venv/bin/python benchmarks/bench_fanout.py [--nodes 50,1000] [--rounds 3] [--node-procs 1]
 """
 
 from __future__ import annotations
@@ -38,12 +43,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import cProfile
-import io
 import json
 import os
-import pstats
 import selectors
+import signal
 import socket
 import statistics
 import subprocess
@@ -51,15 +54,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from edge_node.agent import NodeAgent
-from edge_node.simulate import shared_pool, simulated_agents
 from edgefleet_io.mqtt import MqttTransport
 from edgefleet_io.transport import Session
 from fleet_controller.api import CtlClient, OperatorIdentity
@@ -67,9 +68,8 @@ from fleet_controller.artifacts import CHUNK_BYTES
 from fleet_controller.demo import local_mosquitto
 from fleet_controller.keys import init_keys, load_key
 from fleet_controller.publish import prepare_manifest, publish, sign_release
-from fleet_controller.service import ControllerConfig, ControllerService
+from fleet_controller.store import Store
 from shared.broker import BrokerAddress
-from shared.errors import EdgeFleetError
 from shared.trust import Role
 
 FLEET = "bench"
@@ -165,8 +165,7 @@ def broker_cpu_s(config: Path) -> float:
             continue
         with contextlib.suppress(OSError):
             if str(config).encode() in (entry / "cmdline").read_bytes():
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                return proc_cpu_s(int(entry.name))
     raise RuntimeError("the benchmark's mosquitto is gone")
 
 
@@ -272,8 +271,8 @@ class Round:
     sys_before: dict[str, int]
     sys_after: dict[str, int]
     metrics: Counter[str]
-    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Node state -> seconds after the start by which half and all nodes were stored in it."""
+    phases: dict[str, tuple[float, float]] = field(default_factory=dict)  # state: half, all
+    nodes_cpu_s: float = 0.0  # EdgeFleet: the nodes' processes (cpu_s: the controller's)
 
     def sys(self, name: str) -> int:
         return self.sys_after[name] - self.sys_before[name]
@@ -289,21 +288,81 @@ async def wait_online(ctl: CtlClient, count: int, timeout_s: float) -> None:
     raise TimeoutError(f"the {count} nodes did not all come online in {timeout_s:g} s")
 
 
-async def rollout_round(
+def proc_rss_gb(pid: int) -> float:
+    """Resident memory of process ``pid``, in GB."""
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGESIZE") / 1e9
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Processes:
+    """The ``fleetctl serve`` and ``edge-node simulate`` processes of one fleet."""
+
+    controller: subprocess.Popen[bytes]
+    nodes: list[subprocess.Popen[bytes]]
+    logs: list[Path]
+
+    def cpu_s(self) -> tuple[float, float]:
+        """CPU seconds so far: the controller's, all node processes' together."""
+        return proc_cpu_s(self.controller.pid), sum(proc_cpu_s(p.pid) for p in self.nodes)
+
+    def check(self, max_rss_gb: float) -> None:
+        """Raise when one exited or they hold over ``max_rss_gb`` GB (see the docstring)."""
+        procs = [self.controller, *self.nodes]
+        for proc, log in zip(procs, self.logs, strict=True):
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{log.stem} exited {proc.returncode}: {tail}")
+        rss = sum(proc_rss_gb(p.pid) for p in procs)
+        if rss > max_rss_gb:
+            raise RuntimeError(f"controller and nodes hold {rss:.1f} GB (--max-rss-gb)")
+
+
+@contextlib.contextmanager
+def profiled(pids: dict[str, int], out: str | None) -> Iterator[None]:
+    """Sample each of ``pids`` with py-spy (raw stacks in ``{out}.{name}``) during the block."""
+    if out is None:
+        yield
+        return
+    record = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking"]
+    spies = [
+        subprocess.Popen(
+            [
+                *record,
+                *("--rate", "100", "--format", "raw", "--pid", str(pid), "-o", f"{out}.{name}"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            spy.wait(60)
+        print(f"  py-spy stacks of this round in {out}.{{{','.join(pids)}}}")
+
+
+async def rollout_round(  # noqa: PLR0917 - one round's settings, in the order they are known
     ctl: CtlClient,
-    controller: ControllerService,
+    store: Store,
     model: str,
-    *,
-    agents: list[NodeAgent],
+    procs: Processes,
     counters: SysCounters,
     config: Path,
-    profile: cProfile.Profile | None,
+    max_rss_gb: float,
 ) -> Round:
     before = await counters.fresh()
-    metrics_before = Counter(controller.metrics)
-    cpu_before, broker_before = time.process_time(), broker_cpu_s(config)
-    if profile is not None:
-        profile.enable()
+    metrics_before = Counter((await ctl.call("report"))["controller"])
+    (controller_before, nodes_before), broker_before = procs.cpu_s(), broker_cpu_s(config)
     started, started_at = time.perf_counter(), time.time()
     reply = await ctl.call(
         "rollout.start",
@@ -311,34 +370,32 @@ async def rollout_round(
     )
     rollout_id = reply["rollout_id"]
     shown = started
-    activated: float | None = None
-    version = model.split("@")[1]
     while True:
-        if activated is None and all(
-            a.active is not None and a.active.version == version for a in agents
-        ):
-            activated = time.perf_counter() - started
-        # The store, read in process: a thousand nodes' traffic on this one loop
-        # can delay an operator request past its expiry.
-        listed = await asyncio.to_thread(controller.store.rollouts.list)
+        # The controller's store, read from here: what an operator would see.
+        listed = await asyncio.to_thread(store.rollouts.list)
         info = next(r for r in listed if r.rollout_id == rollout_id)
         if info.state.value in ("succeeded", "failed", "aborted", "rolled_back"):
             break
+        try:
+            procs.check(max_rss_gb)
+        except RuntimeError:
+            sent = Counter((await ctl.call("report"))["controller"])
+            sent.subtract(metrics_before)
+            print(f"    given up: {dict(info.node_counts)}, {sent['chunks_sent']} chunks sent")
+            raise
         if time.perf_counter() - shown > 10:  # a sign of life on long rollouts
             shown = time.perf_counter()
             print(f"    {shown - started:.0f} s: {dict(info.node_counts)}", file=sys.stderr)
         await asyncio.sleep(POLL_S)
     wall = time.perf_counter() - started
-    if profile is not None:
-        profile.disable()
-    cpu = time.process_time() - cpu_before
+    controller_cpu, nodes_cpu = procs.cpu_s()
     broker_cpu = broker_cpu_s(config) - broker_before
     if info.state.value != "succeeded":
         raise RuntimeError(f"rollout of {model} ended {info.state.value}: {info.node_counts}")
-    metrics = Counter(controller.metrics)
+    metrics = Counter((await ctl.call("report"))["controller"])
     metrics.subtract(metrics_before)
     after = await counters.fresh()
-    events = await asyncio.to_thread(controller.store.rollouts.events, rollout_id)
+    events = await asyncio.to_thread(store.rollouts.events, rollout_id)
     reached: dict[str, dict[str, float]] = {}
     for event in events:
         reached.setdefault(event.state.value, {}).setdefault(event.node_id, event.ts - started_at)
@@ -346,9 +403,63 @@ async def rollout_round(
         state: (statistics.median(times.values()), max(times.values()))
         for state, times in reached.items()
     }
-    if activated is not None:
-        phases["all active on the nodes"] = (activated, activated)
-    return Round("edgefleet", wall, cpu, broker_cpu, before, after, metrics, phases)
+    return Round(
+        "edgefleet",
+        wall,
+        controller_cpu - controller_before,
+        broker_cpu,
+        before,
+        after,
+        metrics,
+        phases,
+        nodes_cpu - nodes_before,
+    )
+
+
+def start_processes(
+    root: Path, nodes_dir: Path, broker: BrokerAddress, count: int, node_procs: int
+) -> Processes:
+    """``fleetctl serve`` (waited for until it serves) and the simulated nodes."""
+    url = f"mqtt://{broker.host}:{broker.port}"
+    logs = [root / "controller.log"]
+    with logs[0].open("wb") as log:
+        db, keys = str(root / "controller" / "fleet.db"), str(root / "keys")
+        serve = ["serve", "--broker", url, "--fleet", FLEET, "--db", db, "--keys", keys]
+        controller = subprocess.Popen(
+            [sys.executable, "-m", "fleet_controller", *serve, "--log-level", "info"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while "serving fleet" not in logs[0].read_text(errors="replace"):
+        if controller.poll() is not None or time.monotonic() > deadline:
+            controller.kill()
+            raise RuntimeError(f"fleetctl serve did not start: {logs[0].read_text()[-2000:]}")
+        time.sleep(0.1)
+    nodes = []
+    for index in range(node_procs):
+        share = count // node_procs + (index < count % node_procs)
+        logs.append(root / f"nodes-{index}.log")
+        with logs[-1].open("wb") as log:
+            simulate = ["simulate", "--count", str(share), "--prefix", f"sim{index}"]
+            simulate += ["--data", str(nodes_dir), "--trust", str(root / "keys" / "trust.json")]
+            simulate += ["--broker", url, "--fleet", FLEET, "--source", "none"]
+            command = [sys.executable, "-m", "edge_node", *simulate]
+            nodes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+    return Processes(controller, nodes, logs)
+
+
+def stop_processes(procs: Processes) -> None:
+    """SIGTERM (a clean stop) to the nodes, then the controller; SIGKILL after 60 s."""
+    for group in (procs.nodes, [procs.controller]):
+        for proc in group:
+            proc.terminate()
+        for proc in group:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 async def fleet(
@@ -369,91 +480,57 @@ async def fleet(
                 sign_release(path, manifest, load_key(keys, Role.RELEASE, None)),
             )
         )
-    controller = ControllerService(
-        ControllerConfig(
-            broker=broker, db_url=str(root / "controller" / "fleet.db"), keys_dir=keys, fleet=FLEET
-        )
-    )
-    loop = asyncio.get_running_loop()
-    controller_task = loop.create_task(controller.run())
-    tasks: list[asyncio.Task[None]] = []
-    with shared_pool() as pool:
-        agents = simulated_agents(
-            count=count,
-            prefix="sim",
-            base_dir=nodes_dir,
-            trust_file=keys / "trust.json",
-            broker=broker,
-            fleet=FLEET,
-            labels={},
-            executor=pool,
-            telemetry_interval_s=10.0,  # the agent's default
-        )
-        try:
-            async with asyncio.timeout(30):
-                await controller.connected.wait()
-            identity = OperatorIdentity.load(keys)
-            async with (
-                CtlClient(MqttTransport(broker), fleet=FLEET, identity=identity) as ctl,
-                SysCounters(broker) as counters,
-            ):
-                for _, _, release in models:
-                    await publish(ctl, release)
-                started = time.perf_counter()
-                tasks = [loop.create_task(agent.run()) for agent in agents]
-                await wait_online(ctl, count, timeout_s=60 + count * 0.2)
-                print(f"\n{count} nodes online in {time.perf_counter() - started:.1f} s")
-                rounds: list[Round] = []
-                for index, (path, name, _) in enumerate(models):
-                    rounds.append(await bare_round(broker, count, path, counters, config))
-                    report_round(index + 1, rounds[-1:], count)
-                    profiled = args.profile and index == 0 and count == max(args.nodes)
-                    profile = cProfile.Profile() if profiled else None
+    (root / "controller").mkdir()
+    procs = start_processes(root, nodes_dir, broker, count, args.node_procs)
+    store = Store.open(str(root / "controller" / "fleet.db"))
+    try:
+        identity = OperatorIdentity.load(keys)
+        async with (
+            CtlClient(MqttTransport(broker), fleet=FLEET, identity=identity) as ctl,
+            SysCounters(broker) as counters,
+        ):
+            for _, _, release in models:
+                await publish(ctl, release)
+            started = time.perf_counter()
+            await wait_online(ctl, count, timeout_s=60 + count * 0.2)
+            print(f"\n{count} nodes online in {time.perf_counter() - started:.1f} s")
+            rounds: list[Round] = []
+            for index, (path, name, _) in enumerate(models):
+                rounds.append(await bare_round(broker, count, path, counters, config))
+                report_round(index + 1, rounds[-1], count)
+                profiled_round = args.profile and index == 0 and count == max(args.nodes)
+                pids = {"controller": procs.controller.pid} | {
+                    f"nodes{i}": p.pid for i, p in enumerate(procs.nodes)
+                }
+                with profiled(pids, args.profile if profiled_round else None):
                     rounds.append(
                         await rollout_round(
-                            ctl,
-                            controller,
-                            name,
-                            agents=agents,
-                            counters=counters,
-                            config=config,
-                            profile=profile,
+                            ctl, store, name, procs, counters, config, args.max_rss_gb
                         )
                     )
-                    report_round(index + 1, rounds[-1:], count)
-                    if profile is not None:
-                        write_profile(profile, Path(args.profile), count)
-                summarise(rounds, count, models[0][0].stat().st_size)
-        finally:
-            for agent in agents:
-                agent.stop()
-            if tasks:
-                _, stuck = await asyncio.wait(tasks, timeout=60)
-                for task in stuck:
-                    task.cancel()
-            controller.stop()
-            with contextlib.suppress(asyncio.CancelledError, EdgeFleetError):
-                await asyncio.wait_for(controller_task, 30)
+                report_round(index + 1, rounds[-1], count)
+            summarise(rounds, count, models[0][0].stat().st_size)
+    finally:
+        await asyncio.to_thread(stop_processes, procs)
 
 
-def report_round(index: int, pair: list[Round], count: int) -> None:
-    for measured in pair:
-        extra = ""
-        if measured.kind == "edgefleet":
-            m = measured.metrics
-            sent_mb = m["chunk_bytes_sent"] / 1e6
-            extra = (
-                f"; controller sent {m['chunks_sent']} chunks ({sent_mb:.1f} MB), "
-                f"{m['stored']} messages stored\n    node states stored, s after the start "
-                "(half of the nodes / all): "
-                + ", ".join(f"{k} {a:.1f}/{b:.1f}" for k, (a, b) in measured.phases.items())
-            )
-        print(
-            f"  round {index} {measured.kind:9s}: {measured.wall_s:6.2f} s wall, "
-            f"{measured.cpu_s:6.2f} s CPU ({measured.cpu_s / count * 1e3:.1f} ms per node), "
-            f"broker {measured.broker_cpu_s:5.2f} s CPU, "
-            f"{measured.sys('bytes_sent') / 1e6:,.0f} MB sent by the broker{extra}"
+def report_round(index: int, measured: Round, count: int) -> None:
+    extra, nodes = "", ""
+    if measured.kind == "edgefleet":
+        m, per_node = measured.metrics, measured.nodes_cpu_s / count * 1e3
+        nodes = f" controller + {measured.nodes_cpu_s:6.2f} s nodes ({per_node:.1f} ms per node)"
+        extra = (
+            f"; controller sent {m['chunks_sent']} chunks ({m['chunk_bytes_sent'] / 1e6:.1f} MB), "
+            f"{m['stored']} messages stored\n    node states stored, s after the start "
+            "(half of the nodes / all): "
+            + ", ".join(f"{k} {a:.1f}/{b:.1f}" for k, (a, b) in measured.phases.items())
         )
+    print(
+        f"  round {index} {measured.kind:9s}: {measured.wall_s:6.2f} s wall, "
+        f"{measured.cpu_s:6.2f} s CPU ({measured.cpu_s / count * 1e3:.1f} ms per node){nodes}, "
+        f"broker {measured.broker_cpu_s:5.2f} s CPU, "
+        f"{measured.sys('bytes_sent') / 1e6:,.0f} MB sent by the broker{extra}"
+    )
 
 
 def summarise(rounds: list[Round], count: int, size: int) -> None:
@@ -471,21 +548,12 @@ def summarise(rounds: list[Round], count: int, size: int) -> None:
         f"{median('bare', lambda r: r.broker_cpu_s):.2f} s, "
         f"{median('bare', lambda r: r.sys('bytes_sent')) / 1e6:,.0f} MB through the broker\n"
         f"  EdgeFleet start->succeeded {edge:7.2f} s wall, "
-        f"{median('edgefleet', lambda r: r.cpu_s):6.2f} s CPU + broker "
+        f"{median('edgefleet', lambda r: r.cpu_s):6.2f} s CPU controller + "
+        f"{median('edgefleet', lambda r: r.nodes_cpu_s):6.2f} s nodes + broker "
         f"{median('edgefleet', lambda r: r.broker_cpu_s):.2f} s, "
         f"{median('edgefleet', lambda r: r.sys('bytes_sent')) / 1e6:,.0f} MB through the broker\n"
         f"  ratio EdgeFleet / bare: {edge / bare:.2f}x wall"
     )
-
-
-def write_profile(profile: cProfile.Profile, path: Path, count: int) -> None:
-    text = io.StringIO()
-    stats = pstats.Stats(profile, stream=text)
-    text.write(f"cProfile of one EdgeFleet rollout round, {count} nodes\n")
-    stats.sort_stats("tottime").print_stats(30)
-    stats.sort_stats("cumulative").print_stats(40)
-    path.write_text(text.getvalue())
-    print(f"  profile of this round written to {path}")
 
 
 def main() -> None:
@@ -494,12 +562,14 @@ def main() -> None:
         "--nodes", type=lambda text: [int(p) for p in text.split(",")], default=[50, 1000]
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--profile", help="write a cProfile of one EdgeFleet round here")
+    parser.add_argument("--profile", help="py-spy stacks of one round in PROFILE.*")
+    parser.add_argument("--node-procs", type=int, default=1, help="edge-node simulate processes")
     parser.add_argument(
         "--node-data",
         default="/dev/shm" if Path("/dev/shm").is_dir() else None,
         help="where the simulated nodes keep their data (default /dev/shm: see the docstring)",
     )
+    parser.add_argument("--max-rss-gb", type=float, default=8.0, help="see the docstring")
     parser.add_argument("--bare-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_worker:

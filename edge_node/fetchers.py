@@ -12,7 +12,9 @@ Invariants every fetcher here keeps:
   is enough for the store to detect an oversize blob and no more.
 * Every failure of the source or the transport (stall, refusal, cut connection,
   malformed reply) is raised as :class:`~shared.errors.TransferError` with a
-  one-line reason. Bytes already yielded stay valid: resuming, also after an
+  one-line reason; a broadcast request that could not be published is not one
+  by itself: it counts as a request that brought nothing (see
+  :class:`BroadcastFetcher`). Bytes already yielded stay valid: resuming, also after an
   MQTT reconnect, is simply calling :meth:`Fetcher.stream` again with the new
   offset (the store does this from its ``.part`` file's length).
 * A stream ending before the declared size is not an error for the fetcher
@@ -95,7 +97,11 @@ class BroadcastFetcher:
     The agent routes every frame received on ``artifact_broadcast`` and on
     ``artifact_data(fleet, sha, node)`` (a refusal for this node) to
     :meth:`deliver`. One stream per digest at a time (the store serialises
-    downloads of a digest); all of it runs on one event loop.
+    downloads of a digest); all of it runs on one event loop. A request whose
+    publish fails (a link so busy that it times out) does not end the stream:
+    the node stays subscribed, keeps what arrives, and asks again when the
+    repair clock allows; ``max_requests`` fruitless requests end it, and a lost
+    connection is the caller's to watch (:class:`edge_node.downloads.Downloader`).
 
     Resume after a reconnect: call :meth:`stream` again with the new offset.
     """
@@ -191,7 +197,13 @@ class BroadcastFetcher:
                 return
             if repair.due_at() <= loop.time():
                 repair.requested(loop.time())
-                await self._request(sha256, assembly.missing())
+                try:
+                    await self._request(sha256, assembly.missing())
+                except TransferError as exc:
+                    # Not sent (a busy link timed out): stay subscribed and ask again
+                    # when the repair clock says. Leaving would throw away the chunks
+                    # on their way and ask for the whole rest anew.
+                    _log.info("%s; asking again later", exc)
                 continue
             try:
                 async with asyncio.timeout_at(repair.due_at()):

@@ -22,12 +22,15 @@ Invariants
   which the controller sends with the highest *contiguous* ``seq`` it has
   durably stored. Acking is idempotent; an ack above the last assigned ``seq``
   is clamped to it and logged, so a future ``seq`` can never count as acked.
-* **Resent in order.** :meth:`due` lists, in ``seq`` order, the entries never
-  sent plus those sent more than ``resend_after_s`` ago and still unacked.
-  :meth:`mark_sent` records a send (time, attempt count); :meth:`requeue_all`
-  (call it after every reconnect) marks everything unsent so all unacked entries
-  go out again, in order. Delivery is at-least-once; the controller dedups by
-  ``seq``.
+* **Resent in order, backing off.** :meth:`due` lists, in ``seq`` order, the
+  entries never sent plus those still unacked whose last send is older than
+  their re-send delay: ``resend_after_s`` after the first send, doubling with
+  each further send, ``RESEND_DOUBLINGS`` times at most
+  (a controller that is slow to ack, not gone, is not flooded with copies; an
+  entry is never dropped). :meth:`mark_sent` records a send (time, attempt
+  count); :meth:`requeue_all` (call it after every reconnect) marks everything
+  unsent so all unacked entries go out again at once, in order. Delivery is
+  at-least-once; the controller dedups by ``seq``.
 * **Telemetry is best-effort and unsequenced.** It lives in its own table with
   its own ids, so dropping it never opens a gap in the acked sequence.
 * **Bounded, results never dropped.** ``max_bytes`` caps the stored payload and
@@ -79,6 +82,7 @@ from shared.errors import EdgeFleetError
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_ENTRIES",
+    "RESEND_DOUBLINGS",
     "Kind",
     "Outbox",
     "OutboxEntry",
@@ -94,6 +98,7 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # payload + topic bytes, both tables together
 DEFAULT_MAX_ENTRIES = 1_000_000  # rows, both tables together
+RESEND_DOUBLINGS = 3  # an unacked entry's re-send delay grows to 8 x resend_after_s
 
 
 class OutboxFullError(EdgeFleetError):
@@ -296,9 +301,9 @@ class Outbox:
     def due(self, now: float, *, resend_after_s: float, limit: int) -> list[OutboxEntry]:
         """Up to ``limit`` entries, in ``seq`` order, to (re)send at ``now``.
 
-        That is every entry never sent (or requeued) and every entry last sent
-        more than ``resend_after_s`` seconds before ``now``. ``limit`` <= 0
-        returns nothing.
+        That is every entry never sent (or requeued) and every entry whose last send is
+        older than ``resend_after_s`` x 2 ** min(sends - 1, ``RESEND_DOUBLINGS``).
+        ``limit`` <= 0 returns nothing.
 
         Raises:
             OutboxError: the outbox is closed or the database failed.
@@ -308,8 +313,9 @@ class Outbox:
         with self._db("due") as conn:
             rows = conn.execute(
                 "SELECT seq, kind, topic, payload, attempts, created_at FROM entries "
-                "WHERE sent_at IS NULL OR sent_at < ? ORDER BY seq LIMIT ?",
-                (now - resend_after_s, limit),
+                "WHERE sent_at IS NULL "
+                "OR sent_at + ? * (1 << MIN(MAX(attempts - 1, 0), ?)) < ? ORDER BY seq LIMIT ?",
+                (resend_after_s, RESEND_DOUBLINGS, now, limit),
             ).fetchall()
             return [
                 OutboxEntry(

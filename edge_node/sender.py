@@ -8,8 +8,10 @@ Invariants (the outbox's own are in :mod:`edge_node.outbox`):
   caller keeps them and pauses (:meth:`OutboxSender.try_put`); ``space`` is
   clear exactly while something waits for room;
 * entries are published in ``seq`` order on the current connection, and re-sent
-  when unacknowledged for ``resend_after_s``; after every reconnect all of them
-  go out again (:meth:`OutboxSender.requeue`);
+  when unacknowledged for ``resend_after_s``, then for twice as long after each
+  re-send, up to 8 times as long (:meth:`edge_node.outbox.Outbox.due`: a
+  controller that lags behind is not flooded with copies); after every
+  reconnect all of them go out again at once (:meth:`OutboxSender.requeue`);
 * an entry leaves the outbox only on the controller's ack.
 """
 

@@ -6,7 +6,8 @@ event loop and one thread pool for ``session.run`` (a pool per node would be
 thousands of threads for a large fleet). Node ``i`` (1-based) is
 ``{prefix}-{i:04d}`` with data in ``base_dir/{id}``; labels given to all nodes
 are extended with ``sim-group`` (``a`` for odd, ``b`` for even nodes) so
-selectors can split the fleet. Nodes start together and load the models they
+selectors can split the fleet. Each sends telemetry every 10 s, as a real node
+does by default. Nodes start together and load the models they
 hold, like those a rollout brings, concurrently: each on its runtime's loader
 thread, warm-ups in parallel (the runtime serialises only onnxruntime's
 session constructor, process-wide).
@@ -49,7 +50,7 @@ def simulated_agents(
     executor: ThreadPoolExecutor,
     source: SourceKind = "none",
     rate_hz: float | None = 1.0,
-    telemetry_interval_s: float = 5.0,
+    telemetry_interval_s: float = 10.0,  # as a real node's (edge-node run)
 ) -> list[NodeAgent]:
     """``count`` agents as :func:`run_simulation` runs them, sharing ``executor``."""
     return [

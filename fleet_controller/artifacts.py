@@ -10,7 +10,10 @@
   wave is the blob's size, not nodes x size. The first request for an idle
   blob starts a broadcast once no other node has asked for
   :data:`GATHER_QUIET_S` (at most :data:`GATHER_MAX_S` after the first ask),
-  so a wave's nodes share one pass; chunks are read off the event loop,
+  so a wave's nodes share one pass; a chunk goes out again at the earliest
+  :data:`REPAIR_HOLD_S` after it last went, so the nodes that join late or
+  lost it within that pause share one re-send (each re-send reaches every
+  downloading node); chunks are read off the event loop,
   published :data:`BROADCAST_WINDOW` at a time and paced to
   ``broadcast_bytes_per_s`` so the broker and slow nodes keep up. The
   last chunk of a pass is flagged final: nodes then ask for their gaps. A
@@ -69,6 +72,7 @@ __all__ = [
     "GATHER_MAX_S",
     "GATHER_QUIET_S",
     "MAX_PARTS",
+    "REPAIR_HOLD_S",
     "UPLOAD_IDLE_S",
     "Artifacts",
 ]
@@ -81,6 +85,7 @@ BROADCAST_BYTES_PER_S = 32 * 1024 * 1024  # pace of one blob's broadcast
 BROADCAST_WINDOW = 4  # chunks of one broadcast published and not yet acknowledged
 GATHER_QUIET_S = 0.25  # a broadcast starts once no other node has asked for this long...
 GATHER_MAX_S = 2.0  # ...or this long after the first ask
+REPAIR_HOLD_S = 2.0  # a chunk is sent again at the earliest this long after it last went
 CLOCK_SKEW_S = 0.5  # a chunk sent this long after a request's ``ts`` reached its node
 FETCHERS_TTL_S = 2.0  # how long the nodes allowed to fetch a blob are cached
 MAX_PARTS = 8  # uploads in progress at once
@@ -113,6 +118,7 @@ class Artifacts:
         broadcast_bytes_per_s: float = BROADCAST_BYTES_PER_S,
         gather_quiet_s: float = GATHER_QUIET_S,
         gather_max_s: float = GATHER_MAX_S,
+        repair_hold_s: float = REPAIR_HOLD_S,
     ) -> None:
         self.blobs = blobs
         self._max_upload_bytes = max_upload_bytes
@@ -125,6 +131,7 @@ class Artifacts:
         self._bytes_per_s = broadcast_bytes_per_s
         self._gather_quiet_s = gather_quiet_s
         self._gather_max_s = gather_max_s
+        self._repair_hold_s = repair_hold_s
         self._allowed: dict[str, tuple[float, frozenset[str]]] = {}  # sha256: (at, nodes)
         self._rate = RateLimiter(CHUNKS_PER_S, CHUNKS_PER_S * BURST_S)
         self._casts: dict[str, _Cast] = {}  # sha256: its broadcast, while one runs
@@ -186,7 +193,8 @@ class Artifacts:
         if cast is not None:
             return cast, False
         now = asyncio.get_running_loop().time()
-        cast = _Cast(Carousel(size=size, chunk_bytes=self._chunk_bytes), now, now)
+        carousel = Carousel(size=size, chunk_bytes=self._chunk_bytes, hold_s=self._repair_hold_s)
+        cast = _Cast(carousel, now, now)
         self._casts[sha256] = cast
         return cast, True
 
@@ -237,11 +245,19 @@ class Artifacts:
         loop = asyncio.get_running_loop()
         due = loop.time()
         while True:
-            index = carousel.next(self._clock()) if len(sending) < BROADCAST_WINDOW else None
+            full = len(sending) >= BROADCAST_WINDOW
+            index = None if full else carousel.next(self._clock())
             if index is None:
-                if not sending:
+                ready = None if full else carousel.ready_at()  # a held chunk's time
+                if not sending and ready is None:
                     return
-                done, _ = await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
+                pause = None if ready is None else max(0.0, ready - self._clock())
+                if not sending:
+                    await asyncio.sleep(pause or 0.0)  # the hold-off, not synchronisation
+                    continue
+                done, _ = await asyncio.wait(
+                    sending, timeout=pause, return_when=asyncio.FIRST_COMPLETED
+                )
                 sending.difference_update(done)
                 failed = [e for task in done if (e := task.exception()) is not None]
                 if failed:

@@ -18,7 +18,12 @@ numbers wanted and not yet sent, and a cursor:
 * :meth:`Carousel.next` takes the first scheduled chunk at or after the
   cursor, wrapping around, and moves the cursor past it. A node that joins in
   the middle gets the rest of the current pass first and its beginning after
-  it, so the nodes already in the pass are not held back.
+  it, so the nodes already in the pass are not held back;
+* **a chunk goes out again at the earliest ``hold_s`` after it last went**
+  (:meth:`Carousel.ready_at` says when a held one may): the nodes that join
+  or ask again within that pause share one re-send, instead of one each. A
+  broadcast reaches every node downloading the blob, so each re-send costs
+  the broker and every node the chunk, not only the nodes that lacked it.
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ __all__ = ["Carousel"]
 class Carousel:
     """Chunks of one blob still to send (see the module docstring)."""
 
-    def __init__(self, *, size: int, chunk_bytes: int) -> None:
-        """Raises: ValueError on a size or chunk size below 1."""
-        if size < 1 or chunk_bytes < 1:
-            raise ValueError("size and chunk_bytes must be positive")
+    def __init__(self, *, size: int, chunk_bytes: int, hold_s: float = 0.0) -> None:
+        """Raises: ValueError on a size or chunk size below 1, or a negative hold."""
+        if size < 1 or chunk_bytes < 1 or hold_s < 0:
+            raise ValueError("size and chunk_bytes must be positive, hold_s not negative")
+        self.hold_s = hold_s
         self.size = size
         self.chunk_bytes = chunk_bytes
         self.count = -(-size // chunk_bytes)
@@ -80,13 +86,27 @@ class Carousel:
                 self._scheduled[index] = 1
                 self.pending += 1
 
-    def next(self, now: float) -> int | None:
-        """The next chunk to send at ``now`` (then unscheduled), or None when none is."""
+    def ready_at(self) -> float | None:
+        """When the earliest scheduled chunk may go (None: nothing is scheduled)."""
         if self.pending == 0:
             return None
-        index = self._scheduled.find(1, self._cursor)
-        if index < 0:
-            index = self._scheduled.find(1, 0, self._cursor)
+        return min(self._sent_at[i] + self.hold_s for i in self._scheduled_indices())
+
+    def _scheduled_indices(self) -> list[int]:
+        """Scheduled chunk numbers from the cursor on, wrapping around."""
+        order = range(self._cursor, self._cursor + self.count)
+        return [i % self.count for i in order if self._scheduled[i % self.count]]
+
+    def next(self, now: float) -> int | None:
+        """The next chunk to send at ``now`` (then unscheduled), or None when none is
+        scheduled or every scheduled one is held (see :meth:`ready_at`)."""
+        if self.pending == 0:
+            return None
+        index = next(
+            (i for i in self._scheduled_indices() if self._sent_at[i] + self.hold_s <= now), None
+        )
+        if index is None:
+            return None
         self._scheduled[index] = 0
         self._sent_at[index] = now
         self.pending -= 1

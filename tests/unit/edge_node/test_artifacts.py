@@ -467,6 +467,27 @@ def test_fetcher_repairs_only_the_chunks_it_missed() -> None:
     assert len(controller.sent) == 12 + 2
 
 
+def test_fetcher_keeps_listening_when_a_request_cannot_be_published() -> None:
+    """A request that times out counts as fruitless: no new stream, nothing asked twice."""
+    blob = blob_of(6_000, seed=5)
+    controller = FakeBroadcaster(blob)
+    publish = controller.publish
+    failures = [TransferError("publishing to mqtt://broker: Operation timed out")]
+
+    async def flaky(topic: str, payload: bytes) -> None:
+        if failures:
+            raise failures.pop()
+        await publish(topic, payload)
+
+    controller.publish = flaky  # type: ignore[method-assign]  # the link times out once
+    fetcher = controller.make()
+
+    assert run(collect(fetcher, controller.sha256, len(blob))) == blob
+    assert [asked(r) for r in controller.requests] == [[(0, 6_000)]]
+    broadcast = topics.artifact_broadcast(FLEET, controller.sha256)
+    assert controller.subscribed == controller.unsubscribed == [broadcast]
+
+
 def test_fetcher_gives_up_when_requests_bring_nothing() -> None:
     blob = blob_of(4_000)
     controller = FakeBroadcaster(blob, lose_always=frozenset({0}))

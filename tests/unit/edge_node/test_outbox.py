@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge_node.outbox import (
+    RESEND_DOUBLINGS,
     Outbox,
     OutboxError,
     OutboxFullError,
@@ -123,6 +124,26 @@ def test_due_lists_unsent_then_resends_after_the_timeout(db: Path) -> None:
         later = ob.due(200.0, resend_after_s=30.0, limit=10)
         assert [(e.seq, e.attempts) for e in later] == [(1, 2), (2, 1), (3, 1), (4, 1)]
         assert ob.due(200.0, resend_after_s=30.0, limit=0) == []
+
+
+def test_resends_back_off_doubling_up_to_the_cap_and_a_requeue_sends_at_once(
+    db: Path,
+) -> None:
+    """An unacked entry's re-send delay doubles with each send, up to 8 x; nothing drops."""
+    with Outbox(db) as ob:
+        ob.put("status", TOPIC, payload_for)
+        sent_at = 0.0
+        ob.mark_sent([1], sent_at)
+        for delay in (10.0, 20.0, 40.0, 80.0, 80.0, 80.0):  # 2 ** min(sends - 1, 3) x 10 s
+            assert ob.due(sent_at + delay - 0.5, resend_after_s=10.0, limit=10) == []
+            (entry,) = ob.due(sent_at + delay + 0.5, resend_after_s=10.0, limit=10)
+            assert entry.seq == 1
+            sent_at += delay + 0.5
+            ob.mark_sent([1], sent_at)
+        assert RESEND_DOUBLINGS == 3
+        # A reconnect sends everything again at once, however far backed off.
+        ob.requeue_all()
+        assert [e.attempts for e in ob.due(sent_at, resend_after_s=10.0, limit=10)] == [7]
 
 
 def test_mark_sent_ignores_acked_and_unknown_seqs(db: Path) -> None:

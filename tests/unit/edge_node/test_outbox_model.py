@@ -19,6 +19,7 @@ from hypothesis.stateful import (
 )
 
 from edge_node.outbox import (
+    RESEND_DOUBLINGS,
     Outbox,
     OutboxFullError,
     OutboxStats,
@@ -130,8 +131,12 @@ class OutboxModel(RuleBasedStateMachine):
 
     @rule(limit=st.integers(1, 8))
     def send(self, limit: int) -> None:
-        cutoff = self.now - self.RESEND_AFTER_S
-        expected = sorted(s for s, at in self.sent_at.items() if at is None or at < cutoff)[:limit]
+        def due(s: int) -> bool:
+            at = self.sent_at[s]
+            backoff = 2 ** min(max(self.attempts[s] - 1, 0), RESEND_DOUBLINGS)
+            return at is None or at + self.RESEND_AFTER_S * backoff < self.now
+
+        expected = sorted(s for s in self.sent_at if due(s))[:limit]
         entries = self.ob.due(self.now, resend_after_s=self.RESEND_AFTER_S, limit=limit)
         assert [e.seq for e in entries] == expected
         assert [e.attempts for e in entries] == [self.attempts[s] for s in expected]

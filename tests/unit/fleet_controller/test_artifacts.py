@@ -132,7 +132,7 @@ class RecordingLink:
 
 
 def broadcaster(
-    tmp_path: Path, nodes: Iterable[str], *, bytes_per_s: float = 1e9
+    tmp_path: Path, nodes: Iterable[str], *, bytes_per_s: float = 1e9, hold_s: float = 0.0
 ) -> tuple[Artifacts, RecordingLink, str, Counter[str]]:
     blobs = BlobStore(tmp_path / "blobs")
     sha = blobs.add_bytes(blob(size=5000))
@@ -150,6 +150,7 @@ def broadcaster(
         broadcast_bytes_per_s=bytes_per_s,
         gather_quiet_s=0.05,
         gather_max_s=0.5,
+        repair_hold_s=hold_s,
     )
     return artifacts, link, sha, metrics
 
@@ -183,6 +184,27 @@ def test_a_late_node_gets_the_rest_of_the_pass_then_only_what_it_missed(tmp_path
     run(scenario)
     assert link.offsets() == [0, 1000, 2000, 3000, 4000, 0, 1000]
     assert [c.final for c in link.chunks()] == [False] * 6 + [True]
+
+
+def test_late_asks_within_the_hold_share_one_re_send(tmp_path: Path) -> None:
+    # Three nodes join one after another just after the first pass: each lacks
+    # it all, and the three get one re-send once the hold is over, not three.
+    nodes = ["early", "late1", "late2", "late3"]
+    artifacts, link, sha, _ = broadcaster(tmp_path, nodes, hold_s=0.3)
+
+    async def scenario() -> None:
+        link.on_publish = [asyncio.Event() for _ in range(10)]
+        first = asyncio.create_task(artifacts.serve_chunk(request("early", sha)))
+        await link.on_publish[4].wait()  # the first pass is out
+        for late in nodes[1:]:
+            await artifacts.serve_chunk(request(late, sha))
+        await first
+
+    started = time.monotonic()
+    run(scenario)
+    assert link.offsets() == [0, 1000, 2000, 3000, 4000] * 2
+    assert [c.final for c in link.chunks()] == ([False] * 4 + [True]) * 2
+    assert time.monotonic() - started >= 0.3  # the re-send waited for the hold
 
 
 def test_repairs_asked_by_several_nodes_together_are_sent_once(tmp_path: Path) -> None:

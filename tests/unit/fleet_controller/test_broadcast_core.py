@@ -22,6 +22,29 @@ def test_chunks_cover_the_blob_and_the_last_is_short() -> None:
     assert [carousel.span(i) for i in range(3)] == [(0, 1_000), (1_000, 1_000), (2_000, 500)]
 
 
+def test_a_chunk_is_held_for_hold_s_after_it_went_then_sent_once_for_all_askers() -> None:
+    carousel = Carousel(size=3_000, chunk_bytes=1_000, hold_s=2.0)
+    carousel.schedule([0, 1, 2])
+    assert drain(carousel, now=10.0) == [0, 1, 2]
+    assert carousel.ready_at() is None
+    carousel.schedule(carousel.wanted([(0, 1_500)]))  # a late node
+    carousel.schedule(carousel.wanted([(0, 3_000)]))  # another, a moment later
+    assert carousel.next(11.9) is None  # held: 0, 1 and 2 went at 10.0
+    assert carousel.ready_at() == 12.0
+    assert drain(carousel, now=12.0) == [0, 1, 2]  # once each, for both
+    assert carousel.idle
+
+
+def test_a_held_chunk_does_not_hold_back_one_that_may_go() -> None:
+    carousel = Carousel(size=3_000, chunk_bytes=1_000, hold_s=2.0)
+    carousel.schedule([0])
+    assert drain(carousel, now=10.0) == [0]
+    carousel.schedule([0, 2])
+    assert drain(carousel, now=10.5) == [2]
+    assert carousel.ready_at() == 12.0
+    assert drain(carousel, now=12.0) == [0]
+
+
 def test_ranges_map_to_the_chunks_holding_them_and_past_the_end_asks_nothing() -> None:
     carousel = Carousel(size=2_500, chunk_bytes=1_000)
     assert carousel.wanted([(999, 2)]) == [0, 1]
@@ -68,6 +91,8 @@ def test_every_scheduled_chunk_is_sent_exactly_once(ranges: list[tuple[int, int]
 def test_invalid_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="positive"):
         Carousel(size=0, chunk_bytes=1)
+    with pytest.raises(ValueError, match="hold_s"):
+        Carousel(size=1, chunk_bytes=1, hold_s=-1.0)
     with pytest.raises(ValueError, match="positive"):
         Carousel(size=1, chunk_bytes=0)
 
