@@ -60,9 +60,9 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from sys_counters import SysCounters
 
 from edgefleet_io.mqtt import MqttTransport
-from edgefleet_io.transport import Session
 from fleet_controller.api import CtlClient, OperatorIdentity
 from fleet_controller.artifacts import CHUNK_BYTES
 from fleet_controller.demo import local_mosquitto
@@ -117,45 +117,6 @@ def build_model(path: Path, seed: int) -> Path:
 
 
 # ----- the broker: $SYS counters and its CPU time ------------------------------------
-
-
-class SysCounters:
-    """The broker's ``$SYS`` byte and message counters, as last published (every second)."""
-
-    def __init__(self, broker: BrokerAddress) -> None:
-        self._broker = broker
-        self.values: dict[str, int] = {}
-        self._updated = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> SysCounters:
-        self._task = asyncio.get_running_loop().create_task(self._read())
-        await self.fresh()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _read(self) -> None:
-        names = {topic: name for name, topic in SYS_TOPICS.items()}
-        async with MqttTransport(self._broker).connect(Session(client_id="bench-sys")) as link:
-            await link.subscribe([(topic, 0) for topic in SYS_TOPICS.values()])
-            async for message in link.messages():
-                if message.payload:
-                    self.values[names[message.topic]] = int(message.payload)
-                    if message.topic == SYS_TOPICS["messages_sent"]:
-                        self._updated.set()
-
-    async def fresh(self) -> dict[str, int]:
-        """Counters from the next update after now (at most ~1 s away)."""
-        async with asyncio.timeout(10):
-            self._updated.clear()
-            await self._updated.wait()
-        await asyncio.sleep(0.05)  # the rest of that update
-        return dict(self.values)
 
 
 def broker_cpu_s(config: Path) -> float:
@@ -487,7 +448,7 @@ async def fleet(
         identity = OperatorIdentity.load(keys)
         async with (
             CtlClient(MqttTransport(broker), fleet=FLEET, identity=identity) as ctl,
-            SysCounters(broker) as counters,
+            SysCounters(broker, SYS_TOPICS) as counters,
         ):
             for _, _, release in models:
                 await publish(ctl, release)

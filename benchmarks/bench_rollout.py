@@ -47,9 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sys_counters import SysCounters
+
 from edge_node.simulate import shared_pool, simulated_agents
 from edgefleet_io.mqtt import MqttTransport
-from edgefleet_io.transport import Session
 from fleet_controller.api import CtlClient, OperatorIdentity
 from fleet_controller.demo import build_classifier, local_mosquitto
 from fleet_controller.keys import init_keys, load_key
@@ -66,49 +67,6 @@ SYS_RECEIVED = "$SYS/broker/publish/messages/received"
 SYS_SENT = "$SYS/broker/publish/messages/sent"
 ENDED = ("succeeded", "failed", "aborted", "rolled_back")
 POOL = shared_pool()  # the simulated nodes' one session.run pool
-
-
-class BrokerCounters:
-    """The broker's ``$SYS`` PUBLISH counters, as last published (every second)."""
-
-    def __init__(self, broker: BrokerAddress) -> None:
-        self._broker = broker
-        self.values: dict[str, int] = {}
-        self._updated = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> BrokerCounters:
-        self._task = asyncio.get_running_loop().create_task(self._read())
-        await self.fresh()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _read(self) -> None:
-        transport = MqttTransport(self._broker)
-        async with transport.connect(Session(client_id="bench-sys")) as link:
-            await link.subscribe([(SYS_RECEIVED, 0), (SYS_SENT, 0)])
-            async for message in link.messages():
-                if message.payload:
-                    self.values[message.topic] = int(message.payload)
-                    if message.topic == SYS_SENT:
-                        self._updated.set()
-
-    async def fresh(self) -> dict[str, int]:
-        """Counters from the next update after now (at most ~1 s away).
-
-        Mosquitto republishes a counter only when it changed; "sent" changes every
-        second (it counts the ``$SYS`` messages sent to this subscriber).
-        """
-        async with asyncio.timeout(10):
-            self._updated.clear()
-            await self._updated.wait()
-        await asyncio.sleep(0.05)  # the rest of that update
-        return dict(self.values)
 
 
 class LoopLag:
@@ -236,7 +194,7 @@ async def measure(root: Path, broker: BrokerAddress, args: argparse.Namespace) -
             CtlClient(
                 MqttTransport(broker), fleet=FLEET, identity=OperatorIdentity.load(keys)
             ) as ctl,
-            BrokerCounters(broker) as counters,
+            SysCounters(broker, {SYS_RECEIVED: SYS_RECEIVED, SYS_SENT: SYS_SENT}) as counters,
         ):
             await publish(ctl, release)
             started = time.perf_counter()
