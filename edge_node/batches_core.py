@@ -189,7 +189,8 @@ def _compact(ids: list[int], table: list[_T]) -> tuple[list[int], list[_T]]:
     """``ids`` renumbered into the entries of ``table`` they name (-1 stays -1)."""
     used = sorted(set(ids) - {-1})
     if used == list(range(len(table))):
-        return ids, table
+        # A copy: the pending buffer's table grows while this batch waits for the outbox.
+        return ids, table[:]
     new = {old: index for index, old in enumerate(used)}
     new[-1] = -1
     return [new[i] for i in ids], [table[i] for i in used]

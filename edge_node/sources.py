@@ -160,7 +160,13 @@ class SyntheticSource:
                 :func:`~edge_node.inference_core.make_inputs`).
         """
         with self._lock:
-            rows = max_rows
+            pool = self._pool
+            if pool is None or pool.sha256 != manifest.sha256:
+                pool = self._pool = _Pool(
+                    manifest, self._rng, max_rows=self._pool_rows, max_bytes=self._pool_bytes
+                )
+            # What one draw can give: the rate is paid only for rows actually made.
+            rows = min(max_rows, pool.size) if pool.stackable else 1
             if self._interval:
                 now = self._clock()
                 # At most a second of backlog is made up after a stall.
@@ -170,11 +176,6 @@ class SyntheticSource:
                     return None
                 rows = min(rows, due)
                 self._next_at += rows * self._interval
-            pool = self._pool
-            if pool is None or pool.sha256 != manifest.sha256:
-                pool = self._pool = _Pool(
-                    manifest, self._rng, max_rows=self._pool_rows, max_bytes=self._pool_bytes
-                )
             return pool.take(rows)
 
     def close(self) -> None:
