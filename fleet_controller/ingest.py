@@ -19,8 +19,8 @@ Invariants:
   (:func:`~fleet_controller.link.open_results`): one that does not decode is
   logged, counted (``metrics["malformed"]``) and dropped; one over its node's
   results quota (:meth:`NodeQuotas.admit_results`) is dropped unacknowledged
-  and counted (``metrics["quota_refused_results"]``). Counts made in the
-  thread reach ``metrics`` on the event loop.
+  and counted (``metrics["quota_refused_results"]``), once per batch, before
+  any retry. Counts made in the thread reach ``metrics`` on the event loop.
 * **One poison message cannot block the rest.** A batch that fails with a
   store error (the database is away) is dropped unacknowledged, to be re-sent.
   A batch that raises anything else is retried item by item: what stores is
@@ -51,20 +51,24 @@ __all__ = ["Ingest"]
 log = logging.getLogger(__name__)
 
 
+_Opened = NodeStatus | ResultBatch | Telemetry | NodeState
+"""What ingest stores: what nodes sent, result batches decoded."""
+
+
 @dataclass
 class _Batch:
     statuses: list[NodeStatus] = field(default_factory=list)
-    results: list[RawResults] = field(default_factory=list)
+    results: list[ResultBatch] = field(default_factory=list)
     telemetry: list[Telemetry] = field(default_factory=list)
     states: list[NodeState] = field(default_factory=list)
 
     @classmethod
-    def of(cls, items: Iterable[Ingested]) -> _Batch:
+    def of(cls, items: Iterable[_Opened]) -> _Batch:
         batch = cls()
         for item in items:
             if isinstance(item, NodeStatus):
                 batch.statuses.append(item)
-            elif isinstance(item, RawResults):
+            elif isinstance(item, ResultBatch):
                 batch.results.append(item)
             elif isinstance(item, Telemetry):
                 batch.telemetry.append(item)
@@ -141,26 +145,26 @@ class Ingest:
         """Store ``items`` and publish the acks they earned; never raises."""
         now = self._clock()
         counts: Counter[str] = Counter()
+        # Decoded and charged to their nodes' quotas once, before any retry.
+        opened = await asyncio.to_thread(self._open, items, now, counts)
+        self._metrics.update(counts)
         try:
-            acks = await asyncio.to_thread(self._write, items, now, counts)
+            acks = await asyncio.to_thread(self._write, opened, now)
         except EdgeFleetError as exc:
             log.error("storing a batch failed (nodes will re-send): %s", exc)
             return
         except Exception:
-            log.exception("storing a batch of %d failed; retrying one by one", len(items))
-            acks = await self._one_by_one(items, now)
+            log.exception("storing a batch of %d failed; retrying one by one", len(opened))
+            acks = await self._one_by_one(opened, now)
         else:
-            self._metrics["stored"] += len(items) - counts.total()
-        finally:
-            self._metrics.update(counts)
+            self._metrics["stored"] += len(opened)
         await self._publish_acks(acks)
 
-    async def _one_by_one(self, items: Sequence[Ingested], now: float) -> dict[str, int]:
+    async def _one_by_one(self, items: Sequence[_Opened], now: float) -> dict[str, int]:
         acks: dict[str, int] = {}
         for item in items:
-            counts: Counter[str] = Counter()
             try:
-                _merge(acks, await asyncio.to_thread(self._write, [item], now, counts))
+                _merge(acks, await asyncio.to_thread(self._write, [item], now))
             except Exception as exc:
                 self._metrics["ingest_failed"] += 1
                 log.error(
@@ -171,35 +175,31 @@ class Ingest:
                     exc_info=not isinstance(exc, EdgeFleetError),
                 )
             else:
-                self._metrics["stored"] += 1 - counts.total()
-            finally:
-                self._metrics.update(counts)
+                self._metrics["stored"] += 1
         return acks
 
-    def _write(self, items: Sequence[Ingested], now: float, counts: Counter[str]) -> dict[str, int]:
-        """In a worker thread; what it drops is counted in ``counts``.
-
-        Raises: StoreError, or anything a bad message provokes.
-        """
+    def _write(self, items: Sequence[_Opened], now: float) -> dict[str, int]:
+        """In a worker thread. Raises: StoreError, or anything a bad message provokes."""
         batch = _Batch.of(items)
         for state in batch.states:
             self._store.nodes.apply_state(state, now)
-        results = self._open(batch.results, now, counts)
-        return self._store.ingest.write(batch.statuses, results, batch.telemetry, now)
+        return self._store.ingest.write(batch.statuses, batch.results, batch.telemetry, now)
 
-    def _open(
-        self, raws: Sequence[RawResults], now: float, counts: Counter[str]
-    ) -> list[ResultBatch]:
-        """Decode result batches; drop (and count) the malformed and the over-quota."""
-        opened: list[ResultBatch] = []
-        for raw in raws:
+    def _open(self, items: Sequence[Ingested], now: float, counts: Counter[str]) -> list[_Opened]:
+        """In a worker thread: decode result batches, dropping (and counting in
+        ``counts``) the malformed and the over-quota; everything else as it is."""
+        opened: list[_Opened] = []
+        for item in items:
+            if not isinstance(item, RawResults):
+                opened.append(item)
+                continue
             try:
-                batch = open_results(raw)
+                batch = open_results(item)
             except DecodeError as exc:
                 counts["malformed"] += 1
-                log.warning("dropping a malformed result batch from %s: %s", raw.node, exc)
+                log.warning("dropping a malformed result batch from %s: %s", item.node, exc)
                 continue
-            if not self._quotas.admit_results(raw.node, len(batch), now):
+            if not self._quotas.admit_results(item.node, len(batch), now):
                 counts["quota_refused_results"] += 1
                 continue
             opened.append(batch)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from fleet_controller.quotas import BURST_S
 from fleet_controller.store import Store, StoreError
 from shared import topics
 from shared.messages import NodeRolloutState, NodeStatus, encode
@@ -196,6 +197,34 @@ def test_a_store_error_drops_the_batch_unacked_and_the_resend_is_stored(
             await eventually("the write was tried", lambda: not down[0])
             await node.results(1, [1])  # the node re-sends after its resend timeout
             assert await node.next_ack() == 1
+            assert result_seqs(ctl.store, "n1") == [1]
+
+    run(scenario)
+
+
+def test_a_retried_batch_is_decoded_and_charged_to_its_quota_once(
+    tmp_path: Path, keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The node may send one result (a burst of one): a retry after a failed
+    # transaction must not charge it again and refuse what it already admitted.
+    async def scenario() -> None:
+        async with controller(tmp_path, keys, node_results_per_s=1.0 / BURST_S) as ctl:
+            write = ctl.store.ingest.write
+            failures = [1]
+
+            def flaky(statuses: Any, batches: Any, telemetry: Any, now: float) -> Any:
+                if failures[0]:
+                    failures[0] -= 1
+                    raise ValueError("the first transaction fails")
+                return write(statuses, batches, telemetry, now)
+
+            monkeypatch.setattr(ctl.store.ingest, "write", flaky)
+            async with ctl.node("n1") as node:
+                await ctl.service.ingest.store([result_batch("n1", 1, [1])])
+                assert await node.next_ack() == 1
+            metrics = ctl.service.metrics
+            assert metrics["quota_refused_results"] == 0
+            assert metrics["stored"] == 1
             assert result_seqs(ctl.store, "n1") == [1]
 
     run(scenario)
