@@ -1,4 +1,4 @@
-"""The transport seam over a real MQTT 5 broker, with aiomqtt.
+"""The transport seam over a real MQTT broker (5, or 3.1.1 by the address), with aiomqtt.
 
 This is the only module that imports aiomqtt (a lint rule enforces it):
 every ``aiomqtt.MqttError`` becomes :class:`~shared.errors.BrokerUnavailableError`
@@ -16,6 +16,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -110,10 +111,25 @@ class MqttTransport:
     def __str__(self) -> str:
         return str(self.address)
 
-    def _client(self, session: Session) -> aiomqtt.Client:
-        address = self.address
+    def _session_options(self, session: Session) -> dict[str, Any]:
+        """MQTT 5: clean start and session expiry. MQTT 3.1.1 has no expiry: a
+        persistent session is ``clean_session=False`` and lasts until a clean connect
+        (or the broker's own expiry setting)."""
+        if self.address.mqtt_version == "3.1.1":
+            return {
+                "protocol": aiomqtt.ProtocolVersion.V311,
+                "clean_session": not session.persistent,
+            }
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = session.session_expiry_s if session.persistent else 0
+        return {
+            "protocol": aiomqtt.ProtocolVersion.V5,
+            "clean_start": not session.persistent,
+            "properties": properties,
+        }
+
+    def _client(self, session: Session) -> aiomqtt.Client:
+        address = self.address
         will = session.will
         return aiomqtt.Client(
             address.host,
@@ -121,12 +137,10 @@ class MqttTransport:
             username=address.username,
             password=address.password,
             identifier=session.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
             will=None
             if will is None
             else aiomqtt.Will(will.topic, will.payload, qos=will.qos, retain=will.retain),
-            clean_start=not session.persistent,
-            properties=properties,
+            **self._session_options(session),
             keepalive=session.keepalive_s,
             tls_context=self._tls_context,
             timeout=CONNECT_TIMEOUT_S,

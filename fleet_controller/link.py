@@ -15,7 +15,9 @@ What it keeps:
 * **Subscriptions**: node statuses, results and telemetry, artifact chunk
   requests and operator requests on shared subscriptions
   (``$share/controllers/...``) so replicas split them; node states without
-  ``$share`` (every replica needs every birth and death).
+  ``$share`` (every replica needs every birth and death). With ``shared``
+  off (an MQTT 3.1.1 broker, which has no shared subscriptions) every filter
+  is plain: one controller per fleet.
 * **Routing**: each message is decoded strictly, once (:func:`decode_incoming`,
   which also applies :func:`shared.rules.require_topic_node`), and handed to
   one of :class:`Routes`. Result batches, the bulk of the traffic, are not
@@ -179,8 +181,10 @@ class ControllerLink:
         store_id: str,
         clock: Callable[[], float],
         metrics: Counter[str],
+        shared: bool = True,
     ) -> None:
         self._transport = transport
+        self._shared = shared
         self._fleet = fleet
         self._controller_id = controller_id
         self._store_id = store_id
@@ -204,7 +208,7 @@ class ControllerLink:
 
     def _filters(self) -> list[tuple[str, int]]:
         fleet = self._fleet
-        share = topics.shared_subscription
+        share = topics.shared_subscription if self._shared else str
         return [
             (share(topics.node_filter(fleet, "status")), 1),
             (share(topics.node_filter(fleet, "results")), 1),

@@ -189,6 +189,7 @@ class ControllerService:
             store_id=self.store.store_id,
             clock=clock,
             metrics=self.metrics,
+            shared=config.broker.shared_subscriptions,
         )
         self._quotas = NodeQuotas(
             results_per_s=config.node_results_per_s,

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 from edgefleet_io.logs import LOG_FORMATS, LOG_LEVELS
 from fleet_controller.cli.flags import named, parse_positive_duration
-from shared.broker import DEFAULT_BROKER_URL, BrokerAddress, parse_broker_url
+from shared.broker import DEFAULT_BROKER_URL, MQTT_VERSIONS, BrokerAddress, parse_broker_url
 from shared.errors import EdgeFleetError, UsageError
 from shared.topics import check_id
 
@@ -131,6 +131,12 @@ def _global_options() -> Parser:
     group.add_argument(
         "--broker", metavar="URL", help=f"broker (env FLEET_BROKER, default {DEFAULT_BROKER_URL})"
     )
+    group.add_argument(
+        "--mqtt-version",
+        choices=MQTT_VERSIONS,
+        help="MQTT version spoken with the broker (default: the URL's ?protocol=, else 5); "
+        "3.1.1 for brokers without MQTT 5, such as NATS",
+    )
     group.add_argument("--fleet", help="fleet name (env FLEET_FLEET, default 'default')")
     group.add_argument(
         "--operator",
@@ -224,6 +230,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     from fleet_controller.keys import FIRST_OPERATOR, operator_key_path
 
     broker = parse_broker_url(args.broker or os.environ.get("FLEET_BROKER") or DEFAULT_BROKER_URL)
+    if args.mqtt_version:
+        broker = replace(broker, mqtt_version=args.mqtt_version)
     fleet = check_id(args.fleet or os.environ.get("FLEET_FLEET") or "default", "fleet")
     operator = check_id(args.operator or os.environ.get(OPERATOR_ENV) or FIRST_OPERATOR, "operator")
     key_text = args.operator_key or os.environ.get(OPERATOR_KEY_ENV)

@@ -1,7 +1,9 @@
 """Real EdgeFleet processes for end-to-end tests: controller, nodes, operator CLI.
 
 A :class:`Fleet` belongs to one test. It holds one broker URL, one fleet id and
-one working directory, and starts the programs exactly as an operator would:
+one working directory, and starts the programs exactly as an operator would
+(each process on the fleet's broker URL, or on its own ``broker_url``: another
+member of a clustered broker):
 
 * ``fleetctl keys init`` (:meth:`Fleet.init_keys`), then ``fleetctl serve``
   with a database URL (:meth:`Fleet.serve`);
@@ -183,7 +185,14 @@ class Fleet:
         self.procs.append(proc)
         return proc
 
-    def serve(self, db_url: str, *, name: str = "controller", tick: str = "0.5s") -> Proc:
+    def serve(
+        self,
+        db_url: str,
+        *,
+        name: str = "controller",
+        tick: str = "0.5s",
+        broker_url: str | None = None,
+    ) -> Proc:
         """``fleetctl serve`` on ``db_url``; returns once it answers the operator API."""
         proc = self.start(
             name,
@@ -198,6 +207,7 @@ class Fleet:
                 tick,
                 "--log-level",
                 "info",
+                *_broker_flag(broker_url),
             ],
         )
 
@@ -221,6 +231,7 @@ class Fleet:
         rate_hz: float = 5.0,
         labels: Mapping[str, str] | None = None,
         name: str = "simulate",
+        broker_url: str | None = None,
     ) -> Proc:
         """``edge-node simulate``: nodes ``PREFIX-0001``... with synthetic traffic."""
         args = [
@@ -240,6 +251,7 @@ class Fleet:
             str(rate_hz),
             "--log-level",
             "info",
+            *_broker_flag(broker_url),
         ]
         for key, value in (labels or {}).items():
             args += ["--label", f"{key}={value}"]
@@ -253,6 +265,8 @@ class Fleet:
         labels: Mapping[str, str] | None = None,
         telemetry_interval_s: float = 5.0,
         resend_after_s: float = 5.0,
+        source: str = "synthetic",
+        broker_url: str | None = None,
     ) -> Proc:
         """``edge-node run`` for one node, its data in ``nodes/NODE_ID`` (kept across runs)."""
         args = [
@@ -265,7 +279,7 @@ class Fleet:
             "--data",
             str(self.root / "nodes" / node_id),
             "--source",
-            "synthetic",
+            source,
             "--rate",
             str(rate_hz),
             "--telemetry-interval",
@@ -274,6 +288,7 @@ class Fleet:
             str(resend_after_s),
             "--log-level",
             "info",
+            *_broker_flag(broker_url),
         ]
         for key, value in (labels or {}).items():
             args += ["--label", f"{key}={value}"]
@@ -516,6 +531,11 @@ class Fleet:
             state = "running" if proc.running else f"exited {proc.popen.returncode}"
             parts.append(f"----- {proc.log.name} ({state}) -----\n{proc.tail(lines)}")
         return "\n".join(parts)
+
+
+def _broker_flag(broker_url: str | None) -> list[str]:
+    """``--broker URL`` for a process on its own broker (None: the fleet's)."""
+    return [] if broker_url is None else ["--broker", broker_url]
 
 
 def statuses(db_url: str, rollout_id: str) -> list[dict[str, Any]]:
