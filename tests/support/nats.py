@@ -170,6 +170,8 @@ class NatsCluster:
                 "}",
                 "mqtt {",
                 f"  listen: {HOST}:{member.mqtt_port}",
+                "  consumer_replicas: 1",
+                "  consumer_memory_storage: true",
                 "}",
                 "",
             ]
