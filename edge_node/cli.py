@@ -29,13 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast
 
 from edgefleet_io.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
 from shared import __version__
-from shared.broker import (
-    DEFAULT_BROKER_URL,
-    MQTT_VERSIONS,
-    BrokerAddress,
-    check_mqtt_version,
-    parse_broker_url,
-)
+from shared.broker import DEFAULT_BROKER_URL, MQTT_VERSIONS, BrokerAddress, parse_broker_url
 from shared.errors import DecodeError, EdgeFleetError, TrustError, UsageError
 from shared.topics import check_id
 
@@ -45,18 +39,14 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 _RUN_KEYS = {
-    "id", "trust", "data", "broker", "mqtt_version", "fleet", "labels", "source", "rate",
-    "concurrency",
+    "id", "trust", "data", "broker", "fleet", "labels", "source", "rate", "concurrency",
     "micro_batch", "swap_mode", "threads", "providers", "graph_optimization",
     "change_threshold", "corner_threshold",
     "topk", "batch_max", "batch_interval", "telemetry_interval", "resend_after",
     "chunk_bytes", "ca_file", "cert_file", "key_file", "password_file", "log_level",
-    "log_format",
+    "log_format", "mqtt_version",
 }  # fmt: skip
-_MQTT_VERSION_HELP = (
-    "MQTT version spoken with the broker (default: the URL's ?protocol=, else 5); "
-    "3.1.1 for brokers without MQTT 5, such as NATS"
-)
+_MQTT_HELP = "MQTT version (default: the URL's ?protocol=, else 5); 3.1.1 for NATS"
 _PATH_KEYS = {"trust", "data", "ca_file", "cert_file", "key_file", "password_file"}
 """Relative paths in a config file are relative to the file (an enrollment bundle)."""
 
@@ -86,15 +76,10 @@ def _load_toml(path: str | None) -> dict[str, Any]:
     return settings
 
 
-def _broker(
-    url: str, node_id: str, password_file: str | None, mqtt_version: str | None = None
-) -> BrokerAddress:
-    """The broker address (``mqtt_version``, when given, over the URL's); with
-    ``password_file``, that password (and, when the URL names no user, the node id
-    as username). Raises: UsageError / DecodeError."""
-    address = parse_broker_url(url)
-    if mqtt_version is not None:
-        address = replace(address, mqtt_version=check_mqtt_version(mqtt_version))
+def _broker(url: str, node_id: str, password_file: str | None, mqtt: str | None) -> BrokerAddress:
+    """The broker address (MQTT version ``mqtt`` over the URL's); with ``password_file``, that
+    password (and, when the URL names no user, the node id). Raises: UsageError / DecodeError."""
+    address = parse_broker_url(url, mqtt)
     if password_file is None:
         return address
     try:
@@ -303,12 +288,8 @@ def build_config(args: argparse.Namespace, toml: dict[str, Any] | None = None) -
     threads = _whole(args, toml, "threads", 0)
     providers = _providers(_setting(args, toml, "providers", None))
     node_id = check_id(node_id, "node id")
-    broker = _broker(
-        broker_url,
-        node_id,
-        _text(args, toml, "password_file", None),
-        _text(args, toml, "mqtt_version", None),
-    )
+    password_file = _text(args, toml, "password_file", None)
+    broker = _broker(broker_url, node_id, password_file, _text(args, toml, "mqtt_version", None))
     ca_file = _check_ca_file(_text(args, toml, "ca_file", None))
     cert_file = _text(args, toml, "cert_file", None)
     key_file = _text(args, toml, "key_file", None)
@@ -410,9 +391,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from edge_node.simulate import node_ids, run_simulation
     from edge_node.sources import parse_source
 
-    broker = parse_broker_url(args.broker or os.environ.get("FLEET_BROKER", DEFAULT_BROKER_URL))
-    if args.mqtt_version:
-        broker = replace(broker, mqtt_version=args.mqtt_version)
+    url = args.broker or os.environ.get("FLEET_BROKER", DEFAULT_BROKER_URL)
+    broker = parse_broker_url(url, args.mqtt_version)
     fleet = check_id(args.fleet or os.environ.get("FLEET_FLEET", "default"), "fleet")
     prefix = check_id(args.prefix, "prefix")
     base_dir = _check_data_dir(Path(args.data))
@@ -464,7 +444,7 @@ def _add_run(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--broker", help=f"broker URL (env FLEET_BROKER, default {DEFAULT_BROKER_URL})"
     )
-    run.add_argument("--mqtt-version", choices=MQTT_VERSIONS, help=_MQTT_VERSION_HELP)
+    run.add_argument("--mqtt-version", choices=MQTT_VERSIONS, help=_MQTT_HELP)
     run.add_argument("--fleet", help="fleet name (env FLEET_FLEET, default 'default')")
     run.add_argument("--label", action="append", metavar="K=V", help="node label (repeatable)")
     run.add_argument("--source", help="synthetic (default), dir:PATH, mqtt or none")
@@ -547,7 +527,7 @@ def _add_simulate(simulate: argparse.ArgumentParser) -> None:
     )
     simulate.add_argument("--trust", required=True, help="trust.json given to every node")
     simulate.add_argument("--broker", help="broker URL (env FLEET_BROKER)")
-    simulate.add_argument("--mqtt-version", choices=MQTT_VERSIONS, help=_MQTT_VERSION_HELP)
+    simulate.add_argument("--mqtt-version", choices=MQTT_VERSIONS, help=_MQTT_HELP)
     simulate.add_argument("--fleet", help="fleet name (env FLEET_FLEET)")
     simulate.add_argument("--label", action="append", metavar="K=V", help="label for every node")
     simulate.add_argument("--source", default="none", help="none (default) or synthetic")

@@ -60,9 +60,11 @@ class BrokerAddress:
         return f"{scheme}://{user}{self.host}:{self.port}{query}"
 
 
-def parse_broker_url(url: str) -> BrokerAddress:
-    """Raises: DecodeError for anything but an mqtt(s) URL with a host and at most
-    ``?protocol=5|3.1.1``."""
+def parse_broker_url(url: str, mqtt_version: str | None = None) -> BrokerAddress:
+    """The address of ``url``; ``mqtt_version``, when given, wins over the URL's.
+
+    Raises: DecodeError for anything but an mqtt(s) URL with a host and at most
+    ``?protocol=5|3.1.1``, or an unknown ``mqtt_version``."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -80,6 +82,8 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise DecodeError(
             f"invalid broker URL {url!r}: protocol {version!r}, use {' or '.join(MQTT_VERSIONS)}"
         )
+    if mqtt_version is not None:
+        version = check_mqtt_version(mqtt_version)
     tls = parts.scheme == "mqtts"
     return BrokerAddress(
         host=parts.hostname,

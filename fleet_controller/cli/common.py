@@ -229,9 +229,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     """
     from fleet_controller.keys import FIRST_OPERATOR, operator_key_path
 
-    broker = parse_broker_url(args.broker or os.environ.get("FLEET_BROKER") or DEFAULT_BROKER_URL)
-    if args.mqtt_version:
-        broker = replace(broker, mqtt_version=args.mqtt_version)
+    url = args.broker or os.environ.get("FLEET_BROKER") or DEFAULT_BROKER_URL
+    broker = parse_broker_url(url, args.mqtt_version)
     fleet = check_id(args.fleet or os.environ.get("FLEET_FLEET") or "default", "fleet")
     operator = check_id(args.operator or os.environ.get(OPERATOR_ENV) or FIRST_OPERATOR, "operator")
     key_text = args.operator_key or os.environ.get(OPERATOR_KEY_ENV)

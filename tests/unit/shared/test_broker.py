@@ -52,3 +52,10 @@ def test_mqtt_versions_are_checked() -> None:
     assert check_mqtt_version("3.1.1") == "3.1.1"
     with pytest.raises(DecodeError, match=r"use 5 or 3\.1\.1"):
         check_mqtt_version("3")
+
+
+def test_a_given_version_wins_over_the_urls() -> None:
+    assert parse_broker_url("mqtt://h?protocol=3.1.1", "5").mqtt_version == "5"
+    assert parse_broker_url("mqtt://h", "3.1.1").mqtt_version == "3.1.1"
+    with pytest.raises(DecodeError, match="MQTT version '4'"):
+        parse_broker_url("mqtt://h", "4")
