@@ -231,6 +231,7 @@ class Fleet:
         rate_hz: float = 5.0,
         labels: Mapping[str, str] | None = None,
         name: str = "simulate",
+        source: str = "synthetic",
         broker_url: str | None = None,
     ) -> Proc:
         """``edge-node simulate``: nodes ``PREFIX-0001``... with synthetic traffic."""
@@ -246,7 +247,7 @@ class Fleet:
             "--trust",
             str(self.trust_file),
             "--source",
-            "synthetic",
+            source,
             "--rate",
             str(rate_hz),
             "--log-level",
