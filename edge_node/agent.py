@@ -49,6 +49,7 @@ from edge_node.jobs import JobRunner, StatusReporter
 from edge_node.link import Inbound, LinkSettings, NodeLink
 from edge_node.outbox import Outbox, OutboxStats
 from edge_node.pipeline import Pipeline, PipelineSettings
+from edge_node.presence_core import ControllerWatch
 from edge_node.runtime import ModelRuntime, SessionOptionsConfig
 from edge_node.sender import OutboxSender
 from edge_node.state import NodeStore, StateKeeper
@@ -87,6 +88,7 @@ class AgentConfig:
     batch_interval_s: float = 1.0
     telemetry_interval_s: float = 10.0
     resend_after_s: float = 15.0
+    silent_resend_max_s: float = 300.0  # the oldest entry's longest pause while no controller acks
     outbox_max_bytes: int = 256 * 1024 * 1024
     chunk_bytes: int = 256 * 1024
     chunk_window: int = 4
@@ -139,10 +141,14 @@ class NodeAgent:
             max_bytes=config.outbox_max_bytes,
             first_seq=int(clock() * 1_000_000),  # a new outbox never reuses acked numbers
         )
+        # Silent after an unanswered send has waited through three re-sends.
+        watch = ControllerWatch(silent_after_s=4 * config.resend_after_s)
         self._sender = OutboxSender(
             self._outbox,
             self._connection,
             resend_after_s=config.resend_after_s,
+            silent_resend_max_s=config.silent_resend_max_s,
+            watch=watch,
             clock=clock,
             stopping=self._stopping,
         )
@@ -155,7 +161,9 @@ class NodeAgent:
             chunk_window=config.chunk_window,
             retries=config.download_retries,
             stopping=self._stopping,
+            controller_offline=lambda: watch.offline,
         )
+        self._sender.on_back(self._downloader.controller_online)
         self._pipeline = self._make_pipeline()
         self._commands, self._runner = self._make_commands()
         self._link = self._make_link()
@@ -233,6 +241,7 @@ class NodeAgent:
             ack=self._on_ack,
             chunk=self._downloader.deliver,
             infer_request=pipeline.offer_request if pipeline.takes_requests else None,
+            controller=lambda state: self._sender.controller_state(state.online),
         )
         settings = LinkSettings(
             node_id=cfg.node_id,

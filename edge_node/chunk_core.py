@@ -21,7 +21,11 @@ its previous request, sooner after the sender says it has nothing more
 scheduled (a final chunk), and with the wait doubling after every request that
 brought nothing new, up to ``max_s``; after ``max_requests`` fruitless
 requests the download has stalled. However many nodes miss a chunk, each asks
-at most once per wait, and the controller coalesces their asks.
+at most once per wait, and the controller coalesces their asks. When the
+controller comes (back) online, :meth:`RepairClock.restart` makes the next
+request due at once with the wait starting over: the requests sent while no
+controller listened were dropped by the broker, not refused, and waiting out
+the back-off would only stall the download.
 """
 
 from __future__ import annotations
@@ -204,6 +208,12 @@ class RepairClock:
             return self._next
         # Bytes may still be flowing: wait for a whole pause without any first.
         return max(self._next, self.last_progress + self.wait_s())
+
+    def restart(self) -> None:
+        """The controller came (back) online: ask at once, the back-off and the count anew."""
+        self.fruitless = 0
+        self.last_request = None
+        self.final_seen = False
 
     def requested(self, now: float) -> None:
         """A request goes out at ``now``.

@@ -9,6 +9,10 @@ Invariants:
   waiting would only stall) and resumed from the ``.part`` as soon as the node
   is connected again; that is no failed attempt;
 * other transfer failures are retried with back-off, ``retries`` times;
+* chunk requests wait while the retained ``controller/state`` says offline
+  (``controller_offline``): the broker would drop them. When the controller
+  comes back (:meth:`Downloader.controller_online`) a running MQTT download
+  asks for its gaps at once and a back-off between attempts is cut short;
 * frames arriving on ``artifact/{sha256}/data`` (the broadcast) and
   ``artifact/+/data/{node}`` (refusals) reach the download of their digest
   (:meth:`Downloader.deliver`); others are dropped.
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_node.artifacts import ArtifactStore
-from edge_node.context import Connection, sleep_unless
+from edge_node.context import Connection
 from edge_node.fetchers import BroadcastFetcher, HttpFetcher
 from edgefleet_io.transport import Link
 from shared.chunks import Frame
@@ -56,11 +60,13 @@ class Downloader:
         chunk_window: int,
         retries: int,
         stopping: asyncio.Event,
+        controller_offline: Callable[[], bool] = lambda: False,
     ) -> None:
         self._artifacts = artifacts
         self._connection = connection
         self._retries = retries
         self._stopping = stopping
+        self._controller_back = asyncio.Event()
         self._fetcher = BroadcastFetcher(
             node_id=node_id,
             fleet=fleet,
@@ -68,11 +74,17 @@ class Downloader:
             subscribe=self._subscribe,
             unsubscribe=self._unsubscribe,
             buffer_bytes=chunk_bytes * chunk_window,
+            controller_offline=controller_offline,
         )
 
     def deliver(self, frame: Frame) -> None:
         """Hand a received frame to the download of its digest, if one is running."""
         self._fetcher.deliver(frame)
+
+    def controller_online(self) -> None:
+        """The controller came (back) online: ask now, and end a back-off between attempts."""
+        self._fetcher.controller_online()
+        self._controller_back.set()
 
     async def download(
         self, manifest: ModelManifest, url: str | None, progress: Callable[[int, int], None]
@@ -93,11 +105,25 @@ class Downloader:
                 if attempts > self._retries:
                     raise
                 log.warning("download of %s interrupted (%s); resuming", manifest.name, exc)
-                await sleep_unless(self._stopping, min(_MAX_BACKOFF_S, 0.5 * 2**attempts))
+                await self._back_off(min(_MAX_BACKOFF_S, 0.5 * 2**attempts))
                 continue
             if path is not None:
                 return path
             log.info("connection lost while downloading %s; resuming", manifest.name)
+
+    async def _back_off(self, seconds: float) -> None:
+        """Sleep ``seconds``, less when stopping or when the controller comes back meanwhile."""
+        self._controller_back.clear()
+        loop = asyncio.get_running_loop()
+        waits = (
+            loop.create_task(self._controller_back.wait()),
+            loop.create_task(self._stopping.wait()),
+        )
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def _attempt(
         self, manifest: ModelManifest, url: str | None, progress: Callable[[int, int], None]

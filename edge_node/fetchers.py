@@ -103,6 +103,13 @@ class BroadcastFetcher:
     repair clock allows; ``max_requests`` fruitless requests end it, and a lost
     connection is the caller's to watch (:class:`edge_node.downloads.Downloader`).
 
+    Requests go to the controllers' shared subscription group, and the broker
+    drops what reaches a group with no member. So while ``controller_offline()``
+    says the retained ``controller/state`` is offline, the stream asks nothing
+    (once every ``max_repair_s`` it still asks, uncounted, in case that state is
+    stale) and never stalls; :meth:`controller_online` (the controller came
+    back) makes every running stream ask at once, its repair clock started over.
+
     Resume after a reconnect: call :meth:`stream` again with the new offset.
     """
 
@@ -120,6 +127,7 @@ class BroadcastFetcher:
         max_requests: int = 8,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        controller_offline: Callable[[], bool] = lambda: False,
     ) -> None:
         """Raises: ValueError on an invalid id or setting (TopicError for ids)."""
         if buffer_bytes < 0:
@@ -136,7 +144,9 @@ class BroadcastFetcher:
         self._max_requests = max_requests
         self._rng = rng or random.Random()
         self._clock = clock
-        self._inboxes: dict[str, asyncio.Queue[Frame]] = {}  # sha256 -> its stream's frames
+        self._controller_offline = controller_offline
+        # sha256 -> its stream's frames; None: the controller came online, ask now
+        self._inboxes: dict[str, asyncio.Queue[Frame | None]] = {}
 
     def deliver(self, frame: Frame) -> bool:
         """Hand a received frame to the stream of its digest; False (dropped) when none runs."""
@@ -145,6 +155,11 @@ class BroadcastFetcher:
             return False
         inbox.put_nowait(frame)
         return True
+
+    def controller_online(self) -> None:
+        """The controller came (back) online: every running stream asks for its gaps now."""
+        for inbox in self._inboxes.values():
+            inbox.put_nowait(None)
 
     async def stream(self, sha256: str, size: int, offset: int) -> AsyncIterator[bytes]:
         """Yield blob ``sha256`` from ``offset``; see the class docstring.
@@ -163,7 +178,7 @@ class BroadcastFetcher:
             return
         if sha256 in self._inboxes:
             raise ValueError(f"a stream of {sha256[:12]} is running already")
-        inbox: asyncio.Queue[Frame] = asyncio.Queue()
+        inbox: asyncio.Queue[Frame | None] = asyncio.Queue()
         self._inboxes[sha256] = inbox
         topic = topics.artifact_broadcast(self._fleet, sha256)
         try:
@@ -185,7 +200,7 @@ class BroadcastFetcher:
     async def _assemble(
         self,
         sha256: str,
-        inbox: asyncio.Queue[Frame],
+        inbox: asyncio.Queue[Frame | None],
         assembly: Assembly,
         repair: RepairClock,
     ) -> AsyncGenerator[bytes, None]:
@@ -195,20 +210,23 @@ class BroadcastFetcher:
                 yield data
             if assembly.done:
                 return
-            if repair.due_at() <= loop.time():
+            # No controller listens: asking would only be dropped and count
+            # towards a stall. Wait for it (or probe now and then, uncounted).
+            held = self._controller_offline()
+            if not held and repair.due_at() <= loop.time():
                 repair.requested(loop.time())
-                try:
-                    await self._request(sha256, assembly.missing())
-                except TransferError as exc:
-                    # Not sent (a busy link timed out): stay subscribed and ask again
-                    # when the repair clock says. Leaving would throw away the chunks
-                    # on their way and ask for the whole rest anew.
-                    _log.info("%s; asking again later", exc)
+                await self._try_request(sha256, assembly.missing())
                 continue
+            wake_at = loop.time() + self._max_repair_s if held else repair.due_at()
             try:
-                async with asyncio.timeout_at(repair.due_at()):
+                async with asyncio.timeout_at(wake_at):
                     frame = await inbox.get()
             except TimeoutError:
+                if held:
+                    await self._try_request(sha256, assembly.missing())
+                continue
+            if frame is None:
+                repair.restart()
                 continue
             if isinstance(frame, Refusal):
                 raise TransferError(f"controller refused {sha256[:12]}: {_one_line(frame.reason)}")
@@ -216,6 +234,15 @@ class BroadcastFetcher:
                 repair.progressed(loop.time())
             if frame.final:
                 repair.saw_final()
+
+    async def _try_request(self, sha256: str, ranges: list[tuple[int, int]]) -> None:
+        try:
+            await self._request(sha256, ranges)
+        except TransferError as exc:
+            # Not sent (a busy link timed out): stay subscribed and ask again
+            # when the repair clock says. Leaving would throw away the chunks
+            # on their way and ask for the whole rest anew.
+            _log.info("%s; asking again later", exc)
 
     async def _request(self, sha256: str, ranges: list[tuple[int, int]]) -> None:
         request = ArtifactRequest(

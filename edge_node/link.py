@@ -15,6 +15,9 @@ Invariants:
 * incoming messages are parsed once at this boundary and handed to the part
   that owns them (:class:`Inbound`); malformed input is logged and dropped, a
   cleared retained command is ignored;
+* the retained ``controller/state`` is subscribed to and handed on, so the
+  node holds what only a listening controller can take (see
+  :mod:`edge_node.presence_core`);
 * a clean stop publishes its own death (same session number) before leaving.
 """
 
@@ -39,6 +42,7 @@ from shared.chunks import Frame, decode_frame
 from shared.errors import DecodeError, TransportError
 from shared.messages import (
     Capabilities,
+    ControllerState,
     InferRequest,
     NodeState,
     decode,
@@ -62,6 +66,8 @@ class Inbound:
     chunk: Callable[[Frame], None]
     """An artifact frame (broadcast chunk or refusal), its digest checked against its topic."""
     infer_request: Callable[[InferRequest], None] | None = None
+    controller: Callable[[ControllerState], None] | None = None
+    """The retained ``controller/state`` (online or offline), each time it arrives."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,6 +151,8 @@ class NodeLink:
         ]
         if self._inbound.infer_request is not None:
             subscriptions.append(topics.infer_request(cfg.fleet, cfg.node_id))
+        if self._inbound.controller is not None:
+            subscriptions.append(topics.controller_state(cfg.fleet))
         await link.subscribe([(t, 1) for t in subscriptions])
         await self._sender.requeue()
         await self._publish_state(link, online=True)
@@ -240,3 +248,5 @@ class NodeLink:
             inbound.chunk(frame)
         elif kind is topics.TopicKind.INFER_REQUEST and inbound.infer_request is not None:
             inbound.infer_request(decode(InferRequest, data))
+        elif kind is topics.TopicKind.CONTROLLER_STATE and inbound.controller is not None:
+            inbound.controller(decode(ControllerState, data))

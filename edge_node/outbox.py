@@ -25,9 +25,10 @@ Invariants
 * **Resent in order, backing off.** :meth:`due` lists, in ``seq`` order, the
   entries never sent plus those still unacked whose last send is older than
   their re-send delay: ``resend_after_s`` after the first send, doubling with
-  each further send, ``RESEND_DOUBLINGS`` times at most
-  (a controller that is slow to ack, not gone, is not flooded with copies; an
-  entry is never dropped). :meth:`mark_sent` records a send (time, attempt
+  each further send, ``RESEND_DOUBLINGS`` times at most (a controller that is
+  slow to ack, not gone, is not flooded with copies; an entry is never
+  dropped), or up to a caller's ``max_resend_s`` (the sender's longer cap while
+  the controller is silent). :meth:`mark_sent` records a send (time, attempt
   count); :meth:`requeue_all` (call it after every reconnect) marks everything
   unsent so all unacked entries go out again at once, in order. Delivery is
   at-least-once; the controller dedups by ``seq``.
@@ -99,6 +100,7 @@ _log = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # payload + topic bytes, both tables together
 DEFAULT_MAX_ENTRIES = 1_000_000  # rows, both tables together
 RESEND_DOUBLINGS = 3  # an unacked entry's re-send delay grows to 8 x resend_after_s
+_MAX_DOUBLINGS = 40  # keeps the SQL shift in range; max_resend_s caps the delay long before
 
 
 class OutboxFullError(EdgeFleetError):
@@ -298,11 +300,19 @@ class Outbox:
             self._dropped += dropped_rows
         return seq
 
-    def due(self, now: float, *, resend_after_s: float, limit: int) -> list[OutboxEntry]:
+    def due(
+        self,
+        now: float,
+        *,
+        resend_after_s: float,
+        limit: int,
+        max_resend_s: float | None = None,
+    ) -> list[OutboxEntry]:
         """Up to ``limit`` entries, in ``seq`` order, to (re)send at ``now``.
 
         That is every entry never sent (or requeued) and every entry whose last send is
-        older than ``resend_after_s`` x 2 ** min(sends - 1, ``RESEND_DOUBLINGS``).
+        older than min(``resend_after_s`` x 2 ** (sends - 1), ``max_resend_s``);
+        ``max_resend_s`` defaults to ``resend_after_s`` x 2 ** ``RESEND_DOUBLINGS``.
         ``limit`` <= 0 returns nothing.
 
         Raises:
@@ -310,12 +320,15 @@ class Outbox:
         """
         if limit <= 0:
             return []
+        if max_resend_s is None:
+            max_resend_s = resend_after_s * 2**RESEND_DOUBLINGS
         with self._db("due") as conn:
             rows = conn.execute(
                 "SELECT seq, kind, topic, payload, attempts, created_at FROM entries "
                 "WHERE sent_at IS NULL "
-                "OR sent_at + ? * (1 << MIN(MAX(attempts - 1, 0), ?)) < ? ORDER BY seq LIMIT ?",
-                (resend_after_s, RESEND_DOUBLINGS, now, limit),
+                "OR sent_at + MIN(? * (1 << MIN(MAX(attempts - 1, 0), ?)), ?) < ? "
+                "ORDER BY seq LIMIT ?",
+                (resend_after_s, _MAX_DOUBLINGS, max_resend_s, now, limit),
             ).fetchall()
             return [
                 OutboxEntry(

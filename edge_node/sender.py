@@ -12,6 +12,15 @@ Invariants (the outbox's own are in :mod:`edge_node.outbox`):
   re-send, up to 8 times as long (:meth:`edge_node.outbox.Outbox.due`: a
   controller that lags behind is not flooded with copies); after every
   reconnect all of them go out again at once (:meth:`OutboxSender.requeue`);
+* while the controller is silent (:class:`~edge_node.presence_core.ControllerWatch`:
+  its retained state says offline, or acks stopped coming) the backlog is
+  held: only the oldest entry goes out, as a probe, its delay doubling per
+  send up to ``silent_resend_max_s``; new entries wait. When the controller
+  comes back (its state says online, or an ack arrives) everything
+  unacknowledged goes out again at once, in order, and the listeners
+  registered with :meth:`OutboxSender.on_back` run. Without this, every node
+  re-sent its whole backlog into a shared subscription group with no member
+  (the broker drops it) on every round of a controller outage;
 * an entry leaves the outbox only on the controller's ack.
 """
 
@@ -23,7 +32,8 @@ import logging
 from collections.abc import Callable
 
 from edge_node.context import Connection
-from edge_node.outbox import Kind, Outbox, OutboxFullError
+from edge_node.outbox import Kind, Outbox, OutboxEntry, OutboxFullError
+from edge_node.presence_core import ControllerWatch
 from edgefleet_io.transport import Link
 from shared.errors import TransportError
 
@@ -45,14 +55,20 @@ class OutboxSender:
         connection: Connection,
         *,
         resend_after_s: float,
+        silent_resend_max_s: float,
+        watch: ControllerWatch,
         clock: Callable[[], float],
         stopping: asyncio.Event,
     ) -> None:
         self.outbox = outbox
+        self.watch = watch
         self._connection = connection
         self._resend_after_s = resend_after_s
+        self._silent_resend_max_s = silent_resend_max_s
         self._clock = clock
         self._stopping = stopping
+        self._back_listeners: list[Callable[[], None]] = []
+        self._requeue_due = False  # the controller came back: everything goes out again
         self._wake = asyncio.Event()
         # One sender at a time (the run loop, or a stop's last send): two would
         # publish interleaved, and a stop cutting one short leaves a gap.
@@ -95,6 +111,28 @@ class OutboxSender:
         removed = await asyncio.to_thread(self.outbox.ack, seq)
         if removed:
             self.space.set()
+        if self.watch.acked(self._clock(), outstanding=self.outbox.depth() > 0):
+            log.info("the controller answers again: re-sending everything unacknowledged")
+            self._came_back()
+
+    def controller_state(self, online: bool) -> None:
+        """The retained ``controller/state`` said ``online`` (or not)."""
+        if self.watch.state(online=online, now=self._clock()):
+            log.info("the controller is online again: re-sending everything unacknowledged")
+            self._came_back()
+        elif not online:
+            log.info("the controller is offline: holding the outbox until it comes back")
+
+    def on_back(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (on the event loop, must not block) whenever the controller
+        comes back."""
+        self._back_listeners.append(listener)
+
+    def _came_back(self) -> None:
+        self._requeue_due = True
+        self.wake()
+        for listener in self._back_listeners:
+            listener()
 
     async def requeue(self) -> None:
         """After a (re)connect: everything unacknowledged goes out again, in order."""
@@ -112,6 +150,9 @@ class OutboxSender:
                 async with asyncio.timeout(min(self._resend_after_s, _MAX_IDLE_S)):
                     await self._wake.wait()
             self._wake.clear()
+            if self._requeue_due:
+                self._requeue_due = False
+                await self.requeue()
             link = self._connection.link
             if link is None:
                 continue
@@ -132,9 +173,12 @@ class OutboxSender:
     async def _send_due(self, link: Link) -> None:
         while True:
             now = self._clock()
-            entries = await asyncio.to_thread(
-                self.outbox.due, now, resend_after_s=self._resend_after_s, limit=_DUE_LIMIT
-            )
+            if self.watch.silent(now):
+                entries = await asyncio.to_thread(self._probe, now)
+            else:
+                entries = await asyncio.to_thread(
+                    self.outbox.due, now, resend_after_s=self._resend_after_s, limit=_DUE_LIMIT
+                )
             telemetry = await asyncio.to_thread(self.outbox.telemetry_due, _TELEMETRY_LIMIT)
             if not entries and not telemetry:
                 return
@@ -143,9 +187,24 @@ class OutboxSender:
                 # publish returns, and the outbox frees only entries sent. One that
                 # then fails to go is due again on the reconnect (requeue_all).
                 await asyncio.to_thread(self.outbox.mark_sent, [e.seq for e in entries], now)
+                self.watch.sent(now)
             for entry in entries:
                 await link.publish(entry.topic, entry.payload, qos=1)
             for item in telemetry:
                 await link.publish(item.topic, item.payload, qos=1)
             if telemetry:
                 await asyncio.to_thread(self.outbox.telemetry_sent, [t.id for t in telemetry])
+
+    def _probe(self, now: float) -> list[OutboxEntry]:
+        """While the controller is silent: the oldest entry alone, when its back-off allows.
+
+        An ack for it ends the silence (a controller that serves although its
+        retained state says offline is found this way).
+        """
+        head = self.outbox.due(
+            now,
+            resend_after_s=self._resend_after_s,
+            limit=1,
+            max_resend_s=self._silent_resend_max_s,
+        )
+        return head if head and head[0].seq == self.outbox.floor() else []

@@ -289,8 +289,10 @@ class ControllerLink:
             will=Will(state_topic, self._state(online=False), qos=1, retain=True),
         )
         async with self._transport.connect(session) as link:
-            await link.publish(state_topic, self._state(online=True), qos=1, retain=True)
+            # Subscribed before announcing: nodes send their held requests and
+            # backlog the moment they see "online", into the shared group.
             await link.subscribe(self._filters())
+            await link.publish(state_topic, self._state(online=True), qos=1, retain=True)
             self._link = link
             self.connected.set()
             log.info(

@@ -206,6 +206,22 @@ def test_progress_resets_the_back_off() -> None:
     assert repair.fruitless == 1
 
 
+def test_a_restart_asks_at_once_and_starts_the_back_off_and_the_count_over() -> None:
+    """The controller came back: requests sent into its empty group were dropped, not refused."""
+    repair = clock(max_requests=3)
+    for now in (0.0, 1.0, 2.0, 4.0):
+        repair.requested(now)
+    assert repair.fruitless == 3
+    repair.saw_final()
+    repair.restart()
+    assert repair.due_at() == 0.0
+    repair.requested(5.0)
+    assert repair.fruitless == 0
+    assert repair.wait_s() == 1.0
+    repair.requested(repair.due_at())  # counted again from the start: no stall yet
+    assert repair.fruitless == 1
+
+
 def test_invalid_timing_is_refused() -> None:
     with pytest.raises(ValueError, match="repair timing"):
         clock(base_s=0)

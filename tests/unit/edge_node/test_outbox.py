@@ -146,6 +146,22 @@ def test_resends_back_off_doubling_up_to_the_cap_and_a_requeue_sends_at_once(
         assert [e.attempts for e in ob.due(sent_at, resend_after_s=10.0, limit=10)] == [7]
 
 
+def test_a_longer_cap_lets_the_delay_keep_doubling_up_to_it(db: Path) -> None:
+    """While the controller is silent the sender passes a cap of minutes, not 8 x."""
+    with Outbox(db) as ob:
+        ob.put("status", TOPIC, payload_for)
+        sent_at = 0.0
+        ob.mark_sent([1], sent_at)
+        for delay in (10.0, 20.0, 40.0, 80.0, 160.0, 300.0, 300.0):
+            due = ob.due(sent_at + delay - 0.5, resend_after_s=10.0, limit=10, max_resend_s=300)
+            assert due == []
+            (entry,) = ob.due(
+                sent_at + delay + 0.5, resend_after_s=10.0, limit=10, max_resend_s=300
+            )
+            sent_at += delay + 0.5
+            ob.mark_sent([entry.seq], sent_at)
+
+
 def test_mark_sent_ignores_acked_and_unknown_seqs(db: Path) -> None:
     with Outbox(db) as ob:
         for _ in range(2):

@@ -19,6 +19,8 @@ PURE = [
     "inference_core",
     "results_core",
     "batches_core",
+    "chunk_core",
+    "presence_core",
 ]
 
 
