@@ -184,7 +184,7 @@ def test_the_link_subscribes_shared_except_for_node_states(tmp_path: Path, keys:
                 db_url=str(ctl.db),
             )
             replicas = (ctl.service, other)
-            async with running(other), ctl.node("n1") as node:
+            async with running(other, leading=False), ctl.node("n1") as node:
                 await node.birth()
                 await eventually(
                     "both store the birth", lambda: all(s.metrics["stored"] == 1 for s in replicas)
