@@ -127,6 +127,7 @@ class LeaseRepository:
                     LEASES.c.name == fence.name,
                     LEASES.c.holder == fence.holder,
                     LEASES.c.token == fence.token,
+                    LEASES.c.expires_at > self._db.now(),
                 )
                 .values(expires_at=0.0)
             )
