@@ -183,8 +183,16 @@ class Fleet:
         self.procs.append(proc)
         return proc
 
-    def serve(self, db_url: str, *, name: str = "controller", tick: str = "0.5s") -> Proc:
-        """``fleetctl serve`` on ``db_url``; returns once it answers the operator API."""
+    def serve(
+        self,
+        db_url: str,
+        *,
+        name: str = "controller",
+        tick: str = "0.5s",
+        extra: Sequence[str] = (),
+    ) -> Proc:
+        """``fleetctl serve`` on ``db_url`` (with ``extra`` flags); returns once the
+        controller answers the operator API."""
         proc = self.start(
             name,
             [
@@ -198,6 +206,7 @@ class Fleet:
                 tick,
                 "--log-level",
                 "info",
+                *extra,
             ],
         )
 
