@@ -9,6 +9,15 @@ chunk at a time: each chunk is fsynced before it is acknowledged, hashed as it
 arrives (after a restart the part is re-hashed once, in blocks), and a complete
 part becomes the blob by the same atomic rename. No step reads a whole blob
 into memory.
+
+**One directory for all replicas.** Any replica may be asked for any chunk or
+upload, so every replica of a store must use the same directory (one host,
+or a shared filesystem). :func:`check_blob_dir` checks it at start: the
+directory holds a marker, ``.edgefleet-blobs``, naming the store and the
+directory's random identity, and the database records the identity of the
+first directory marked. A directory of another store, or a second directory
+for the same store (a replica with a local folder instead of the shared one),
+is refused.
 """
 
 from __future__ import annotations
@@ -19,22 +28,80 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.errors import DigestMismatchError, EdgeFleetError
+from shared.errors import DigestMismatchError, EdgeFleetError, UsageError
 from shared.topics import check_sha256
 
 if TYPE_CHECKING:
     from hashlib import _Hash
 
-__all__ = ["BlobStore", "UnknownBlobError"]
+__all__ = ["MARKER", "BlobDirError", "BlobStore", "UnknownBlobError", "check_blob_dir"]
+
+MARKER = ".edgefleet-blobs"  # "<store id> <directory id>": whose blobs these are
 
 _COPY_BYTES = 1024 * 1024
 
 
 class UnknownBlobError(EdgeFleetError):
     """No blob with that digest is stored."""
+
+
+class BlobDirError(UsageError):
+    """The blob directory is not the one this store's replicas share."""
+
+
+def check_blob_dir(root: Path, store_id: str, claim: Callable[[str], str]) -> str:
+    """Check that ``root`` is the blob directory of store ``store_id``, marking it
+    if it is not marked yet; returns the directory's identity.
+
+    ``claim(dir_id)`` records ``dir_id`` in the store unless it has one already,
+    and returns the recorded one (:meth:`~fleet_controller.store.Store.claim_blob_dir`).
+    The marker is written before the claim (exclusively: of two replicas marking
+    one directory together, both keep the first marker), so a crash between the
+    two leaves nothing to refuse at the next start.
+
+    Raises:
+        BlobDirError: the marker names another store or another directory than
+            the store records, or is unreadable (one line, naming the marker).
+        OSError: the marker cannot be written.
+    """
+    marker = root / MARKER
+    if not marker.exists():
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".marker.")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(f"{store_id} {uuid.uuid4().hex}\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp, marker)
+            except FileExistsError:
+                pass  # another replica marked it first: theirs stands
+            else:
+                _fsync_dir(root)
+        finally:
+            os.unlink(tmp)
+    words = marker.read_text(errors="replace").split()
+    if len(words) != 2:
+        raise BlobDirError(f"blob directory marker {marker} is unreadable: remove it and restart")
+    marked_store, dir_id = words
+    if marked_store != store_id:
+        raise BlobDirError(
+            f"blob directory {root} belongs to store {marked_store}, the database is store "
+            f"{store_id}: give this replica the database its blobs belong to"
+        )
+    recorded = claim(dir_id)
+    if recorded != dir_id:
+        raise BlobDirError(
+            f"blob directory {root} is not the one the replicas of store {store_id} share "
+            f"(its marker {marker} says {dir_id}, the database {recorded}): mount the shared "
+            f"directory there; if that one is lost, write '{store_id} {recorded}' into the marker"
+        )
+    return dir_id
 
 
 def _fsync_dir(path: Path) -> None:

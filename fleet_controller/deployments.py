@@ -13,8 +13,9 @@ deployment's policy: the same signatures, verification and health gate as any
 rollout.
 
 Failure isolation: a deployment whose step fails is logged and tried again at
-the next pass; the others go on. Two controllers on one database may run the
-reconciler together: a rollout is started only after
+the next pass; the others go on. Only the replica that leads
+(:mod:`fleet_controller.leader`) reconciles; should two ever overlap (a
+leader stalled past its lease), a rollout is started only after
 :meth:`~fleet_controller.store.deployments.DeploymentRepository.claim` moved the
 deployment from the rollout it read to the new one, which only one of them can.
 """
@@ -90,12 +91,14 @@ class Deployments:
         store: Store,
         handlers: OperatorHandlers,
         connected: asyncio.Event,
+        leading: Callable[[], bool],
         clock: Callable[[], float],
         interval_s: float = RECONCILE_EVERY_S,
     ) -> None:
         self._store = store
         self._handlers = handlers
         self._connected = connected
+        self._leading = leading
         self._clock = clock
         self._interval_s = interval_s
 
@@ -250,9 +253,10 @@ class Deployments:
     # ----- the reconciler ------------------------------------------------------------------
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Reconcile every deployment each ``interval_s`` while connected, until ``stopping``."""
+        """Reconcile every deployment each ``interval_s`` while connected and leading,
+        until ``stopping``."""
         while not await wait_or_stop(stopping, self._interval_s):
-            if self._connected.is_set():
+            if self._connected.is_set() and self._leading():
                 await self.reconcile_all()
 
     async def reconcile_all(self) -> None:

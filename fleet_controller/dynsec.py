@@ -124,6 +124,7 @@ def _operator_acls(operator: str) -> list[_Acl]:
             f"{_ALL_FLEETS}/node/+/telemetry",
             f"{_ALL_FLEETS}/node/+/status",  # fleetctl top shows rollout progress
             f"{_ALL_FLEETS}/controller/state",
+            f"{_ALL_FLEETS}/controller/state/+",  # each replica, and which one leads
         ),
     ]
 

@@ -5,13 +5,22 @@ What it keeps:
 * **One session at a time**, reconnecting with
   :func:`~edgefleet_io.transport.reconnect_delays` back-off; clean sessions,
   since shared consumers must not have messages queued for them while away.
-* **A retained ``controller/state``**: ``online`` on every connect, with an
-  ``offline`` Last Will for a connection that dies, and an explicit
-  ``offline`` on a clean stop (:meth:`ControllerLink.announce_offline`). Each
-  connect counts a new ``session``, as nodes' births do. It names the store
-  (``store_id``): before joining, :meth:`ControllerLink.read_peer` reads what is
-  retained there and :func:`check_peer` refuses a live controller of another
-  store, which would split the fleet's records between two databases.
+* **A retained ``controller/state``**, the fleet's controller service:
+  ``online`` on every connect, with an ``offline`` Last Will for a connection
+  that dies, and an explicit ``offline`` on a clean stop
+  (:meth:`ControllerLink.announce_offline`). Every replica reads it, and one
+  that is up answers an ``offline`` (another replica's Will or stop) by
+  publishing ``online`` again, so it reads offline only while no replica is
+  up; the leader publishes it when it takes the lease, so it normally names
+  the leader. Each connect counts a new ``session``, as nodes' births do. It
+  names the store (``store_id``): before joining,
+  :meth:`ControllerLink.read_peer` reads what is retained there and
+  :func:`check_peer` refuses a live controller of another store, which would
+  split the fleet's records between two databases.
+* **A retained ``controller/state/{controller_id}``** per replica: online on
+  connect and whenever its leadership changes (``leader``, ``term``), offline
+  on a clean stop; for a replica that died, the replica that sees its Will
+  retains it there too.
 * **Subscriptions**: node statuses, results and telemetry, artifact chunk
   requests and operator requests on shared subscriptions
   (``$share/controllers/...``) so replicas split them; node states without
@@ -192,6 +201,8 @@ class ControllerLink:
         self._metrics = metrics
         self._link: Link | None = None
         self.session = 0
+        self.term = 0  # the rollout lease's term this replica holds (0: not leading)
+        self._leaving = False  # announced offline: no more online states
         self.connected = asyncio.Event()
 
     def _state(self, *, online: bool) -> bytes:
@@ -202,9 +213,28 @@ class ControllerLink:
                 session=self.session,
                 version=__version__,
                 store_id=self._store_id,
+                leader=self.term > 0,
+                term=self.term,
                 ts=self._clock(),
             )
         )
+
+    async def set_term(self, term: int) -> None:
+        """Leadership changed (``term`` 0: not leading): say so on this replica's
+        state, and on the fleet's when leading. Published at the next connect if
+        the broker is away now."""
+        self.term = term
+        if self._leaving:
+            return
+        with contextlib.suppress(TransportError):
+            online = self._state(online=True)
+            await self.publish(self._replica_topic, online, retain=True)
+            if term:
+                await self.publish(topics.controller_state(self._fleet), online, retain=True)
+
+    @property
+    def _replica_topic(self) -> str:
+        return topics.controller_replica_state(self._fleet, self._controller_id)
 
     def _filters(self) -> list[tuple[str, int]]:
         fleet = self._fleet
@@ -216,6 +246,7 @@ class ControllerLink:
             (share(f"{topics.PREFIX}/{fleet}/artifact/+/req/+"), 1),
             (share(topics.ctl_request(fleet)), 1),
             (topics.node_filter(fleet, "state"), 1),
+            (topics.controller_state(fleet), 1),
         ]
 
     async def publish(
@@ -228,12 +259,14 @@ class ControllerLink:
         await link.publish(topic, payload, qos=qos, retain=retain)
 
     async def announce_offline(self) -> None:
-        """Replace the retained ``controller/state`` with ``offline`` (a clean stop)."""
+        """Replace this replica's and the fleet's retained states with ``offline`` (a
+        clean stop; another replica still up publishes the fleet's online again)."""
+        self._leaving = True
+        offline = self._state(online=False)
         with contextlib.suppress(TransportError, TimeoutError):
             async with asyncio.timeout(OFFLINE_PUBLISH_TIMEOUT_S):
-                await self.publish(
-                    topics.controller_state(self._fleet), self._state(online=False), retain=True
-                )
+                await self.publish(self._replica_topic, offline, retain=True)
+                await self.publish(topics.controller_state(self._fleet), offline, retain=True)
 
     async def read_peer(self, wait_s: float = PEER_WAIT_S) -> ControllerState | None:
         """The controller state retained for this fleet (None: nothing, or unreadable).
@@ -292,7 +325,9 @@ class ControllerLink:
             # Subscribed before announcing: nodes send their held requests and
             # backlog the moment they see "online", into the shared group.
             await link.subscribe(self._filters())
-            await link.publish(state_topic, self._state(online=True), qos=1, retain=True)
+            online = self._state(online=True)
+            await link.publish(state_topic, online, qos=1, retain=True)
+            await link.publish(self._replica_topic, online, qos=1, retain=True)
             self._link = link
             self.connected.set()
             log.info(
@@ -302,7 +337,31 @@ class ControllerLink:
                 self._transport,
             )
             async for message in link.messages():
-                self.route(message, routes)
+                if message.topic == state_topic:
+                    await self._answer_offline(link, message.payload)
+                else:
+                    self.route(message, routes)
+
+    async def _answer_offline(self, link: Link, payload: bytes) -> None:
+        """The fleet's state went ``offline`` while this replica is up: publish
+        ``online`` again, and retain the offline on the replica's own topic
+        when another replica left. Raises: TransportError."""
+        if not payload or self._leaving:
+            return
+        try:
+            state = decode(ControllerState, payload)
+        except DecodeError as exc:
+            self._metrics["malformed"] += 1
+            log.warning("malformed controller state retained for the fleet: %s", exc)
+            state = None
+        if state is not None and state.online:
+            return
+        if state is not None and state.controller_id != self._controller_id:
+            log.info("controller %s went offline; this replica serves on", state.controller_id)
+            replica = topics.controller_replica_state(self._fleet, state.controller_id)
+            await link.publish(replica, payload, qos=1, retain=True)
+        state_topic = topics.controller_state(self._fleet)
+        await link.publish(state_topic, self._state(online=True), qos=1, retain=True)
 
     def route(self, message: Message, routes: Routes) -> None:
         """Decode one message and hand it on; never raises."""

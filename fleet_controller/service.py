@@ -6,7 +6,9 @@ invariants, stated in its module:
 * :mod:`fleet_controller.link`: the broker connection (retained
   ``controller/state`` with its Will, subscriptions, strict decoding, routing);
 * :mod:`fleet_controller.ingest`: bounded queue, batch writer, acks after commit;
-* :mod:`fleet_controller.ticker`: rollout ticks (saved before acted on), pruning;
+* :mod:`fleet_controller.leader`: the rollout lease (one replica leads);
+* :mod:`fleet_controller.ticker`: rollout ticks (saved before acted on, under
+  the lease's fence), pruning;
 * :mod:`fleet_controller.deployments`: the deployment operations and the
   reconciler that brings late joiners of a group to its model;
 * :mod:`fleet_controller.actions`: signing and publishing rollout commands, as
@@ -44,13 +46,14 @@ from edgefleet_io.mqtt import MqttTransport
 from edgefleet_io.transport import Transport, reconnect_delays
 from fleet_controller.actions import ActionExecutor, CommandSender
 from fleet_controller.artifacts import Artifacts
-from fleet_controller.blobs import BlobStore
+from fleet_controller.blobs import BlobStore, check_blob_dir
 from fleet_controller.deployments import RECONCILE_EVERY_S, Deployments
 from fleet_controller.dynsec import control as dynsec_control
 from fleet_controller.handlers import OperatorHandlers
 from fleet_controller.http_artifacts import ArtifactHttpServer
 from fleet_controller.ingest import Ingest
 from fleet_controller.keys import load_key, load_trust, trust_path
+from fleet_controller.leader import DEFAULT_LEASE_S, Leadership
 from fleet_controller.link import (
     MAX_RECONNECT_DELAY_S,
     ControllerLink,
@@ -89,6 +92,7 @@ class ControllerConfig:
     fleet: str = "default"
     controller_id: str = field(default_factory=lambda: f"controller-{secrets.token_hex(4)}")
     tick_s: float = 1.0
+    lease_s: float = DEFAULT_LEASE_S  # the rollout lease's term; renewed every third of it
     reconcile_s: float = RECONCILE_EVERY_S  # how often deployments are reconciled
     queue_max: int = 20_000  # messages waiting to be stored
     batch_max: int = 500  # messages per ingest transaction
@@ -224,9 +228,17 @@ class ControllerService:
             fleet=fleet,
             artifact_base=config.http_url,
         )
+        self.leadership = Leadership(
+            self.store,
+            holder=config.controller_id,
+            lease_s=config.lease_s,
+            connected=self.link.connected,
+            on_change=self.link.set_term,
+        )
         self.ticker = RolloutTicker(
             self.store,
             executor,
+            leadership=self.leadership,
             connected=self.link.connected,
             clock=clock,
             metrics=self.metrics,
@@ -248,6 +260,7 @@ class ControllerService:
             store=self.store,
             handlers=handlers,
             connected=self.link.connected,
+            leading=lambda: self.leadership.fence is not None,
             clock=clock,
             interval_s=config.reconcile_s,
         )
@@ -274,9 +287,13 @@ class ControllerService:
 
         Raises:
             StoreError: the store fails at start.
+            BlobDirError: the blob directory is not the one this store's replicas share.
             StoreConflictError: a live controller of this fleet uses another store.
         """
         try:
+            await asyncio.to_thread(
+                check_blob_dir, self.blobs.root, self.store.store_id, self.store.claim_blob_dir
+            )
             joining = await self._may_join()
         except BaseException:
             await asyncio.to_thread(self.store.close)
@@ -300,6 +317,7 @@ class ControllerService:
             async with asyncio.TaskGroup() as group:
                 loops: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
                     "link": lambda: self.link.run(routes, stopping),
+                    "leader": lambda: self.leadership.run(stopping),
                     "ingest": self.ingest.run,
                     "ticker": lambda: self.ticker.run(stopping),
                     "pruner": lambda: self.ticker.prune(stopping),
@@ -369,5 +387,6 @@ class ControllerService:
     async def _stop_watch(self) -> None:
         await self._stopping.wait()
         await self.ingest.drain()
+        await self.leadership.release()
         await self.link.announce_offline()
         raise _Stopping

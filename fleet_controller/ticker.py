@@ -1,13 +1,15 @@
 """The rollout ticker and the pruner: the controller's clockwork.
 
-Every ``tick_s`` while connected, each active rollout takes one step
-(:func:`fleet_controller.steps.tick_step` inside ``store.rollouts.step``: its
-record is loaded once, new node statuses are folded in, the engine decides,
-and the new record is saved in one transaction) and only then are the step's
-actions carried out, so a restart resumes every rollout and never sends a node
-the same step twice. Several controllers may tick the same rollout: the store
-serialises the steps, and each action comes from a state change saved by
-exactly one of them.
+Every ``tick_s`` while connected and leading (:mod:`fleet_controller.leader`),
+each active rollout takes one step (:func:`fleet_controller.steps.tick_step`
+inside ``store.rollouts.step``: its record is loaded once, new node statuses
+are folded in, the engine decides, and the new record is saved in one
+transaction) and only then are the step's actions carried out, so a restart
+resumes every rollout and never sends a node the same step twice. Of several
+replicas only the holder of the rollout lease ticks: each step presents the
+lease's fence, checked in the step's transaction, so a replica that lost the
+lease (stalled past it, say) writes nothing and steps down
+(:class:`~fleet_controller.store.LeaseLostError`).
 
 Failure isolation, per rollout:
 
@@ -29,10 +31,13 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fleet_controller.actions import ActionExecutor
 from fleet_controller.steps import logged, tick_step
 from fleet_controller.store import (
+    Fence,
+    LeaseLostError,
     RecordError,
     Store,
     StoreError,
@@ -40,6 +45,9 @@ from fleet_controller.store import (
 )
 from shared.errors import EdgeFleetError, TransportError
 from shared.messages import RolloutState
+
+if TYPE_CHECKING:
+    from fleet_controller.leader import Leadership
 
 __all__ = ["PRUNE_EVERY_S", "RolloutTicker", "wait_or_stop"]
 
@@ -55,6 +63,7 @@ class RolloutTicker:
         store: Store,
         executor: ActionExecutor,
         *,
+        leadership: Leadership,
         connected: asyncio.Event,
         clock: Callable[[], float],
         metrics: Counter[str],
@@ -63,6 +72,7 @@ class RolloutTicker:
     ) -> None:
         self._store = store
         self._executor = executor
+        self._leadership = leadership
         self._connected = connected
         self._clock = clock
         self._metrics = metrics
@@ -70,9 +80,10 @@ class RolloutTicker:
         self._retention_days = retention_days
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Tick every active rollout each ``tick_s`` while connected, until ``stopping``."""
+        """Tick every active rollout each ``tick_s`` while connected and leading,
+        until ``stopping``."""
         while not await wait_or_stop(stopping, self._tick_s):
-            if not self._connected.is_set():
+            if not self._connected.is_set() or self._leadership.fence is None:
                 continue
             try:
                 await self.tick_all()
@@ -80,52 +91,68 @@ class RolloutTicker:
                 log.exception("rollout tick failed")
 
     async def tick_all(self) -> None:
+        """One step of every active rollout, under the held lease term (none: nothing)."""
+        fence = self._leadership.fence
+        if fence is None:
+            return
         try:
             infos = await asyncio.to_thread(self._store.rollouts.list, active_only=True)
         except EdgeFleetError as exc:
             log.error("cannot list rollouts to tick: %s", exc)
             return
         for info in infos:
-            await self.tick_one(info.rollout_id)
+            if self._leadership.fence != fence:
+                return  # the term ended: the new leader ticks the rest
+            await self.tick_one(info.rollout_id, fence)
 
-    async def tick_one(self, rollout_id: str) -> None:
-        """One step of one rollout and its actions; failures stay with this rollout."""
+    async def tick_one(self, rollout_id: str, fence: Fence) -> None:
+        """One step of one rollout and its actions under ``fence``; failures stay with
+        this rollout (a lost lease ends this replica's leadership instead)."""
         try:
-            await self._step(rollout_id)
+            await self._step(rollout_id, fence)
         except UnknownRolloutError:
             return
+        except LeaseLostError as exc:
+            self._metrics["lease_lost"] += 1
+            log.warning("rollout %s: step not taken: %s", rollout_id, exc)
+            await self._leadership.lost(fence)
         except RecordError as exc:
-            await self._fail(rollout_id, str(exc))
+            await self._fail(rollout_id, str(exc), fence)
         except (StoreError, TransportError) as exc:
             log.warning("rollout %s: tick postponed: %s", rollout_id, exc)
         except Exception as exc:
             log.exception("rollout %s: tick raised", rollout_id)
-            await self._fail(rollout_id, f"internal error: {type(exc).__name__}: {exc}")
+            await self._fail(rollout_id, f"internal error: {type(exc).__name__}: {exc}", fence)
 
-    async def _step(self, rollout_id: str) -> None:
+    async def _step(self, rollout_id: str, fence: Fence) -> None:
         now = self._clock()
         changes: list[str] = []
+        decide = logged(tick_step(now), changes)
         new, actions = await asyncio.to_thread(
-            self._store.rollouts.step, rollout_id, logged(tick_step(now), changes), now
+            lambda: self._store.rollouts.step(rollout_id, decide, now, fence=fence)
         )
         for line in changes:
             log.info("%s", line)
         for action in actions:
             await self._executor.execute(new, action, now)
 
-    async def _fail(self, rollout_id: str, reason: str) -> None:
-        """End a rollout that cannot tick: clear its broadcast, then mark it failed."""
+    async def _fail(self, rollout_id: str, reason: str, fence: Fence) -> None:
+        """End a rollout that cannot tick: clear its broadcast, then mark it failed
+        (under ``fence``: a replica that lost the lease leaves it to the leader)."""
         reason = reason[:_REASON_MAX_CHARS]
         log.error("rollout %s: marking it failed: %s", rollout_id, reason)
         try:
             await self._executor.clear_broadcast(rollout_id)
+            now = self._clock()
             await asyncio.to_thread(
-                self._store.rollouts.force_state,
-                rollout_id,
-                RolloutState.FAILED,
-                reason,
-                self._clock(),
+                lambda: self._store.rollouts.force_state(
+                    rollout_id, RolloutState.FAILED, reason, now, fence=fence
+                )
             )
+        except LeaseLostError as exc:
+            log.warning("rollout %s: not marked failed here: %s", rollout_id, exc)
+            await self._leadership.lost(fence)
+            return
         except Exception:
             log.exception("rollout %s: cannot mark it failed yet (next tick)", rollout_id)
             return

@@ -35,6 +35,7 @@ from shared.version import SEMVER_PATTERN, SemVer, VersionError
 __all__ = [
     "ARTIFACT_REQUEST_SCHEMA_VERSION",
     "COMMAND_SCHEMA_VERSION",
+    "CONTROLLER_STATE_SCHEMA_VERSION",
     "MAX_EXCLUDED_NODES",
     "MAX_REQUEST_RANGES",
     "MESSAGE_TYPES",
@@ -82,6 +83,9 @@ MAX_EXCLUDED_NODES = 4096  # ids in one wave target's ``exclude``
 # binary chunks (version 1 asked for one chunk, answered in JSON to it alone).
 ARTIFACT_REQUEST_SCHEMA_VERSION: Literal[2] = 2
 MAX_REQUEST_RANGES = 64  # byte ranges in one artifact request
+# Version 2: a controller replica says whether it leads (``leader``, ``term``),
+# and each replica also keeps its own state on ``controller/state/{id}``.
+CONTROLLER_STATE_SCHEMA_VERSION: Literal[2] = 2
 
 
 def _semver(text: str) -> str:
@@ -473,20 +477,27 @@ class ArtifactRequest(Message):
 # ----- controller and operator API ------------------------------------------
 
 
-class ControllerState(_MessageV1):
-    """Retained on ``controller/state``: online on connect, offline as the Will.
+class ControllerState(Message):
+    """Retained on ``controller/state`` (the fleet's controller service: online while
+    any replica is) and on ``controller/state/{controller_id}`` (one replica):
+    online on connect, offline as the Will.
 
     ``store_id`` names the controller's database: replicas sharing one database
     publish the same one, and a controller finding a live one with another
-    refuses to start (empty: a controller that does not say).
+    refuses to start (empty: a controller that does not say). ``leader``: the
+    replica holds the rollout lease, in term ``term`` (0 when not leading).
+    Version 2: version 1 had neither field, and one retained topic for all.
     """
 
+    v: Literal[2] = CONTROLLER_STATE_SCHEMA_VERSION
     type: Literal["controller_state"] = "controller_state"
     controller_id: Id
     online: bool
     session: Count
     version: Text = ""
     store_id: Text = Field(default="", description="identity of the controller's database")
+    leader: bool = Field(default=False, description="this replica drives the rollouts")
+    term: Count = Field(default=0, description="its rollout lease's term (0: not leading)")
     ts: Timestamp
 
 

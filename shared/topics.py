@@ -29,6 +29,8 @@ __all__ = [
     "artifact_request",
     "check_id",
     "check_sha256",
+    "controller_replica_state",
+    "controller_replicas",
     "controller_state",
     "ctl_reply",
     "ctl_request",
@@ -71,6 +73,7 @@ class TopicKind(StrEnum):
     ARTIFACT_DATA = "artifact_data"
     ARTIFACT_BROADCAST = "artifact_broadcast"
     CONTROLLER_STATE = "controller_state"
+    CONTROLLER_REPLICA_STATE = "controller_replica_state"
     CTL_REQUEST = "ctl_request"
     CTL_REPLY = "ctl_reply"
 
@@ -154,7 +157,18 @@ def artifact_broadcast(fleet: str, sha256: str) -> str:
 
 
 def controller_state(fleet: str) -> str:
+    """The fleet's controller service: online while any replica is."""
     return f"{_base(fleet)}/controller/state"
+
+
+def controller_replica_state(fleet: str, controller_id: str) -> str:
+    """One controller replica's own state (leader or not)."""
+    return f"{_base(fleet)}/controller/state/{check_id(controller_id, 'controller')}"
+
+
+def controller_replicas(fleet: str) -> str:
+    """Filter: every replica's own state."""
+    return f"{_base(fleet)}/controller/state/+"
 
 
 def ctl_request(fleet: str) -> str:
@@ -227,6 +241,10 @@ def parse_topic(topic: str) -> ParsedTopic:
         return ParsedTopic(TopicKind.ARTIFACT_BROADCAST, fleet, sha256=check_sha256(rest[0]))
     elif section == "controller" and rest == ["state"]:
         return ParsedTopic(TopicKind.CONTROLLER_STATE, fleet)
+    elif section == "controller" and len(rest) == 2 and rest[0] == "state":
+        return ParsedTopic(
+            TopicKind.CONTROLLER_REPLICA_STATE, fleet, client=check_id(rest[1], "controller")
+        )
     elif section == "ctl" and rest == ["request"]:
         return ParsedTopic(TopicKind.CTL_REQUEST, fleet)
     elif section == "ctl" and len(rest) == 2 and rest[0] == "reply":

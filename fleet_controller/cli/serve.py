@@ -19,6 +19,7 @@ from fleet_controller.cli import common
 from fleet_controller.cli.catalog import help_of
 from fleet_controller.cli.flags import named, number, parse_positive_duration, whole_number
 from fleet_controller.keys import key_path, trust_path
+from fleet_controller.leader import DEFAULT_LEASE_S, MIN_LEASE_S
 from fleet_controller.quotas import (
     BURST_S,
     DEFAULT_MAX_UPLOAD_BYTES,
@@ -34,6 +35,7 @@ DB_ENV = "FLEET_DB"
 DEFAULT_DB_URL = "sqlite:///fleet-data/fleet.db"
 MAX_TICK_S = 60.0
 MAX_RETENTION_DAYS = 3650.0
+MAX_LEASE_S = 600.0
 
 
 def _database_url(url: str) -> str:
@@ -97,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
         keys_dir=keys_dir,
         fleet=settings.fleet,
         tick_s=tick_s,
+        lease_s=args.lease_s,
         retention_days=args.retention_days,
         node_results_per_s=args.node_results_rate,
         node_bytes_per_s=args.node_bytes_rate,
@@ -165,6 +168,15 @@ def register(commands: common.Commands, parents: common.Parents) -> None:
     serve.add_argument("--keys", help=f"key directory (env {common.KEYS_ENV}, default ./keys)")
     serve.add_argument(
         "--tick", default="1s", metavar="DURATION", help="rollout tick (1s; at most 1m)"
+    )
+    serve.add_argument(
+        "--lease-s",
+        type=number(MIN_LEASE_S, MAX_LEASE_S),
+        default=DEFAULT_LEASE_S,
+        metavar="SECONDS",
+        help=f"rollout lease of the replica that drives rollouts, renewed every third of it; "
+        f"a successor takes over within about this long of a crash "
+        f"({DEFAULT_LEASE_S:g}; {MIN_LEASE_S:g} to {MAX_LEASE_S:g})",
     )
     serve.add_argument(
         "--retention-days",

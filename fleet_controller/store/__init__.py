@@ -15,6 +15,7 @@ The store is a facade over one :class:`~fleet_controller.store.database.Database
 ``store.ingest``   the ingest transaction (``write``), health samples     :mod:`.ingest`
 ``store.results``  list results, report, table counts, prune              :mod:`.results`
 ``store.audit``    append, list                                           :mod:`.audit`
+``store.leases``   acquire or renew, release, get: who drives rollouts    :mod:`.leases`
 =================  =====================================================  ================
 
 Table classes live in :mod:`.tables`, never in ``shared/`` (the wire format
@@ -54,12 +55,14 @@ from fleet_controller.store.deployments import DeploymentInfo
 from fleet_controller.store.errors import (
     DuplicateModelError,
     DuplicateRolloutError,
+    LeaseLostError,
     RecordError,
     StoreError,
     UnknownNodeError,
     UnknownRolloutError,
 )
 from fleet_controller.store.facade import Store
+from fleet_controller.store.leases import Fence, LeaseInfo
 from fleet_controller.store.records import (
     ACTIVE_ROLLOUT_STATES,
     AuditInfo,
@@ -80,6 +83,9 @@ __all__ = [
     "DeploymentInfo",
     "DuplicateModelError",
     "DuplicateRolloutError",
+    "Fence",
+    "LeaseInfo",
+    "LeaseLostError",
     "ModelInfo",
     "NodeInfo",
     "PendingStatus",

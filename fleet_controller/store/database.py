@@ -35,7 +35,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Float,
+    Table,
+    cast,
+    create_engine,
+    event,
+    func,
+    inspect,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -58,7 +71,8 @@ _log = logging.getLogger(__name__)
 
 # 2: telemetry keeps each period's runs for the health gate;
 # 3: operators' labels on nodes (nodes.central_labels) and deployments
-SCHEMA_VERSION = 4  # 4: request_nonces (created like any missing table)
+# 4: request_nonces; 5: leases (both created like any missing table)
+SCHEMA_VERSION = 5
 _PERIOD_COLUMNS = 2  # the schema version that added telemetry's period columns
 _CENTRAL_LABELS = 3  # the schema version that added nodes.central_labels
 _PERIOD_COLUMN_TYPES = (
@@ -71,6 +85,7 @@ PG_CONNECT_TIMEOUT_S = 10  # unless the URL says otherwise (``?connect_timeout=N
 _MAX_MESSAGE_CHARS = 300  # of a driver error, in the one-line StoreError
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _WRITE = "edgefleet_write"  # execution option: this transaction writes (SQLite: IMMEDIATE)
+_JULIAN_UNIX_EPOCH = 2_440_587.5  # julianday('1970-01-01')
 _OPEN_LOCK_KEY = 0x45_46_4C_45_45_54  # pg_advisory_xact_lock key serializing schema creation
 
 Dialect = Literal["postgresql", "sqlite"]
@@ -247,6 +262,13 @@ class Database:
             raise StoreError(
                 f"database error ({self.url.display}): {describe_error(exc)}"
             ) from None
+
+    def now(self) -> ColumnElement[float]:
+        """The database's clock as UNIX seconds, an SQL expression (leases are timed by
+        it, so replicas on hosts whose clocks disagree still agree on who holds one)."""
+        if self.dialect == "postgresql":
+            return cast(func.extract("epoch", func.clock_timestamp()), Float)
+        return (func.julianday("now") - _JULIAN_UNIX_EPOCH) * 86_400.0
 
     def insert(self, table: Table) -> sqlite.Insert | postgresql.Insert:
         """An INSERT with this dialect's ``on_conflict_do_*`` (both dialects have them)."""

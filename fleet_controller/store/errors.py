@@ -11,6 +11,7 @@ from shared.errors import EdgeFleetError
 __all__ = [
     "DuplicateModelError",
     "DuplicateRolloutError",
+    "LeaseLostError",
     "RecordError",
     "StoreError",
     "UnknownNodeError",
@@ -44,3 +45,8 @@ class RecordError(StoreError):
     Unlike other store errors this is no passing trouble: retrying gives the
     same answer, so the service fails the rollout instead of ticking it again.
     """
+
+
+class LeaseLostError(StoreError):
+    """A rollout write was refused: its replica no longer holds the rollout lease
+    (another replica took it, or it ran out); nothing was written."""

@@ -7,6 +7,9 @@ Invariants:
 * Command sequence numbers are drawn by one ``UPDATE ... RETURNING`` (a row
   lock on PostgreSQL; ``BEGIN IMMEDIATE`` on SQLite): two controllers never
   draw the same number.
+* The blob directory's identity (``meta.blob_dir_id``) is written once, by the
+  first replica that marks its blob directory (:meth:`Store.claim_blob_dir`);
+  every other replica must find the same one in its directory.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Self
 
-from sqlalchemy import BigInteger, String, case, cast, literal, update
+from sqlalchemy import BigInteger, String, case, cast, literal, select, update
 
 from fleet_controller.store.audit import AuditRepository
 from fleet_controller.store.database import Database, Dialect, Synchronous
 from fleet_controller.store.deployments import DeploymentRepository
 from fleet_controller.store.errors import StoreError
 from fleet_controller.store.ingest import IngestRepository
+from fleet_controller.store.leases import LeaseRepository
 from fleet_controller.store.models import ModelRepository
 from fleet_controller.store.nodes import NodeRepository
 from fleet_controller.store.results import ResultRepository
@@ -41,6 +45,7 @@ class Store:
         results: stored results, the report, table counts, pruning (:class:`ResultRepository`).
         audit: the audit log (:class:`AuditRepository`).
         deployments: what groups of nodes should run (:class:`DeploymentRepository`).
+        leases: which replica drives rollouts (:class:`LeaseRepository`).
     """
 
     def __init__(self, database: Database) -> None:
@@ -52,6 +57,7 @@ class Store:
         self.results = ResultRepository(database)
         self.audit = AuditRepository(database)
         self.deployments = DeploymentRepository(database)
+        self.leases = LeaseRepository(database)
 
     @classmethod
     def open(
@@ -124,3 +130,18 @@ class Store:
         if value is None:
             raise StoreError("database has no command_seq row")
         return int(value)
+
+    def claim_blob_dir(self, dir_id: str) -> str:
+        """The identity of the blob directory this store's replicas share: ``dir_id``
+        if none was recorded yet (it is recorded now), else the recorded one.
+
+        Raises: StoreError.
+        """
+        with self._db.session(write=True) as s:
+            s.exec(
+                self._db.insert(META)
+                .values(key="blob_dir_id", value=dir_id)
+                .on_conflict_do_nothing(index_elements=["key"])
+            )
+            stored = s.connection().execute(select(META.c.value).where(META.c.key == "blob_dir_id"))
+            return str(stored.scalar_one())

@@ -41,6 +41,7 @@ from fleet_controller.store.errors import (
     UnknownRolloutError,
 )
 from fleet_controller.store.ingest import select_samples
+from fleet_controller.store.leases import Fence, check_fence
 from fleet_controller.store.nodes import select_nodes
 from fleet_controller.store.records import (
     ACTIVE_ROLLOUT_STATES,
@@ -155,7 +156,9 @@ class RolloutRepository:
             _lock(s, record.spec.rollout_id)
             self._save_locked(s, record, now)
 
-    def step(self, rollout_id: str, decide: Decide[T], now: float) -> tuple[RolloutRecord, T]:
+    def step(
+        self, rollout_id: str, decide: Decide[T], now: float, *, fence: Fence | None = None
+    ) -> tuple[RolloutRecord, T]:
         """Advance one rollout atomically: lock it, load its record once with the
         node statuses not yet folded into it, let ``decide`` (pure, given a
         :class:`RolloutReader` on the same transaction) compute the new record,
@@ -163,13 +166,18 @@ class RolloutRepository:
 
         Statuses are handed over in ``(node, seq)`` order, only those at or below
         their node's contiguous ``acked_seq``. Returns what ``decide`` returned.
+        ``fence``: the lease term the step is taken under (the ticker's steps),
+        checked first; None for an operator's step.
 
         Raises:
+            LeaseLostError: ``fence`` is no longer current (nothing is written).
             UnknownRolloutError: no rollout with that id.
             StoreError: the database failed or the stored record is unreadable.
             Whatever ``decide`` raises (nothing is saved then).
         """
         with self._db.session(write=True) as s:
+            if fence is not None:
+                check_fence(s, self._db, fence)
             _lock(s, rollout_id)
             stored = s.exec(
                 select(col(RolloutRow.record_json)).where(col(RolloutRow.rollout_id) == rollout_id)
@@ -183,18 +191,30 @@ class RolloutRepository:
                 s.exec(update(STATUSES).where(STATUSES.c.id.in_(ids)).values(applied=True))
             return new, extra
 
-    def force_state(self, rollout_id: str, state: RolloutState, reason: str, now: float) -> None:
+    def force_state(
+        self,
+        rollout_id: str,
+        state: RolloutState,
+        reason: str,
+        now: float,
+        *,
+        fence: Fence | None = None,
+    ) -> None:
         """Set a rollout's state and reason outside the engine (a rollout that cannot tick).
 
         The columns are written without decoding the record, so this works on a
         corrupt one; a record that still decodes is rewritten with the same
-        state and reason, so :meth:`load` agrees with :meth:`list`.
+        state and reason, so :meth:`load` agrees with :meth:`list`. ``fence``:
+        as for :meth:`step`.
 
         Raises:
+            LeaseLostError: ``fence`` is no longer current (nothing is written).
             UnknownRolloutError: no rollout with that id.
             StoreError: the database failed.
         """
         with self._db.session(write=True) as s:
+            if fence is not None:
+                check_fence(s, self._db, fence)
             _lock(s, rollout_id)
             stored = s.exec(
                 select(col(RolloutRow.record_json)).where(col(RolloutRow.rollout_id) == rollout_id)

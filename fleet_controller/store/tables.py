@@ -19,6 +19,7 @@ __all__ = [
     "ALL_TABLES",
     "AUDIT",
     "DEPLOYMENTS",
+    "LEASES",
     "META",
     "MODELS",
     "NODES",
@@ -32,6 +33,7 @@ __all__ = [
     "TELEMETRY",
     "AuditRow",
     "DeploymentRow",
+    "LeaseRow",
     "MetaRow",
     "ModelRow",
     "NodeRow",
@@ -246,6 +248,22 @@ class RequestNonceRow(SQLModel, table=True):
     expires_at: float = Field(index=True)
 
 
+class LeaseRow(SQLModel, table=True):
+    """Who may drive rollouts (schema version 5): one row per lease ``name``.
+
+    ``expires_at`` is in the database's clock (UNIX seconds); ``token`` grows by
+    one at every acquisition, never at a renewal, so it names one term.
+    """
+
+    __tablename__ = "leases"
+
+    name: str = Field(primary_key=True, max_length=64)
+    holder: str = Field(max_length=64)
+    token: int = Field(sa_type=_BIG)
+    expires_at: float
+    acquired_at: float
+
+
 def _table(model: type[SQLModel]) -> Table:
     table = model.__dict__.get("__table__")
     if not isinstance(table, Table):  # pragma: no cover - every class above is a table
@@ -266,6 +284,7 @@ STATUSES = _table(StatusRow)
 AUDIT = _table(AuditRow)
 DEPLOYMENTS = _table(DeploymentRow)
 NONCES = _table(RequestNonceRow)
+LEASES = _table(LeaseRow)
 ALL_TABLES = (
     META,
     NODES,
@@ -280,4 +299,5 @@ ALL_TABLES = (
     AUDIT,
     DEPLOYMENTS,
     NONCES,
+    LEASES,
 )

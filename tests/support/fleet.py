@@ -192,8 +192,10 @@ class Fleet:
         name: str = "controller",
         tick: str = "0.5s",
         broker_url: str | None = None,
+        extra: Sequence[str] = (),
     ) -> Proc:
-        """``fleetctl serve`` on ``db_url``; returns once it answers the operator API."""
+        """``fleetctl serve`` on ``db_url`` (with ``extra`` flags); returns once the
+        controller answers the operator API."""
         proc = self.start(
             name,
             [
@@ -208,6 +210,7 @@ class Fleet:
                 "--log-level",
                 "info",
                 *_broker_flag(broker_url),
+                *extra,
             ],
         )
 

@@ -178,8 +178,11 @@ def run(scenario: Callable[[], Awaitable[None]], *, timeout_s: float = 20.0) -> 
 
 
 @asynccontextmanager
-async def running(service: ControllerService) -> AsyncIterator[ControllerService]:
-    """``service`` runs (and is connected) inside the block; stopped cleanly after it."""
+async def running(
+    service: ControllerService, *, leading: bool = True
+) -> AsyncIterator[ControllerService]:
+    """``service`` runs (and is connected, and with ``leading`` holds the rollout
+    lease) inside the block; stopped cleanly after it."""
     task = asyncio.get_running_loop().create_task(service.run())
     connected = asyncio.get_running_loop().create_task(service.connected.wait())
     try:
@@ -187,6 +190,13 @@ async def running(service: ControllerService) -> AsyncIterator[ControllerService
             await asyncio.wait({task, connected}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             task.result()  # it ended early: raise what it raised
+        if leading:
+            lease = asyncio.ensure_future(service.leadership.leading.wait())
+            async with asyncio.timeout(DEADLINE_S):
+                await asyncio.wait({task, lease}, return_when=asyncio.FIRST_COMPLETED)
+            lease.cancel()
+            if task.done():
+                task.result()
         yield service
     finally:
         connected.cancel()

@@ -184,7 +184,7 @@ def test_the_link_subscribes_shared_except_for_node_states(tmp_path: Path, keys:
                 db_url=str(ctl.db),
             )
             replicas = (ctl.service, other)
-            async with running(other), ctl.node("n1") as node:
+            async with running(other, leading=False), ctl.node("n1") as node:
                 await node.birth()
                 await eventually(
                     "both store the birth", lambda: all(s.metrics["stored"] == 1 for s in replicas)
@@ -282,5 +282,58 @@ def test_the_store_identity_is_published_and_another_store_is_refused(
         later = make_service(tmp_path / "b", keys, ctl.broker, ctl.clock, controller_id="y")
         async with running(later):
             assert later.connected.is_set()
+
+    run(scenario)
+
+
+# ----- replicas: the fleet's state, each replica's, and the leader ---------------------------
+
+
+def test_each_replica_retains_its_state_and_the_fleet_stays_online_while_one_is_up(
+    tmp_path: Path, keys: Path
+) -> None:
+    def retained(broker: MemoryBroker, topic: str) -> ControllerState | None:
+        payload = broker.retained(topic)
+        return None if not payload else decode(ControllerState, payload)
+
+    async def scenario() -> None:
+        async with controller(tmp_path, keys, lease_s=1.0) as ctl:
+            fleet_topic = topics.controller_state(FLEET)
+            first, second = (topics.controller_replica_state(FLEET, c) for c in ("ctl-1", "ctl-2"))
+            other = make_service(
+                tmp_path / "b", keys, ctl.broker, ctl.clock, controller_id="ctl-2",
+                db_url=str(ctl.db), lease_s=1.0,
+            )  # fmt: skip
+            async with running(other, leading=False):
+                await eventually(
+                    "ctl-1 leads, ctl-2 follows, both online",
+                    lambda: (
+                        [
+                            (s.online, s.leader, s.term)
+                            for s in (retained(ctl.broker, first), retained(ctl.broker, second))
+                            if s is not None
+                        ]
+                        == [(True, True, 1), (True, False, 0)]
+                    ),
+                )
+                state = retained(ctl.broker, fleet_topic)
+                assert state is not None
+                assert (state.online, state.v) == (True, 2)
+                ctl.service.stop()  # a clean stop: it says offline, ctl-2 says online again
+                await eventually(
+                    "ctl-2 took over and the fleet reads online",
+                    lambda: (
+                        (s := retained(ctl.broker, fleet_topic)) is not None
+                        and (s.controller_id, s.online, s.leader, s.term)
+                        == ("ctl-2", True, True, 2)
+                    ),
+                )
+                gone = retained(ctl.broker, first)
+                assert gone is not None
+                assert not gone.online
+                assert other.leadership.term == 2
+            state = retained(ctl.broker, fleet_topic)
+            assert state is not None
+            assert (state.controller_id, state.online) == ("ctl-2", False)  # the last one left
 
     run(scenario)

@@ -117,8 +117,9 @@ def test_a_passing_store_error_only_postpones_the_tick(
             model = ctl.register(blob())
             start(ctl, "r1", model)
             step = ctl.store.rollouts.step
+            away = StoreError("away")
             monkeypatch.setattr(
-                ctl.store.rollouts, "step", lambda *a: (_ for _ in ()).throw(StoreError("away"))
+                ctl.store.rollouts, "step", lambda *a, **k: (_ for _ in ()).throw(away)
             )
             await ctl.service.ticker.tick_all()
             assert state_of(ctl, "r1") == (RolloutState.PENDING, None)

@@ -177,6 +177,12 @@ ROUND_TRIPS: list[Any] = [
         id="controller_state",
     ),
     pytest.param(
+        topics.controller_replica_state("f", "ctl-a"),
+        "fleet/v1/f/controller/state/ctl-a",
+        ParsedTopic(TopicKind.CONTROLLER_REPLICA_STATE, "f", client="ctl-a"),
+        id="controller_replica_state",
+    ),
+    pytest.param(
         topics.ctl_request("f"),
         "fleet/v1/f/ctl/request",
         ParsedTopic(TopicKind.CTL_REQUEST, "f"),
@@ -216,6 +222,7 @@ BUILDERS: dict[TopicKind, Callable[[str, str, str, str], str]] = {
     TopicKind.ARTIFACT_DATA: lambda f, n, _c, s: topics.artifact_data(f, s, n),
     TopicKind.ARTIFACT_BROADCAST: lambda f, _n, _c, s: topics.artifact_broadcast(f, s),
     TopicKind.CONTROLLER_STATE: lambda f, _n, _c, _s: topics.controller_state(f),
+    TopicKind.CONTROLLER_REPLICA_STATE: lambda f, _n, c, _s: topics.controller_replica_state(f, c),
     TopicKind.CTL_REQUEST: lambda f, _n, _c, _s: topics.ctl_request(f),
     TopicKind.CTL_REPLY: lambda f, _n, c, _s: topics.ctl_reply(f, c),
 }
@@ -237,6 +244,7 @@ def test_parse_inverts_every_builder(
         assert parsed.rollout == ident
     elif kind in {
         TopicKind.CONTROLLER_STATE,
+        TopicKind.CONTROLLER_REPLICA_STATE,
         TopicKind.CTL_REQUEST,
         TopicKind.CTL_REPLY,
         TopicKind.ARTIFACT_BROADCAST,
@@ -245,7 +253,9 @@ def test_parse_inverts_every_builder(
     else:
         assert parsed.node == ident
     assert parsed.client == (
-        client if kind in {TopicKind.INFER_REPLY, TopicKind.CTL_REPLY} else None
+        client
+        if kind in {TopicKind.INFER_REPLY, TopicKind.CTL_REPLY, TopicKind.CONTROLLER_REPLICA_STATE}
+        else None
     )
     assert parsed.sha256 == (
         sha
@@ -281,7 +291,8 @@ UNRELATED: list[Any] = [
     pytest.param("fleet/v1/f/artifact/abc/req/n", id="artifact-short-sha"),
     pytest.param(f"fleet/v1/f/artifact/{SHA}/req", id="artifact-without-node"),
     pytest.param("fleet/v1/f/controller", id="controller-without-leaf"),
-    pytest.param("fleet/v1/f/controller/state/x", id="controller-extra"),
+    pytest.param("fleet/v1/f/controller/state/x/y", id="controller-extra"),
+    pytest.param("fleet/v1/f/controller/state/a b", id="controller-bad-replica-id"),
     pytest.param("fleet/v1/f/ctl/reply", id="ctl-reply-without-client"),
     pytest.param("fleet/v1/f/ctl/request/x", id="ctl-request-extra"),
     pytest.param("fleet/v1/f/ctl/other", id="ctl-unknown"),

@@ -18,6 +18,7 @@ from fleet_controller.store import (
     DeploymentInfo,
     DuplicateModelError,
     DuplicateRolloutError,
+    LeaseLostError,
     NodeInfo,
     PendingStatus,
     RolloutInfo,
@@ -493,7 +494,64 @@ def check_deployments(store: Store) -> None:
     assert store.deployments.get("cams") is None
 
 
+def check_lease_terms(store: Store) -> None:
+    """One holder at a time; a renewal keeps the term, a takeover after expiry starts one."""
+    first = store.leases.acquire("rollouts", "a", 60.0)
+    assert (first.holder, first.token) == ("a", 1)
+    assert first.held_by("a")
+    other = store.leases.acquire("rollouts", "b", 60.0)
+    assert (other.holder, other.token) == ("a", 1)  # a holds it: b waits
+    assert not other.held_by("b")
+    assert 0 < other.remaining_s <= 60.0
+    assert store.leases.acquire("rollouts", "a", 60.0).token == 1  # renewed, same term
+    assert store.leases.release(first.fence)
+    assert not store.leases.release(first.fence)  # over already: nothing to end
+    taken = store.leases.acquire("rollouts", "b", 60.0)
+    assert (taken.holder, taken.token) == ("b", 2)
+    back = store.leases.acquire("rollouts", "a", 60.0)
+    assert (back.holder, back.token) == ("b", 2)
+    current = store.leases.get("rollouts")
+    assert current is not None
+    assert (current.holder, current.token) == ("b", 2)
+    assert store.leases.get("other") is None
+    with pytest.raises(StoreError, match="positive"):
+        store.leases.acquire("rollouts", "a", 0.0)
+
+
+def check_fenced_steps(store: Store) -> None:
+    """A step under a term that is over writes nothing; an operator's step needs no term."""
+    store.rollouts.create(record(), "op", NOW)
+    old = store.leases.acquire("rollouts", "a", 60.0).fence
+    paused = replace(record(), state=RolloutState.PAUSED)
+    store.rollouts.step("r1", lambda r, _p, _rd: (replace(r, wave=1), None), NOW, fence=old)
+    assert store.rollouts.load("r1") == replace(record(), wave=1)
+    store.leases.release(old)  # a released (or expired) term is over...
+    with pytest.raises(LeaseLostError, match="expired"):
+        store.rollouts.step("r1", lambda r, _p, _rd: (paused, None), NOW, fence=old)
+    new = store.leases.acquire("rollouts", "b", 60.0).fence
+    assert new.token == old.token + 1
+    with pytest.raises(LeaseLostError, match="is over; b"):  # ...and so is one taken over
+        store.rollouts.step("r1", lambda r, _p, _rd: (paused, None), NOW, fence=old)
+    with pytest.raises(LeaseLostError):
+        store.rollouts.force_state("r1", RolloutState.FAILED, "x", NOW, fence=old)
+    assert store.rollouts.load("r1") == replace(record(), wave=1)  # untouched
+    store.rollouts.step("r1", lambda r, _p, _rd: (paused, None), NOW)  # an operator's step
+    store.rollouts.step("r1", lambda r, _p, _rd: (r, None), NOW, fence=new)
+    loaded = store.rollouts.load("r1")
+    assert loaded is not None
+    assert loaded.state is RolloutState.PAUSED
+
+
+def check_blob_dir_claim(store: Store) -> None:
+    """The first blob directory recorded stays the store's."""
+    assert store.claim_blob_dir("d1") == "d1"
+    assert store.claim_blob_dir("d2") == "d1"
+
+
 CORE_CHECKS: list[Callable[[Store], None]] = [
+    check_lease_terms,
+    check_fenced_steps,
+    check_blob_dir_claim,
     check_operators_labels_and_forget,
     check_deployments,
     check_birth_floor_settles_slots_a_wiped_node_no_longer_has,

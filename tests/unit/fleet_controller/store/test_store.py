@@ -185,6 +185,22 @@ def test_a_version_2_store_gains_central_labels_and_deployments(db_path: Path) -
     assert version[0] == str(SCHEMA_VERSION)
 
 
+def test_a_version_4_store_gains_the_lease_table(db_path: Path) -> None:
+    with Store.open(str(db_path)) as store:
+        store_id = store.store_id
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DROP TABLE leases")
+        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    conn.close()
+    with Store.open(str(db_path)) as store:
+        assert store.store_id == store_id
+        assert store.leases.acquire("rollouts", "a", 5.0).held_by("a")
+    with sqlite3.connect(db_path) as conn:
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    conn.close()
+    assert version[0] == str(SCHEMA_VERSION) == "5"
+
+
 def test_errors_after_open_are_one_line_store_errors(db_path: Path) -> None:
     with Store.open(str(db_path)) as store:
         with sqlite3.connect(db_path) as conn:

@@ -1,0 +1,146 @@
+"""Two real ``fleetctl serve`` replicas on one database: one leads, the other takes over.
+
+Each test runs simulated nodes and two controllers sharing one database (a
+SQLite file, or a PostgreSQL schema when a server is reachable) with a short
+rollout lease. Mid-rollout the leader is paused (SIGSTOP) past its lease: the
+other replica takes the lease and drives on; the paused one, resumed, steps
+down without writing. Then the new leader is killed (SIGKILL): the first one
+takes the lease back and finishes the rollout. Every node ends on the new
+model, having queued and activated it exactly once, on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+
+import pytest
+
+from edge_node.simulate import node_ids
+from tests.e2e.conftest import ModelFiles, PgDatabase
+from tests.e2e.rollout_kit import (
+    ROLLOUT_DEADLINE_S,
+    assert_all_on,
+    final_status,
+    pick_rollout_id,
+    sqlite_url,
+    start_rollout,
+)
+from tests.support.fleet import Fleet, Proc, statuses
+from tests.support.load import cpu_hogs
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "classifier"
+V1 = f"{MODEL}@1.0.0"
+NODES = 6
+WAVES = (50.0, 100.0)
+LEASE_S = 2.0
+TICK = "0.2s"
+TAKEOVER_S = LEASE_S + LEASE_S / 3 + 10.0  # expiry, one try, and slack for a loaded machine
+LEADING = "leading: took the rollout lease"
+STEPPED_DOWN = "no longer leading"
+
+
+def _replicas(fleet: Fleet, db_url: str) -> tuple[Proc, Proc]:
+    """Nodes, then two controllers on ``db_url``; the model registered; every node known."""
+    fleet.simulate(NODES, rate_hz=2.0)
+    lease = ("--lease-s", f"{LEASE_S:g}")
+    a = fleet.serve(db_url, name="ctl-a", tick=TICK, extra=lease)
+    b = fleet.serve(db_url, name="ctl-b", tick=TICK, extra=lease)
+    return a, b
+
+
+def _leader(
+    fleet: Fleet, replicas: tuple[Proc, Proc], taken: dict[str, int], *, exclude: Proc | None = None
+) -> Proc:
+    """The replica (other than ``exclude``) that takes the lease next, within the takeover
+    time; ``taken``: how many terms each one had taken so far (updated)."""
+
+    def new_term() -> Proc | None:
+        found = [
+            p
+            for p in replicas
+            if p is not exclude and p.log_text().count(LEADING) > taken.get(p.name, 0)
+        ]
+        return found[0] if len(found) == 1 else None
+
+    leader = fleet.wait_until(new_term, timeout_s=TAKEOVER_S, what="a replica to take the lease")
+    taken[leader.name] = leader.log_text().count(LEADING)
+    return leader
+
+
+def _scenario(fleet: Fleet, db_url: str, models: ModelFiles) -> None:
+    taken: dict[str, int] = {}
+    replicas = _replicas(fleet, db_url)
+    add = ["model", "add", str(models.v1), "--name", MODEL, "--version", "1.0.0"]
+    fleet.fleetctl(*add, "--keys", str(fleet.keys_dir))
+    ids = node_ids("sim", NODES)
+    fleet.wait_nodes(ids, timeout_s=60.0)
+    first = _leader(fleet, replicas, taken)
+    follower = replicas[1] if first is replicas[0] else replicas[0]
+    assert STEPPED_DOWN not in first.log_text()
+    assert LEADING not in follower.log_text()
+
+    rollout_id, _ = pick_rollout_id(
+        "r-replicas", ids, WAVES, lambda m: all(list(m.values()).count(w) >= 1 for w in (0, 1))
+    )
+    start_rollout(fleet, V1, rollout_id, waves=WAVES, health_window="2s")
+    fleet.wait_rollout(
+        rollout_id,
+        timeout_s=60.0,
+        until=lambda s: s["state"] == "running" and s["counts"].get("activated", 0) >= 1,
+        what="a node of the first wave to be activated",
+    )
+    with cpu_hogs():
+        # The leader stalls past its lease: the follower takes over.
+        os.kill(first.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            second = _leader(fleet, replicas, taken, exclude=first)
+            takeover_s = time.monotonic() - stopped_at
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        assert second is follower
+        # Resumed, the old leader steps down (its term ran out while it slept).
+        fleet.wait_until(
+            lambda: STEPPED_DOWN in first.log_text() or None,
+            timeout_s=TAKEOVER_S,
+            what="the resumed replica to step down",
+        )
+        # The new leader dies mid-wave too: the first one takes the lease back.
+        os.kill(second.pid, signal.SIGKILL)
+        assert second.kill() == -signal.SIGKILL
+        killed_at = time.monotonic()
+        assert _leader(fleet, replicas, taken, exclude=second) is first
+        retaken_s = time.monotonic() - killed_at
+    fleet.wait_rollout(rollout_id, timeout_s=ROLLOUT_DEADLINE_S)
+    print(f"takeover after SIGSTOP {takeover_s:.1f} s, after SIGKILL {retaken_s:.1f} s")
+
+    status = final_status(fleet, rollout_id)
+    context = f"{status}\n{fleet.diagnostics()}"
+    assert status["state"] == "succeeded", context
+    assert status["counts"] == {"succeeded": NODES}, context
+    assert_all_on(fleet, ids, V1)
+    stored = statuses(db_url, rollout_id)
+    for step in ("queued", "activated"):
+        seen = Counter(
+            row["node_id"] for row in stored if row["state"] == step and not row["duplicate"]
+        )
+        assert seen == dict.fromkeys(ids, 1), f"{step}: {seen}\n{fleet.diagnostics()}"
+    assert not any(row["duplicate"] for row in stored if row["state"] == "queued"), context
+
+
+def test_replicas_hand_the_rollout_over_on_sqlite(fleet: Fleet, e2e_models: ModelFiles) -> None:
+    _scenario(fleet, sqlite_url(fleet), e2e_models)
+
+
+def test_replicas_hand_the_rollout_over_on_postgresql(
+    pg_database: PgDatabase, fleet: Fleet, e2e_models: ModelFiles
+) -> None:
+    try:
+        _scenario(fleet, pg_database.url, e2e_models)
+    finally:
+        fleet.close()  # before the schema is dropped: the controllers hold connections
