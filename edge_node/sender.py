@@ -12,7 +12,11 @@ Invariants (the outbox's own are in :mod:`edge_node.outbox`):
   re-send, up to 8 times as long (:meth:`edge_node.outbox.Outbox.due`: a
   controller that lags behind is not flooded with copies); after every
   reconnect all of them go out again at once (:meth:`OutboxSender.requeue`);
-* an entry leaves the outbox only on the controller's ack.
+* an entry leaves the outbox only on the controller's ack;
+* a full disk (:class:`~edge_node.outbox.OutboxDiskFullError`) ends nothing:
+  a status waits and tries again every ``DISK_RETRY_S``, result batches stay
+  with the caller until a later put succeeds (which sets ``space`` again),
+  telemetry is dropped and counted, and sending pauses until the next round.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 from collections.abc import Callable
 
 from edge_node.context import Connection
-from edge_node.outbox import Kind, Outbox, OutboxFullError
+from edge_node.outbox import Kind, Outbox, OutboxDiskFullError, OutboxFullError
 from edgefleet_io.transport import Link
 from shared.errors import TransportError
 
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 _DUE_LIMIT = 200  # sequenced entries read per round
 _TELEMETRY_LIMIT = 50
 _MAX_IDLE_S = 5.0  # the sender looks for due re-sends at least this often
+DISK_RETRY_S = 1.0  # a status put refused by a full disk is tried again this often
 
 
 class OutboxSender:
@@ -59,6 +64,7 @@ class OutboxSender:
         self._sending = asyncio.Lock()
         self.space = asyncio.Event()
         self.space.set()
+        self.dropped_telemetry = 0  # refused by a full disk (the outbox counts the rest)
 
     def wake(self) -> None:
         self._wake.set()
@@ -71,34 +77,67 @@ class OutboxSender:
             try:
                 await asyncio.to_thread(self.outbox.put, kind, topic, build)
                 break
+            except OutboxDiskFullError as exc:
+                log.error("%s: the %s waits for space", exc, kind)
+                self.space.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(DISK_RETRY_S):
+                        await self.space.wait()
             except OutboxFullError:
                 log.error("outbox full: waiting for the controller to acknowledge")
                 self.space.clear()
                 await self.space.wait()
+        self.space.set()  # stored: there is room (again)
         self.wake()
 
     async def try_put(self, kind: Kind, topic: str, build: Callable[[int], bytes]) -> bool:
-        """Store an entry; False (and ``space`` cleared) when the outbox is full."""
+        """Store an entry; False (and ``space`` cleared) when the outbox or disk is full."""
+        return await self.try_put_many(kind, topic, [build])
+
+    async def try_put_many(
+        self, kind: Kind, topic: str, builds: list[Callable[[int], bytes]]
+    ) -> bool:
+        """Store all entries in one commit; False (``space`` cleared) when they do not fit.
+
+        A success sets ``space``: after a full disk nothing else would.
+        """
         try:
-            await asyncio.to_thread(self.outbox.put, kind, topic, build)
+            await asyncio.to_thread(self.outbox.put_many, kind, topic, builds)
         except OutboxFullError:
             self.space.clear()
             return False
+        self.space.set()
         self.wake()
         return True
 
     async def put_telemetry(self, topic: str, payload: bytes) -> None:
-        await asyncio.to_thread(self.outbox.put_telemetry, topic, payload)
+        """Store telemetry, best effort: a full disk drops it (counted)."""
+        try:
+            await asyncio.to_thread(self.outbox.put_telemetry, topic, payload)
+        except OutboxDiskFullError as exc:
+            self.dropped_telemetry += 1
+            log.warning("telemetry dropped: %s", exc)
+            return
         self.wake()
 
     async def on_ack(self, seq: int) -> None:
-        removed = await asyncio.to_thread(self.outbox.ack, seq)
+        try:
+            removed = await asyncio.to_thread(self.outbox.ack, seq)
+        except OutboxDiskFullError as exc:
+            log.warning("ack of seq %d not applied yet: %s", seq, exc)  # the next ack covers it
+            return
         if removed:
             self.space.set()
 
     async def requeue(self) -> None:
-        """After a (re)connect: everything unacknowledged goes out again, in order."""
-        await asyncio.to_thread(self.outbox.requeue_all)
+        """After a (re)connect: everything unacknowledged goes out again, in order.
+
+        On a full disk they go out at their re-send time instead.
+        """
+        try:
+            await asyncio.to_thread(self.outbox.requeue_all)
+        except OutboxDiskFullError as exc:
+            log.warning("outbox not requeued: %s", exc)
 
     # ----- sending ------------------------------------------------------------
 
@@ -119,6 +158,8 @@ class OutboxSender:
                 await self.send_due(link)
             except TransportError as exc:
                 log.debug("send interrupted: %s", exc)
+            except OutboxDiskFullError as exc:
+                log.warning("sending paused until the next round: %s", exc)
 
     async def send_due(self, link: Link) -> None:
         """Publish every due entry and all stored telemetry on ``link``.
