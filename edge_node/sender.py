@@ -5,7 +5,7 @@ Invariants (the outbox's own are in :mod:`edge_node.outbox`):
 * every outbox call runs in a worker thread, never on the event loop;
 * a status is never dropped: when the outbox is full, :meth:`OutboxSender.put`
   waits for acks to free space; result batches are not dropped either, the
-  caller keeps them and pauses (:meth:`OutboxSender.try_put`); ``space`` is
+  caller keeps them and pauses (:meth:`OutboxSender.try_put_many`); ``space`` is
   clear exactly while something waits for room;
 * entries are published in ``seq`` order on the current connection, and re-sent
   when unacknowledged for ``resend_after_s``, then for twice as long after each
@@ -89,10 +89,6 @@ class OutboxSender:
                 await self.space.wait()
         self.space.set()  # stored: there is room (again)
         self.wake()
-
-    async def try_put(self, kind: Kind, topic: str, build: Callable[[int], bytes]) -> bool:
-        """Store an entry; False (and ``space`` cleared) when the outbox or disk is full."""
-        return await self.try_put_many(kind, topic, [build])
 
     async def try_put_many(
         self, kind: Kind, topic: str, builds: list[Callable[[int], bytes]]
