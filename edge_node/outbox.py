@@ -48,8 +48,9 @@ Invariants
 * **A full disk is back-pressure, not breakage.** Any call that the disk is
   too full to serve raises :class:`OutboxDiskFullError` (an
   :class:`OutboxFullError`, not an :class:`OutboxError`) and changes nothing. A
-  ``put`` that hits it first drops all stored telemetry (counted) and tries
-  once more: results before telemetry. An outbox whose file cannot even be
+  ``put`` that hits it first drops all stored telemetry (counted) and
+  truncates the WAL (a checkpoint), then tries once more: results before
+  telemetry. An outbox whose file cannot even be
   opened because the disk is full (SQLite's index file cannot be created) is
   opened at the next call that finds room; until then it holds nothing known,
   :meth:`floor` is ``None`` and every call raises :class:`OutboxDiskFullError`.
@@ -65,6 +66,7 @@ Sending loop, in short::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -312,9 +314,22 @@ class Outbox:
         try:
             return self._put_many(kind, topic, make_payloads)
         except OutboxDiskFullError:
-            if not self.telemetry_depth() or not self.drop_telemetry():
+            if not self._make_room():
                 raise
         return self._put_many(kind, topic, make_payloads)
+
+    def _make_room(self) -> bool:
+        """After a full disk refused a put: drop all telemetry and give the WAL's
+        space back (a checkpoint that truncates it); True when either happened."""
+        dropped = 0
+        with contextlib.suppress(OutboxDiskFullError):
+            dropped = self.drop_telemetry() if self.telemetry_depth() else 0
+        try:
+            with self._db("checkpoint") as conn:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except OutboxDiskFullError:
+            return bool(dropped)
+        return bool(dropped) or not busy
 
     def _put_many(
         self, kind: Kind, topic: str, make_payloads: list[Callable[[int], bytes]]
