@@ -13,62 +13,19 @@ recorded messages or polled with deadlines; nothing sleeps to synchronise.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.broker import BrokerFactory
+from tests.support.disk import fill
 from tests.support.harness import Harness, start_node
 from tests.support.models import make_classifier
 from tests.support.node_checks import DEADLINE_S, poll_until, statuses, store_files
 
 pytestmark = pytest.mark.integration
 
-# The store keeps 64 MiB free besides a download (ArtifactStore.download's
-# reserve): the filesystem must pass that check for the download to start.
-DISK_BYTES = 72 * 1024 * 1024
 ANSWERED = 40  # chunks broadcast before the pause that lets the test fill the disk
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A tmpfs of DISK_BYTES mounted for the test, unmounted after it."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Write a file until the filesystem holding ``disk`` has not one byte left."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        for block in (1 << 20, 4096, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, b"\0" * block)
-    finally:
-        os.close(fd)
-    with pytest.raises(OSError) as full:
-        (disk / "probe").write_bytes(b"x")
-    assert full.value.errno == errno.ENOSPC
-    return filler
 
 
 @pytest.fixture

@@ -253,8 +253,11 @@ class Fleet:
         labels: Mapping[str, str] | None = None,
         telemetry_interval_s: float = 5.0,
         resend_after_s: float = 5.0,
+        source: str = "synthetic",
+        data: Path | None = None,
     ) -> Proc:
-        """``edge-node run`` for one node, its data in ``nodes/NODE_ID`` (kept across runs)."""
+        """``edge-node run`` for one node, its data in ``data`` (default ``nodes/NODE_ID``,
+        kept across runs); ``source`` as ``--source`` takes it (``mqtt``: infer requests)."""
         args = [
             *program("edge-node"),
             "run",
@@ -263,9 +266,9 @@ class Fleet:
             "--trust",
             str(self.trust_file),
             "--data",
-            str(self.root / "nodes" / node_id),
+            str(data if data is not None else self.root / "nodes" / node_id),
             "--source",
-            "synthetic",
+            source,
             "--rate",
             str(rate_hz),
             "--telemetry-interval",
