@@ -26,6 +26,7 @@ import pytest
 
 from tests.e2e.conftest import ModelFiles
 from tests.e2e.rollout_kit import deploy, sqlite_url
+from tests.support.disk import fill
 from tests.support.fleet import Fleet, Proc
 from tests.support.infer_client import InferClient
 
@@ -37,6 +38,9 @@ NODE = "n1"
 # a run, at the first answer after a restart, and in between.
 KILL_AFTER = (30, 1, 12)
 ANSWERS_AT_END = 20  # answers after the last restart before the client stops
+RATE_HZ = 20.0  # synthetic inputs per second in the disk-full test
+FULL_ROUNDS = 5  # "disk full" log lines (one a second at least) a node must live through
+GROWTH = 20  # new stored results that show a node still serves
 DEADLINE_S = 60.0  # a restarted node answering or its outbox delivering, on a loaded machine
 
 
@@ -47,6 +51,30 @@ def stored_results(db: Path, node: str) -> list[tuple[int, str, str, float]]:
             "SELECT seq, input_digest, model_sha256, ts FROM results WHERE node_id = ?", (node,)
         ).fetchall()
     return [(int(seq), str(d), str(sha), float(ts)) for seq, d, sha, ts in rows]
+
+
+def results_grow(db: Path, since: int, node: Proc | None = None) -> Callable[[], bool]:
+    """A probe: the store holds ``GROWTH`` results of the node more than ``since``;
+    raises once ``node`` (when given) has exited."""
+
+    def probe() -> bool:
+        if node is not None and not node.running:
+            raise AssertionError(f"the node exited with {node.popen.returncode}:\n{node.tail()}")
+        return len(stored_results(db, NODE)) >= since + GROWTH
+
+    return probe
+
+
+def full_for_a_while(node: Proc) -> Callable[[], bool]:
+    """A probe: ``node`` has met the full disk ``FULL_ROUNDS`` times (its log says
+    so) and is still running (raises once it has exited)."""
+
+    def probe() -> bool:
+        if not node.running:
+            raise AssertionError(f"the node exited with {node.popen.returncode}:\n{node.tail()}")
+        return node.log_text().count("disk full") >= FULL_ROUNDS
+
+    return probe
 
 
 def answers(client: InferClient, wanted: int) -> Callable[[], bool]:
@@ -118,3 +146,37 @@ def test_every_answered_result_is_stored_once_across_kill_9(
 
 def assert_no_crash(proc: Proc) -> None:
     assert "Traceback" not in proc.log_text(), proc.tail()
+
+
+def test_a_full_data_disk_neither_ends_a_node_nor_keeps_one_from_starting(
+    fleet: Fleet, e2e_models: ModelFiles, small_disk: Path
+) -> None:
+    data = small_disk / NODE
+    start_serving(fleet, e2e_models)
+    node = fleet.node(NODE, data=data, rate_hz=RATE_HZ, telemetry_interval_s=1.0)
+    fleet.wait_nodes([NODE], timeout_s=DEADLINE_S)
+    deploy(fleet, V1, "r1", [NODE])
+    db = fleet.root / "fleet.db"
+    fleet.wait_until(results_grow(db, 0, node), timeout_s=DEADLINE_S, what="first results")
+
+    # The disk fills up under a running node: it lives through it (inference
+    # pauses, telemetry is dropped: nothing can be stored), then crashes.
+    filler = fill(small_disk)
+    fleet.wait_until(full_for_a_while(node), timeout_s=DEADLINE_S, what="the node on a full disk")
+    assert node.kill() == -9
+    fleet.wait_nodes([NODE], online=False, timeout_s=DEADLINE_S)
+
+    # Started again on the still full disk (a supervisor's restart): it runs,
+    # connects and loads its model, and serves once space returns.
+    node = fleet.node(NODE, data=data, rate_hz=RATE_HZ, telemetry_interval_s=1.0)
+    fleet.wait_nodes([NODE], model=V1, timeout_s=DEADLINE_S)
+    fleet.wait_until(
+        full_for_a_while(node), timeout_s=DEADLINE_S, what="the restart on a full disk"
+    )
+    before = len(stored_results(db, NODE))
+    filler.unlink()
+    fleet.wait_until(
+        results_grow(db, before, node), timeout_s=DEADLINE_S, what="results once space returned"
+    )
+    assert node.running, node.tail()
+    assert_no_crash(node)
