@@ -50,6 +50,9 @@ from tests.support.models import make_classifier  # noqa: E402
 
 FLEET = "bench"
 NODE = "reply-node"
+# The bare echo answers on topics of its own: requests sent to the node's topic
+# while it is stopped would wait in its persistent session for its next round.
+BARE = "bare-echo"
 MODEL = "classifier@1.0.0"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -66,6 +69,7 @@ c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                 protocol=mqtt.MQTTv5)
 count = [0]
 number = [0]
+errors = {}
 ready = threading.Event()
 def send():
     n = number[0]; number[0] += 1
@@ -74,8 +78,11 @@ def send():
         "client": client_id, "inputs": [{"name": "input", "dtype": "float32",
         "shape": [1, 8], "data": data}]}), qos=1)
 def on_message(c, u, m):
-    if json.loads(m.payload).get("ok"):
+    reply = json.loads(m.payload)
+    if reply.get("ok"):
         count[0] += 1
+    else:
+        errors[reply.get("error")] = errors.get(reply.get("error"), 0) + 1
     send()
 def on_subscribe(c, u, mid, rc, p):
     ready.set()
@@ -92,7 +99,8 @@ time.sleep(warm)
 start, first = time.monotonic(), count[0]
 print("start", flush=True)
 time.sleep(seconds)
-print(json.dumps({"replies": count[0] - first, "seconds": time.monotonic() - start}))
+print(json.dumps({"replies": count[0] - first, "seconds": time.monotonic() - start,
+                  "errors": errors}))
 c.loop_stop()
 """
 
@@ -136,10 +144,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
-def request_round(broker: Broker, pid: int, args: argparse.Namespace) -> Figure:
-    """Run the requester against whatever answers; replies/s and the answerer's CPU."""
+def request_round(broker: Broker, node: str, pid: int, args: argparse.Namespace) -> Figure:
+    """Run the requester against ``node``'s topics; replies/s and the answerer's (``pid``) CPU."""
     requester = subprocess.Popen(
-        [sys.executable, "-c", REQUESTER, "127.0.0.1", str(broker.port), FLEET, NODE,
+        [sys.executable, "-c", REQUESTER, "127.0.0.1", str(broker.port), FLEET, node,
          str(args.window), str(args.warm_up), str(args.seconds)],
         stdout=subprocess.PIPE,
         text=True,
@@ -153,13 +161,15 @@ def request_round(broker: Broker, pid: int, args: argparse.Namespace) -> Figure:
     cpu = cpu_seconds(pid) - cpu_start
     requester.wait(timeout=60)
     counted = json.loads(out.strip().splitlines()[-1])
+    if counted["errors"]:
+        raise RuntimeError(f"error replies: {counted['errors']}")
     replies = max(counted["replies"], 1)
     return Figure(replies / counted["seconds"], cpu / replies * 1e6)
 
 
 def bare_round(broker: Broker, model: Path, sink: str, args: argparse.Namespace) -> Figure:
     echo = subprocess.Popen(
-        [sys.executable, "-c", ECHO, "127.0.0.1", str(broker.port), FLEET, NODE, str(model), sink],
+        [sys.executable, "-c", ECHO, "127.0.0.1", str(broker.port), FLEET, BARE, str(model), sink],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -167,7 +177,7 @@ def bare_round(broker: Broker, model: Path, sink: str, args: argparse.Namespace)
         assert echo.stdout is not None
         if echo.stdout.readline().strip() != "ready":
             raise RuntimeError("the bare echo did not start")
-        return request_round(broker, echo.pid, args)
+        return request_round(broker, BARE, echo.pid, args)
     finally:
         echo.kill()
         echo.wait()
@@ -176,7 +186,7 @@ def bare_round(broker: Broker, model: Path, sink: str, args: argparse.Namespace)
 def node_round(fleet: Fleet, broker: Broker, args: argparse.Namespace) -> Figure:
     node = start_node(fleet)
     try:
-        return request_round(broker, node.pid, args)
+        return request_round(broker, NODE, node.pid, args)
     finally:
         node.terminate()
         fleet.wait_nodes([NODE], online=False, timeout_s=60.0)
