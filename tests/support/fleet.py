@@ -58,6 +58,8 @@ __all__ = [
 
 T = TypeVar("T")
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 ACTIVE_STATES = frozenset({"pending", "running", "paused", "rolling_back"})
 OPERATOR = "e2e-operator"
 LOG_TAIL_LINES = 30
@@ -159,6 +161,12 @@ class Fleet:
             "FLEET_OPERATOR_KEY": str(operator_key_path(self.keys_dir, OPERATOR)),
             "PYTHONUNBUFFERED": "1",
             "COLUMNS": "200",
+            # The packages of this checkout, before any installed copy: a
+            # virtualenv installed editable from another checkout would
+            # otherwise run that checkout's code in the child processes.
+            "PYTHONPATH": os.pathsep.join(
+                [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
         }
         for name in ("FLEET_DB", "FLEET_KEYS", "FLEET_KEY_PASSPHRASE", "FLEET_CA_FILE"):
             self.env.pop(name, None)
