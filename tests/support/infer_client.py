@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -32,6 +33,7 @@ from shared.messages import InferenceResult, InferReply, InferRequest, TensorDat
 __all__ = ["InferClient"]
 
 N_IN = 8  # the test classifier's input width (tests.support.models.make_classifier)
+_STOP_S = 5.0  # how long a clean stop may take before the client's task is cancelled
 
 
 class InferClient:
@@ -66,6 +68,7 @@ class InferClient:
         self._waiting: dict[str, asyncio.Future[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._main, name=self._client, daemon=True)
 
@@ -82,20 +85,36 @@ class InferClient:
         self.stop()
 
     def stop(self) -> None:
-        """Stop asking and wait for the thread (replies still in flight are not waited for)."""
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=30.0)
+        """Stop asking and wait for the thread (replies still in flight are not waited for).
+
+        A clean disconnect first; if that does not end within ``_STOP_S`` (aiomqtt
+        waits for the broker to close the socket, without a timeout), the client's
+        task is cancelled, again until it ends.
+        """
+        loop, stop, task = self._loop, self._stop, self._task
+        if loop is None or stop is None or task is None:
+            self._thread.join(timeout=_STOP_S)
+            return
+        if self._thread.is_alive():
+            loop.call_soon_threadsafe(stop.set)
+        deadline = time.monotonic() + 6 * _STOP_S
+        self._thread.join(timeout=_STOP_S)
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(task.cancel)
+            self._thread.join(timeout=_STOP_S)
         assert not self._thread.is_alive(), "the infer client did not stop"
 
     # ----- the client's own thread ---------------------------------------------------
 
     def _main(self) -> None:
-        asyncio.run(self._run())
+        with contextlib.suppress(asyncio.CancelledError):
+            asyncio.run(self._run())
 
     async def _run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._task = asyncio.current_task()
         self._started.set()
         delays = reconnect_delays(initial_s=0.1, maximum_s=1.0)
         while not self._stop.is_set():
