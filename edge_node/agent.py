@@ -26,24 +26,32 @@ What the whole guarantees:
 * an accepted deploy or rollback is persisted with the verifier state and
   resumed after a stop;
 * ``stop()`` finishes in-flight inferences, flushes results to the outbox,
-  sends what it can, and publishes its own death before disconnecting.
+  sends what it can, and publishes its own death before disconnecting;
+* nothing but ``stop()`` ends :meth:`NodeAgent.run` once it has started: a
+  background loop that raises is logged, counted (``task_restarts``) and
+  started again with jittered back-off (:func:`supervise`); fire-and-forget
+  tasks log and count their failures (:class:`~edge_node.context.Background`);
+  a full disk is a state the parts live through (:mod:`edge_node.disk`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from edge_node.artifacts import ArtifactStore
 from edge_node.commands import CommandHandler
-from edge_node.context import Background, Connection, ServingModel
+from edge_node.context import Background, Connection, ServingModel, sleep_unless
 from edge_node.core import NodeIdentity
+from edge_node.disk import DiskFullError
 from edge_node.downloads import Downloader
 from edge_node.jobs import JobRunner, StatusReporter
 from edge_node.link import Inbound, LinkSettings, NodeLink
@@ -54,14 +62,19 @@ from edge_node.runtime import ModelRuntime, SessionOptionsConfig
 from edge_node.sender import OutboxSender
 from edge_node.state import NodeStore, StateKeeper
 from edgefleet_io.mqtt import MqttTransport
-from edgefleet_io.transport import Transport
+from edgefleet_io.transport import Transport, reconnect_delays
 from shared.broker import BrokerAddress
 from shared.errors import EdgeFleetError, TrustError
 from shared.messages import ModelRef
 
-__all__ = ["AgentConfig", "NodeAgent", "SourceKind"]
+__all__ = ["AgentConfig", "NodeAgent", "SourceKind", "supervise"]
+
+log = logging.getLogger(__name__)
 
 SourceKind = Literal["synthetic", "dir", "mqtt", "none"]
+
+_RESTART_MAX_S = 30.0  # the longest pause before a failed loop starts again
+_HEALTHY_S = 60.0  # a loop that ran this long before failing starts again at the shortest pause
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +141,7 @@ class NodeAgent:
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()  # started: trust and the active model loaded
         self._background = Background()
+        self.task_restarts: Counter[str] = Counter()  # by task name
         self._connection = Connection()
         self._serving = ServingModel()
         self._store = NodeStore(config.data_dir)
@@ -292,6 +306,9 @@ class NodeAgent:
             "pending": len(self._pipeline.pending),
             "stacked_runs": self._runtime.stacked_runs,
             "refused_acks": self._commands.refused_acks,
+            "task_restarts": sum(self.task_restarts.values()),
+            "background_failures": self._background.failures,
+            "dropped_telemetry": self._sender.dropped_telemetry,
         }
 
     def outbox_stats(self) -> OutboxStats:
@@ -316,26 +333,41 @@ class NodeAgent:
         except TrustError:
             await self._shutdown()
             raise
-        await self._commands.remember_trust()
+        try:
+            await self._commands.remember_trust()
+        except DiskFullError as exc:  # the list in force is used; recorded by the next save
+            log.error("trust version not recorded: %s", exc)
         await self._commands.restore_active()
         self.ready.set()
+        loops: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = [
+            ("connection", self._link.run),
+            ("commands", self._commands.run),
+            ("sender", self._sender.run),
+            ("telemetry", self._pipeline.report_telemetry),
+            ("batcher", self._pipeline.batch),
+        ]
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._link.run(), name="connection")
-                group.create_task(self._commands.run(), name="commands")
-                group.create_task(self._sender.run(), name="sender")
-                group.create_task(self._pipeline.report_telemetry(), name="telemetry")
-                group.create_task(self._pipeline.batch(), name="batcher")
+                for name, loop in loops:
+                    group.create_task(self._supervise(name, loop), name=name)
                 workers = [
-                    group.create_task(self._pipeline.work(), name=f"inference-{index}")
+                    group.create_task(
+                        self._supervise(f"inference-{index}", self._pipeline.work),
+                        name=f"inference-{index}",
+                    )
                     for index in range(self._pipeline.workers)
                 ]
-                workers.append(group.create_task(self._pipeline.read(), name="source"))
+                workers.append(
+                    group.create_task(self._supervise("source", self._pipeline.read), name="source")
+                )
                 group.create_task(self._stop_watch(workers), name="stop-watch")
         except* _Stopping:
             pass
         finally:
             await self._shutdown()
+
+    async def _supervise(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        await supervise(name, loop, stopping=self._stopping, failures=self.task_restarts)
 
     async def _stop_watch(self, workers: list[asyncio.Task[None]]) -> None:
         """Clean shutdown: drain inference, flush results, send, publish death."""
@@ -356,3 +388,35 @@ class NodeAgent:
 
 class _Stopping(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised inside the task group to unwind every loop on stop."""
+
+
+async def supervise(
+    name: str,
+    loop: Callable[[], Coroutine[Any, Any, None]],
+    *,
+    stopping: asyncio.Event,
+    failures: Counter[str],
+    maximum_s: float = _RESTART_MAX_S,
+) -> None:
+    """Run ``loop()`` until it returns or ``stopping`` is set; restart it when it raises.
+
+    Each failure is logged with its traceback and counted in ``failures[name]``;
+    the next start waits a jittered, doubling pause (up to ``maximum_s``), back
+    to the shortest once a run lasted :data:`_HEALTHY_S`. Cancellation passes.
+    """
+    delays = reconnect_delays(maximum_s=maximum_s)
+    while not stopping.is_set():
+        started = time.monotonic()
+        try:
+            await loop()
+        except Exception:
+            if stopping.is_set():
+                return
+            if time.monotonic() - started >= _HEALTHY_S:
+                delays = reconnect_delays(maximum_s=maximum_s)
+            failures[name] += 1
+            delay = next(delays)
+            log.exception("node task %s failed; starting it again in %.1f s", name, delay)
+            await sleep_unless(stopping, delay)
+        else:
+            return

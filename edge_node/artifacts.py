@@ -18,7 +18,9 @@ Invariants:
   the blob is oversize and the ``.part`` is deleted.
 * A transfer failure (:class:`~shared.errors.TransferError`, cancellation, a
   stream that ends early) keeps the ``.part`` for resume; a digest or size
-  mismatch deletes it.
+  mismatch deletes it, and so does a full disk
+  (:class:`ArtifactDiskFullError`): the space goes back to the outbox and the
+  node's state, and the next try starts over.
 * One download per digest at a time in a store; :meth:`ArtifactStore.retain`
   never deletes a digest that is being downloaded.
 * Hashing files, hashing/writing chunks of 64 KiB or more and the final fsync
@@ -45,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from edge_node.disk import DiskFullError, is_disk_full
 from edge_node.fetchers import Fetcher
 from edgefleet_io.files import atomic_write
 from shared.errors import DigestMismatchError, EdgeFleetError, TransferError
@@ -54,6 +57,7 @@ from shared.topics import check_sha256
 __all__ = [
     "IO_THREADS",
     "PROGRESS_INTERVAL_S",
+    "ArtifactDiskFullError",
     "ArtifactError",
     "ArtifactStore",
     "InsufficientSpaceError",
@@ -80,6 +84,19 @@ class ArtifactError(EdgeFleetError):
     """The model store cannot hold or write an artifact."""
 
     code = "artifact_error"
+
+
+class ArtifactDiskFullError(ArtifactError, DiskFullError):
+    """The disk filled up while an artifact was written (its ``.part`` is deleted)."""
+
+    code = "disk_full"
+
+
+def _write_error(what: str, exc: OSError) -> ArtifactError:
+    """``exc`` from writing ``what``, as the store's error (a full disk as its own)."""
+    if is_disk_full(exc):
+        return ArtifactDiskFullError(f"disk full: {what}: {exc.strerror or exc}")
+    return ArtifactError(f"{what}: {exc.strerror or exc}")
 
 
 class InsufficientSpaceError(ArtifactError):
@@ -173,7 +190,7 @@ class ArtifactStore:
         try:
             atomic_write(target, envelope_bytes)
         except OSError as exc:
-            raise ArtifactError(f"cannot save manifest {sha[:12]}: {exc.strerror or exc}") from exc
+            raise _write_error(f"cannot save manifest {sha[:12]}", exc) from exc
         return target
 
     def load_manifest_bytes(self, sha: str) -> bytes | None:
@@ -233,6 +250,7 @@ class ArtifactStore:
                 the bytes hash differently; the ``.part`` is deleted.
             TransferError: from the fetcher, or the stream ended early; the
                 ``.part`` is kept for resume.
+            ArtifactDiskFullError: the disk filled up; the ``.part`` is deleted.
             ArtifactError: the ``.part`` cannot be read or written.
         """
         sha = check_sha256(manifest.sha256)
@@ -261,20 +279,26 @@ class ArtifactStore:
             return final
         have = self._resumable_bytes(sha, size)
         self._check_space(manifest, have, min_free_bytes)
-        writer = await _PartWriter.open(part, have)
-        with writer.file:
-            if writer.received < size:
-                oversize = await self._receive(writer, fetcher, sha, size, progress)
-                if oversize:
-                    writer.discard()
-                    raise DigestMismatchError(
-                        f"artifact larger than declared size ({size} bytes) for {sha[:12]}"
+        try:
+            writer = await _PartWriter.open(part, have)
+            with writer.file:
+                if writer.received < size:
+                    oversize = await self._receive(writer, fetcher, sha, size, progress)
+                    if oversize:
+                        writer.discard()
+                        raise DigestMismatchError(
+                            f"artifact larger than declared size ({size} bytes) for {sha[:12]}"
+                        )
+                if writer.received < size:
+                    raise TransferError(
+                        f"transfer of {sha[:12]} ended at {writer.received} of {size} bytes"
                     )
-            if writer.received < size:
-                raise TransferError(
-                    f"transfer of {sha[:12]} ended at {writer.received} of {size} bytes"
-                )
-            await writer.commit(sha, final)
+                await writer.commit(sha, final)
+        except ArtifactDiskFullError:
+            # No resume from a full disk: the partial bytes are what filled it.
+            part.unlink(missing_ok=True)
+            _log.error("download of %s hit a full disk; partial file removed", sha[:12])
+            raise
         if progress is not None:
             progress(size, size)
         _log.info("stored artifact %s (%d bytes)", sha[:12], size)
@@ -366,7 +390,7 @@ class _PartWriter:
                 have = await _in_io_thread(_hash_file, part, hasher)
             file = part.open("ab")
         except OSError as exc:
-            raise ArtifactError(f"cannot open {part.name}: {exc.strerror or exc}") from exc
+            raise _write_error(f"cannot open {part.name}", exc) from exc
         return cls(part, file, hasher, have)
 
     async def append(self, data: bytes) -> None:
@@ -395,7 +419,7 @@ class _PartWriter:
         try:
             await _in_io_thread(_commit, self.file, self.part, final)
         except OSError as exc:
-            raise ArtifactError(f"cannot store {sha[:12]}: {exc.strerror or exc}") from exc
+            raise _write_error(f"cannot store {sha[:12]}", exc) from exc
 
 
 # ----- blocking helpers (run in worker threads where noted) -------------------
@@ -433,7 +457,7 @@ async def _append(file: IO[bytes], hasher: hashlib._Hash, data: bytes, part: Pat
         else:
             _write_and_hash(file, hasher, data)
     except OSError as exc:
-        raise ArtifactError(f"cannot write {part.name}: {exc.strerror or exc}") from exc
+        raise _write_error(f"cannot write {part.name}", exc) from exc
 
 
 def _commit(file: IO[bytes], part: Path, final: Path) -> None:

@@ -80,6 +80,10 @@ class PendingResults:
     def __len__(self) -> int:
         return len(self._seq)
 
+    def seq_of(self, index: int) -> int:
+        """The result number of the ``index``-th pending result (``IndexError`` past the end)."""
+        return self._seq[index]
+
     def add(self, chunk: ResultChunk) -> None:
         """Append ``chunk``'s results.
 

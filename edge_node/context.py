@@ -5,7 +5,8 @@
 * :class:`ServingModel`: the manifest of the model the node serves, with the
   callbacks that must run when it changes;
 * :class:`Background`: fire-and-forget tasks kept referenced until they end and
-  cancelled at shutdown;
+  cancelled at shutdown; one that fails is logged and counted, never left with
+  an unretrieved exception;
 * :func:`sleep_unless`: a pause that a stop cuts short.
 
 None of them decides anything; each keeps one invariant, stated on it.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -23,6 +25,8 @@ from shared.errors import BrokerUnavailableError
 from shared.messages import ModelManifest
 
 __all__ = ["Background", "Connection", "ServingModel", "sleep_unless"]
+
+log = logging.getLogger(__name__)
 
 
 class Connection:
@@ -83,15 +87,28 @@ class ServingModel:
 
 
 class Background:
-    """Tasks started and forgotten by the caller, kept referenced until they finish."""
+    """Tasks started and forgotten by the caller, kept referenced until they finish.
+
+    A task that raises is logged with its traceback and counted in ``failures``.
+    """
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
+        self.failures = 0
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()  # retrieved: never "exception was never retrieved"
+        if error is not None:
+            self.failures += 1
+            log.error("background task %s failed", task.get_name(), exc_info=error)
 
     async def cancel_all(self) -> None:
         tasks = list(self._tasks)

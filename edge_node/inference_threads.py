@@ -39,6 +39,7 @@ from typing import Final
 import numpy as np
 
 from edge_node.batches_core import ResultChunk
+from edge_node.disk import DiskFullError
 from edge_node.inference_core import stack_requests
 from edge_node.numbering import RESULT_SEQ_BLOCK, next_result_seq
 from edge_node.results_core import DIGEST_HEX, ChangeGate, row_digests, summarize_rows
@@ -289,10 +290,17 @@ class InferenceThreads:
         with self._numbering:
             chunk = None
             if summaries.kept:
+                try:
+                    first_seq = self._allocate(loop, len(summaries.kept))
+                except DiskFullError as exc:  # no number can be reserved: nothing kept
+                    self._post(
+                        loop, Reported(None, [], [*failures, *((r, str(exc)) for r in requests)])
+                    )
+                    return
                 chunk = ResultChunk(
                     model=handle.ref,
                     labels=labels,
-                    first_seq=self._allocate(loop, len(summaries.kept)),
+                    first_seq=first_seq,
                     latency_ms=run.latency_ms,
                     ts=ts,
                     digests=digests,
@@ -311,8 +319,11 @@ class InferenceThreads:
         while True:
             saving = self._saving
             if saving is not None and (saving[1].done() or end > self._reserved):
-                saving[1].result()  # raises what the save raised
-                self._reserved, self._saving = saving[0], None
+                try:
+                    saving[1].result()  # raises what the save raised
+                finally:
+                    self._saving = None  # a failed save is tried again by the next run
+                self._reserved = saving[0]
                 continue
             if end <= self._reserved:
                 break

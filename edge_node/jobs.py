@@ -29,6 +29,7 @@ from pathlib import Path
 
 from edge_node.artifacts import ArtifactError, ArtifactStore
 from edge_node.context import ServingModel
+from edge_node.disk import DiskFullError
 from edge_node.downloads import Downloader
 from edge_node.job_states import (
     JobEvent,
@@ -242,6 +243,8 @@ class JobRunner:
         except asyncio.CancelledError:
             await self._cancelled(job)
             raise
+        except DiskFullError as exc:
+            await self._fail(job, DiskFullError.code, exc)
         except (TrustError, ArtifactError) as exc:
             await self._fail(job, exc.code if isinstance(exc, TrustError) else "artifact", exc)
         except EdgeFleetError as exc:
@@ -250,7 +253,10 @@ class JobRunner:
             if self.current is job:
                 self.current = None
             if job.step is not JobStep.INTERRUPTED:
-                await self._clear_pending(job.command.command_id)
+                try:
+                    await self._clear_pending(job.command.command_id)
+                except EdgeFleetError as exc:  # stays pending: the next start ends it again
+                    log.error("job %s not cleared: %s", job.command.command_id, exc)
 
     async def _steps(self, job: Job) -> None:
         if job.finish_only:  # activated before a restart: only the last steps are left
@@ -305,9 +311,19 @@ class JobRunner:
 
     async def _install(self, manifest: ModelManifest, path: Path) -> None:
         """Swap the runtime to the new model, then record it (keeping the old as previous)."""
+        old, before = self._serving.manifest, self._keeper.state
         await self._runtime.activate(path, manifest)
-        previous = self._keeper.state.active
-        await self._keeper.update(active=manifest.ref, previous=previous)
+        previous = before.active
+        try:
+            await self._keeper.update(active=manifest.ref, previous=previous)
+        except EdgeFleetError:
+            # Not recorded, so not installed: serve the old model again.
+            self._keeper.state = self._keeper.state.model_copy(
+                update={"active": before.active, "previous": before.previous}
+            )
+            if old is not None:
+                await self._runtime.activate(self._artifacts.path(old.sha256), old)
+            raise
         keep = [ref.sha256 for ref in (manifest.ref, previous) if ref is not None]
         await asyncio.to_thread(self._artifacts.retain, keep)
         self._serving.set(manifest)

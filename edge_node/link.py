@@ -34,6 +34,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edge_node.context import Connection, ServingModel, sleep_unless
+from edge_node.disk import DiskFullError
 from edge_node.sender import OutboxSender
 from edge_node.state import StateKeeper
 from edgefleet_io.transport import Link, Message, Session, Transport, Will, reconnect_delays
@@ -130,7 +131,12 @@ class NodeLink:
     async def _next_session(self) -> Session:
         """One session number per connection, shared by its birth and its Will."""
         cfg = self._settings
-        await self._keeper.update(session=self._keeper.state.session + 1)
+        try:
+            await self._keeper.update(session=self._keeper.state.session + 1)
+        except DiskFullError as exc:  # connect anyway: a node that cannot report helps no one
+            log.warning(
+                "session %d not saved before connecting: %s", self._keeper.state.session, exc
+            )
         will = Will(topics.state(cfg.fleet, cfg.node_id), self.state_message(online=False))
         return Session(
             client_id=cfg.node_id,

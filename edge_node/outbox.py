@@ -46,6 +46,15 @@ Invariants
 * **No silent data loss on a bad file.** A corrupt, foreign or unreadable
   database raises :class:`OutboxError` naming the path; nothing is deleted or
   recreated.
+* **A full disk is back-pressure, not breakage.** Any call that the disk is
+  too full to serve raises :class:`OutboxDiskFullError` (an
+  :class:`OutboxFullError`, not an :class:`OutboxError`) and changes nothing. A
+  ``put`` that hits it first drops all stored telemetry (counted) and
+  truncates the WAL (a checkpoint), then tries once more: results before
+  telemetry. An outbox whose file cannot even be
+  opened because the disk is full (SQLite's index file cannot be created) is
+  opened at the next call that finds room; until then it holds nothing known,
+  :meth:`floor` is ``None`` and every call raises :class:`OutboxDiskFullError`.
 
 Sending loop, in short::
 
@@ -58,6 +67,7 @@ Sending loop, in short::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -69,6 +79,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from edge_node.disk import DiskFullError, is_disk_full
 from edge_node.outbox_db import (
     KINDS,
     Kind,
@@ -86,6 +97,7 @@ __all__ = [
     "RESEND_DOUBLINGS",
     "Kind",
     "Outbox",
+    "OutboxDiskFullError",
     "OutboxEntry",
     "OutboxError",
     "OutboxFullError",
@@ -109,6 +121,10 @@ class OutboxFullError(EdgeFleetError):
     Deliberately not an :class:`OutboxError`: "wait and retry" and "storage is
     broken" must not be caught by the same ``except``.
     """
+
+
+class OutboxDiskFullError(OutboxFullError, DiskFullError):
+    """The disk holding the outbox is full: acks may not free room, retry after a delay."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +166,8 @@ class Outbox:
 
     Raises:
         OutboxError: the file cannot be opened, is not an outbox database, is
-            from a newer schema, or is corrupt.
+            from a newer schema, or is corrupt. (A disk too full to open it is no
+            error: the outbox opens at the first call that finds room.)
         ValueError: a cap is below 1.
     """
 
@@ -184,7 +201,12 @@ class Outbox:
         self._last_seq = 0
         self._dropped = 0
         self._first_seq = first_seq
-        self._conn: sqlite3.Connection | None = self._open()
+        self._closed = False
+        self._conn: sqlite3.Connection | None = None
+        try:
+            self._conn = self._open()
+        except DiskFullError as exc:
+            _log.error("outbox %s cannot be opened yet: %s; retrying as space returns", path, exc)
 
     # ----- opening -----------------------------------------------------------
 
@@ -199,17 +221,25 @@ class Outbox:
     # ----- plumbing ----------------------------------------------------------
 
     @contextmanager
-    def _db(self, what: str, *, full_is_backpressure: bool = False) -> Iterator[sqlite3.Connection]:
-        """Hold the lock, yield the connection, translate sqlite3 errors."""
+    def _db(self, what: str) -> Iterator[sqlite3.Connection]:
+        """Hold the lock, yield the connection (opening it if a full disk kept it
+        shut), translate sqlite3 errors."""
         with self._lock:
-            if self._conn is None:
+            if self._closed:
                 raise OutboxError(f"outbox {self._path} is closed ({what})")
+            if self._conn is None:
+                try:
+                    self._conn = self._open()
+                except DiskFullError as exc:
+                    raise OutboxDiskFullError(f"outbox {self._path}: {what}: {exc}") from exc
+                _log.info("outbox %s opened: the disk has room again", self._path)
             try:
                 yield self._conn
             except sqlite3.Error as exc:
-                code = getattr(exc, "sqlite_errorcode", None)
-                if full_is_backpressure and code == sqlite3.SQLITE_FULL:
-                    raise OutboxFullError(f"disk full writing outbox {self._path}") from exc
+                if is_disk_full(exc, self._path.parent):
+                    raise OutboxDiskFullError(
+                        f"disk full: outbox {self._path}: {what} failed: {exc}"
+                    ) from exc
                 raise OutboxError(f"outbox {self._path}: {what} failed: {exc}") from exc
 
     def _room_needed(self, size: int) -> tuple[int, int]:
@@ -258,46 +288,114 @@ class Outbox:
         this outbox. If it raises, the exception propagates and nothing is stored.
 
         Raises:
-            OutboxFullError: results fill the cap (or the disk is full); nothing
-                was stored and no ``seq`` was consumed.
+            OutboxFullError: results fill the cap; nothing was stored and no
+                ``seq`` was consumed.
+            OutboxDiskFullError: the disk is full even without telemetry (the
+                stored telemetry was dropped); nothing was stored.
             ValueError: ``kind`` is unknown, or the entry alone exceeds ``max_bytes``.
             TypeError: ``make_payload`` did not return bytes.
             OutboxError: the outbox is closed or the database failed.
         """
+        return self.put_many(kind, topic, [make_payload])[0]
+
+    def put_many(
+        self, kind: Kind, topic: str, make_payloads: list[Callable[[int], bytes]]
+    ) -> list[int]:
+        """:meth:`put` each of ``make_payloads`` in order, all in ONE transaction.
+
+        One commit (one fsync) for the whole group: either every entry is
+        stored, with consecutive ``seq`` numbers (returned), or none is.
+
+        Raises:
+            The same as :meth:`put`, for the group as a whole.
+        """
         if kind not in KINDS:
             raise ValueError(f"outbox entry kind must be 'status' or 'results', not {kind!r}")
+        if not make_payloads:
+            return []
+        try:
+            return self._put_many(kind, topic, make_payloads)
+        except OutboxDiskFullError:
+            if not self._make_room():
+                raise
+        return self._put_many(kind, topic, make_payloads)
+
+    def _make_room(self) -> bool:
+        """After a full disk refused a put: drop all telemetry and give the WAL's
+        space back (a checkpoint that truncates it); True when either happened."""
+        dropped = 0
+        with contextlib.suppress(OutboxDiskFullError):
+            dropped = self.drop_telemetry() if self.telemetry_depth() else 0
+        try:
+            with self._db("checkpoint") as conn:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except OutboxDiskFullError:
+            return bool(dropped)
+        return bool(dropped) or not busy
+
+    def _put_many(
+        self, kind: Kind, topic: str, make_payloads: list[Callable[[int], bytes]]
+    ) -> list[int]:
         topic_bytes = len(topic.encode("utf-8"))
-        with self._db("put", full_is_backpressure=True) as conn:
-            with transaction(conn):
-                seq = meta(conn, "last_seq") + 1
-                payload = make_payload(seq)
-                if not isinstance(payload, bytes):
-                    raise TypeError(f"make_payload returned {type(payload).__name__}, not bytes")
-                size = len(payload) + topic_bytes
-                if size > self._max_bytes:
-                    raise ValueError(
-                        f"outbox entry of {size} bytes can never fit max_bytes={self._max_bytes}"
+        seqs: list[int] = []
+        n_entries, entry_bytes, n_tel, tel_bytes, dropped = (
+            self._n_entries,
+            self._entry_bytes,
+            self._n_tel,
+            self._tel_bytes,
+            self._dropped,
+        )
+        with self._db("put") as conn:
+            try:
+                with transaction(conn):
+                    seqs.extend(
+                        self._insert(conn, kind, topic, topic_bytes, make) for make in make_payloads
                     )
-                if not self._fits_without_telemetry(size):
-                    raise OutboxFullError(
-                        f"outbox {self._path} is full: {self._n_entries} unacked entries, "
-                        f"{self._entry_bytes} bytes (caps: {self._max_entries} entries, "
-                        f"{self._max_bytes} bytes); wait for acks"
-                    )
-                dropped_rows, dropped_bytes = self._drop_oldest_telemetry(conn, size)
-                conn.execute(
-                    "INSERT INTO entries (seq, kind, size, created_at, sent_at, attempts, "
-                    "topic, payload) VALUES (?, ?, ?, ?, NULL, 0, ?, ?)",
-                    (seq, kind, size, self._clock(), topic, payload),
-                )
-                conn.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (seq,))
-            # Committed: only now do the counters move.
-            self._last_seq = seq
-            self._n_entries += 1
-            self._entry_bytes += size
-            self._n_tel -= dropped_rows
-            self._tel_bytes -= dropped_bytes
-            self._dropped += dropped_rows
+            except BaseException:
+                # Rolled back: the counters moved per row go back with it.
+                self._n_entries, self._entry_bytes = n_entries, entry_bytes
+                self._n_tel, self._tel_bytes, self._dropped = n_tel, tel_bytes, dropped
+                raise
+            # Committed: only now does the sequence move.
+            self._last_seq = seqs[-1]
+        return seqs
+
+    def _insert(
+        self,
+        conn: sqlite3.Connection,
+        kind: Kind,
+        topic: str,
+        topic_bytes: int,
+        make_payload: Callable[[int], bytes],
+    ) -> int:
+        """One row of :meth:`_put_many`; moves the counters (reset if the transaction fails)."""
+        seq = meta(conn, "last_seq") + 1
+        payload = make_payload(seq)
+        if not isinstance(payload, bytes):
+            raise TypeError(f"make_payload returned {type(payload).__name__}, not bytes")
+        size = len(payload) + topic_bytes
+        if size > self._max_bytes:
+            raise ValueError(
+                f"outbox entry of {size} bytes can never fit max_bytes={self._max_bytes}"
+            )
+        if not self._fits_without_telemetry(size):
+            raise OutboxFullError(
+                f"outbox {self._path} is full: {self._n_entries} unacked entries, "
+                f"{self._entry_bytes} bytes (caps: {self._max_entries} entries, "
+                f"{self._max_bytes} bytes); wait for acks"
+            )
+        dropped_rows, dropped_bytes = self._drop_oldest_telemetry(conn, size)
+        conn.execute(
+            "INSERT INTO entries (seq, kind, size, created_at, sent_at, attempts, "
+            "topic, payload) VALUES (?, ?, ?, ?, NULL, 0, ?, ?)",
+            (seq, kind, size, self._clock(), topic, payload),
+        )
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (seq,))
+        self._n_entries += 1
+        self._entry_bytes += size
+        self._n_tel -= dropped_rows
+        self._tel_bytes -= dropped_bytes
+        self._dropped += dropped_rows
         return seq
 
     def due(
@@ -422,11 +520,11 @@ class Outbox:
         way the drop is counted in ``dropped_telemetry``.
 
         Raises:
-            OutboxFullError: the disk is full.
+            OutboxDiskFullError: the disk is full (nothing stored).
             OutboxError: the outbox is closed or the database failed.
         """
         size = len(payload) + len(topic.encode("utf-8"))
-        with self._db("put_telemetry", full_is_backpressure=True) as conn:
+        with self._db("put_telemetry") as conn:
             if not self._fits_without_telemetry(size):
                 with transaction(conn):
                     conn.execute(
@@ -445,6 +543,27 @@ class Outbox:
             self._tel_bytes += size - dropped_bytes
             self._dropped += dropped_rows
             return True
+
+    def drop_telemetry(self) -> int:
+        """Delete all stored telemetry (counted as dropped) to make room; return how many.
+
+        Raises:
+            OutboxDiskFullError: the disk is too full even to delete.
+            OutboxError: the outbox is closed or the database failed.
+        """
+        with self._db("drop_telemetry") as conn:
+            if not self._n_tel:
+                return 0
+            with transaction(conn):
+                n = int(conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
+                conn.execute("DELETE FROM telemetry")
+                conn.execute(
+                    "UPDATE meta SET value = value + ? WHERE key = 'dropped_telemetry'", (n,)
+                )
+            self._n_tel = self._tel_bytes = 0
+            self._dropped += n
+        _log.warning("outbox %s: disk full, dropped %d telemetry message(s)", self._path, n)
+        return n
 
     def telemetry_due(self, limit: int) -> list[TelemetryEntry]:
         """Up to ``limit`` stored telemetry messages, oldest first.
@@ -512,14 +631,18 @@ class Outbox:
         with self._lock:
             return self._last_seq
 
-    def floor(self) -> int:
+    def floor(self) -> int | None:
         """The lowest ``seq`` still held (the next one to assign when empty).
 
         Every lower slot was acknowledged or never existed, so a controller may
-        treat everything below it as settled.
+        treat everything below it as settled. ``None`` while a full disk keeps
+        the file shut (nothing is known, so nothing may be settled).
         """
-        with self._db("floor") as conn:
-            lowest = conn.execute("SELECT MIN(seq) FROM entries").fetchone()[0]
+        try:
+            with self._db("floor") as conn:
+                lowest = conn.execute("SELECT MIN(seq) FROM entries").fetchone()[0]
+        except OutboxDiskFullError:
+            return None  # not open yet: nothing known to settle
         with self._lock:
             return int(lowest) if lowest is not None else self._last_seq + 1
 
@@ -538,6 +661,7 @@ class Outbox:
     def close(self) -> None:
         """Close the database; idempotent. Later calls raise :class:`OutboxError`."""
         with self._lock:
+            self._closed = True
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from edge_node.disk import DiskFullError, is_disk_full
 from shared.errors import EdgeFleetError
 
 __all__ = [
@@ -135,6 +136,7 @@ def open_database(path: Path, *, first_seq: int) -> tuple[sqlite3.Connection, Co
     """Open (creating if new, numbering from ``first_seq``) and check the outbox at ``path``.
 
     Raises:
+        DiskFullError: the disk is too full to open it (nothing was changed).
         OutboxError: the file cannot be opened, is not an outbox database, is
             from a newer schema, or is corrupt.
     """
@@ -144,6 +146,8 @@ def open_database(path: Path, *, first_seq: int) -> tuple[sqlite3.Connection, Co
             str(path), isolation_level=None, check_same_thread=False, timeout=10.0
         )
     except sqlite3.Error as exc:
+        if is_disk_full(exc, path.parent):
+            raise DiskFullError(f"disk full creating outbox database {path}: {exc}") from exc
         raise OutboxError(f"cannot open outbox database {path}: {exc}") from exc
     try:
         configure(conn, path)
@@ -154,6 +158,8 @@ def open_database(path: Path, *, first_seq: int) -> tuple[sqlite3.Connection, Co
         raise
     except sqlite3.Error as exc:
         conn.close()
+        if is_disk_full(exc, path.parent):
+            raise DiskFullError(f"disk full opening outbox database {path}: {exc}") from exc
         raise OutboxError(f"outbox database {path} is corrupt or unreadable: {exc}") from exc
     return conn, counters
 

@@ -16,9 +16,16 @@ Invariants:
 * results reach the pending columns, and the batches, in ``seq`` order, each
   naming the model that produced it (the threads' invariants); one flush runs
   at a time, and results leave the columns only once the outbox holds them;
+* **an answered result is a durable result**: the reply to an MQTT request
+  that carries a result is published only after the outbox has committed
+  (fsynced) that result. A run's results that a requester waits for are
+  flushed at once rather than at the next ``batch_interval_s``; results that
+  become ready while one commit runs go together in the next (group commit:
+  one transaction for everything pending, at most ``_GROUP_BATCHES`` messages);
 * result batches and telemetry go through the outbox; nothing is published
   from here except replies to MQTT requests (best effort: a lost reply is the
-  requester's to retry);
+  requester's to retry; a failed inference is answered at once, it has no
+  result to keep);
 * telemetry latency describes the serving model only: the window restarts on
   every swap, and results of another model are not counted in it, so the
   controller compares the new model with the old, not a mix.
@@ -27,6 +34,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import resource
@@ -67,6 +75,7 @@ __all__ = ["Pipeline", "PipelineSettings"]
 log = logging.getLogger(__name__)
 
 _DRAIN_S = 5.0  # how long a stop waits for in-flight inferences
+_GROUP_BATCHES = 64  # result batch messages committed in one transaction, at most
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,6 +130,13 @@ class Pipeline:
         self._started = time.monotonic()
         self._queue = InputQueue(2 * max_rows * self.workers)
         self._flushing = asyncio.Lock()  # one flush at a time: each cuts from the front
+        # Replies held until the outbox holds their result: (result seq, request, result).
+        self._unreplied: collections.deque[tuple[int, InferRequest, InferenceResult]] = (
+            collections.deque()
+        )
+        self._stored_through = 0  # the last result seq the outbox holds
+        self._committing = False
+        self._commit_again = False
         self._synthetic: SyntheticSource | None = None
         self._queued: InputSource | None = None
         self._mqtt: MqttSource | None = None
@@ -240,10 +256,14 @@ class Pipeline:
                 if serving is not None and chunk.model.sha256 == serving.sha256:
                     self._latency.add_many(chunk.latency_ms, count)
                     self._period.add(chunk.latency_ms, count)
-                for position, request in enumerate(reported.requests):
-                    if request is not None:
-                        result = result_of_row(chunk, position)
-                        self._background.spawn(self._reply(request, result, None))
+                waiting = [
+                    (chunk.first_seq + position, request, result_of_row(chunk, position))
+                    for position, request in enumerate(reported.requests)
+                    if request is not None
+                ]
+                if waiting:
+                    self._unreplied.extend(waiting)
+                    self._commit_soon()
             if reported.failures:
                 self.counts["errors"] += len(reported.failures)
                 self._period.error(len(reported.failures))
@@ -264,10 +284,31 @@ class Pipeline:
             await sleep_unless(self._stopping, self._cfg.batch_interval_s)
             await self.flush()
 
+    def _commit_soon(self) -> None:
+        """Flush now for a waiting requester; one commit at a time, the next takes all."""
+        if self._committing:
+            self._commit_again = True
+            return
+        self._committing = True
+        self._background.spawn(self._commit())
+
+    async def _commit(self) -> None:
+        try:
+            self._commit_again = True
+            while self._commit_again:
+                self._commit_again = False
+                await self.flush()
+        finally:
+            self._committing = False
+
     async def flush(self) -> None:
-        """Move pending results into the outbox, ``batch_max`` per message."""
+        """Move pending results into the outbox, ``batch_max`` per message, then
+        release the replies whose results it now holds."""
         async with self._flushing:
-            await self._flush()
+            try:
+                await self._flush()
+            finally:
+                self._release_replies()
 
     async def _flush(self) -> None:
         cfg = self._cfg
@@ -276,17 +317,24 @@ class Pipeline:
         drafts = self.pending.batches(node=cfg.node_id, most=cfg.batch_max)
         stored = 0
         try:
-            for draft in drafts:
-
-                def build(seq: int, draft: ResultBatch = draft) -> bytes:
-                    return encode_results(msgspec.structs.replace(draft, seq=seq))
-
-                if not await self._sender.try_put("results", topic, build):
-                    log.error("outbox full: pausing inference until the controller acknowledges")
+            for start in range(0, len(drafts), _GROUP_BATCHES):
+                group = drafts[start : start + _GROUP_BATCHES]
+                builds = [_builder(draft) for draft in group]
+                if not await self._sender.try_put_many("results", topic, builds):
+                    log.error("outbox full: pausing inference until there is room")
                     return
-                stored += len(draft)
+                stored += sum(len(draft) for draft in group)
+                self._stored_through = self.pending.seq_of(stored - 1)
         finally:
             self.pending.drop(stored)
+
+    def _release_replies(self) -> None:
+        """Publish the replies whose results the outbox holds (a result seq at most
+        ``_stored_through``; they wait in seq order)."""
+        unreplied = self._unreplied
+        while unreplied and unreplied[0][0] <= self._stored_through:
+            _, request, result = unreplied.popleft()
+            self._background.spawn(self._reply(request, result, None))
 
     async def drain(self, tasks: list[asyncio.Task[None]]) -> None:
         """On stop: close the source, let in-flight inferences finish, flush their results."""
@@ -302,6 +350,9 @@ class Pipeline:
             task.cancel()
         self._accept()
         await self.flush()
+        while self._unreplied:  # not stored (outbox or disk full): say so, never unsaved
+            _, request, _ = self._unreplied.popleft()
+            self._background.spawn(self._reply(request, None, "node stopping: result not stored"))
 
     async def report_telemetry(self) -> None:
         """Queue a :class:`Telemetry` message every ``telemetry_interval_s``, until stopped."""
@@ -336,6 +387,15 @@ class Pipeline:
             model=self._keeper.state.active,
             period=self._period.take(now),
         )
+
+
+def _builder(draft: ResultBatch) -> Callable[[int], bytes]:
+    """The outbox's payload callback for ``draft``: the batch given its slot."""
+
+    def build(seq: int) -> bytes:
+        return encode_results(msgspec.structs.replace(draft, seq=seq))
+
+    return build
 
 
 def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:

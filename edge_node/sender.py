@@ -5,7 +5,7 @@ Invariants (the outbox's own are in :mod:`edge_node.outbox`):
 * every outbox call runs in a worker thread, never on the event loop;
 * a status is never dropped: when the outbox is full, :meth:`OutboxSender.put`
   waits for acks to free space; result batches are not dropped either, the
-  caller keeps them and pauses (:meth:`OutboxSender.try_put`); ``space`` is
+  caller keeps them and pauses (:meth:`OutboxSender.try_put_many`); ``space`` is
   clear exactly while something waits for room;
 * entries are published in ``seq`` order on the current connection, and re-sent
   when unacknowledged for ``resend_after_s``, then for twice as long after each
@@ -21,7 +21,11 @@ Invariants (the outbox's own are in :mod:`edge_node.outbox`):
   registered with :meth:`OutboxSender.on_back` run. Without this, every node
   re-sent its whole backlog into a shared subscription group with no member
   (the broker drops it) on every round of a controller outage;
-* an entry leaves the outbox only on the controller's ack.
+* an entry leaves the outbox only on the controller's ack;
+* a full disk (:class:`~edge_node.outbox.OutboxDiskFullError`) ends nothing:
+  a status waits and tries again every ``DISK_RETRY_S``, result batches stay
+  with the caller until a later put succeeds (which sets ``space`` again),
+  telemetry is dropped and counted, and sending pauses until the next round.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import logging
 from collections.abc import Callable
 
 from edge_node.context import Connection
-from edge_node.outbox import Kind, Outbox, OutboxEntry, OutboxFullError
+from edge_node.outbox import Kind, Outbox, OutboxDiskFullError, OutboxEntry, OutboxFullError
 from edge_node.presence_core import ControllerWatch
 from edgefleet_io.transport import Link
 from shared.errors import TransportError
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 _DUE_LIMIT = 200  # sequenced entries read per round
 _TELEMETRY_LIMIT = 50
 _MAX_IDLE_S = 5.0  # the sender looks for due re-sends at least this often
+DISK_RETRY_S = 1.0  # a status put refused by a full disk is tried again this often
 
 
 class OutboxSender:
@@ -75,6 +80,7 @@ class OutboxSender:
         self._sending = asyncio.Lock()
         self.space = asyncio.Event()
         self.space.set()
+        self.dropped_telemetry = 0  # refused by a full disk (the outbox counts the rest)
 
     def wake(self) -> None:
         self._wake.set()
@@ -87,28 +93,51 @@ class OutboxSender:
             try:
                 await asyncio.to_thread(self.outbox.put, kind, topic, build)
                 break
+            except OutboxDiskFullError as exc:
+                log.error("%s: the %s waits for space", exc, kind)
+                self.space.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(DISK_RETRY_S):
+                        await self.space.wait()
             except OutboxFullError:
                 log.error("outbox full: waiting for the controller to acknowledge")
                 self.space.clear()
                 await self.space.wait()
+        self.space.set()  # stored: there is room (again)
         self.wake()
 
-    async def try_put(self, kind: Kind, topic: str, build: Callable[[int], bytes]) -> bool:
-        """Store an entry; False (and ``space`` cleared) when the outbox is full."""
+    async def try_put_many(
+        self, kind: Kind, topic: str, builds: list[Callable[[int], bytes]]
+    ) -> bool:
+        """Store all entries in one commit; False (``space`` cleared) when they do not fit.
+
+        A success sets ``space``: after a full disk nothing else would.
+        """
         try:
-            await asyncio.to_thread(self.outbox.put, kind, topic, build)
+            await asyncio.to_thread(self.outbox.put_many, kind, topic, builds)
         except OutboxFullError:
             self.space.clear()
             return False
+        self.space.set()
         self.wake()
         return True
 
     async def put_telemetry(self, topic: str, payload: bytes) -> None:
-        await asyncio.to_thread(self.outbox.put_telemetry, topic, payload)
+        """Store telemetry, best effort: a full disk drops it (counted)."""
+        try:
+            await asyncio.to_thread(self.outbox.put_telemetry, topic, payload)
+        except OutboxDiskFullError as exc:
+            self.dropped_telemetry += 1
+            log.warning("telemetry dropped: %s", exc)
+            return
         self.wake()
 
     async def on_ack(self, seq: int) -> None:
-        removed = await asyncio.to_thread(self.outbox.ack, seq)
+        try:
+            removed = await asyncio.to_thread(self.outbox.ack, seq)
+        except OutboxDiskFullError as exc:
+            log.warning("ack of seq %d not applied yet: %s", seq, exc)  # the next ack covers it
+            return
         if removed:
             self.space.set()
         if self.watch.acked(self._clock(), outstanding=self.outbox.depth() > 0):
@@ -135,8 +164,14 @@ class OutboxSender:
             listener()
 
     async def requeue(self) -> None:
-        """After a (re)connect: everything unacknowledged goes out again, in order."""
-        await asyncio.to_thread(self.outbox.requeue_all)
+        """After a (re)connect: everything unacknowledged goes out again, in order.
+
+        On a full disk they go out at their re-send time instead.
+        """
+        try:
+            await asyncio.to_thread(self.outbox.requeue_all)
+        except OutboxDiskFullError as exc:
+            log.warning("outbox not requeued: %s", exc)
 
     # ----- sending ------------------------------------------------------------
 
@@ -160,6 +195,8 @@ class OutboxSender:
                 await self.send_due(link)
             except TransportError as exc:
                 log.debug("send interrupted: %s", exc)
+            except OutboxDiskFullError as exc:
+                log.warning("sending paused until the next round: %s", exc)
 
     async def send_due(self, link: Link) -> None:
         """Publish every due entry and all stored telemetry on ``link``.

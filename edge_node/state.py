@@ -17,7 +17,10 @@ Invariants:
 * the trust list in force is the one reached by walking ``trust-chain.json``
   from the shipped trust list (TUF's root walk), never a file taken on its
   own; ``state.json`` records the highest version taken and its digest, so a
-  deleted or shortened chain stops the node instead of reviving old keys.
+  deleted or shortened chain stops the node instead of reviving old keys;
+* a save the disk has no room for raises :class:`~edge_node.disk.DiskFullError`
+  (any other failed write: :class:`StateFileError`); the change stays in
+  memory and the next save that finds room writes it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_node.core import VerifierState
+from edge_node.disk import DiskFullError, is_disk_full
 from edge_node.numbering import RESULT_SEQ_BLOCK
 from edgefleet_io.files import atomic_write
 from shared.codec import decode_json, encode_json
@@ -55,7 +59,7 @@ _MAX_CHAIN_BYTES = 64 * 1024 * 1024
 
 
 class StateFileError(EdgeFleetError):
-    """``state.json`` exists but cannot be read."""
+    """``state.json`` exists but cannot be read, or cannot be written."""
 
 
 class PendingCommand(BaseModel):
@@ -121,7 +125,13 @@ class NodeStore:
             raise StateFileError(f"{self.state_path} is corrupt: {first}") from None
 
     def save(self, state: PersistedState) -> None:
-        atomic_write(self.state_path, state.model_dump_json(indent=2).encode())
+        """Raises: DiskFullError (no room), StateFileError (any other failed write)."""
+        try:
+            atomic_write(self.state_path, state.model_dump_json(indent=2).encode())
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(f"cannot save {self.state_path}: disk full") from exc
+            raise StateFileError(f"cannot save {self.state_path}: {exc.strerror or exc}") from exc
 
     def load_trust(self, shipped: Path | None, *, now: float) -> TrustStore:
         """The trust list reached by walking the stored chain from the shipped one.
@@ -210,7 +220,11 @@ class StateKeeper:
         self._lock = asyncio.Lock()
 
     async def update(self, **changes: Any) -> PersistedState:
-        """Apply ``changes`` and save; returns the new state."""
+        """Apply ``changes`` and save; returns the new state.
+
+        Raises:
+            DiskFullError / StateFileError: the save failed (the change is kept in memory).
+        """
         self.state = self.state.model_copy(update=changes)
         await self.save()
         return self.state

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import Engine
 
 from tests.support.broker import Broker, BrokerError, BrokerFactory, free_port
+from tests.support.disk import small_disk as mount_small_disk
 from tests.support.models import make_classifier
 from tests.support.postgres import admin_engine
 
@@ -89,6 +90,14 @@ def models_dir(tmp_path: Path) -> Path:
     path = tmp_path / "models"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of ``tests.support.disk.DISK_BYTES`` mounted for the test (skipped,
+    with the reason, where mounting is not permitted), unmounted after it."""
+    with mount_small_disk(tmp_path / "disk") as mount_point:
+        yield mount_point
 
 
 @pytest.fixture

@@ -60,6 +60,8 @@ __all__ = [
 
 T = TypeVar("T")
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 ACTIVE_STATES = frozenset({"pending", "running", "paused", "rolling_back"})
 OPERATOR = "e2e-operator"
 LOG_TAIL_LINES = 30
@@ -161,6 +163,12 @@ class Fleet:
             "FLEET_OPERATOR_KEY": str(operator_key_path(self.keys_dir, OPERATOR)),
             "PYTHONUNBUFFERED": "1",
             "COLUMNS": "200",
+            # The packages of this checkout, before any installed copy: a
+            # virtualenv installed editable from another checkout would
+            # otherwise run that checkout's code in the child processes.
+            "PYTHONPATH": os.pathsep.join(
+                [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
         }
         for name in ("FLEET_DB", "FLEET_KEYS", "FLEET_KEY_PASSPHRASE", "FLEET_CA_FILE"):
             self.env.pop(name, None)
@@ -271,8 +279,10 @@ class Fleet:
         resend_after_s: float = 5.0,
         source: str = "synthetic",
         broker_url: str | None = None,
+        data: Path | None = None,
     ) -> Proc:
-        """``edge-node run`` for one node, its data in ``nodes/NODE_ID`` (kept across runs)."""
+        """``edge-node run`` for one node, its data in ``data`` (default ``nodes/NODE_ID``,
+        kept across runs); ``source`` as ``--source`` takes it (``mqtt``: infer requests)."""
         args = [
             *program("edge-node"),
             "run",
@@ -281,7 +291,7 @@ class Fleet:
             "--trust",
             str(self.trust_file),
             "--data",
-            str(self.root / "nodes" / node_id),
+            str(data if data is not None else self.root / "nodes" / node_id),
             "--source",
             source,
             "--rate",
