@@ -39,7 +39,8 @@ from broker_config import config_path
 from edge_node.outbox import read_depths
 from fleet_controller.demo import build_classifier
 from shared.errors import EdgeFleetError
-from tests.support.fleet import ACTIVE_STATES, Fleet, model_of
+from tests.support.fleet import ACTIVE_STATES, Fleet
+from tests.support.stored import model_of
 
 FLEET = "soak"
 

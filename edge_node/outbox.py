@@ -51,18 +51,11 @@ Invariants
   :class:`OutboxFullError`, not an :class:`OutboxError`) and changes nothing. A
   ``put`` that hits it first drops all stored telemetry (counted) and
   truncates the WAL (a checkpoint), then tries once more: results before
-  telemetry. An outbox whose file cannot even be
-  opened because the disk is full (SQLite's index file cannot be created) is
-  opened at the next call that finds room; until then it holds nothing known,
-  :meth:`floor` is ``None`` and every call raises :class:`OutboxDiskFullError`.
+  telemetry. An outbox whose file cannot even be opened because the disk is
+  full (SQLite's index file cannot be created) is opened at the next call that
+  finds room; until then :meth:`floor` is ``None`` and every call raises
+  :class:`OutboxDiskFullError`.
 
-Sending loop, in short::
-
-    outbox.requeue_all()                      # after (re)connect
-    entries = outbox.due(now, resend_after_s=30.0, limit=window)
-    ...publish each entry.payload on entry.topic...
-    outbox.mark_sent([e.seq for e in entries], now)
-    outbox.ack(ack_message.seq)               # on the controller's Ack
 """
 
 from __future__ import annotations
@@ -73,8 +66,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -83,13 +75,19 @@ from edge_node.disk import DiskFullError, is_disk_full
 from edge_node.outbox_db import (
     KINDS,
     Kind,
+    OutboxDiskFullError,
+    OutboxEntry,
     OutboxError,
+    OutboxFullError,
+    OutboxStats,
+    TelemetryEntry,
     as_kind,
     meta,
     open_database,
+    read_depths,
     transaction,
 )
-from shared.errors import EdgeFleetError
+from edge_node.outbox_telemetry import TelemetryTable
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -115,49 +113,7 @@ RESEND_DOUBLINGS = 3  # an unacked entry's re-send delay grows to 8 x resend_aft
 _MAX_DOUBLINGS = 40  # keeps the SQL shift in range; max_resend_s caps the delay long before
 
 
-class OutboxFullError(EdgeFleetError):
-    """No room for a sequenced entry (cap reached or disk full); retry after acks.
-
-    Deliberately not an :class:`OutboxError`: "wait and retry" and "storage is
-    broken" must not be caught by the same ``except``.
-    """
-
-
-class OutboxDiskFullError(OutboxFullError, DiskFullError):
-    """The disk holding the outbox is full: acks may not free room, retry after a delay."""
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxEntry:
-    """A sequenced entry waiting for the controller's ack."""
-
-    seq: int
-    kind: Kind
-    topic: str
-    payload: bytes
-    attempts: int  # sends recorded by mark_sent()
-    created_at: float  # seconds since the epoch
-
-
-@dataclass(frozen=True, slots=True)
-class TelemetryEntry:
-    """A best-effort telemetry message; ``id`` is not a sequence number."""
-
-    id: int
-    topic: str
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxStats:
-    depth: int  # sequenced entries pending (not yet acked)
-    telemetry_depth: int
-    bytes: int  # payload + topic bytes stored, both tables
-    last_seq: int  # 0 before the first put
-    dropped_telemetry: int  # since the database was created
-
-
-class Outbox:
+class Outbox(TelemetryTable):
     """Disk-backed queue of sequenced statuses/results and best-effort telemetry.
 
     ``path`` is the SQLite file (created if missing; its directory must exist).
@@ -242,43 +198,6 @@ class Outbox:
                     ) from exc
                 raise OutboxError(f"outbox {self._path}: {what} failed: {exc}") from exc
 
-    def _room_needed(self, size: int) -> tuple[int, int]:
-        """(bytes, rows) that must be freed to add one row of ``size`` bytes."""
-        over_bytes = self._entry_bytes + self._tel_bytes + size - self._max_bytes
-        over_rows = self._n_entries + self._n_tel + 1 - self._max_entries
-        return over_bytes, over_rows
-
-    def _fits_without_telemetry(self, size: int) -> bool:
-        return (
-            self._entry_bytes + size <= self._max_bytes and self._n_entries + 1 <= self._max_entries
-        )
-
-    def _drop_oldest_telemetry(self, conn: sqlite3.Connection, size: int) -> tuple[int, int]:
-        """Delete the oldest telemetry until a row of ``size`` fits; (rows, bytes) freed.
-
-        The caller has checked that dropping all telemetry is enough.
-        """
-        over_bytes, over_rows = self._room_needed(size)
-        if over_bytes <= 0 and over_rows <= 0:
-            return 0, 0
-        freed_rows = freed_bytes = last_id = 0
-        cursor = conn.execute("SELECT id, size FROM telemetry ORDER BY id")
-        try:
-            for tel_id, tel_size in cursor:
-                freed_rows += 1
-                freed_bytes += int(tel_size)
-                last_id = int(tel_id)
-                if freed_bytes >= over_bytes and freed_rows >= over_rows:
-                    break
-        finally:
-            cursor.close()
-        conn.execute("DELETE FROM telemetry WHERE id <= ?", (last_id,))
-        conn.execute(
-            "UPDATE meta SET value = value + ? WHERE key = 'dropped_telemetry'", (freed_rows,)
-        )
-        _log.debug("outbox %s full: dropped %d oldest telemetry", self._path, freed_rows)
-        return freed_rows, freed_bytes
-
     # ----- sequenced entries -------------------------------------------------
 
     def put(self, kind: Kind, topic: str, make_payload: Callable[[int], bytes]) -> int:
@@ -338,13 +257,8 @@ class Outbox:
     ) -> list[int]:
         topic_bytes = len(topic.encode("utf-8"))
         seqs: list[int] = []
-        n_entries, entry_bytes, n_tel, tel_bytes, dropped = (
-            self._n_entries,
-            self._entry_bytes,
-            self._n_tel,
-            self._tel_bytes,
-            self._dropped,
-        )
+        n_entries, entry_bytes = self._n_entries, self._entry_bytes
+        n_tel, tel_bytes, dropped = self._n_tel, self._tel_bytes, self._dropped
         with self._db("put") as conn:
             try:
                 with transaction(conn):
@@ -510,102 +424,6 @@ class Outbox:
             self._entry_bytes -= int(size)
             return int(n)
 
-    # ----- telemetry ---------------------------------------------------------
-
-    def put_telemetry(self, topic: str, payload: bytes) -> bool:
-        """Store a telemetry message, best effort; return False if it was dropped.
-
-        When the cap is reached the oldest telemetry is dropped to make room; if
-        results alone leave no room, the new message is dropped instead. Either
-        way the drop is counted in ``dropped_telemetry``.
-
-        Raises:
-            OutboxDiskFullError: the disk is full (nothing stored).
-            OutboxError: the outbox is closed or the database failed.
-        """
-        size = len(payload) + len(topic.encode("utf-8"))
-        with self._db("put_telemetry") as conn:
-            if not self._fits_without_telemetry(size):
-                with transaction(conn):
-                    conn.execute(
-                        "UPDATE meta SET value = value + 1 WHERE key = 'dropped_telemetry'"
-                    )
-                self._dropped += 1
-                _log.debug("outbox %s full of results: telemetry dropped", self._path)
-                return False
-            with transaction(conn):
-                dropped_rows, dropped_bytes = self._drop_oldest_telemetry(conn, size)
-                conn.execute(
-                    "INSERT INTO telemetry (size, created_at, topic, payload) VALUES (?, ?, ?, ?)",
-                    (size, self._clock(), topic, bytes(payload)),
-                )
-            self._n_tel += 1 - dropped_rows
-            self._tel_bytes += size - dropped_bytes
-            self._dropped += dropped_rows
-            return True
-
-    def drop_telemetry(self) -> int:
-        """Delete all stored telemetry (counted as dropped) to make room; return how many.
-
-        Raises:
-            OutboxDiskFullError: the disk is too full even to delete.
-            OutboxError: the outbox is closed or the database failed.
-        """
-        with self._db("drop_telemetry") as conn:
-            if not self._n_tel:
-                return 0
-            with transaction(conn):
-                n = int(conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
-                conn.execute("DELETE FROM telemetry")
-                conn.execute(
-                    "UPDATE meta SET value = value + ? WHERE key = 'dropped_telemetry'", (n,)
-                )
-            self._n_tel = self._tel_bytes = 0
-            self._dropped += n
-        _log.warning("outbox %s: disk full, dropped %d telemetry message(s)", self._path, n)
-        return n
-
-    def telemetry_due(self, limit: int) -> list[TelemetryEntry]:
-        """Up to ``limit`` stored telemetry messages, oldest first.
-
-        Raises:
-            OutboxError: the outbox is closed or the database failed.
-        """
-        if limit <= 0:
-            return []
-        with self._db("telemetry_due") as conn:
-            rows = conn.execute(
-                "SELECT id, topic, payload FROM telemetry ORDER BY id LIMIT ?", (limit,)
-            ).fetchall()
-            return [
-                TelemetryEntry(id=int(tel_id), topic=str(topic), payload=bytes(payload))
-                for tel_id, topic, payload in rows
-            ]
-
-    def telemetry_sent(self, ids: Iterable[int]) -> int:
-        """Delete the telemetry messages ``ids`` (sent); return how many existed.
-
-        Raises:
-            OutboxError: the outbox is closed or the database failed.
-        """
-        wanted = [int(tel_id) for tel_id in ids]
-        if not wanted:
-            return 0
-        removed_rows = removed_bytes = 0
-        with self._db("telemetry_sent") as conn:
-            with transaction(conn):
-                for tel_id in wanted:
-                    row = conn.execute(
-                        "SELECT size FROM telemetry WHERE id = ?", (tel_id,)
-                    ).fetchone()
-                    if row is not None:
-                        conn.execute("DELETE FROM telemetry WHERE id = ?", (tel_id,))
-                        removed_rows += 1
-                        removed_bytes += int(row[0])
-            self._n_tel -= removed_rows
-            self._tel_bytes -= removed_bytes
-        return removed_rows
-
     # ----- introspection -----------------------------------------------------
 
     @property
@@ -616,15 +434,6 @@ class Outbox:
         """Sequenced entries pending (stored, not yet acked)."""
         with self._lock:
             return self._n_entries
-
-    def telemetry_depth(self) -> int:
-        with self._lock:
-            return self._n_tel
-
-    def bytes_used(self) -> int:
-        """Payload and topic bytes stored in both tables (what ``max_bytes`` caps)."""
-        with self._lock:
-            return self._entry_bytes + self._tel_bytes
 
     def last_seq(self) -> int:
         """The last ``seq`` assigned (``first_seq - 1`` before the first :meth:`put`)."""
@@ -676,23 +485,3 @@ class Outbox:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def read_depths(path: Path) -> tuple[int, int]:
-    """``(entries, telemetry)`` waiting in the outbox at ``path``, read-only.
-
-    Opens the file read-only and writes nothing, so it is safe while a running
-    node owns the outbox. A missing file holds nothing.
-
-    Raises:
-        OutboxError: the file exists but cannot be read as an outbox.
-    """
-    if not path.exists():
-        return 0, 0
-    try:
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            depth = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
-            telemetry = db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0]
-    except sqlite3.Error as exc:
-        raise OutboxError(f"cannot read outbox {path}: {exc}") from None
-    return int(depth), int(telemetry)

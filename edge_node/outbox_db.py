@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,11 +25,20 @@ __all__ = [
     "SCHEMA_VERSION",
     "Counters",
     "Kind",
+    "OutboxDiskFullError",
+    "OutboxEntry",
     "OutboxError",
+    "OutboxFullError",
+    "OutboxStats",
+    "TelemetryEntry",
     "as_kind",
     "configure",
+    "count_dropped_telemetry",
+    "delete_telemetry",
+    "drop_oldest_telemetry",
     "meta",
     "open_database",
+    "read_depths",
     "transaction",
 ]
 
@@ -72,6 +81,48 @@ TABLES = frozenset({"meta", "entries", "telemetry"})
 
 class OutboxError(EdgeFleetError):
     """The outbox database is corrupt, foreign, unreadable, closed, or I/O failed."""
+
+
+class OutboxFullError(EdgeFleetError):
+    """No room for a sequenced entry (cap reached or disk full); retry after acks.
+
+    Deliberately not an :class:`OutboxError`: "wait and retry" and "storage is
+    broken" must not be caught by the same ``except``.
+    """
+
+
+class OutboxDiskFullError(OutboxFullError, DiskFullError):
+    """The disk holding the outbox is full: acks may not free room, retry after a delay."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A sequenced entry waiting for the controller's ack."""
+
+    seq: int
+    kind: Kind
+    topic: str
+    payload: bytes
+    attempts: int  # sends recorded by mark_sent()
+    created_at: float  # seconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryEntry:
+    """A best-effort telemetry message; ``id`` is not a sequence number."""
+
+    id: int
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    depth: int  # sequenced entries pending (not yet acked)
+    telemetry_depth: int
+    bytes: int  # payload + topic bytes stored, both tables
+    last_seq: int  # 0 before the first put
+    dropped_telemetry: int  # since the database was created
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,3 +269,63 @@ def _read_counters(conn: sqlite3.Connection, path: Path) -> Counters:
         last_seq=last_seq,
         dropped_telemetry=meta(conn, "dropped_telemetry"),
     )
+
+
+def drop_oldest_telemetry(
+    conn: sqlite3.Connection, over_bytes: int, over_rows: int
+) -> tuple[int, int]:
+    """In a transaction: delete the oldest telemetry until ``over_bytes`` bytes and
+    ``over_rows`` rows are freed (counted as dropped); (rows, bytes) freed."""
+    if over_bytes <= 0 and over_rows <= 0:
+        return 0, 0
+    freed_rows = freed_bytes = last_id = 0
+    cursor = conn.execute("SELECT id, size FROM telemetry ORDER BY id")
+    try:
+        for tel_id, tel_size in cursor:
+            freed_rows += 1
+            freed_bytes += int(tel_size)
+            last_id = int(tel_id)
+            if freed_bytes >= over_bytes and freed_rows >= over_rows:
+                break
+    finally:
+        cursor.close()
+    conn.execute("DELETE FROM telemetry WHERE id <= ?", (last_id,))
+    count_dropped_telemetry(conn, freed_rows)
+    return freed_rows, freed_bytes
+
+
+def count_dropped_telemetry(conn: sqlite3.Connection, n: int) -> None:
+    """In a transaction: add ``n`` to the persisted count of dropped telemetry."""
+    conn.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_telemetry'", (n,))
+
+
+def delete_telemetry(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, int]:
+    """In a transaction: delete the telemetry rows ``ids`` (sent); (rows, bytes) that existed."""
+    removed_rows = removed_bytes = 0
+    for tel_id in ids:
+        row = conn.execute("SELECT size FROM telemetry WHERE id = ?", (tel_id,)).fetchone()
+        if row is not None:
+            conn.execute("DELETE FROM telemetry WHERE id = ?", (tel_id,))
+            removed_rows += 1
+            removed_bytes += int(row[0])
+    return removed_rows, removed_bytes
+
+
+def read_depths(path: Path) -> tuple[int, int]:
+    """``(entries, telemetry)`` waiting in the outbox at ``path``, read-only.
+
+    Opens the file read-only and writes nothing, so it is safe while a running
+    node owns the outbox. A missing file holds nothing.
+
+    Raises:
+        OutboxError: the file exists but cannot be read as an outbox.
+    """
+    if not path.exists():
+        return 0, 0
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            depth = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+            telemetry = db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0]
+    except sqlite3.Error as exc:
+        raise OutboxError(f"cannot read outbox {path}: {exc}") from None
+    return int(depth), int(telemetry)

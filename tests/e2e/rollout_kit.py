@@ -12,7 +12,8 @@ from typing import Any
 
 from edge_node.simulate import node_ids
 from shared.waves import bucket, buckets_for_percent
-from tests.support.fleet import Fleet, model_of, telemetry
+from tests.support.fleet import Fleet
+from tests.support.stored import model_of, telemetry
 
 # Long enough for every wave of a 24-node fleet on a slow 2-core machine, short
 # enough that a stuck rollout fails the test in reasonable time.

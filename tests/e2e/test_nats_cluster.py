@@ -27,8 +27,9 @@ from tests.e2e.rollout_kit import (
     sqlite_url,
     start_rollout,
 )
-from tests.support.fleet import Fleet, statuses
+from tests.support.fleet import Fleet
 from tests.support.nats import NatsCluster, NatsNotInstalledError, find_nats_server
+from tests.support.stored import statuses
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nats]
 

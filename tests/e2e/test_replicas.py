@@ -28,8 +28,9 @@ from tests.e2e.rollout_kit import (
     sqlite_url,
     start_rollout,
 )
-from tests.support.fleet import Fleet, Proc, statuses
+from tests.support.fleet import Fleet, Proc
 from tests.support.load import cpu_hogs
+from tests.support.stored import statuses
 
 pytestmark = pytest.mark.e2e
 

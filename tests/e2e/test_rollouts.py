@@ -45,7 +45,8 @@ from tests.e2e.rollout_kit import (
     start_rollout,
     wait_for_baseline,
 )
-from tests.support.fleet import Fleet, model_of, statuses
+from tests.support.fleet import Fleet
+from tests.support.stored import model_of, statuses
 
 pytestmark = pytest.mark.e2e
 

@@ -39,23 +39,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from sqlalchemy import create_engine, text
-
 from edgefleet_io.mqtt import MqttTransport
 from fleet_controller.api import CtlClient, OperatorIdentity
 from fleet_controller.keys import operator_key_path
 from shared.broker import parse_broker_url
 from shared.errors import EdgeFleetError
+from tests.support.stored import model_of
 
 __all__ = [
     "ACTIVE_STATES",
     "Fleet",
     "FleetError",
     "Proc",
-    "model_of",
     "program",
-    "statuses",
-    "telemetry",
 ]
 
 T = TypeVar("T")
@@ -446,34 +442,10 @@ class Fleet:
         what: str,
         describe: Callable[[], str] | None = None,
     ) -> T:
-        """Poll ``probe`` until it returns something truthy; that value.
-
-        A probe that raises :class:`EdgeFleetError` (say, the controller is
-        restarting) counts as "not yet".
-
-        Raises:
-            FleetError: the deadline passed; with ``describe()`` and the logs' tails.
-        """
-        deadline = time.monotonic() + timeout_s
-        last_error: str | None = None
-        while True:
-            value: T | None = None
-            try:
-                value = probe()
-            except EdgeFleetError as exc:
-                last_error = f"{type(exc).__name__}: {exc}"
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                detail = describe() if describe is not None else ""
-                raise FleetError(
-                    f"timed out after {timeout_s:g}s waiting for {what}"
-                    + (f"\nlast error: {last_error}" if last_error else "")
-                    + (f"\n{detail}" if detail else "")
-                    + "\n"
-                    + self.diagnostics()
-                )
-            time.sleep(_POLL_S)  # polling against the deadline, not synchronisation
+        """:func:`poll_until`, adding the processes' log tails to a timeout."""
+        return poll_until(
+            probe, timeout_s=timeout_s, what=what, describe=describe, logs=self.diagnostics
+        )
 
     def wait_nodes(
         self,
@@ -547,51 +519,44 @@ class Fleet:
         return "\n".join(parts)
 
 
+def poll_until(
+    probe: Callable[[], T | None],
+    *,
+    timeout_s: float,
+    what: str,
+    describe: Callable[[], str] | None = None,
+    logs: Callable[[], str] = str,
+) -> T:
+    """Poll ``probe`` until it returns something truthy; that value.
+
+    A probe that raises :class:`EdgeFleetError` (say, the controller is
+    restarting) counts as "not yet".
+
+    Raises:
+        FleetError: the deadline passed; with ``describe()`` and ``logs()``.
+    """
+    deadline = time.monotonic() + timeout_s
+    last_error: str | None = None
+    while True:
+        value: T | None = None
+        try:
+            value = probe()
+        except EdgeFleetError as exc:
+            last_error = f"{type(exc).__name__}: {exc}"
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            detail = describe() if describe is not None else ""
+            raise FleetError(
+                f"timed out after {timeout_s:g}s waiting for {what}"
+                + (f"\nlast error: {last_error}" if last_error else "")
+                + (f"\n{detail}" if detail else "")
+                + "\n"
+                + logs()
+            )
+        time.sleep(_POLL_S)  # polling against the deadline, not synchronisation
+
+
 def _broker_flag(broker_url: str | None) -> list[str]:
     """``--broker URL`` for a process on its own broker (None: the fleet's)."""
     return [] if broker_url is None else ["--broker", broker_url]
-
-
-def statuses(db_url: str, rollout_id: str) -> list[dict[str, Any]]:
-    """The node statuses the controller stored for ``rollout_id`` (its ``statuses``
-    table), oldest first: ``node_id``, ``seq``, ``command_id``, ``state``, ``code``,
-    ``duplicate``, ``ts``."""
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT node_id, seq, command_id, state, code, duplicate, ts FROM statuses "
-                    "WHERE rollout_id = :rollout ORDER BY ts, id"
-                ),
-                {"rollout": rollout_id},
-            ).mappings()
-            return [dict(row) for row in rows]
-    finally:
-        engine.dispose()
-
-
-def telemetry(db_url: str, since: float) -> list[dict[str, Any]]:
-    """Telemetry rows stored since ``since``: ``node_id``, ``ts``, ``model_sha256``,
-    ``inferences``, ``errors``, ``p95_ms``; oldest first."""
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT node_id, ts, model_sha256, inferences, errors, p95_ms FROM telemetry "
-                    "WHERE ts >= :since ORDER BY ts, id"
-                ),
-                {"since": since},
-            ).mappings()
-            return [dict(row) for row in rows]
-    finally:
-        engine.dispose()
-
-
-def model_of(node_row: Mapping[str, Any]) -> str | None:
-    """``NAME@VERSION`` of a ``nodes.list`` row's running model (None: no model)."""
-    model = node_row.get("model")
-    if not model:
-        return None
-    return f"{model['name']}@{model['version']}"

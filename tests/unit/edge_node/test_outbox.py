@@ -203,7 +203,7 @@ def test_ack_deletes_up_to_seq_and_is_idempotent(db: Path) -> None:
         assert [e.seq for e in ob.due(10.0, resend_after_s=1.0, limit=10)] == [4, 5, 6]
         assert ob.ack(6) == 3
         assert ob.depth() == 0
-        assert ob.bytes_used() == 0
+        assert ob.stats().bytes == 0
 
 
 def test_ack_above_last_seq_is_clamped_and_logged(
@@ -299,7 +299,7 @@ def test_cap_drops_oldest_telemetry_first_then_refuses_results(db: Path) -> None
     with Outbox(db, max_bytes=1000) as ob:
         for i in range(5):
             assert ob.put_telemetry("t", bytes([48 + i]) * 99)  # 100 bytes each
-        assert ob.bytes_used() == 500
+        assert ob.stats().bytes == 500
 
         # 700 more bytes: 200 over the cap, so the two oldest telemetry go.
         assert ob.put("results", "t", lambda seq: sized(699)) == 1
@@ -318,7 +318,7 @@ def test_cap_drops_oldest_telemetry_first_then_refuses_results(db: Path) -> None
             ob.put("results", "t", lambda seq: sized(1))
         assert ob.depth() == 2
         assert ob.last_seq() == 2
-        assert ob.bytes_used() == 1000
+        assert ob.stats().bytes == 1000
 
         # Telemetry when results fill the cap: the new one is dropped, and counted.
         assert not ob.put_telemetry("t", b"late")
