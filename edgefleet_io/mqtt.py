@@ -12,15 +12,18 @@ client per attempt: a client can be reused but not re-entered).
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from typing import cast
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgefleet_io.inbox import Inbox, InboxPolicy
 from edgefleet_io.transport import Message, Session
 from shared.broker import BrokerAddress
 from shared.errors import BrokerUnavailableError, UsageError
@@ -58,6 +61,28 @@ def _tls_context(
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise UsageError(f"cannot load TLS files ({what}): {reason}") from None
     return context
+
+
+def _queue_type(policy: InboxPolicy | None) -> type[asyncio.Queue[aiomqtt.Message]] | None:
+    """What aiomqtt keeps received messages in: an :class:`Inbox` for ``policy``.
+
+    paho hands each message to aiomqtt on the event loop, which puts it into
+    this queue at once, so lanes, rate limits and drops apply before anything
+    waits: nothing piles up in front of the inbox. aiomqtt calls
+    ``queue_type(maxsize=...)``; a factory stands in for the class.
+    """
+    if policy is None:
+        return None  # aiomqtt's own unbounded FIFO
+
+    def inbox(maxsize: int = 0) -> Inbox[aiomqtt.Message]:
+        return Inbox(policy, _measure)
+
+    return cast("type[asyncio.Queue[aiomqtt.Message]]", inbox)
+
+
+def _measure(message: aiomqtt.Message) -> tuple[str, int]:
+    payload = message.payload
+    return message.topic.value, len(payload) if isinstance(payload, bytes | bytearray) else 0
 
 
 class MqttLink:
@@ -131,7 +156,7 @@ class MqttTransport:
             tls_context=self._tls_context,
             timeout=CONNECT_TIMEOUT_S,
             max_concurrent_outgoing_calls=MAX_CONCURRENT_PUBLISHES,
-            max_queued_incoming_messages=session.max_queued_incoming,
+            queue_type=_queue_type(session.inbox),
             # Small QoS 1 messages (chunk requests, acks) must not wait for Nagle's 40 ms.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
