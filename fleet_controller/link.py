@@ -16,13 +16,28 @@ What it keeps:
   requests and operator requests on shared subscriptions
   (``$share/controllers/...``) so replicas split them; node states without
   ``$share`` (every replica needs every birth and death).
+* **A bounded, prioritised inbox** (:func:`controller_inbox`, see
+  :mod:`edgefleet_io.inbox`): operator requests and node births and deaths
+  first, then what nodes send for storing (statuses, results, telemetry,
+  chunk requests), then everything else (unknown topics, and what a node or
+  the operator topic sends over its rate: ``node_messages_per_s`` per node,
+  ``control_per_s`` per node or for ``ctl/request``). Each lane is bounded in
+  messages and bytes; a full one drops its oldest, counted in
+  ``metrics["inbox_dropped_{lane}"]`` (over-rate demotions in
+  ``metrics["inbox_over_rate_{lane}"]``). A flood costs bounded memory, and
+  an operator request waits behind other operator requests only. What is
+  dropped is safe to drop: nodes send statuses and results again until they
+  are acked, and an operator whose request is dropped sees it time out.
 * **Routing**: each message is decoded strictly, once (:func:`decode_incoming`,
   which also applies :func:`shared.rules.require_topic_node`), and handed to
   one of :class:`Routes`. Result batches, the bulk of the traffic, are not
   decoded on the event loop: they go on as :class:`RawResults`, decoded by the
-  ingest writer's thread (:func:`open_results`). A malformed message is logged with its topic,
-  counted (``metrics["malformed"]``) and dropped; a route that raises is
-  logged with a traceback and counted, and the connection carries on.
+  ingest writer's thread (:func:`open_results`), once their canonical
+  beginning (version, type and the topic's node) is seen to be there. A
+  malformed message is counted (``metrics["malformed"]``), logged with its topic
+  (at most one line a second, :class:`~edgefleet_io.throttle.LogThrottle`)
+  and dropped; a route that raises is logged with a traceback and counted,
+  and the connection carries on.
 
 Nothing here imports an MQTT library: a :class:`~edgefleet_io.transport.Transport`
 is injected (:class:`~edgefleet_io.mqtt.MqttTransport` in production,
@@ -39,6 +54,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edgefleet_io.inbox import InboxPolicy, Lane
+from edgefleet_io.throttle import LogThrottle
 from edgefleet_io.transport import Link, Message, Session, Transport, Will, reconnect_delays
 from shared import __version__, topics
 from shared.envelope import Envelope
@@ -52,21 +69,29 @@ from shared.messages import (
     decode,
     encode,
 )
-from shared.result_batch import MAX_BATCH_BYTES, ResultBatch, decode_results
+from shared.result_batch import (
+    MAX_BATCH_BYTES,
+    RESULT_BATCH_VERSION,
+    ResultBatch,
+    decode_results,
+)
 from shared.rules import require_topic_node
 
 __all__ = [
     "MAX_RECONNECT_DELAY_S",
     "PEER_WAIT_S",
     "ControllerLink",
+    "InboxLimits",
     "Incoming",
     "Ingested",
     "RawResults",
     "Routes",
     "StoreConflictError",
     "check_peer",
+    "controller_inbox",
     "decode_incoming",
     "open_results",
+    "sort_controller_topic",
 ]
 
 log = logging.getLogger(__name__)
@@ -131,6 +156,82 @@ _MODELS: dict[topics.TopicKind, type[NodeStatus | Telemetry | NodeState | Artifa
 }
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InboxLimits:
+    """Bounds of the controller's inbox lanes (messages, payload bytes) and rates.
+
+    The defaults hold ~44 MiB of payloads at most; what a node sends is
+    handed on quickly (result batches are decoded later, by the ingest
+    writer), so the lanes only fill under a flood.
+    """
+
+    control_messages: int = 1_000
+    control_bytes: int = 4 * 2**20
+    control_per_s: float = 50.0  # per node (births, deaths) and for ctl/request
+    control_burst: float = 500.0
+    ingest_messages: int = 20_000
+    ingest_bytes: int = 32 * 2**20
+    node_messages_per_s: float = 200.0  # per node, statuses + results + telemetry + chunk requests
+    node_burst: float = 6_000.0  # 30 s worth: an outbox flushing after an outage
+    junk_messages: int = 2_000
+    junk_bytes: int = 8 * 2**20
+
+
+CONTROL, INGEST, JUNK = 0, 1, 2  # the controller's inbox lanes, by priority
+_INGEST_LEAVES = frozenset({"status", "results", "telemetry"})
+
+
+def sort_controller_topic(topic: str) -> tuple[int, str | None]:
+    """The inbox lane of a topic the controller subscribes to, and its rate key.
+
+    Topic levels only, no validation (decoding checks every identifier later):
+    ``ctl/request`` and ``node/{node}/state`` are control, ``node/{node}/status``,
+    ``results``, ``telemetry`` and ``artifact/{sha}/req/{node}`` are ingest
+    (keyed by node), anything else is junk.
+    """
+    parts = topic.split("/")
+    if len(parts) == 5 and parts[3] == "ctl" and parts[4] == "request":
+        return CONTROL, "ctl/request"
+    if len(parts) == 6 and parts[3] == "node":
+        if parts[5] == "state":
+            return CONTROL, parts[4]
+        if parts[5] in _INGEST_LEAVES:
+            return INGEST, parts[4]
+    if len(parts) == 7 and parts[3] == "artifact" and parts[5] == "req":
+        return INGEST, parts[6]
+    return JUNK, None
+
+
+def controller_inbox(limits: InboxLimits, counters: Counter[str]) -> InboxPolicy:
+    """The controller connection's inbox policy (see the module docstring)."""
+    return InboxPolicy(
+        lanes=(
+            Lane(
+                name="control",
+                max_messages=limits.control_messages,
+                max_bytes=limits.control_bytes,
+                rate_per_s=limits.control_per_s,
+                burst=limits.control_burst,
+            ),
+            Lane(
+                name="ingest",
+                max_messages=limits.ingest_messages,
+                max_bytes=limits.ingest_bytes,
+                rate_per_s=limits.node_messages_per_s,
+                burst=limits.node_burst,
+            ),
+            Lane(name="junk", max_messages=limits.junk_messages, max_bytes=limits.junk_bytes),
+        ),
+        sort=sort_controller_topic,
+        counters=counters,
+    )
+
+
+def _results_prefix(node: str) -> bytes:
+    """How a canonical result batch of ``node`` begins (node ids need no escaping)."""
+    return b'{"v":%d,"type":"results","node":"%s"' % (RESULT_BATCH_VERSION, node.encode())
+
+
 def decode_incoming(topic: str, data: bytes) -> Incoming | None:
     """The message on ``topic``, decoded (None: a topic the controller does not read).
 
@@ -146,6 +247,9 @@ def decode_incoming(topic: str, data: bytes) -> Incoming | None:
             raise DecodeError(
                 f"payload of {len(data)} bytes exceeds the {MAX_BATCH_BYTES}-byte limit"
             )
+        # Junk must not wait for the writer's thread (and hold memory) to be refused.
+        if not data.startswith(_results_prefix(parsed.node)):
+            raise DecodeError(f"not a canonical result batch of node {parsed.node}")
         return RawResults(parsed.node, data)
     model = _MODELS.get(parsed.kind)
     if model is None:
@@ -179,6 +283,7 @@ class ControllerLink:
         store_id: str,
         clock: Callable[[], float],
         metrics: Counter[str],
+        inbox: InboxLimits | None = None,
     ) -> None:
         self._transport = transport
         self._fleet = fleet
@@ -186,6 +291,8 @@ class ControllerLink:
         self._store_id = store_id
         self._clock = clock
         self._metrics = metrics
+        self._inbox = controller_inbox(inbox or InboxLimits(), metrics)
+        self._malformed_log = LogThrottle(log)
         self._link: Link | None = None
         self.session = 0
         self.connected = asyncio.Event()
@@ -283,6 +390,7 @@ class ControllerLink:
         session = Session(
             client_id=self._controller_id,
             will=Will(state_topic, self._state(online=False), qos=1, retain=True),
+            inbox=self._inbox,
         )
         async with self._transport.connect(session) as link:
             await link.publish(state_topic, self._state(online=True), qos=1, retain=True)
@@ -306,7 +414,7 @@ class ControllerLink:
             item = decode_incoming(message.topic, message.payload)
         except DecodeError as exc:
             self._metrics["malformed"] += 1
-            log.warning("dropping malformed message on %s: %s", message.topic, exc)
+            self._malformed_log.warning("dropping malformed message on %s: %s", message.topic, exc)
             return
         try:
             if isinstance(item, ArtifactRequest):

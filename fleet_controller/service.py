@@ -54,6 +54,7 @@ from fleet_controller.keys import load_key, load_trust, trust_path
 from fleet_controller.link import (
     MAX_RECONNECT_DELAY_S,
     ControllerLink,
+    InboxLimits,
     Ingested,
     Routes,
     check_peer,
@@ -91,6 +92,7 @@ class ControllerConfig:
     tick_s: float = 1.0
     reconcile_s: float = RECONCILE_EVERY_S  # how often deployments are reconciled
     queue_max: int = 20_000  # messages waiting to be stored
+    inbox: InboxLimits = field(default_factory=InboxLimits)  # received, waiting to be routed
     batch_max: int = 500  # messages per ingest transaction
     retention_days: float = 30.0
     node_results_per_s: float = DEFAULT_NODE_RESULTS_PER_S  # per node, with a 30 s burst
@@ -189,6 +191,7 @@ class ControllerService:
             store_id=self.store.store_id,
             clock=clock,
             metrics=self.metrics,
+            inbox=config.inbox,
         )
         self._quotas = NodeQuotas(
             results_per_s=config.node_results_per_s,
