@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -127,6 +128,7 @@ class NodeAgent:
         self.ready = asyncio.Event()  # started: trust and the active model loaded
         self._background = Background()
         self._connection = Connection()
+        self._inbound: Counter[str] = Counter()  # refused and dropped incoming messages
         self._serving = ServingModel()
         self._store = NodeStore(config.data_dir)
         self._keeper = StateKeeper(self._store)
@@ -187,6 +189,7 @@ class NodeAgent:
             background=self._background,
             stopping=self._stopping,
             clock=self._clock,
+            inbound=self._inbound,
         )
 
     def _make_commands(self) -> tuple[CommandHandler, JobRunner]:
@@ -217,6 +220,7 @@ class NodeAgent:
             reporter=reporter,
             stopping=self._stopping,
             clock=self._clock,
+            counters=self._inbound,
         )
         return commands, runner
 
@@ -253,6 +257,7 @@ class NodeAgent:
             inbound=inbound,
             stopping=self._stopping,
             clock=self._clock,
+            counters=self._inbound,
         )
 
     async def _announce(self) -> None:
@@ -283,6 +288,7 @@ class NodeAgent:
             "pending": len(self._pipeline.pending),
             "stacked_runs": self._runtime.stacked_runs,
             "refused_acks": self._commands.refused_acks,
+            **self._inbound,
         }
 
     def outbox_stats(self) -> OutboxStats:
