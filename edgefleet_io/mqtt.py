@@ -63,8 +63,18 @@ def _tls_context(
     return context
 
 
+class _Received(Inbox[Message]):
+    """The inbox aiomqtt puts its received messages into, kept as slim
+    :class:`~edgefleet_io.transport.Message` s: an ``aiomqtt.Message`` carries
+    paho's MQTT 5 properties object (a few KiB each), which a full lane of
+    thousands would multiply."""
+
+    def put_nowait(self, item: Message | aiomqtt.Message) -> None:
+        super().put_nowait(item if isinstance(item, Message) else _slim(item))
+
+
 def _queue_type(policy: InboxPolicy | None) -> type[asyncio.Queue[aiomqtt.Message]] | None:
-    """What aiomqtt keeps received messages in: an :class:`Inbox` for ``policy``.
+    """What aiomqtt keeps received messages in: an inbox for ``policy``.
 
     paho hands each message to aiomqtt on the event loop, which puts it into
     this queue at once, so lanes, rate limits and drops apply before anything
@@ -74,15 +84,20 @@ def _queue_type(policy: InboxPolicy | None) -> type[asyncio.Queue[aiomqtt.Messag
     if policy is None:
         return None  # aiomqtt's own unbounded FIFO
 
-    def inbox(maxsize: int = 0) -> Inbox[aiomqtt.Message]:
-        return Inbox(policy, _measure)
+    def inbox(maxsize: int = 0) -> _Received:
+        return _Received(policy, _measure)
 
     return cast("type[asyncio.Queue[aiomqtt.Message]]", inbox)
 
 
-def _measure(message: aiomqtt.Message) -> tuple[str, int]:
+def _measure(message: Message) -> tuple[str, int]:
+    return message.topic, len(message.payload)
+
+
+def _slim(message: aiomqtt.Message) -> Message:
     payload = message.payload
-    return message.topic.value, len(payload) if isinstance(payload, bytes | bytearray) else 0
+    data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+    return Message(message.topic.value, data, bool(message.retain))
 
 
 class MqttLink:
@@ -109,9 +124,9 @@ class MqttLink:
     async def messages(self) -> AsyncIterator[Message]:
         with _mapped(f"connection to {self._where}"):
             async for message in self._client.messages:
-                payload = message.payload
-                data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
-                yield Message(message.topic.value, data, bool(message.retain))
+                # With an inbox policy aiomqtt's queue already holds slim messages.
+                item = cast("Message | aiomqtt.Message", message)
+                yield item if isinstance(item, Message) else _slim(item)
 
 
 class MqttTransport:

@@ -12,10 +12,13 @@ What it keeps:
   (``store_id``): before joining, :meth:`ControllerLink.read_peer` reads what is
   retained there and :func:`check_peer` refuses a live controller of another
   store, which would split the fleet's records between two databases.
-* **Subscriptions**: node statuses, results and telemetry, artifact chunk
-  requests and operator requests on shared subscriptions
-  (``$share/controllers/...``) so replicas split them; node states without
-  ``$share`` (every replica needs every birth and death).
+* **Subscriptions**: node statuses, results and telemetry and artifact chunk
+  requests on shared subscriptions (``$share/controllers/...``) so replicas
+  split them; node states without ``$share`` (every replica needs every birth
+  and death). Operator requests (shared as well) come on a second, clean
+  connection of their own (client id ``{controller_id}-ctl``, no Will), so
+  that under a flood they do not queue at the broker behind ingest; replies
+  go out on it too.
 * **A bounded, prioritised inbox** (:func:`controller_inbox`, see
   :mod:`edgefleet_io.inbox`): operator requests and node births and deaths
   first, then what nodes send for storing (statuses, results, telemetry,
@@ -99,6 +102,7 @@ log = logging.getLogger(__name__)
 MAX_RECONNECT_DELAY_S = 10.0
 OFFLINE_PUBLISH_TIMEOUT_S = 2.0
 PEER_WAIT_S = 2.0  # the longest wait for the retained controller/state at start
+_SLICE = 64  # messages routed between two yields to the event loop
 
 
 class StoreConflictError(UsageError):
@@ -294,6 +298,8 @@ class ControllerLink:
         self._inbox = controller_inbox(inbox or InboxLimits(), metrics)
         self._malformed_log = LogThrottle(log)
         self._link: Link | None = None
+        self._control: Link | None = None  # operator requests in, replies out
+        self._replies = f"{topics.PREFIX}/{fleet}/ctl/reply/"
         self.session = 0
         self.connected = asyncio.Event()
 
@@ -317,15 +323,21 @@ class ControllerLink:
             (share(topics.node_filter(fleet, "results")), 1),
             (share(topics.node_filter(fleet, "telemetry")), 1),
             (share(f"{topics.PREFIX}/{fleet}/artifact/+/req/+"), 1),
-            (share(topics.ctl_request(fleet)), 1),
             (topics.node_filter(fleet, "state"), 1),
         ]
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> None:
-        """Raises: TransportError (also while not connected)."""
+        """Raises: TransportError (also while not connected).
+
+        Operator replies go out on the operator connection (see :meth:`_serve`):
+        a QoS 1 publish waits for its PUBACK, which the broker sends on the
+        same stream as everything else it delivers to that connection.
+        """
         link = self._link
+        if self._control is not None and topic.startswith(self._replies):
+            link = self._control
         if link is None:
             raise BrokerUnavailableError("not connected to the broker; try again")
         await link.publish(topic, payload, qos=qos, retain=retain)
@@ -378,24 +390,38 @@ class ControllerLink:
             finally:
                 if self.connected.is_set():  # it was up: back off from the start again
                     delays = reconnect_delays(maximum_s=MAX_RECONNECT_DELAY_S)
-                self._link = None
+                self._link = self._control = None
                 self.connected.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(next(delays)):
                     await stopping.wait()
 
     async def _serve(self, routes: Routes) -> None:
-        """One connection, until the broker ends it. Raises: TransportError."""
+        """Both connections, until the broker ends one of them. Raises: TransportError.
+
+        Operator requests come on a connection of their own: the broker queues
+        what it delivers per connection, in order, so on the connection that
+        carries ingest a request would wait behind every message a flood put
+        there before it. On its own (clean, no Will, client id
+        ``{controller_id}-ctl``, ``$share`` like the rest) it waits only behind
+        other requests. The two live and die together.
+        """
         state_topic = topics.controller_state(self._fleet)
         session = Session(
             client_id=self._controller_id,
             will=Will(state_topic, self._state(online=False), qos=1, retain=True),
             inbox=self._inbox,
         )
-        async with self._transport.connect(session) as link:
+        control_session = Session(client_id=f"{self._controller_id}-ctl", inbox=self._inbox)
+        requests = topics.shared_subscription(topics.ctl_request(self._fleet))
+        async with (
+            self._transport.connect(session) as link,
+            self._transport.connect(control_session) as control,
+        ):
             await link.publish(state_topic, self._state(online=True), qos=1, retain=True)
             await link.subscribe(self._filters())
-            self._link = link
+            await control.subscribe([(requests, 1)])
+            self._link, self._control = link, control
             self.connected.set()
             log.info(
                 "controller %s serving fleet %s on %s",
@@ -403,8 +429,28 @@ class ControllerLink:
                 self._fleet,
                 self._transport,
             )
-            async for message in link.messages():
-                self.route(message, routes)
+            loop = asyncio.get_running_loop()
+            readers = [loop.create_task(self._read(c, routes)) for c in (link, control)]
+            try:
+                done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for reader in readers:
+                    reader.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
+            for reader in done:
+                reader.result()  # raises what ended it
+            raise BrokerUnavailableError(f"connection to {self._transport} ended")
+
+    async def _read(self, link: Link, routes: Routes) -> None:
+        """Route what ``link`` receives until it fails. Raises: TransportError."""
+        routed = 0
+        async for message in link.messages():
+            self.route(message, routes)
+            routed += 1
+            if routed % _SLICE == 0:
+                # A full inbox is read without suspending: let the other
+                # connection and the other loops run between slices.
+                await asyncio.sleep(0)
 
     def route(self, message: Message, routes: Routes) -> None:
         """Decode one message and hand it on; never raises."""
