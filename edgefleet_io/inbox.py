@@ -16,12 +16,16 @@ reader) and keeps, for an :class:`InboxPolicy`:
   instead (the junk lane), counted as ``inbox_over_rate_{lane}``. It is not
   dropped for that alone: it waits until nothing better does.
 * **Bounded lanes**: each holds at most ``max_messages`` messages and
-  ``max_bytes`` payload bytes. A full lane drops its *oldest* messages to make
-  room (a single message bigger than ``max_bytes`` is dropped itself); every
-  drop is counted as ``inbox_dropped_{lane}``. All counts go to
-  ``policy.counters``, which the owner exposes with its own metrics.
-* **Priority**: the reader gets the oldest message of the highest-priority
-  lane that holds one. Order is kept within a lane, not across lanes.
+  ``max_bytes`` payload bytes. A full lane drops the oldest message of its
+  heaviest sender (the longest FIFO, see below) to make room (a single
+  message bigger than ``max_bytes`` is dropped itself); every drop is counted
+  as ``inbox_dropped_{lane}``. All counts go to ``policy.counters``, which the
+  owner exposes with its own metrics.
+* **Priority, then fairness**: the reader gets a message of the
+  highest-priority lane that holds one; within a lane, each rate key has its
+  own FIFO and the keys are served in turn, so a node sending little waits
+  behind one message of each other sender, not behind a flood. Order is kept
+  per key, not across keys or lanes.
 
 A dropped QoS 1 message is lost from the broker's point of view (the client
 acknowledged it on receipt): a policy must only drop what the sender repeats
@@ -33,11 +37,12 @@ operator request: the operator sees the timeout).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from shared.rates import RateLimiter
 
@@ -46,6 +51,7 @@ __all__ = ["Inbox", "InboxPolicy", "Lane", "Sorter"]
 T = TypeVar("T")
 
 _RATE_KEYS = 10_000  # buckets kept per lane; made-up keys cannot grow memory beyond it
+_LOOK = 32  # keys a full lane compares to find the longest FIFO to drop from
 
 Sorter = Callable[[str], tuple[int, str | None]]
 """A topic's lane (index into the policy's lanes) and its rate key (None: unlimited)."""
@@ -86,11 +92,76 @@ class InboxPolicy:
         return sum(lane.max_bytes for lane in self.lanes)
 
 
+class _FairLane(Generic[T]):
+    """One lane: a FIFO per rate key, the keys served in turn.
+
+    Full, it drops the oldest message of its longest FIFO (among the incoming
+    key's and the next :data:`_LOOK` in turn: a bounded look), so a heavy
+    sender loses its own messages first and a light one is served after at
+    most one message of each other sender.
+    """
+
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+        self.count = 0
+        self.bytes = 0
+        self._fifos: dict[str | None, deque[tuple[T, int]]] = {}
+        self._turns: deque[str | None] = deque()  # the keys with a FIFO, in serving order
+
+    def put(self, key: str | None, item: T, size: int) -> int:
+        """Queue ``item``; returns how many messages were dropped for it (itself, if larger
+        than the lane)."""
+        lane = self.lane
+        if size > lane.max_bytes:
+            return 1
+        dropped = 0
+        while self.count and (
+            self.count >= lane.max_messages or self.bytes + size > lane.max_bytes
+        ):
+            self._drop_heaviest(key)
+            dropped += 1
+        fifo = self._fifos.get(key)
+        if fifo is None:
+            fifo = self._fifos[key] = deque()
+            self._turns.append(key)
+        fifo.append((item, size))
+        self.count += 1
+        self.bytes += size
+        return dropped
+
+    def get(self) -> T:
+        """The next key's oldest message (only called while ``count`` > 0)."""
+        key = self._turns.popleft()
+        fifo = self._fifos[key]
+        item, size = fifo.popleft()
+        self.count -= 1
+        self.bytes -= size
+        if fifo:
+            self._turns.append(key)
+        else:
+            del self._fifos[key]
+        return item
+
+    def _drop_heaviest(self, incoming: str | None) -> None:
+        candidates = list(itertools.islice(self._turns, _LOOK))
+        if incoming in self._fifos:
+            candidates.append(incoming)
+        # On a tie the first in turn loses: if that empties its FIFO, it is the head.
+        victim = max(candidates, key=lambda k: len(self._fifos[k]))
+        fifo = self._fifos[victim]
+        _, size = fifo.popleft()
+        self.count -= 1
+        self.bytes -= size
+        if not fifo:
+            del self._fifos[victim]
+            self._turns.remove(victim)  # the head (see the tie rule): O(1)
+
+
 class Inbox(asyncio.Queue[T]):
     """An :class:`asyncio.Queue` that sorts, limits and bounds as its policy says.
 
     ``measure`` gives an item's topic and payload size. ``put_nowait`` never
-    raises ``QueueFull`` (a full lane drops its oldest instead); ``get`` and
+    raises ``QueueFull`` (a full lane drops instead); ``get`` and
     ``get_nowait`` return the highest-priority item.
     """
 
@@ -101,8 +172,7 @@ class Inbox(asyncio.Queue[T]):
 
     def _init(self, maxsize: int) -> None:  # called by asyncio.Queue.__init__
         lanes = self._policy.lanes
-        self._lanes: list[deque[tuple[T, int]]] = [deque() for _ in lanes]
-        self._bytes = [0] * len(lanes)
+        self._lanes: list[_FairLane[T]] = [_FairLane(lane) for lane in lanes]
         self._held = 0
         self._limiters = [
             None
@@ -122,7 +192,7 @@ class Inbox(asyncio.Queue[T]):
 
     def held_bytes(self) -> int:
         """Payload bytes held now (at most ``policy.max_bytes``)."""
-        return sum(self._bytes)
+        return sum(lane.bytes for lane in self._lanes)
 
     def _put(self, item: T) -> None:
         policy = self._policy
@@ -138,26 +208,16 @@ class Inbox(asyncio.Queue[T]):
                 policy.counters[f"inbox_dropped_{name}"] += 1
                 return
             index = last
-        lane, queue = policy.lanes[index], self._lanes[index]
-        if size > lane.max_bytes:
-            policy.counters[f"inbox_dropped_{lane.name}"] += 1
-            return
-        while queue and (
-            len(queue) >= lane.max_messages or self._bytes[index] + size > lane.max_bytes
-        ):
-            _, dropped = queue.popleft()
-            self._bytes[index] -= dropped
-            self._held -= 1
-            policy.counters[f"inbox_dropped_{lane.name}"] += 1
-        queue.append((item, size))
-        self._bytes[index] += size
-        self._held += 1
+        lane = self._lanes[index]
+        before = lane.count
+        dropped = lane.put(key, item, size)
+        if dropped:
+            policy.counters[f"inbox_dropped_{lane.lane.name}"] += dropped
+        self._held += lane.count - before
 
     def _get(self) -> T:
-        for index, queue in enumerate(self._lanes):
-            if queue:
-                item, size = queue.popleft()
-                self._bytes[index] -= size
+        for lane in self._lanes:
+            if lane.count:
                 self._held -= 1
-                return item
+                return lane.get()
         raise asyncio.QueueEmpty  # unreachable: asyncio.Queue checks empty() first

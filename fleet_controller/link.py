@@ -175,8 +175,11 @@ class InboxLimits:
     control_burst: float = 500.0
     ingest_messages: int = 20_000
     ingest_bytes: int = 32 * 2**20
-    node_messages_per_s: float = 200.0  # per node, statuses + results + telemetry + chunk requests
-    node_burst: float = 6_000.0  # 30 s worth: an outbox flushing after an outage
+    # Per node: statuses, results, telemetry and chunk requests (a download asks
+    # for up to 64 chunks a second); the burst covers an outbox flushing after an
+    # outage. Beyond it a node's messages wait behind every other node's.
+    node_messages_per_s: float = 100.0
+    node_burst: float = 500.0
     junk_messages: int = 2_000
     junk_bytes: int = 8 * 2**20
 

@@ -98,10 +98,24 @@ def test_a_full_lane_drops_its_oldest_and_counts(
     assert inbox.held_bytes() == 0
 
 
+def test_a_light_sender_is_served_in_turn_and_a_heavy_one_loses_its_own_first() -> None:
+    inbox, counters, _ = make(messages=10)
+    for n in range(100):
+        inbox.put_nowait(("data/heavy", b"%d" % n))
+        if n == 95:
+            inbox.put_nowait(("data/light", b"light"))
+    got = drain(inbox)
+    # The heavy sender's newest nine are kept, the light one's message too, served second.
+    assert got[:2] == [("data/heavy", b"91"), ("data/light", b"light")]
+    assert [payload for _, payload in got[2:]] == [b"%d" % n for n in range(92, 100)]
+    assert counters == Counter({"inbox_dropped_data": 91})
+
+
 def test_a_flood_holds_no_more_than_the_bounds() -> None:
     inbox, counters, _ = make(messages=100, max_bytes=500)
     for n in range(10_000):
-        inbox.put_nowait((["ctl", "data/x", "junk"][n % 3], b"x" * (n % 7)))
+        topic = ["ctl", f"data/{n % 50}", "junk/x", f"junk/{n}"][n % 4]
+        inbox.put_nowait((topic, b"x" * (n % 7)))
         assert inbox.qsize() <= 300
         assert inbox.held_bytes() <= 1500
     assert sum(counters.values()) == 10_000 - inbox.qsize()
@@ -115,7 +129,8 @@ def test_a_key_over_its_rate_is_demoted_to_the_junk_lane_until_its_bucket_refill
     inbox.put_nowait(("ctl", b"5"))  # unlimited
     clock.now = 1.0
     inbox.put_nowait(("data/a", b"6"))  # one token back
-    assert [payload for _, payload in drain(inbox)] == [b"5", b"1", b"2", b"4", b"6", b"3"]
+    # Keys in turn within the data lane (a, b, a, a), the over-rate one in the junk lane.
+    assert [payload for _, payload in drain(inbox)] == [b"5", b"1", b"4", b"2", b"6", b"3"]
     assert counters == Counter({"inbox_over_rate_data": 1})
 
 
