@@ -209,7 +209,8 @@ def deploy(fleet: Fleet, model: Path) -> Proc:
 
 def start_publishers(broker: Broker, args: argparse.Namespace) -> list[subprocess.Popen[str]]:
     host, port = broker.url.removeprefix("mqtt://").rsplit(":", 1)
-    halves = {"controller": args.messages // 2, "node": args.messages - args.messages // 2}
+    to_node = round(args.messages * args.node_share)
+    halves = {"controller": args.messages - to_node, "node": to_node}
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--publish", host, port, side, str(n), str(args.qos)],
@@ -218,6 +219,7 @@ def start_publishers(broker: Broker, args: argparse.Namespace) -> list[subproces
             text=True,
         )
         for side, n in halves.items()
+        if n
     ]
     for proc in procs:
         assert proc.stdout is not None
@@ -299,8 +301,9 @@ def show(
 ) -> int:
     before_end, flood_start, flood_end, after_start = windows
     print(
-        f"\n{args.messages:,} malformed messages (QoS {args.qos}), half to the controller, "
-        f"half to node {NODE}; published in {publish_s:.1f} s "
+        f"\n{args.messages:,} malformed messages (QoS {args.qos}), "
+        f"{1 - args.node_share:.0%} to the controller, {args.node_share:.0%} to node {NODE}; "
+        f"published in {publish_s:.1f} s "
         f"({args.messages / publish_s:,.0f} msg/s); load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
@@ -359,6 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--qos", type=int, choices=(0, 1), default=0)
+    parser.add_argument(
+        "--node-share", type=float, default=0.5, help="part sent to the node's topics (0.5)"
+    )
     parser.add_argument("--after", type=float, default=10.0, help="seconds watched after (10)")
     parser.add_argument("--publish", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

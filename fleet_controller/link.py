@@ -17,8 +17,9 @@ What it keeps:
   split them; node states without ``$share`` (every replica needs every birth
   and death). Operator requests (shared as well) come on a second, clean
   connection of their own (client id ``{controller_id}-ctl``, no Will), so
-  that under a flood they do not queue at the broker behind ingest; replies
-  go out on it too.
+  that under a flood they do not queue at the broker behind ingest; all the
+  controller publishes (acks, commands, chunks, replies) goes out on it too,
+  since a QoS 1 publish waits for a PUBACK that would otherwise queue there.
 * **A bounded, prioritised inbox** (:func:`controller_inbox`, see
   :mod:`edgefleet_io.inbox`): operator requests and node births and deaths
   first, then what nodes send for storing (statuses, results, telemetry,
@@ -301,8 +302,7 @@ class ControllerLink:
         self._inbox = controller_inbox(inbox or InboxLimits(), metrics)
         self._malformed_log = LogThrottle(log)
         self._link: Link | None = None
-        self._control: Link | None = None  # operator requests in, replies out
-        self._replies = f"{topics.PREFIX}/{fleet}/ctl/reply/"
+        self._control: Link | None = None  # operator requests in, everything published out
         self.session = 0
         self.connected = asyncio.Event()
 
@@ -334,13 +334,13 @@ class ControllerLink:
     ) -> None:
         """Raises: TransportError (also while not connected).
 
-        Operator replies go out on the operator connection (see :meth:`_serve`):
-        a QoS 1 publish waits for its PUBACK, which the broker sends on the
-        same stream as everything else it delivers to that connection.
+        Everything goes out on the operator connection (see :meth:`_serve`): a
+        QoS 1 publish waits for its PUBACK, which the broker sends on the same
+        stream as everything else it delivers to that connection, and on the
+        ingest connection that is behind whatever a flood put there. Acks,
+        commands, chunks and replies must not wait for it.
         """
-        link = self._link
-        if self._control is not None and topic.startswith(self._replies):
-            link = self._control
+        link = self._control
         if link is None:
             raise BrokerUnavailableError("not connected to the broker; try again")
         await link.publish(topic, payload, qos=qos, retain=retain)
