@@ -86,11 +86,6 @@ class InboxPolicy:
         if not self.lanes:
             raise ValueError("an inbox needs at least one lane")
 
-    @property
-    def max_bytes(self) -> int:
-        """The most payload bytes an inbox of this policy ever holds."""
-        return sum(lane.max_bytes for lane in self.lanes)
-
 
 class _FairLane(Generic[T]):
     """One lane: a FIFO per rate key, the keys served in turn.
@@ -191,7 +186,7 @@ class Inbox(asyncio.Queue[T]):
         return False  # a full lane makes room by dropping; the queue as a whole never refuses
 
     def held_bytes(self) -> int:
-        """Payload bytes held now (at most ``policy.max_bytes``)."""
+        """Payload bytes held now (at most the sum of the lanes' ``max_bytes``)."""
         return sum(lane.bytes for lane in self._lanes)
 
     def _put(self, item: T) -> None:
