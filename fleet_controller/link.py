@@ -165,9 +165,10 @@ _MODELS: dict[topics.TopicKind, type[NodeStatus | Telemetry | NodeState | Artifa
 class InboxLimits:
     """Bounds of the controller's inbox lanes (messages, payload bytes) and rates.
 
-    The defaults hold ~44 MiB of payloads at most; what a node sends is
-    handed on quickly (result batches are decoded later, by the ingest
-    writer), so the lanes only fill under a flood.
+    Each connection has its own inbox: with the defaults the ingest one holds
+    at most ~44 MiB of payloads, the operator one (control and junk lanes
+    only) ~12 MiB. What a node sends is handed on quickly (result batches are
+    decoded later, by the ingest writer), so the lanes only fill under a flood.
     """
 
     control_messages: int = 1_000
