@@ -143,6 +143,7 @@ class NodeAgent:
         self._background = Background()
         self.task_restarts: Counter[str] = Counter()  # by task name
         self._connection = Connection()
+        self._inbound: Counter[str] = Counter()  # refused and dropped incoming messages
         self._serving = ServingModel()
         self._store = NodeStore(config.data_dir)
         self._keeper = StateKeeper(self._store)
@@ -209,6 +210,7 @@ class NodeAgent:
             background=self._background,
             stopping=self._stopping,
             clock=self._clock,
+            inbound=self._inbound,
         )
 
     def _make_commands(self) -> tuple[CommandHandler, JobRunner]:
@@ -239,6 +241,7 @@ class NodeAgent:
             reporter=reporter,
             stopping=self._stopping,
             clock=self._clock,
+            counters=self._inbound,
         )
         return commands, runner
 
@@ -276,6 +279,7 @@ class NodeAgent:
             inbound=inbound,
             stopping=self._stopping,
             clock=self._clock,
+            counters=self._inbound,
         )
 
     async def _announce(self) -> None:
@@ -309,6 +313,7 @@ class NodeAgent:
             "task_restarts": sum(self.task_restarts.values()),
             "background_failures": self._background.failures,
             "dropped_telemetry": self._sender.dropped_telemetry,
+            **self._inbound,
         }
 
     def outbox_stats(self) -> OutboxStats:

@@ -14,13 +14,22 @@ Invariants:
   (a key rotated out since must not keep acting); its expiry is not checked
   again, since it was accepted while valid and this only finishes it;
 * commands are handled one at a time, in arrival order; the queue is bounded
-  and a full one drops (the controller retries).
+  and a full one drops (the controller retries);
+* junk cannot fill the queue (:meth:`CommandHandler.offer`): what is not a
+  DSSE envelope is refused at once, with no status (a flood of junk must not
+  become a flood of fsync'd statuses), counted in ``counters["refused_commands"]``
+  (reported in telemetry) and logged at most once a second; an envelope whose
+  rollout-role signatures do not verify is refused the same way, except one
+  per :data:`UNSIGNED_REPORT_EVERY_S`, which goes on to be answered
+  ``rejected`` with its reason (so a key mismatch still shows at the
+  controller). Only verified commands (and those few) wait in the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +49,7 @@ from edge_node.jobs import JobRunner, StatusReporter
 from edge_node.repeats import answer_duplicate
 from edge_node.runtime import ModelRuntime
 from edge_node.state import NodeStore, PendingCommand, StateKeeper
+from edgefleet_io.throttle import LogThrottle
 from shared.acks import open_ack
 from shared.envelope import Envelope
 from shared.errors import DecodeError, EdgeFleetError, TrustError, TrustFileError
@@ -53,13 +63,15 @@ from shared.messages import (
     TrustUpdateAction,
     decode,
 )
+from shared.rates import RateLimiter
 from shared.trust import Role, TrustStore
 
-__all__ = ["CommandHandler"]
+__all__ = ["UNSIGNED_REPORT_EVERY_S", "CommandHandler"]
 
 log = logging.getLogger(__name__)
 
 _QUEUE_LENGTH = 256  # commands waiting to be handled
+UNSIGNED_REPORT_EVERY_S = 10.0  # at most one `rejected` status for unverifiable commands
 
 
 class CommandHandler:
@@ -79,6 +91,7 @@ class CommandHandler:
         reporter: StatusReporter,
         stopping: asyncio.Event,
         clock: Callable[[], float],
+        counters: Counter[str],
     ) -> None:
         self._me = me
         self._trust_file = trust_file
@@ -93,6 +106,9 @@ class CommandHandler:
         self._clock = clock
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(_QUEUE_LENGTH)
         self._trust: TrustStore | None = None
+        self._counters = counters
+        self._unsigned_reports = RateLimiter(1.0 / UNSIGNED_REPORT_EVERY_S, 1.0, max_keys=1)
+        self._refused_log = LogThrottle(log)
         self.refused_acks = 0
 
     # ----- start ------------------------------------------------------------------
@@ -179,16 +195,34 @@ class CommandHandler:
             ack = open_ack(data, trust=self.trust, node=self._me.node_id, now=self._clock())
         except (DecodeError, TrustError) as exc:
             self.refused_acks += 1
-            log.warning("refusing an ack: %s", exc)
+            self._refused_log.warning("refusing an ack: %s", exc)
             return None
         return ack.seq
 
     def offer(self, data: bytes) -> None:
-        """Queue a received command envelope (called for every message on a command topic)."""
+        """Queue a received command envelope (called for every message on a command
+        topic) once its signatures verify; see the module docstring for what is refused."""
+        now = self._clock()
+        try:
+            envelope = Envelope.from_bytes(data)
+        except DecodeError as exc:
+            self._refuse(exc)
+            return
+        trust = self.trust
+        try:
+            trust.open(envelope, Role.ROLLOUT, now=now, allow_expired=trust.expired(now))
+        except (TrustError, DecodeError) as exc:
+            self._refuse(exc)
+            if not self._unsigned_reports.allow("", now):
+                return
         try:
             self._queue.put_nowait(data)
         except asyncio.QueueFull:
             log.error("command queue full: dropping a command (the controller retries)")
+
+    def _refuse(self, error: DecodeError | TrustError) -> None:
+        self._counters["refused_commands"] += 1
+        self._refused_log.warning("refusing a command: %s", error)
 
     async def run(self) -> None:
         """Resume an interrupted job, then handle commands one at a time."""

@@ -12,8 +12,15 @@ Invariants:
   connection can be told apart;
 * subscribe first, announce last: a birth means commands can be received; then
   everything unacknowledged in the outbox goes out again;
+* received messages wait in a bounded inbox by priority (:func:`node_inbox`,
+  see :mod:`edgefleet_io.inbox`): commands and acks first, then artifact
+  chunks and inference requests, then everything else, each lane bounded in
+  messages and bytes and each topic kind rate-limited (over its rate a
+  message goes to the last lane); drops are counted in ``counters``
+  (``inbox_dropped_{lane}``), which telemetry reports;
 * incoming messages are parsed once at this boundary and handed to the part
-  that owns them (:class:`Inbound`); malformed input is logged and dropped, a
+  that owns them (:class:`Inbound`); malformed input is counted
+  (``counters["malformed"]``), logged at most once a second and dropped, a
   cleared retained command is ignored;
 * the retained ``controller/state`` is subscribed to and handed on, so the
   node holds what only a listening controller can take (see
@@ -27,6 +34,7 @@ import asyncio
 import logging
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +45,8 @@ from edge_node.context import Connection, ServingModel, sleep_unless
 from edge_node.disk import DiskFullError
 from edge_node.sender import OutboxSender
 from edge_node.state import StateKeeper
+from edgefleet_io.inbox import InboxPolicy, Lane
+from edgefleet_io.throttle import LogThrottle
 from edgefleet_io.transport import Link, Message, Session, Transport, Will, reconnect_delays
 from shared import __version__, topics
 from shared.chunks import Frame, decode_frame
@@ -50,11 +60,62 @@ from shared.messages import (
     encode,
 )
 
-__all__ = ["Inbound", "LinkSettings", "NodeLink"]
+__all__ = ["Inbound", "LinkSettings", "NodeLink", "node_inbox", "sort_node_topic"]
 
 log = logging.getLogger(__name__)
 
 _GOODBYE_S = 2.0  # each of: sending the outbox, publishing the death, on a clean stop
+
+
+CONTROL, DATA, JUNK = 0, 1, 2  # the node's inbox lanes, by priority
+
+
+def sort_node_topic(topic: str) -> tuple[int, str | None]:
+    """The inbox lane of a topic the node subscribes to, and its rate key.
+
+    Topic levels only, no validation: ``node/{node}/cmd``, ``node/{node}/ack``
+    and ``rollout/{rollout}/cmd`` are control, and so is ``controller/state``
+    (sending waits on it), artifact chunks and inference requests are data,
+    anything else is junk. Keys are topic kinds, so made-up rollout ids or
+    digests share one bucket.
+    """
+    parts = topic.split("/")
+    count = len(parts)
+    if count == 5 and parts[3] == "controller" and parts[4] == "state":
+        return CONTROL, "controller"
+    if count < 6:
+        return JUNK, None
+    section = parts[3]
+    if section == "node" and count == 6 and parts[5] in ("cmd", "ack"):
+        return CONTROL, parts[5]
+    if section == "rollout" and count == 6 and parts[5] == "cmd":
+        return CONTROL, "rollout"
+    if section == "artifact" and parts[5] == "data" and count in (6, 7):
+        return DATA, "chunks"
+    if section == "node" and count == 7 and parts[5] == "infer" and parts[6] == "request":
+        return DATA, "infer"
+    return JUNK, None
+
+
+def node_inbox(counters: Counter[str]) -> InboxPolicy:
+    """The node connection's inbox policy: at most ~22 MiB of payloads held."""
+    return InboxPolicy(
+        lanes=(
+            # Commands are rare and small (a manifest each); acks come per commit.
+            Lane(name="control", max_messages=256, max_bytes=4 * 2**20, rate_per_s=20, burst=200),
+            # A download keeps a few chunks in flight; inference requests are the workload.
+            Lane(
+                name="data",
+                max_messages=2_000,
+                max_bytes=16 * 2**20,
+                rate_per_s=2_000,
+                burst=10_000,
+            ),
+            Lane(name="junk", max_messages=256, max_bytes=2 * 2**20),
+        ),
+        sort=sort_node_topic,
+        counters=counters,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +158,7 @@ class NodeLink:
         inbound: Inbound,
         stopping: asyncio.Event,
         clock: Callable[[], float],
+        counters: Counter[str],
     ) -> None:
         self._settings = settings
         self._transport = transport
@@ -107,6 +169,9 @@ class NodeLink:
         self._inbound = inbound
         self._stopping = stopping
         self._clock = clock
+        self._counters = counters
+        self._inbox = node_inbox(counters)
+        self._malformed_log = LogThrottle(log)
 
     # ----- the connection loop -------------------------------------------------
 
@@ -144,6 +209,7 @@ class NodeLink:
             persistent=True,
             session_expiry_s=cfg.session_expiry_s,
             keepalive_s=cfg.keepalive_s,
+            inbox=self._inbox,
         )
 
     async def _on_connect(self, link: Link) -> None:
@@ -237,7 +303,8 @@ class NodeLink:
         try:
             self._route(topics.parse_topic(message.topic), message.payload)
         except DecodeError as exc:
-            log.warning("dropping malformed message on %s: %s", message.topic, exc)
+            self._counters["malformed"] += 1
+            self._malformed_log.warning("dropping malformed message on %s: %s", message.topic, exc)
 
     def _route(self, parsed: topics.ParsedTopic, data: bytes) -> None:
         """Raises: DecodeError for a malformed payload."""

@@ -40,6 +40,7 @@ import logging
 import resource
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,10 @@ class Pipeline:
         background: Background,
         stopping: asyncio.Event,
         clock: Callable[[], float],
+        inbound: Counter[str],
     ) -> None:
+        """``inbound`` counts what the node's link and command handler refused or
+        dropped (reported in telemetry)."""
         self._cfg = settings
         self._runtime = runtime
         self._serving = serving
@@ -120,6 +124,7 @@ class Pipeline:
         self._background = background
         self._stopping = stopping
         self._clock = clock
+        self._inbound = inbound
         self.workers = max(1, settings.concurrency)
         max_rows = max(1, settings.micro_batch)
         self.counts = {"inferences": 0, "errors": 0}
@@ -386,6 +391,8 @@ class Pipeline:
             memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             model=self._keeper.state.active,
             period=self._period.take(now),
+            malformed=self._inbound["malformed"] + self._inbound["refused_commands"],
+            dropped=sum(n for key, n in self._inbound.items() if key.startswith("inbox_dropped_")),
         )
 
 

@@ -26,6 +26,11 @@ contract tests):
   ``async with``: :meth:`MemoryBroker.drop` (a network loss), a takeover by a
   new connection with the same client id, or :meth:`MemoryBroker.stop` does
   *not* (the broker itself is gone).
+* **The client's inbox**: a session with an inbox policy
+  (:mod:`edgefleet_io.inbox`) takes what the connection holds into it before
+  each read, as the MQTT client does on receipt: lanes, rate limits and drops
+  apply, and messages in it are lost with the connection (a real client has
+  acknowledged them).
 * **Queue limit**: like ``max_queued_messages``, messages for one client above
   ``max_queued`` are dropped and counted in :attr:`MemoryBroker.dropped`.
 * **Outages**: :meth:`stop` ends every connection (their reads and writes raise
@@ -43,6 +48,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from edgefleet_io.inbox import Inbox, InboxPolicy
 from edgefleet_io.transport import Message, Session, Will, topic_matches
 from shared.errors import BrokerUnavailableError
 
@@ -76,11 +82,21 @@ class _Group:
 class MemoryLink:
     """One connection to a :class:`MemoryBroker`."""
 
-    def __init__(self, broker: MemoryBroker, session: _ClientSession, will: Will | None) -> None:
+    def __init__(
+        self,
+        broker: MemoryBroker,
+        session: _ClientSession,
+        will: Will | None,
+        inbox: InboxPolicy | None = None,
+    ) -> None:
         self._broker = broker
         self._session = session
         self.will = will
-        self._inbox: deque[_Queued] = deque()
+        self._inbox: deque[_Queued] = deque()  # the broker's queue for this connection
+        # The client's side: what it took off the connection, waiting for the reader.
+        self._received: Inbox[Message] | None = (
+            None if inbox is None else Inbox(inbox, lambda m: (m.topic, len(m.payload)))
+        )
         self._wakeup = asyncio.Event()
         self._error: BrokerUnavailableError | None = None
 
@@ -117,9 +133,20 @@ class MemoryLink:
         self._broker.unsubscribe(self._session, filters)
 
     async def messages(self) -> AsyncIterator[Message]:
+        received = self._received
         while True:
-            while self._inbox:
-                yield self._inbox.popleft().message
+            if received is None:
+                while self._inbox:
+                    yield self._inbox.popleft().message
+            else:
+                # Like a real client: take everything off the connection into the
+                # inbox at once (its lanes and drops apply), then read by priority.
+                while True:
+                    while self._inbox:
+                        received.put_nowait(self._inbox.popleft().message)
+                    if received.empty():
+                        break
+                    yield received.get_nowait()
             self._check()
             self._wakeup.clear()
             await self._wakeup.wait()
@@ -223,7 +250,7 @@ class MemoryBroker:
             session = _ClientSession(request.client_id, request.persistent)
             self._sessions[request.client_id] = session
         session.persistent = request.persistent
-        link = MemoryLink(self, session, request.will)
+        link = MemoryLink(self, session, request.will, request.inbox)
         session.link = link
         while session.queue:
             link.deliver(session.queue.popleft(), None)

@@ -12,16 +12,18 @@ client per attempt: a client can be reused but not re-entered).
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgefleet_io.inbox import Inbox, InboxPolicy
 from edgefleet_io.transport import Message, Session
 from shared.broker import BrokerAddress
 from shared.errors import BrokerUnavailableError, UsageError
@@ -61,6 +63,43 @@ def _tls_context(
     return context
 
 
+class _Received(Inbox[Message]):
+    """The inbox aiomqtt puts its received messages into, kept as slim
+    :class:`~edgefleet_io.transport.Message` s: an ``aiomqtt.Message`` carries
+    paho's MQTT 5 properties object (a few KiB each), which a full lane of
+    thousands would multiply."""
+
+    def put_nowait(self, item: Message | aiomqtt.Message) -> None:
+        super().put_nowait(item if isinstance(item, Message) else _slim(item))
+
+
+def _queue_type(policy: InboxPolicy | None) -> type[asyncio.Queue[aiomqtt.Message]] | None:
+    """What aiomqtt keeps received messages in: an inbox for ``policy``.
+
+    paho hands each message to aiomqtt on the event loop, which puts it into
+    this queue at once, so lanes, rate limits and drops apply before anything
+    waits: nothing piles up in front of the inbox. aiomqtt calls
+    ``queue_type(maxsize=...)``; a factory stands in for the class.
+    """
+    if policy is None:
+        return None  # aiomqtt's own unbounded FIFO
+
+    def inbox(maxsize: int = 0) -> _Received:
+        return _Received(policy, _measure)
+
+    return cast("type[asyncio.Queue[aiomqtt.Message]]", inbox)
+
+
+def _measure(message: Message) -> tuple[str, int]:
+    return message.topic, len(message.payload)
+
+
+def _slim(message: aiomqtt.Message) -> Message:
+    payload = message.payload
+    data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+    return Message(message.topic.value, data, bool(message.retain))
+
+
 class MqttLink:
     """One aiomqtt connection behind the :class:`~edgefleet_io.transport.Link` contract."""
 
@@ -85,9 +124,9 @@ class MqttLink:
     async def messages(self) -> AsyncIterator[Message]:
         with _mapped(f"connection to {self._where}"):
             async for message in self._client.messages:
-                payload = message.payload
-                data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
-                yield Message(message.topic.value, data, bool(message.retain))
+                # With an inbox policy aiomqtt's queue already holds slim messages.
+                item = cast("Message | aiomqtt.Message", message)
+                yield item if isinstance(item, Message) else _slim(item)
 
 
 class MqttTransport:
@@ -145,7 +184,7 @@ class MqttTransport:
             tls_context=self._tls_context,
             timeout=CONNECT_TIMEOUT_S,
             max_concurrent_outgoing_calls=MAX_CONCURRENT_PUBLISHES,
-            max_queued_incoming_messages=session.max_queued_incoming,
+            queue_type=_queue_type(session.inbox),
             # Small QoS 1 messages (chunk requests, acks) must not wait for Nagle's 40 ms.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )

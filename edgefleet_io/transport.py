@@ -26,6 +26,11 @@ The contract:
   consumer must not rely on either.
 * **Shared subscriptions** (``$share/{group}/{filter}``) hand each message to
   one member of the group, in turn.
+* **Incoming messages** wait for the reader in an
+  :class:`~edgefleet_io.inbox.Inbox` when ``Session.inbox`` gives a policy
+  (bounded lanes by priority, rate limits per key, drops counted), else in one
+  unbounded FIFO (short-lived clients that read what they asked for). Order
+  is the broker's within a lane, not across lanes.
 * **Last Will.** A connection that ends without a clean exit (network loss,
   keep-alive timeout, another client taking over its id) publishes its
   :class:`Will`; leaving the ``async with`` normally does not.
@@ -38,6 +43,8 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
+
+from edgefleet_io.inbox import InboxPolicy
 
 __all__ = [
     "DEFAULT_SESSION_EXPIRY_S",
@@ -81,7 +88,7 @@ class Session:
     persistent: bool = False
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S  # only when ``persistent``
     keepalive_s: int = 30
-    max_queued_incoming: int | None = None  # messages held for the reader; None: unbounded
+    inbox: InboxPolicy | None = None  # how received messages wait for the reader; None: one FIFO
 
 
 class Link(Protocol):
@@ -102,7 +109,8 @@ class Link(Protocol):
         ...
 
     def messages(self) -> AsyncIterator[Message]:
-        """Every message for this connection, in the order the broker sent them."""
+        """Every message for this connection the session's inbox kept, highest
+        priority first (without an inbox policy: all, in the order the broker sent them)."""
         ...
 
 

@@ -21,19 +21,38 @@ What it keeps:
   connect and whenever its leadership changes (``leader``, ``term``), offline
   on a clean stop; for a replica that died, the replica that sees its Will
   retains it there too.
-* **Subscriptions**: node statuses, results and telemetry, artifact chunk
-  requests and operator requests on shared subscriptions
-  (``$share/controllers/...``) so replicas split them; node states without
-  ``$share`` (every replica needs every birth and death). With ``shared``
-  off (an MQTT 3.1.1 broker, which has no shared subscriptions) every filter
-  is plain: one controller per fleet.
+* **Subscriptions**: node statuses, results and telemetry and artifact chunk
+  requests on shared subscriptions (``$share/controllers/...``) so replicas
+  split them; node states without ``$share`` (every replica needs every birth
+  and death). With ``shared`` off (an MQTT 3.1.1 broker, which has no shared
+  subscriptions) every filter is plain: one controller per fleet. Operator
+  requests (shared as well) come on a second, clean
+  connection of their own (client id ``{controller_id}-ctl``, no Will), so
+  that under a flood they do not queue at the broker behind ingest; all the
+  controller publishes (acks, commands, chunks, replies) goes out on it too,
+  since a QoS 1 publish waits for a PUBACK that would otherwise queue there.
+* **A bounded, prioritised inbox** (:func:`controller_inbox`, see
+  :mod:`edgefleet_io.inbox`): operator requests and node births and deaths
+  first, then what nodes send for storing (statuses, results, telemetry,
+  chunk requests), then everything else (unknown topics, and what a node or
+  the operator topic sends over its rate: ``node_messages_per_s`` per node,
+  ``control_per_s`` per node or for ``ctl/request``). Each lane is bounded in
+  messages and bytes; a full one drops its oldest, counted in
+  ``metrics["inbox_dropped_{lane}"]`` (over-rate demotions in
+  ``metrics["inbox_over_rate_{lane}"]``). A flood costs bounded memory, and
+  an operator request waits behind other operator requests only. What is
+  dropped is safe to drop: nodes send statuses and results again until they
+  are acked, and an operator whose request is dropped sees it time out.
 * **Routing**: each message is decoded strictly, once (:func:`decode_incoming`,
   which also applies :func:`shared.rules.require_topic_node`), and handed to
   one of :class:`Routes`. Result batches, the bulk of the traffic, are not
   decoded on the event loop: they go on as :class:`RawResults`, decoded by the
-  ingest writer's thread (:func:`open_results`). A malformed message is logged with its topic,
-  counted (``metrics["malformed"]``) and dropped; a route that raises is
-  logged with a traceback and counted, and the connection carries on.
+  ingest writer's thread (:func:`open_results`), once their canonical
+  beginning (version, type and the topic's node) is seen to be there. A
+  malformed message is counted (``metrics["malformed"]``), logged with its topic
+  (at most one line a second, :class:`~edgefleet_io.throttle.LogThrottle`)
+  and dropped; a route that raises is logged with a traceback and counted,
+  and the connection carries on.
 
 Nothing here imports an MQTT library: a :class:`~edgefleet_io.transport.Transport`
 is injected (:class:`~edgefleet_io.mqtt.MqttTransport` in production,
@@ -50,6 +69,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edgefleet_io.inbox import InboxPolicy, Lane
+from edgefleet_io.throttle import LogThrottle
 from edgefleet_io.transport import Link, Message, Session, Transport, Will, reconnect_delays
 from shared import __version__, topics
 from shared.envelope import Envelope
@@ -63,21 +84,29 @@ from shared.messages import (
     decode,
     encode,
 )
-from shared.result_batch import MAX_BATCH_BYTES, ResultBatch, decode_results
+from shared.result_batch import (
+    MAX_BATCH_BYTES,
+    RESULT_BATCH_VERSION,
+    ResultBatch,
+    decode_results,
+)
 from shared.rules import require_topic_node
 
 __all__ = [
     "MAX_RECONNECT_DELAY_S",
     "PEER_WAIT_S",
     "ControllerLink",
+    "InboxLimits",
     "Incoming",
     "Ingested",
     "RawResults",
     "Routes",
     "StoreConflictError",
     "check_peer",
+    "controller_inbox",
     "decode_incoming",
     "open_results",
+    "sort_controller_topic",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,6 +114,7 @@ log = logging.getLogger(__name__)
 MAX_RECONNECT_DELAY_S = 10.0
 OFFLINE_PUBLISH_TIMEOUT_S = 2.0
 PEER_WAIT_S = 2.0  # the longest wait for the retained controller/state at start
+_SLICE = 64  # messages routed between two yields to the event loop
 
 
 class StoreConflictError(UsageError):
@@ -142,6 +172,90 @@ _MODELS: dict[topics.TopicKind, type[NodeStatus | Telemetry | NodeState | Artifa
 }
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InboxLimits:
+    """Bounds of the controller's inbox lanes (messages, payload bytes) and rates.
+
+    Each connection has its own inbox: with the defaults the ingest one holds
+    at most ~44 MiB of payloads, the operator one (control and junk lanes
+    only) ~12 MiB. What a node sends is handed on quickly (result batches are
+    decoded later, by the ingest writer), so the lanes only fill under a flood.
+    """
+
+    control_messages: int = 1_000
+    control_bytes: int = 4 * 2**20
+    control_per_s: float = 50.0  # per node (births, deaths) and for ctl/request
+    control_burst: float = 500.0
+    ingest_messages: int = 20_000
+    ingest_bytes: int = 32 * 2**20
+    # Per node: statuses, results, telemetry and chunk requests (a download asks
+    # for up to 64 chunks a second); the burst covers an outbox flushing after an
+    # outage. Beyond it a node's messages wait behind every other node's.
+    node_messages_per_s: float = 100.0
+    node_burst: float = 500.0
+    junk_messages: int = 2_000
+    junk_bytes: int = 8 * 2**20
+
+
+CONTROL, INGEST, JUNK = 0, 1, 2  # the controller's inbox lanes, by priority
+_INGEST_LEAVES = frozenset({"status", "results", "telemetry"})
+
+
+def sort_controller_topic(topic: str) -> tuple[int, str | None]:
+    """The inbox lane of a topic the controller subscribes to, and its rate key.
+
+    Topic levels only, no validation (decoding checks every identifier later):
+    ``ctl/request``, ``controller/state`` (the service's state, which a replica
+    answers when it says offline) and ``node/{node}/state`` are control,
+    ``node/{node}/status``, ``results``, ``telemetry`` and
+    ``artifact/{sha}/req/{node}`` are ingest (keyed by node), anything else is
+    junk.
+    """
+    parts = topic.split("/")
+    if len(parts) == 5 and parts[3] == "ctl" and parts[4] == "request":
+        return CONTROL, "ctl/request"
+    if len(parts) == 5 and parts[3] == "controller" and parts[4] == "state":
+        return CONTROL, "controller"
+    if len(parts) == 6 and parts[3] == "node":
+        if parts[5] == "state":
+            return CONTROL, parts[4]
+        if parts[5] in _INGEST_LEAVES:
+            return INGEST, parts[4]
+    if len(parts) == 7 and parts[3] == "artifact" and parts[5] == "req":
+        return INGEST, parts[6]
+    return JUNK, None
+
+
+def controller_inbox(limits: InboxLimits, counters: Counter[str]) -> InboxPolicy:
+    """The controller connection's inbox policy (see the module docstring)."""
+    return InboxPolicy(
+        lanes=(
+            Lane(
+                name="control",
+                max_messages=limits.control_messages,
+                max_bytes=limits.control_bytes,
+                rate_per_s=limits.control_per_s,
+                burst=limits.control_burst,
+            ),
+            Lane(
+                name="ingest",
+                max_messages=limits.ingest_messages,
+                max_bytes=limits.ingest_bytes,
+                rate_per_s=limits.node_messages_per_s,
+                burst=limits.node_burst,
+            ),
+            Lane(name="junk", max_messages=limits.junk_messages, max_bytes=limits.junk_bytes),
+        ),
+        sort=sort_controller_topic,
+        counters=counters,
+    )
+
+
+def _results_prefix(node: str) -> bytes:
+    """How a canonical result batch of ``node`` begins (node ids need no escaping)."""
+    return b'{"v":%d,"type":"results","node":"%s"' % (RESULT_BATCH_VERSION, node.encode())
+
+
 def decode_incoming(topic: str, data: bytes) -> Incoming | None:
     """The message on ``topic``, decoded (None: a topic the controller does not read).
 
@@ -157,6 +271,9 @@ def decode_incoming(topic: str, data: bytes) -> Incoming | None:
             raise DecodeError(
                 f"payload of {len(data)} bytes exceeds the {MAX_BATCH_BYTES}-byte limit"
             )
+        # Junk must not wait for the writer's thread (and hold memory) to be refused.
+        if not data.startswith(_results_prefix(parsed.node)):
+            raise DecodeError(f"not a canonical result batch of node {parsed.node}")
         return RawResults(parsed.node, data)
     model = _MODELS.get(parsed.kind)
     if model is None:
@@ -191,6 +308,7 @@ class ControllerLink:
         clock: Callable[[], float],
         metrics: Counter[str],
         shared: bool = True,
+        inbox: InboxLimits | None = None,
     ) -> None:
         self._transport = transport
         self._shared = shared
@@ -199,7 +317,10 @@ class ControllerLink:
         self._store_id = store_id
         self._clock = clock
         self._metrics = metrics
+        self._inbox = controller_inbox(inbox or InboxLimits(), metrics)
+        self._malformed_log = LogThrottle(log)
         self._link: Link | None = None
+        self._control: Link | None = None  # operator requests in, everything published out
         self.session = 0
         self.term = 0  # the rollout lease's term this replica holds (0: not leading)
         self._leaving = False  # announced offline: no more online states
@@ -244,7 +365,6 @@ class ControllerLink:
             (share(topics.node_filter(fleet, "results")), 1),
             (share(topics.node_filter(fleet, "telemetry")), 1),
             (share(f"{topics.PREFIX}/{fleet}/artifact/+/req/+"), 1),
-            (share(topics.ctl_request(fleet)), 1),
             (topics.node_filter(fleet, "state"), 1),
             (topics.controller_state(fleet), 1),
         ]
@@ -252,8 +372,15 @@ class ControllerLink:
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> None:
-        """Raises: TransportError (also while not connected)."""
-        link = self._link
+        """Raises: TransportError (also while not connected).
+
+        Everything goes out on the operator connection (see :meth:`_serve`): a
+        QoS 1 publish waits for its PUBACK, which the broker sends on the same
+        stream as everything else it delivers to that connection, and on the
+        ingest connection that is behind whatever a flood put there. Acks,
+        commands, chunks and replies must not wait for it.
+        """
+        link = self._control
         if link is None:
             raise BrokerUnavailableError("not connected to the broker; try again")
         await link.publish(topic, payload, qos=qos, retain=retain)
@@ -308,27 +435,43 @@ class ControllerLink:
             finally:
                 if self.connected.is_set():  # it was up: back off from the start again
                     delays = reconnect_delays(maximum_s=MAX_RECONNECT_DELAY_S)
-                self._link = None
+                self._link = self._control = None
                 self.connected.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(next(delays)):
                     await stopping.wait()
 
     async def _serve(self, routes: Routes) -> None:
-        """One connection, until the broker ends it. Raises: TransportError."""
+        """Both connections, until the broker ends one of them. Raises: TransportError.
+
+        Operator requests come on a connection of their own: the broker queues
+        what it delivers per connection, in order, so on the connection that
+        carries ingest a request would wait behind every message a flood put
+        there before it. On its own (clean, no Will, client id
+        ``{controller_id}-ctl``, ``$share`` like the rest) it waits only behind
+        other requests. The two live and die together.
+        """
         state_topic = topics.controller_state(self._fleet)
         session = Session(
             client_id=self._controller_id,
             will=Will(state_topic, self._state(online=False), qos=1, retain=True),
+            inbox=self._inbox,
         )
-        async with self._transport.connect(session) as link:
+        control_session = Session(client_id=f"{self._controller_id}-ctl", inbox=self._inbox)
+        share = topics.shared_subscription if self._shared else str
+        requests = share(topics.ctl_request(self._fleet))
+        async with (
+            self._transport.connect(session) as link,
+            self._transport.connect(control_session) as control,
+        ):
             # Subscribed before announcing: nodes send their held requests and
             # backlog the moment they see "online", into the shared group.
             await link.subscribe(self._filters())
+            await control.subscribe([(requests, 1)])
             online = self._state(online=True)
             await link.publish(state_topic, online, qos=1, retain=True)
             await link.publish(self._replica_topic, online, qos=1, retain=True)
-            self._link = link
+            self._link, self._control = link, control
             self.connected.set()
             log.info(
                 "controller %s serving fleet %s on %s",
@@ -336,13 +479,34 @@ class ControllerLink:
                 self._fleet,
                 self._transport,
             )
-            async for message in link.messages():
-                if message.topic == state_topic:
-                    await self._answer_offline(link, message.payload)
-                else:
-                    self.route(message, routes)
+            loop = asyncio.get_running_loop()
+            readers = [loop.create_task(self._read(c, routes)) for c in (link, control)]
+            try:
+                done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for reader in readers:
+                    reader.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
+            for reader in done:
+                reader.result()  # raises what ended it
+            raise BrokerUnavailableError(f"connection to {self._transport} ended")
 
-    async def _answer_offline(self, link: Link, payload: bytes) -> None:
+    async def _read(self, link: Link, routes: Routes) -> None:
+        """Route what ``link`` receives until it fails. Raises: TransportError."""
+        routed = 0
+        state_topic = topics.controller_state(self._fleet)
+        async for message in link.messages():
+            if message.topic == state_topic:
+                await self._answer_offline(message.payload)
+            else:
+                self.route(message, routes)
+            routed += 1
+            if routed % _SLICE == 0:
+                # A full inbox is read without suspending: let the other
+                # connection and the other loops run between slices.
+                await asyncio.sleep(0)
+
+    async def _answer_offline(self, payload: bytes) -> None:
         """The fleet's state went ``offline`` while this replica is up: publish
         ``online`` again, and retain the offline on the replica's own topic
         when another replica left. Raises: TransportError."""
@@ -359,9 +523,9 @@ class ControllerLink:
         if state is not None and state.controller_id != self._controller_id:
             log.info("controller %s went offline; this replica serves on", state.controller_id)
             replica = topics.controller_replica_state(self._fleet, state.controller_id)
-            await link.publish(replica, payload, qos=1, retain=True)
+            await self.publish(replica, payload, retain=True)
         state_topic = topics.controller_state(self._fleet)
-        await link.publish(state_topic, self._state(online=True), qos=1, retain=True)
+        await self.publish(state_topic, self._state(online=True), retain=True)
 
     def route(self, message: Message, routes: Routes) -> None:
         """Decode one message and hand it on; never raises."""
@@ -371,7 +535,7 @@ class ControllerLink:
             item = decode_incoming(message.topic, message.payload)
         except DecodeError as exc:
             self._metrics["malformed"] += 1
-            log.warning("dropping malformed message on %s: %s", message.topic, exc)
+            self._malformed_log.warning("dropping malformed message on %s: %s", message.topic, exc)
             return
         try:
             if isinstance(item, ArtifactRequest):

@@ -1,6 +1,7 @@
 """Rate limits: what one node or one operator may cost the controller.
 
-* :class:`RateLimiter` is a token bucket per key (pure: the caller passes ``now``).
+* :class:`RateLimiter` (from :mod:`shared.rates`) is a token bucket per key
+  (pure: the caller passes ``now``).
 * :class:`NodeQuotas` admits what a node sends for storing: at most
   ``results_per_s`` results and ``bytes_per_s`` bytes a second, with
   :data:`BURST_S` seconds' worth at once (an outbox flushing after an outage).
@@ -9,14 +10,15 @@
 * Chunk requests are limited per node by :class:`RateLimiter` as well
   (:data:`CHUNKS_PER_S`), in :mod:`fleet_controller.artifacts`.
 
-Buckets are kept per key; past :data:`MAX_KEYS` keys, idle (full) buckets are
-forgotten (all of them, when most are busy), so a flood of made-up ids cannot
-grow memory without bound.
+Buckets are kept per key and bounded in number (see :mod:`shared.rates`), so
+a flood of made-up ids cannot grow memory without bound.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+
+from shared.rates import MAX_KEYS, RateLimiter
 
 __all__ = [
     "BURST_S",
@@ -34,41 +36,6 @@ DEFAULT_NODE_RESULTS_PER_S = 5_000.0
 DEFAULT_NODE_BYTES_PER_S = 4 * 1024 * 1024.0
 DEFAULT_MAX_UPLOAD_BYTES = 4 * 2**30  # the largest model file an operator may upload
 CHUNKS_PER_S = 64.0  # 16 MiB/s of 256 KiB chunks per node
-MAX_KEYS = 100_000
-
-
-class RateLimiter:
-    """A token bucket per key: ``rate`` per second, up to ``burst`` at once."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._buckets: dict[str, tuple[float, float]] = {}  # key: (tokens, at)
-
-    def allow(self, key: str, now: float, cost: float = 1.0) -> bool:
-        """Take ``cost`` tokens from ``key``'s bucket if it holds them."""
-        tokens, at = self._buckets.get(key, (self._burst, now))
-        tokens = min(self._burst, tokens + max(0.0, now - at) * self._rate)
-        allowed = tokens >= cost
-        self._buckets[key] = (tokens - cost if allowed else tokens, now)
-        if len(self._buckets) > MAX_KEYS:
-            self._forget_idle(now)
-        return allowed
-
-    def _forget_idle(self, now: float) -> None:
-        """Drop full buckets; when that frees less than half, drop them all (each
-        key starts with a full bucket again), so the scan runs once per
-        :data:`MAX_KEYS` / 2 new keys at most."""
-        full = [
-            key
-            for key, (tokens, at) in self._buckets.items()
-            if tokens + (now - at) * self._rate >= self._burst
-        ]
-        if len(full) < len(self._buckets) // 2:
-            self._buckets.clear()
-            return
-        for key in full:
-            del self._buckets[key]
 
 
 class NodeQuotas:

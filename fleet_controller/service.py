@@ -57,6 +57,7 @@ from fleet_controller.leader import DEFAULT_LEASE_S, Leadership
 from fleet_controller.link import (
     MAX_RECONNECT_DELAY_S,
     ControllerLink,
+    InboxLimits,
     Ingested,
     Routes,
     check_peer,
@@ -95,6 +96,7 @@ class ControllerConfig:
     lease_s: float = DEFAULT_LEASE_S  # the rollout lease's term; renewed every third of it
     reconcile_s: float = RECONCILE_EVERY_S  # how often deployments are reconciled
     queue_max: int = 20_000  # messages waiting to be stored
+    inbox: InboxLimits = field(default_factory=InboxLimits)  # received, waiting to be routed
     batch_max: int = 500  # messages per ingest transaction
     retention_days: float = 30.0
     node_results_per_s: float = DEFAULT_NODE_RESULTS_PER_S  # per node, with a 30 s burst
@@ -194,6 +196,7 @@ class ControllerService:
             clock=clock,
             metrics=self.metrics,
             shared=config.broker.shared_subscriptions,
+            inbox=config.inbox,
         )
         self._quotas = NodeQuotas(
             results_per_s=config.node_results_per_s,

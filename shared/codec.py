@@ -101,9 +101,10 @@ _DIGITS_TO_ZERO = bytes.maketrans(b"123456789E", b"000000000e")
 _RISKY_MARKS = (b"0" * 19, b"e000", b"e+000", b"e-000")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # Nesting: string literals are blanked (the unrolled form runs through a
-# string's plain characters at once) before brackets are counted.
+# string's plain characters at once; without escapes, a split at the quotes
+# does) before brackets are counted.
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(c for c in range(128) if chr(c) not in "[]{}")
+_NOT_BRACKETS = bytes(c for c in range(256) if chr(c) not in "[]{}")
 
 
 def _risky_numbers(payload: bytes) -> bool:
@@ -112,10 +113,14 @@ def _risky_numbers(payload: bytes) -> bool:
 
 
 def _deeper_than(payload: bytes, text: str, max_depth: int) -> bool:
-    """Whether valid JSON ``text`` (``payload`` decoded) nests deeper than ``max_depth``.
+    """Whether JSON ``text`` (``payload`` decoded) nests deeper than ``max_depth``.
+
+    Exact for valid JSON; for invalid JSON (refused by the parser anyway) it may
+    say either, and says yes at once when no bracket pair is left to remove.
 
     With no more opening brackets than ``max_depth`` anywhere, it cannot.
-    Otherwise strings are blanked and only the brackets kept; each pass then
+    Otherwise strings are blanked and only the brackets kept; more than
+    ``max_depth`` opening brackets in a row are too deep at once. Each pass then
     turns the innermost pairs into a mark (so a pair that only the removal
     exposes waits for the next pass) and drops the marks of the pass before. A
     nesting of ``max_depth`` is gone after ``max_depth`` passes, each a few C
@@ -123,13 +128,21 @@ def _deeper_than(payload: bytes, text: str, max_depth: int) -> bool:
     """
     if payload.count(b"[") + payload.count(b"{") <= max_depth:
         return False
-    stripped = _STRING.sub('""', text).encode("ascii", "ignore")
+    if b"\\" in payload:
+        stripped = _STRING.sub('""', text).encode("ascii", "ignore")
+    else:  # no escapes: strings lie between alternate quotes
+        stripped = b"".join(payload.split(b'"')[0::2])
     brackets = stripped.translate(None, _NOT_BRACKETS)
+    if re.search(rb"[{\[]{%d}" % (max_depth + 1), brackets):
+        return True  # that many opened in a row: deeper, whatever follows
     for _ in range(max_depth):
         brackets = brackets.translate(None, b"x")
         if not brackets:
             return False
-        brackets = brackets.replace(b"[]", b"x").replace(b"{}", b"x")
+        paired = brackets.replace(b"[]", b"x").replace(b"{}", b"x")
+        if paired == brackets:  # no pair left: unbalanced, not JSON; no more passes
+            return True
+        brackets = paired
     return bool(brackets.translate(None, b"x"))
 
 
@@ -150,6 +163,10 @@ def decode_json(
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DecodeError(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    # Before parsing: json.loads recurses once per level, and a deep nesting
+    # costs it a thousand frames before its RecursionError (~0.5 ms a message).
+    if _deeper_than(payload, text, max_depth):
+        raise DecodeError(f"nesting deeper than {max_depth} levels")
     surrogates = b"\\u" in payload and _SURROGATE_ESCAPE.search(text) is not None
     checked: dict[str, Any] = (
         {"parse_int": _parse_int, "parse_float": _parse_float} if _risky_numbers(payload) else {}
@@ -169,8 +186,6 @@ def decode_json(
         ) from None
     except ValueError as exc:  # e.g. int() digit limits
         raise DecodeError(f"invalid JSON number: {exc}") from None
-    if _deeper_than(payload, text, max_depth):
-        raise DecodeError(f"nesting deeper than {max_depth} levels")
     if surrogates:
         _check_strings(value)
     return value

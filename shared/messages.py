@@ -390,6 +390,10 @@ class Telemetry(_MessageV1):
     memory_bytes: Count
     model: ModelRef | None = None
     period: PeriodStats | None = None
+    # Received messages the node refused unanswered (malformed, or commands that
+    # are no verifiable envelope) and those its inbox dropped (bounds, rates).
+    malformed: Count = 0
+    dropped: Count = 0
 
 
 class TopK(_Frozen):

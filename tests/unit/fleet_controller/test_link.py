@@ -83,10 +83,14 @@ def test_result_batches_are_decoded_off_the_loop_and_strictly() -> None:
     assert raw == good  # handed on as it arrived
     assert isinstance(raw, RawResults)
     assert open_results(raw).result_seq == [1, 2]
-    status = decode_incoming(topic, encode(STATUS))  # a status, not results
-    assert isinstance(status, RawResults)
+    # What does not even begin like a batch of the topic's node is refused at once.
+    for junk in [encode(STATUS), result_batch("n2", 1, [1]).payload, b"[[[[", b"\xff"]:
+        with pytest.raises(DecodeError, match="not a canonical result batch of node n1"):
+            decode_incoming(topic, junk)
+    truncated = decode_incoming(topic, b'{"v":2,"type":"results","node":"n1"}')
+    assert isinstance(truncated, RawResults)  # looks like one: the writer's thread decides
     with pytest.raises(DecodeError, match="invalid ResultBatch"):
-        open_results(status)
+        open_results(truncated)
     with pytest.raises(DecodeError, match="payload names node 'n2', topic 'n1'"):
         open_results(RawResults("n1", result_batch("n2", 1, [1]).payload))
     with pytest.raises(DecodeError, match="exceeds the 1048576-byte limit"):
