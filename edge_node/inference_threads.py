@@ -33,7 +33,7 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
@@ -59,11 +59,14 @@ _COLLECT_S: Final = 0.05  # how long results without a waiting request wait for 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Reported:
-    """Posted by a thread: a numbered chunk, its requests by row, and rows that failed."""
+    """Posted by a thread: a numbered chunk, its requests by row, rows that failed,
+    and rows that ran but could not be kept (no result number could be saved:
+    the disk is full; not the model's failure)."""
 
     chunk: ResultChunk | None
     requests: list[InferRequest | None]
     failures: list[tuple[InferRequest | None, str]]
+    unkept: list[tuple[InferRequest | None, str]] = field(default_factory=list)
 
 
 class InferenceThreads:
@@ -293,9 +296,8 @@ class InferenceThreads:
                 try:
                     first_seq = self._allocate(loop, len(summaries.kept))
                 except DiskFullError as exc:  # no number can be reserved: nothing kept
-                    self._post(
-                        loop, Reported(None, [], [*failures, *((r, str(exc)) for r in requests)])
-                    )
+                    unkept = [(r, f"result not kept: {exc}") for r in requests]
+                    self._post(loop, Reported(None, [], failures, unkept))
                     return
                 chunk = ResultChunk(
                     model=handle.ref,

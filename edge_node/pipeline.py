@@ -66,6 +66,7 @@ from edge_node.sources import (
     tensor_error,
 )
 from edge_node.state import StateKeeper
+from edgefleet_io.throttle import LogThrottle
 from shared import topics
 from shared.errors import TransportError
 from shared.messages import InferenceResult, InferReply, InferRequest, Telemetry, encode
@@ -127,7 +128,8 @@ class Pipeline:
         self._inbound = inbound
         self.workers = max(1, settings.concurrency)
         max_rows = max(1, settings.micro_batch)
-        self.counts = {"inferences": 0, "errors": 0}
+        self.counts = {"inferences": 0, "errors": 0, "unkept": 0}
+        self._unkept_log = LogThrottle(log, every_s=10.0)
         self.gate = ChangeGate(settings.change_threshold)
         self.pending = PendingResults()
         self._latency = LatencyWindow()
@@ -276,6 +278,14 @@ class Pipeline:
                     "%d inference(s) failed: %s", len(reported.failures), reported.failures[0][1]
                 )
                 for request, reason in reported.failures:
+                    if request is not None:
+                        self._background.spawn(self._reply(request, None, reason))
+            if reported.unkept:  # the disk, not the model: no error counted against it
+                self.counts["unkept"] += len(reported.unkept)
+                self._unkept_log.warning(
+                    "%d result(s) not kept: %s", len(reported.unkept), reported.unkept[0][1]
+                )
+                for request, reason in reported.unkept:
                     if request is not None:
                         self._background.spawn(self._reply(request, None, reason))
 

@@ -195,17 +195,19 @@ class OutboxSender:
                 await self.send_due(link)
             except TransportError as exc:
                 log.debug("send interrupted: %s", exc)
-            except OutboxDiskFullError as exc:
-                log.warning("sending paused until the next round: %s", exc)
 
     async def send_due(self, link: Link) -> None:
-        """Publish every due entry and all stored telemetry on ``link``.
+        """Publish every due entry and all stored telemetry on ``link``; a full disk
+        pauses sending until the next call (what was not sent stays due).
 
         Raises:
             TransportError: the connection failed (what was not sent stays due).
         """
         async with self._sending:
-            await self._send_due(link)
+            try:
+                await self._send_due(link)
+            except OutboxDiskFullError as exc:
+                log.warning("sending paused until the next round: %s", exc)
 
     async def _send_due(self, link: Link) -> None:
         while True:

@@ -115,6 +115,8 @@ def test_a_node_started_on_a_full_disk_runs_and_recovers_when_space_returns(
                 )
                 assert node.agent.serving == model.manifest.ref
                 assert not node.task.done()
+                # A full disk is not counted against the model (a health gate reads errors).
+                assert node.agent.stats()["errors"] == 0
                 seen = len(harness.results.get("n1", {}))
                 filler.unlink()
                 await harness.wait_for(
