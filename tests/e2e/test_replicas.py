@@ -22,7 +22,6 @@ from edge_node.simulate import node_ids
 from tests.e2e.conftest import ModelFiles, PgDatabase
 from tests.e2e.rollout_kit import (
     ROLLOUT_DEADLINE_S,
-    TELEMETRY_S,
     assert_all_on,
     final_status,
     pick_rollout_id,
@@ -44,7 +43,9 @@ TAKEOVER_S = LEASE_S + LEASE_S / 3 + 10.0  # expiry, one try, and slack for a lo
 RATE_HZ = 2.0
 # Each wave lasts its health window at least: long enough for both hand-overs
 # (about LEASE_S each) to fall inside the rollout. A verdict needs 10 runs
-# (5 s at RATE_HZ), within the window, not the default 100 (50 s).
+# (5 s at RATE_HZ), within the window, not the default 100 (50 s). Telemetry
+# stays at the simulator's 10 s: a replica paused inside a SQLite write holds
+# the file's lock, so more writes from the nodes make a stuck takeover likelier.
 WINDOW = "8s"
 GATE = ("--min-samples", "10")
 LEADING = "leading: took the rollout lease"
@@ -53,7 +54,7 @@ STEPPED_DOWN = "no longer leading"
 
 def _replicas(fleet: Fleet, db_url: str) -> tuple[Proc, Proc]:
     """Nodes, then two controllers on ``db_url``; the model registered; every node known."""
-    fleet.simulate(NODES, rate_hz=RATE_HZ, telemetry_interval_s=TELEMETRY_S)
+    fleet.simulate(NODES, rate_hz=RATE_HZ)
     lease = ("--lease-s", f"{LEASE_S:g}")
     a = fleet.serve(db_url, name="ctl-a", tick=TICK, extra=lease)
     b = fleet.serve(db_url, name="ctl-b", tick=TICK, extra=lease)
