@@ -414,6 +414,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             labels=_labels(args.label),
             source=cast(SourceKind, source),
             rate_hz=args.rate if args.rate > 0 else None,
+            telemetry_interval_s=args.telemetry_interval,
         )
     )
     return 0
@@ -533,6 +534,12 @@ def _add_simulate(simulate: argparse.ArgumentParser) -> None:
     simulate.add_argument("--source", default="none", help="none (default) or synthetic")
     simulate.add_argument(
         "--rate", type=ranges["rate"].flag(), default=1.0, help="inputs per second per node"
+    )
+    simulate.add_argument(
+        "--telemetry-interval",
+        type=ranges["telemetry_interval"].flag(),
+        default=10.0,
+        help="seconds between each node's telemetry (10, as edge-node run)",
     )
     simulate.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     simulate.add_argument(

@@ -6,11 +6,11 @@ event loop and one thread pool for ``session.run`` (a pool per node would be
 thousands of threads for a large fleet). Node ``i`` (1-based) is
 ``{prefix}-{i:04d}`` with data in ``base_dir/{id}``; labels given to all nodes
 are extended with ``sim-group`` (``a`` for odd, ``b`` for even nodes) so
-selectors can split the fleet. Each sends telemetry every 10 s, as a real node
-does by default. Nodes start together and load the models they
-hold, like those a rollout brings, concurrently: each on its runtime's loader
-thread, warm-ups in parallel (the runtime serialises only onnxruntime's
-session constructor, process-wide).
+selectors can split the fleet. Each sends telemetry every 10 s by default, as a
+real node does (``--telemetry-interval``: tests take shorter periods). Nodes
+start together and load the models they hold, like those a rollout brings,
+concurrently: each on its runtime's loader thread, warm-ups in parallel (the
+runtime serialises only onnxruntime's session constructor, process-wide).
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ async def run_simulation(
     labels: dict[str, str],
     source: SourceKind = "none",
     rate_hz: float | None = 1.0,
+    telemetry_interval_s: float = 10.0,
 ) -> None:
     """Run ``count`` nodes until SIGINT/SIGTERM, then stop them all cleanly."""
     with shared_pool() as pool:
@@ -120,5 +121,6 @@ async def run_simulation(
             executor=pool,
             source=source,
             rate_hz=rate_hz,
+            telemetry_interval_s=telemetry_interval_s,
         )
         await run_agents(agents)

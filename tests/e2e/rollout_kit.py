@@ -19,6 +19,14 @@ from tests.support.stored import model_of, telemetry
 # enough that a stuck rollout fails the test in reasonable time.
 ROLLOUT_DEADLINE_S = 120.0
 RATE_HZ = 5.0
+# The gate judges a node on each telemetry period, and a wave waits for a verdict
+# (min-samples runs of the new model, in telemetry covering the health window):
+# simulated nodes in tests report every 2 s, not a real node's 10 s, so a wave
+# waits seconds, not periods of 10 s.
+TELEMETRY_S = 2.0
+# For rollouts whose test is not about the gate's statistics: a verdict on 20 runs
+# (4 s at RATE_HZ), not the default 100 (20 s), still a verdict on every node.
+QUICK_GATE = ("--min-samples", "20")
 
 
 def wave_index(rollout_id: str, node_id: str, waves: Sequence[float]) -> int | None:
@@ -59,10 +67,11 @@ def bring_up(
     *,
     rate_hz: float = RATE_HZ,
     labels: Mapping[str, str] | None = None,
+    telemetry_interval_s: float = TELEMETRY_S,
 ) -> list[str]:
     """Simulated nodes and the controller (booting side by side), then register ``models``
     (``(file, NAME@VERSION)``, in parallel) and wait for every node to be known online."""
-    fleet.simulate(count, rate_hz=rate_hz, labels=labels)
+    fleet.simulate(count, rate_hz=rate_hz, labels=labels, telemetry_interval_s=telemetry_interval_s)
     fleet.serve(db_url)
     commands = []
     for path, ref in models:
@@ -98,7 +107,7 @@ def start_rollout(
 
 def deploy(fleet: Fleet, model: str, rollout_id: str, nodes: Sequence[str]) -> None:
     """Put every node on ``model`` with a one-wave rollout (the starting point of a test)."""
-    start_rollout(fleet, model, rollout_id)
+    start_rollout(fleet, model, rollout_id, extra=QUICK_GATE)
     done = fleet.wait_rollout(rollout_id, timeout_s=ROLLOUT_DEADLINE_S)
     assert done["state"] == "succeeded", f"{done}\n{fleet.diagnostics()}"
     fleet.wait_nodes(nodes, model=model, timeout_s=30.0)

@@ -14,7 +14,14 @@ import time
 import pytest
 
 from tests.e2e.conftest import ModelFiles
-from tests.e2e.rollout_kit import RATE_HZ, ROLLOUT_DEADLINE_S, assert_all_on, bring_up, sqlite_url
+from tests.e2e.rollout_kit import (
+    QUICK_GATE,
+    RATE_HZ,
+    ROLLOUT_DEADLINE_S,
+    assert_all_on,
+    bring_up,
+    sqlite_url,
+)
 from tests.support.fleet import Fleet
 
 pytestmark = pytest.mark.e2e
@@ -29,7 +36,7 @@ def test_late_joiner_and_relabelled_node_get_the_group_model(
     sims = bring_up(fleet, sqlite_url(fleet), 3, [(e2e_models.v1, V1)], labels={"site": "a"})
     answer = fleet.fleetctl(
         "deployment", "set", "cams", V1, "--select", "site=a",
-        "--waves", "50,100", "--health-window", "1s", "--wave-timeout", "60s",
+        "--waves", "50,100", "--health-window", "1s", "--wave-timeout", "60s", *QUICK_GATE,
     )  # fmt: skip
     staged = answer["started"]["rollout_id"]
     done = fleet.wait_rollout(staged, timeout_s=ROLLOUT_DEADLINE_S)

@@ -40,9 +40,10 @@ WAVES = (10.0, 50.0, 100.0)
 WORK = 192  # layers of the base model: 1.3-2 ms per run here (idle or loaded), so
 # that three times the work (about 2.4 times the latency) stays well beyond the
 # default 1 ms floor of a latency regression on an idle machine too
-# Telemetry periods of simulated nodes are 5 s. A verdict needs 20 runs a side (5 s
-# at 4 Hz); 10% errors are certain at about 80 runs, so bad releases get a window
-# of 20 s, four periods (the same-speed upgrade 10 s).
+# Telemetry periods of simulated nodes are 5 s here. A verdict needs 20 runs a side
+# (5 s at 4 Hz); 10% errors are certain at about 80 runs, so bad releases get a
+# window of 20 s, four periods (the same-speed upgrade 10 s).
+TELEMETRY_S = 5.0
 GATE = ["--min-samples", "20", "--breach-evaluations", "2", "--max-failures", "10%"]
 BASE = "scorer@1.0.0"
 SAME = "scorer@1.1.0"
@@ -120,7 +121,12 @@ def test_under_load_the_gate_passes_a_same_speed_upgrade_and_stops_bad_releases(
     models = gate_models
     refs = [(models.base, BASE), (models.same, SAME), (models.slower, SLOWER)]
     ids = bring_up(
-        fleet, sqlite_url(fleet), FLEET_SIZE, [*refs, (models.flaky, FLAKY)], rate_hz=RATE_HZ
+        fleet,
+        sqlite_url(fleet),
+        FLEET_SIZE,
+        [*refs, (models.flaky, FLAKY)],
+        rate_hz=RATE_HZ,
+        telemetry_interval_s=TELEMETRY_S,
     )
     deploy(fleet, BASE, "r-base", ids)
 

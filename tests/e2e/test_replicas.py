@@ -41,13 +41,21 @@ WAVES = (50.0, 100.0)
 LEASE_S = 2.0
 TICK = "0.2s"
 TAKEOVER_S = LEASE_S + LEASE_S / 3 + 10.0  # expiry, one try, and slack for a loaded machine
+RATE_HZ = 2.0
+# Each wave lasts its health window at least: long enough for both hand-overs
+# (about LEASE_S each) to fall inside the rollout. A verdict needs 10 runs
+# (5 s at RATE_HZ), within the window, not the default 100 (50 s). Telemetry
+# stays at the simulator's 10 s: a replica paused inside a SQLite write holds
+# the file's lock, so more writes from the nodes make a stuck takeover likelier.
+WINDOW = "8s"
+GATE = ("--min-samples", "10")
 LEADING = "leading: took the rollout lease"
 STEPPED_DOWN = "no longer leading"
 
 
 def _replicas(fleet: Fleet, db_url: str) -> tuple[Proc, Proc]:
     """Nodes, then two controllers on ``db_url``; the model registered; every node known."""
-    fleet.simulate(NODES, rate_hz=2.0)
+    fleet.simulate(NODES, rate_hz=RATE_HZ)
     lease = ("--lease-s", f"{LEASE_S:g}")
     a = fleet.serve(db_url, name="ctl-a", tick=TICK, extra=lease)
     b = fleet.serve(db_url, name="ctl-b", tick=TICK, extra=lease)
@@ -88,7 +96,7 @@ def _scenario(fleet: Fleet, db_url: str, models: ModelFiles) -> None:
     rollout_id, _ = pick_rollout_id(
         "r-replicas", ids, WAVES, lambda m: all(list(m.values()).count(w) >= 1 for w in (0, 1))
     )
-    start_rollout(fleet, V1, rollout_id, waves=WAVES, health_window="2s")
+    start_rollout(fleet, V1, rollout_id, waves=WAVES, health_window=WINDOW, extra=GATE)
     fleet.wait_rollout(
         rollout_id,
         timeout_s=60.0,

@@ -33,8 +33,10 @@ from shared.messages import ModelManifest
 from shared.trust import Role
 from tests.e2e.conftest import ModelFiles, PgDatabase
 from tests.e2e.rollout_kit import (
+    QUICK_GATE,
     RATE_HZ,
     ROLLOUT_DEADLINE_S,
+    TELEMETRY_S,
     assert_all_on,
     bring_up,
     deploy,
@@ -79,7 +81,7 @@ def staged_rollout(fleet: Fleet, db_url: str, models: ModelFiles) -> str:
     deploy(fleet, V1, "r-base", ids)
 
     rollout_id, membership = pick_rollout_id("r-staged", ids, STAGED_WAVES, staged)
-    start_rollout(fleet, V2, rollout_id, waves=STAGED_WAVES, health_window="2s")
+    start_rollout(fleet, V2, rollout_id, waves=STAGED_WAVES, health_window="2s", extra=QUICK_GATE)
     seen_waves: list[int] = []
 
     def ended() -> dict[str, Any] | None:
@@ -151,8 +153,8 @@ def test_slower_version_halts_in_first_wave_and_rolls_back(
 
     rollout_id, membership = pick_rollout_id("r-slow", ids, STAGED_WAVES, first_wave_of_few)
     first_wave = sorted(n for n, w in membership.items() if w == 0)
-    # The window outlasts a telemetry period (5 s for simulated nodes), so the
-    # gate sees the new model's latency: 20 runs a side are enough for a verdict.
+    # The window outlasts a telemetry period (TELEMETRY_S for simulated nodes), so
+    # the gate sees the new model's latency: 20 runs a side are enough for a verdict.
     start_rollout(
         fleet, slow, rollout_id, waves=STAGED_WAVES, health_window="10s",
         extra=["--max-latency-regression", "50%", "--min-samples", "20",
@@ -267,7 +269,7 @@ def test_rollout_survives_kill_9_of_the_controller(fleet: Fleet, e2e_models: Mod
     rollout_id, _ = pick_rollout_id(
         "r-crash", ids, waves, lambda m: 1 <= sum(1 for w in m.values() if w == 0) < len(m)
     )
-    start_rollout(fleet, V1, rollout_id, waves=waves, health_window="6s")
+    start_rollout(fleet, V1, rollout_id, waves=waves, health_window="6s", extra=QUICK_GATE)
     # Mid-wave: a first-wave node is activated and inside its health window.
     fleet.wait_rollout(
         rollout_id,
@@ -307,7 +309,8 @@ def test_node_offline_at_start_gets_the_model_when_it_returns(
 ) -> None:
     db_url = sqlite_url(fleet)
     late = "late-1"
-    fleet.node(late, rate_hz=RATE_HZ)  # boots beside the others: the controller learns it
+    # Boots beside the others: the controller learns it.
+    fleet.node(late, rate_hz=RATE_HZ, telemetry_interval_s=TELEMETRY_S)
     sims = bring_up(fleet, db_url, 4, [(e2e_models.v1, V1)])
     fleet.wait_nodes([late])
     first = fleet.procs[0]
@@ -323,7 +326,7 @@ def test_node_offline_at_start_gets_the_model_when_it_returns(
         waves,
         lambda m: m[late] == 1 and any(m[s] == 0 for s in sims),
     )
-    start_rollout(fleet, V1, rollout_id, waves=waves, health_window="1s")
+    start_rollout(fleet, V1, rollout_id, waves=waves, health_window="1s", extra=QUICK_GATE)
 
     def waits_on_late(status: dict[str, Any]) -> bool:
         nodes = {n["node"]: n["state"] for n in status["nodes"]}
@@ -344,7 +347,8 @@ def test_node_offline_at_start_gets_the_model_when_it_returns(
     )
     assert model_of(node_models(fleet)[late]) is None
 
-    fleet.node(late, rate_hz=RATE_HZ)  # back, with its data directory and session
+    # Back, with its data directory and session.
+    fleet.node(late, rate_hz=RATE_HZ, telemetry_interval_s=TELEMETRY_S)
     fleet.wait_rollout(rollout_id, timeout_s=ROLLOUT_DEADLINE_S)
     status = final_status(fleet, rollout_id)
     context = f"{status}\n{fleet.diagnostics()}"

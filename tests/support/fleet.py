@@ -240,8 +240,10 @@ class Fleet:
         name: str = "simulate",
         source: str = "synthetic",
         broker_url: str | None = None,
+        telemetry_interval_s: float | None = None,
     ) -> Proc:
-        """``edge-node simulate``: nodes ``PREFIX-0001``... with synthetic traffic."""
+        """``edge-node simulate``: nodes ``PREFIX-0001``... with synthetic traffic, each
+        sending telemetry every ``telemetry_interval_s`` (None: the simulator's 10 s)."""
         args = [
             *program("edge-node"),
             "simulate",
@@ -261,6 +263,8 @@ class Fleet:
             "info",
             *_broker_flag(broker_url),
         ]
+        if telemetry_interval_s is not None:
+            args += ["--telemetry-interval", str(telemetry_interval_s)]
         for key, value in (labels or {}).items():
             args += ["--label", f"{key}={value}"]
         return self.start(name, args)

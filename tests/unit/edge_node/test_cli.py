@@ -251,6 +251,7 @@ def test_config_file_numbers_are_range_checked_too(
     [
         (["--count", "0"], "--count: expected a whole number from 1 to 10000"),
         (["--count", "2", "--rate", "-1"], "--rate: expected a number from 0"),
+        (["--count", "2", "--telemetry-interval", "0"], "--telemetry-interval: expected"),
     ],
 )
 def test_simulate_refuses_numbers_out_of_range(
@@ -259,6 +260,13 @@ def test_simulate_refuses_numbers_out_of_range(
     code, err = run(capsys, "simulate", *args, "--trust", str(tmp_path / "t.json"))
     assert code == 2
     assert words in one_line(err)
+
+
+def test_simulated_nodes_send_telemetry_every_10_s_unless_told(tmp_path: Path) -> None:
+    base = ["simulate", "--count", "2", "--trust", str(tmp_path / "t.json")]
+    assert build_parser().parse_args(base).telemetry_interval == 10.0
+    told = build_parser().parse_args([*base, "--telemetry-interval", "0.5"])
+    assert told.telemetry_interval == 0.5
 
 
 def test_numbers_in_range_are_taken(tmp_path: Path) -> None:
