@@ -82,6 +82,11 @@ _PERIOD_COLUMN_TYPES = (
 )
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another writer's lock
 PG_CONNECT_TIMEOUT_S = 10  # unless the URL says otherwise (``?connect_timeout=N``)
+# A controller frozen in the middle of a transaction (SIGSTOP, a VM paused) would
+# hold its row locks, the rollout lease's among them, until it resumes: the
+# server ends such a session after this long, so another replica can take over.
+# The controller's own transactions never idle anywhere near it.
+PG_STALLED_TRANSACTION_S = 5
 _MAX_MESSAGE_CHARS = 300  # of a driver error, in the one-line StoreError
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _WRITE = "edgefleet_write"  # execution option: this transaction writes (SQLite: IMMEDIATE)
@@ -354,7 +359,17 @@ def _create_engine(url: URL, schema: str | None, synchronous: Synchronous) -> En
         connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
     if schema is not None:
         connect_args["options"] = f"-csearch_path={schema}"
-    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+    @event.listens_for(engine, "connect")
+    def _end_stalled_transactions(dbapi_conn: Any, _record: object) -> None:
+        with dbapi_conn.cursor() as cursor:
+            cursor.execute(
+                f"SET idle_in_transaction_session_timeout = '{PG_STALLED_TRANSACTION_S}s'"
+            )
+        dbapi_conn.commit()
+
+    return engine
 
 
 def _sqlite_engine(url: URL, synchronous: Synchronous) -> Engine:

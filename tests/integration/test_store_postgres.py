@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import Engine, make_url, text
 
 from fleet_controller.store import SCHEMA_VERSION, Store, StoreError
+from fleet_controller.store.database import PG_STALLED_TRANSACTION_S
 from tests.support.postgres import PG_URL
 from tests.unit.fleet_controller.store.core_checks import CORE_CHECKS
 from tests.unit.fleet_controller.store.store_kit import NOW, batch
@@ -173,3 +174,10 @@ def test_ingest_decides_under_the_node_row_lock(
     assert done.is_set()
     assert acks == [{"n1": 3}]
     assert pg_store.results.table_counts()["stored_slots"] == 0
+
+
+def test_a_transaction_left_idle_is_ended_by_the_server(pg_store: Store) -> None:
+    """A controller frozen mid-transaction must not hold the lease's row lock for ever."""
+    with pg_store._db.session(write=False) as s:
+        setting = s.connection().execute(text("SHOW idle_in_transaction_session_timeout"))
+        assert setting.scalar_one() == f"{PG_STALLED_TRANSACTION_S}s"
