@@ -141,11 +141,15 @@ def run(root: Path, args: argparse.Namespace) -> None:
                 next_broker = now + args.broker_every
             if current is None or _ended(fleet, current):
                 current = f"soak-{len(rollouts) + 1}"
-                with contextlib.suppress(AssertionError, EdgeFleetError):  # broker restarting
+                try:
                     fleet.fleetctl(
                         "rollout", "start", f"clf@{version}", "--id", current,
                         "--waves", "10,100", "--health-window", "1s",
                     )  # fmt: skip
+                except (AssertionError, EdgeFleetError) as exc:  # the broker restarting, say
+                    print(f"  rollout {current} not started: {str(exc).splitlines()[0]}")
+                    current = None  # tried again at the next round
+                else:
                     rollouts.append(current)
                     version = "2.0.0" if version == "1.0.0" else "1.0.0"
             time.sleep(args.rollout_every)
