@@ -67,27 +67,43 @@ def free_port(host: str = HOST) -> int:
         return int(sock.getsockname()[1])
 
 
+def find_executable(
+    name: str, env_var: str, search_path: tuple[str, ...], missing: type[Exception], hint: str
+) -> str:
+    """``$env_var``, then ``PATH``, then ``search_path``: the first executable file.
+
+    Raises:
+        missing: none of them is (with ``hint`` on how to install it).
+    """
+    override = os.environ.get(env_var)
+    if override:
+        if os.access(override, os.X_OK) and Path(override).is_file():
+            return override
+        raise missing(f"{env_var}={override!r} is not an executable file")
+    found = shutil.which(name)
+    if found:
+        return found
+    for candidate in search_path:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise missing(
+        f"{name} is not installed (looked at ${env_var}, PATH and {', '.join(search_path)}): "
+        f"{hint}, or set {env_var}=/path/to/{name}"
+    )
+
+
 def find_mosquitto() -> str:
     """Locate the broker: ``$MOSQUITTO``, then ``PATH``, then the usual sbin folders.
 
     Raises:
         BrokerNotInstalledError: none of them is an executable file.
     """
-    override = os.environ.get("MOSQUITTO")
-    if override:
-        if os.access(override, os.X_OK) and Path(override).is_file():
-            return override
-        raise BrokerNotInstalledError(f"MOSQUITTO={override!r} is not an executable file")
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    for candidate in _SEARCH_PATH:
-        if os.access(candidate, os.X_OK):
-            return candidate
-    raise BrokerNotInstalledError(
-        "mosquitto is not installed (looked at $MOSQUITTO, PATH and "
-        f"{', '.join(_SEARCH_PATH)}): install it, e.g. `apt-get install mosquitto`, "
-        "or set MOSQUITTO=/path/to/mosquitto"
+    return find_executable(
+        "mosquitto",
+        "MOSQUITTO",
+        _SEARCH_PATH,
+        BrokerNotInstalledError,
+        "install it, e.g. `apt-get install mosquitto`",
     )
 
 

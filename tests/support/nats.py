@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -31,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
+
+from tests.support.broker import find_executable
 
 __all__ = ["NatsCluster", "NatsError", "NatsNotInstalledError", "find_nats_server"]
 
@@ -57,20 +57,12 @@ def find_nats_server() -> str:
     Raises:
         NatsNotInstalledError: none of them is an executable file.
     """
-    override = os.environ.get("NATS_SERVER")
-    if override:
-        if os.access(override, os.X_OK) and Path(override).is_file():
-            return override
-        raise NatsNotInstalledError(f"NATS_SERVER={override!r} is not an executable file")
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    for candidate in _SEARCH_PATH:
-        if os.access(candidate, os.X_OK):
-            return candidate
-    raise NatsNotInstalledError(
-        "nats-server is not installed (install it with scripts/bootstrap, "
-        "`apt-get install nats-server`, or set NATS_SERVER=/path/to/nats-server)"
+    return find_executable(
+        "nats-server",
+        "NATS_SERVER",
+        _SEARCH_PATH,
+        NatsNotInstalledError,
+        "install it with scripts/bootstrap or `apt-get install nats-server`",
     )
 
 
