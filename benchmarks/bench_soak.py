@@ -3,9 +3,11 @@
 Real processes: Mosquitto (``dev.conf``, one free loopback port kept across
 restarts, no persistence: every restart loses sessions and retained
 messages), ``fleetctl serve`` on SQLite, and ``edge-node simulate --count N``
-(synthetic traffic). For ``--duration`` seconds it rolls the fleet back and
-forth between two models (``fleetctl rollout start``, one rollout at a time,
-every ``--rollout-every`` seconds once the last one ended) and restarts the
+(synthetic traffic). For ``--duration`` seconds it rolls the fleet forward to
+a new release again and again (``fleetctl model add`` of ``clf@N.0.0``, then
+``fleetctl rollout start``, one rollout at a time, every ``--rollout-every``
+seconds once the last one ended; only a rollback may go back to an older
+version) and restarts the
 broker every ``--broker-every`` seconds. Every 30 s it prints the RSS of the
 controller and the simulator. At the end it stops the nodes cleanly, lets
 the controller drain, and prints the conservation check:
@@ -110,12 +112,6 @@ def run(root: Path, args: argparse.Namespace) -> None:
     with soak_fleet(root) as (fleet, broker):
         fleet.init_keys()
         controller = fleet.serve(str(root / "fleet.db"), tick="0.5s")
-        for version, seed in (("1.0.0", 1), ("2.0.0", 2)):
-            path = build_classifier(root / f"clf-{version}.onnx", seed=seed)
-            fleet.fleetctl(
-                "model", "add", str(path), "--name", "clf", "--version", version,
-                "--keys", str(fleet.keys_dir),
-            )  # fmt: skip
         sim = fleet.simulate(args.nodes, rate_hz=args.rate)
         ids = [f"sim-{index:04d}" for index in range(1, args.nodes + 1)]
         fleet.wait_nodes(ids, timeout_s=120.0)
@@ -123,7 +119,7 @@ def run(root: Path, args: argparse.Namespace) -> None:
         next_broker = started + args.broker_every
         next_rss = started
         rollouts: list[str] = []
-        version = "1.0.0"
+        release = 1  # the next version to register and roll out: RELEASE.0.0
         current: str | None = None
         print(f"{args.nodes} nodes, {args.duration:.0f} s; RSS in MiB (controller, simulator)")
         while time.monotonic() - started < args.duration:
@@ -141,9 +137,10 @@ def run(root: Path, args: argparse.Namespace) -> None:
                 next_broker = now + args.broker_every
             if current is None or _ended(fleet, current):
                 current = f"soak-{len(rollouts) + 1}"
-                try:
+                try:  # a new release each time: only a rollback may go back to an older one
+                    _register(fleet, root, release)
                     fleet.fleetctl(
-                        "rollout", "start", f"clf@{version}", "--id", current,
+                        "rollout", "start", f"clf@{release}.0.0", "--id", current,
                         "--waves", "10,100", "--health-window", "1s",
                     )  # fmt: skip
                 except (AssertionError, EdgeFleetError) as exc:  # the broker restarting, say
@@ -151,7 +148,7 @@ def run(root: Path, args: argparse.Namespace) -> None:
                     current = None  # tried again at the next round
                 else:
                     rollouts.append(current)
-                    version = "2.0.0" if version == "1.0.0" else "1.0.0"
+                    release += 1
             time.sleep(args.rollout_every)
         final = _settle(fleet, rollouts)
         sim.terminate(timeout_s=60.0)
@@ -168,6 +165,19 @@ def run(root: Path, args: argparse.Namespace) -> None:
         ok = sum(depths) == 0 and len(models) == 1 and None not in models
         ok = ok and all(state not in ACTIVE_STATES for state in final)
         print(f"  conservation: {'held' if ok else 'VIOLATED'}")
+
+
+def _register(fleet: Fleet, root: Path, release: int) -> None:
+    """``clf@RELEASE.0.0`` registered (a classifier of its own weights), unless it is."""
+    path = root / f"clf-{release}.0.0.onnx"
+    if path.exists():
+        return  # registered on an earlier try whose rollout did not start
+    build_classifier(path.with_suffix(".tmp"), seed=release)
+    fleet.fleetctl(
+        "model", "add", str(path.with_suffix(".tmp")), "--name", "clf",
+        "--version", f"{release}.0.0", "--keys", str(fleet.keys_dir),
+    )  # fmt: skip
+    path.with_suffix(".tmp").rename(path)
 
 
 def _ended(fleet: Fleet, rollout_id: str) -> bool:
