@@ -83,7 +83,7 @@ def _leader(
     return leader
 
 
-def _scenario(fleet: Fleet, db_url: str, models: ModelFiles, *, stall: bool) -> None:
+def _check_hand_over(fleet: Fleet, db_url: str, models: ModelFiles, *, stall: bool) -> None:
     taken: dict[str, int] = {}
     replicas = _replicas(fleet, db_url)
     add = ["model", "add", str(models.v1), "--name", MODEL, "--version", "1.0.0"]
@@ -155,13 +155,13 @@ def _scenario(fleet: Fleet, db_url: str, models: ModelFiles, *, stall: bool) -> 
 
 
 def test_replicas_hand_the_rollout_over_on_sqlite(fleet: Fleet, e2e_models: ModelFiles) -> None:
-    _scenario(fleet, sqlite_url(fleet), e2e_models, stall=False)
+    _check_hand_over(fleet, sqlite_url(fleet), e2e_models, stall=False)
 
 
 def test_replicas_hand_the_rollout_over_on_postgresql(
     pg_database: PgDatabase, fleet: Fleet, e2e_models: ModelFiles
 ) -> None:
     try:
-        _scenario(fleet, pg_database.url, e2e_models, stall=True)
+        _check_hand_over(fleet, pg_database.url, e2e_models, stall=True)
     finally:
         fleet.close()  # before the schema is dropped: the controllers hold connections
