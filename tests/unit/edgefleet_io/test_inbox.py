@@ -146,11 +146,14 @@ def test_the_junk_lane_over_its_own_rate_drops() -> None:
 def test_a_waiting_reader_wakes_for_a_message_and_skips_dropped_ones() -> None:
     inbox, counters, _ = make(messages=1)
 
-    async def scenario() -> Item:
-        reader = asyncio.ensure_future(inbox.get())
-        await asyncio.sleep(0)
+    def arrive() -> None:  # scheduled after the reader's first step: it waits by then
+        assert inbox.empty()
         inbox.put_nowait(("junk", b"1"))
         inbox.put_nowait(("junk", b"2"))  # drops b"1" before the reader runs
+
+    async def scenario() -> Item:
+        reader = asyncio.ensure_future(inbox.get())
+        asyncio.get_running_loop().call_soon(arrive)
         return await asyncio.wait_for(reader, 5)
 
     assert asyncio.run(scenario()) == ("junk", b"2")
